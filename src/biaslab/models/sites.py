@@ -1,0 +1,127 @@
+"""Neuron sites: where the neurons live for each architecture family, in one table.
+
+Two site kinds (METHODS.md §1):
+- ``ffn``: FFN intermediate neurons — the *input* of each layer's down projection. Neuron i's activation is
+  that input's i-th unit; pruning zeroes column i of the down projection (its whole contribution).
+- ``linear``: every output unit of every linear layer (attention q/k/v/o and FFN), the released CRISPR code's
+  reading. Unit j's activation is the layer's j-th output; pruning zeroes weight row j and bias entry j.
+
+Attribution and pruning go through :func:`find_sites` only, so no architecture is hard-coded elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import BiaslabError, UnknownNameError
+
+SITE_KINDS = ("ffn", "linear")
+
+# family -> (layer container paths, FFN down-projection path inside a layer, linear sub-module names in a layer)
+SITE_TABLE: dict[str, dict] = {
+    "llama": {"layers": ["model.layers"], "down": "mlp.down_proj",
+              "linear": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]},
+    "gpt2": {"layers": ["transformer.h"], "down": "mlp.c_proj",
+             "linear": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]},
+    "gpt_neox": {"layers": ["gpt_neox.layers"], "down": "mlp.dense_4h_to_h",
+                 "linear": ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]},
+    "t5": {"layers": ["encoder.block", "decoder.block"], "down": None,  # resolved per stack below
+           "linear": None},
+}
+FAMILY_OF_MODEL_TYPE = {
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama",
+    "smollm3": "llama", "olmo": "llama", "phi3": "llama",
+    "gpt2": "gpt2", "gpt_neox": "gpt_neox", "t5": "t5", "mt5": "t5",
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One group of neurons: ``n_units`` activations at ``module`` (input if kind == 'ffn', else output)."""
+    name: str          # stable id used in patches, e.g. "model.layers.3.mlp.down_proj"
+    layer: int         # index in a global layer order (encoder then decoder for T5)
+    kind: str          # "ffn" | "linear"
+    module: nn.Module
+    n_units: int
+
+    @property
+    def is_conv1d(self) -> bool:  # GPT-2's Conv1D stores weight as (in, out)
+        return type(self.module).__name__ == "Conv1D"
+
+    def unit_weights(self, units: torch.Tensor) -> list[tuple[torch.Tensor, tuple]]:
+        """The (parameter, index) pairs that pruning these units zeroes."""
+        w = self.module.weight
+        b = getattr(self.module, "bias", None)
+        if self.kind == "ffn":  # columns of the down projection (rows of a Conv1D weight)
+            return [(w, (units, slice(None)) if self.is_conv1d else (slice(None), units))]
+        out = [(w, (slice(None), units) if self.is_conv1d else (units, slice(None)))]
+        if b is not None:
+            out.append((b, (units,)))
+        return out
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    for part in path.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+def model_family(model: nn.Module) -> str:
+    mt = getattr(model.config, "model_type", "")
+    if mt in FAMILY_OF_MODEL_TYPE:
+        return FAMILY_OF_MODEL_TYPE[mt]
+    raise BiaslabError(f"no neuron-site table for model type {mt!r}; supported: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))}")
+
+
+def _out_features(m: nn.Module) -> int:
+    if hasattr(m, "out_features"):
+        return m.out_features
+    return m.weight.shape[1] if type(m).__name__ == "Conv1D" else m.weight.shape[0]
+
+
+def _in_features(m: nn.Module) -> int:
+    if hasattr(m, "in_features"):
+        return m.in_features
+    return m.weight.shape[0] if type(m).__name__ == "Conv1D" else m.weight.shape[1]
+
+
+def find_sites(model: nn.Module, kind: str = "ffn") -> list[Site]:
+    """All neuron sites of ``kind`` in layer order."""
+    if kind not in SITE_KINDS:
+        raise UnknownNameError("site kind", kind, SITE_KINDS)
+    fam = model_family(model)
+    sites: list[Site] = []
+    layer_idx = 0
+    for container in SITE_TABLE[fam]["layers"]:
+        try:
+            layers = _get(model, container)
+        except AttributeError:
+            continue
+        for li, layer in enumerate(layers):
+            prefix = f"{container}.{li}"
+            if fam == "t5":
+                ffn_names = [f"layer.{j}.DenseReluDense.wo" for j, sub in enumerate(layer.layer) if hasattr(sub, "DenseReluDense")]
+                lin_names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+            else:
+                ffn_names = [SITE_TABLE[fam]["down"]]
+                lin_names = SITE_TABLE[fam]["linear"]
+            if kind == "ffn":
+                for n in ffn_names:
+                    m = _get(layer, n)
+                    sites.append(Site(f"{prefix}.{n}", layer_idx, "ffn", m, _in_features(m)))
+            else:
+                for n in lin_names:
+                    m = _get(layer, n)
+                    sites.append(Site(f"{prefix}.{n}", layer_idx, "linear", m, _out_features(m)))
+            layer_idx += 1
+    if not sites:
+        raise BiaslabError(f"found no {kind} sites in {type(model).__name__}")
+    return sites
+
+
+def site_by_name(model: nn.Module, kind: str) -> dict[str, Site]:
+    return {s.name: s for s in find_sites(model, kind)}

@@ -1,0 +1,166 @@
+"""Patches: the saved result of a mitigation, applied and removed reversibly, loadable onto any copy of
+the base model (and refused on any other).
+
+File format: one ``.safetensors`` file. Tensors hold the patch's data; the metadata holds ``biaslab.kind``
+and ``biaslab.meta`` (JSON: params, provenance, base model spec and fingerprint).
+
+Kinds: ``neuron-mask`` (CRISPR, here), ``stamp`` (FAST, biaslab.mitigations.fast), ``lora`` (SR_LLM,
+biaslab.mitigations.srllm). Kinds register lazily, so loading a mask never imports peft.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .errors import BiaslabError, PatchMismatchError
+from .registry import LazyRegistry
+
+PATCH_KINDS = LazyRegistry("patch kind", {
+    "neuron-mask": "biaslab.patches:NeuronMaskPatch",
+    "stamp": "biaslab.mitigations.fast:StampPatch",
+    "lora": "biaslab.mitigations.srllm:LoraPatch",
+})
+
+
+class Patch:
+    kind: str = ""
+    exportable: bool = True
+
+    def __init__(self, *, base_fingerprint: str, base_spec: str = "", params: dict | None = None,
+                 provenance: dict | None = None, tensors: dict[str, torch.Tensor] | None = None):
+        self.base_fingerprint = base_fingerprint
+        self.base_spec = base_spec
+        self.params = params or {}
+        self.provenance = provenance or {}
+        self.tensors = tensors or {}
+
+    # ---- identity
+    def describe(self) -> dict:
+        return {"kind": self.kind, "base_spec": self.base_spec, "base_fingerprint": self.base_fingerprint,
+                "params": self.params, "provenance": self.provenance}
+
+    def check_base(self, lm) -> None:
+        if lm.fingerprint != self.base_fingerprint:
+            raise PatchMismatchError(
+                f"this {self.kind} patch was made for base model {self.base_spec or '?'} "
+                f"({self.base_fingerprint}), but the loaded model {lm.spec} has fingerprint {lm.fingerprint}; "
+                "a patch only loads onto the exact base model it was made for.")
+
+    # ---- apply / remove
+    @contextmanager
+    def applied(self, lm):
+        """Apply to ``lm`` for the duration of the block; every weight is restored bit-for-bit on exit."""
+        self.check_base(lm)
+        undo = self._apply(lm)
+        try:
+            yield lm
+        finally:
+            undo()
+
+    def _apply(self, lm):  # returns an undo callable
+        raise NotImplementedError
+
+    def export(self, lm, out_dir) -> Path:
+        """Bake into a plain Hugging Face model directory (loads with transformers alone)."""
+        if not self.exportable:
+            raise BiaslabError(f"a {self.kind} patch cannot be exported to a plain model directory")
+        self.check_base(lm)
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        with self.applied(lm):
+            model = self._export_model(lm)
+            model.save_pretrained(tmp)
+            lm.tokenizer.save_pretrained(tmp)
+            (tmp / "biaslab_patch.json").write_text(json.dumps(self.describe(), indent=2))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return out
+
+    def _export_model(self, lm):
+        return lm.model
+
+    # ---- file I/O
+    def save(self, path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        if not tensors:
+            tensors = {"_empty": torch.zeros(0)}
+        meta = {"biaslab.kind": self.kind, "biaslab.meta": json.dumps(self.describe())}
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+
+def load_patch(path) -> Patch:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise BiaslabError(f"patch file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
+    except Exception as e:  # safetensors raises its own error types
+        raise BiaslabError(f"{path} is not a readable safetensors patch file: {e}") from None
+    if "biaslab.kind" not in meta:
+        raise BiaslabError(f"{path} is a safetensors file but not a biaslab patch (no 'biaslab.kind' metadata)")
+    cls = PATCH_KINDS.get(meta["biaslab.kind"])
+    info = json.loads(meta["biaslab.meta"])
+    return cls(base_fingerprint=info["base_fingerprint"], base_spec=info.get("base_spec", ""),
+               params=info.get("params", {}), provenance=info.get("provenance", {}), tensors=tensors)
+
+
+class NeuronMaskPatch(Patch):
+    """CRISPR's result: a set of pruned neurons. Tensors: ``units.<site name>`` → int64 unit indices.
+    params["sites"] is the site kind (``ffn`` or ``linear``)."""
+
+    kind = "neuron-mask"
+
+    @classmethod
+    def from_units(cls, lm, units: dict[str, list[int]], *, sites: str, params: dict | None = None,
+                   provenance: dict | None = None) -> "NeuronMaskPatch":
+        tensors = {f"units.{name}": torch.tensor(sorted(set(ix)), dtype=torch.long) for name, ix in units.items() if ix}
+        return cls(base_fingerprint=lm.fingerprint, base_spec=lm.spec, params={"sites": sites, **(params or {})},
+                   provenance=provenance, tensors=tensors)
+
+    @property
+    def units(self) -> dict[str, torch.Tensor]:
+        return {k[len("units."):]: v for k, v in self.tensors.items() if k.startswith("units.")}
+
+    @property
+    def n_neurons(self) -> int:
+        return int(sum(v.numel() for v in self.units.values()))
+
+    def _apply(self, lm):
+        from .models.sites import site_by_name
+
+        sites = site_by_name(lm.model, self.params.get("sites", "ffn"))
+        saved = []
+        with torch.no_grad():
+            for name, ix in self.units.items():
+                if name not in sites:
+                    raise BiaslabError(f"patch names site {name!r}, which this model does not have")
+                site = sites[name]
+                if int(ix.max()) >= site.n_units:
+                    raise BiaslabError(f"patch prunes unit {int(ix.max())} of {name}, which has {site.n_units}")
+                for param, index in site.unit_weights(ix.to(site.module.weight.device)):
+                    saved.append((param, index, param.data[index].clone()))
+                    param.data[index] = 0
+
+        def undo():
+            with torch.no_grad():
+                for param, index, old in reversed(saved):
+                    param.data[index] = old
+        return undo

@@ -1,0 +1,167 @@
+"""Run directories: ``manifest.json``, ``results.json``, ``records.jsonl`` (+ ``report.html``).
+
+- Every JSON file is written atomically (temp file + rename): never half-written.
+- ``records.jsonl`` is a journal: records of a chunk of items are appended in one write, followed by a
+  ``chunk_done`` marker line. On a rerun with the same arguments, finished chunks are reused and unfinished
+  ones dropped, so an interrupted run resumes and ends with numbers identical to an uninterrupted run.
+- A directory holding a run made with different arguments is refused unless ``force``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from .errors import RunConflictError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n")
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def clean_nan(obj):
+    """NaN/inf → None so results are strict JSON (undefined metrics are reported as null)."""
+    if isinstance(obj, float):
+        return None if obj != obj or obj in (float("inf"), float("-inf")) else obj
+    if isinstance(obj, dict):
+        return {k: clean_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_nan(v) for v in obj]
+    return obj
+
+
+def environment_info() -> dict:
+    pkgs = {}
+    for name in ("biaslab", "torch", "transformers", "peft", "numpy", "safetensors", "tokenizers"):
+        try:
+            pkgs[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": pkgs, "git_commit": commit}
+
+
+class RunDir:
+    """One run directory. ``args`` identifies the run: a rerun must pass equal args to resume."""
+
+    def __init__(self, path, args: dict, *, force: bool = False, extra_manifest: dict | None = None):
+        self.path = Path(path)
+        self.args = json.loads(json.dumps(args, default=_json_default))
+        self.path.mkdir(parents=True, exist_ok=True)
+        mpath = self.path / "manifest.json"
+        if mpath.exists():
+            old = json.loads(mpath.read_text())
+            if old.get("args") != self.args:
+                if not force:
+                    diff = sorted(k for k in set(old.get("args", {})) | set(self.args)
+                                  if old.get("args", {}).get(k) != self.args.get(k))
+                    raise RunConflictError(
+                        f"{self.path} holds a run made with different arguments (differs in: {', '.join(diff)}); "
+                        "choose another --out, or pass --force to overwrite it.")
+                for name in ("records.jsonl", "results.json", "report.html"):
+                    (self.path / name).unlink(missing_ok=True)
+        self.manifest = {"args": self.args, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                         "status": "running", "environment": environment_info(), "timings_s": {}, **(extra_manifest or {})}
+        if mpath.exists():
+            old = json.loads(mpath.read_text())
+            self.manifest["created"] = old.get("created", self.manifest["created"])
+            self.manifest["timings_s"] = old.get("timings_s", {})
+        self._records: dict[str, dict[int, list[dict]]] = {}
+        self._load_journal()
+        self.write_manifest()
+
+    # ---- manifest
+    def write_manifest(self, **updates) -> None:
+        self.manifest.update(updates)
+        atomic_write_json(self.path / "manifest.json", clean_nan(self.manifest))
+
+    # ---- journal
+    @property
+    def journal(self) -> Path:
+        return self.path / "records.jsonl"
+
+    def _load_journal(self) -> None:
+        if not self.journal.exists():
+            return
+        pending: dict[tuple[str, int], list[dict]] = {}
+        kept_lines = []
+        with open(self.journal, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        for raw in lines:
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError:
+                break  # a torn last line from an interrupted write
+            if "chunk_done" in obj:
+                key = (obj["benchmark"], obj["chunk_done"])
+                recs = pending.pop(key, [])
+                self._records.setdefault(key[0], {})[key[1]] = recs
+                kept_lines += [json.dumps(r, default=_json_default) for r in recs] + [raw]
+            else:
+                pending.setdefault((obj["benchmark"], obj["chunk"]), []).append(obj)
+        if pending:  # drop records of unfinished chunks so the journal holds only finished work
+            atomic_write_text(self.journal, "".join(line + "\n" for line in kept_lines))
+
+    def finished_chunk(self, benchmark: str, chunk: int) -> list[dict] | None:
+        return self._records.get(benchmark, {}).get(chunk)
+
+    def append_chunk(self, benchmark: str, chunk: int, records: list[dict]) -> None:
+        lines = [json.dumps({**r, "benchmark": benchmark, "chunk": chunk}, default=_json_default) for r in records]
+        lines.append(json.dumps({"benchmark": benchmark, "chunk_done": chunk}))
+        with open(self.journal, "a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        self._records.setdefault(benchmark, {})[chunk] = [{**r, "benchmark": benchmark, "chunk": chunk} for r in records]
+
+    # ---- results
+    def write_results(self, results: dict) -> None:
+        atomic_write_json(self.path / "results.json", clean_nan(results))
+
+    def finish(self, **updates) -> None:
+        self.write_manifest(status="finished", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), **updates)
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.t0, 2)
