@@ -126,7 +126,7 @@ def main() -> None:
     except BiaslabError as e:
         if os.environ.get("BIASLAB_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; finished work is kept in the run directory, rerun the same command to resume")

@@ -1,0 +1,33 @@
+"""CLI bad-input handling: one clear line on stderr, exit code 2, no traceback."""
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    p = subprocess.run([sys.executable, "-m", "biaslab.cli", *args], capture_output=True, text=True, timeout=120,
+                       env={"BIASLAB_PROGRESS": "0", "PATH": "/usr/bin:/bin", "HOME": str(__import__("pathlib").Path.home())})
+    return p.returncode, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["audit", "--bench", "bbqq", "--out", "/tmp/x-never"], "Did you mean 'bbq'"),
+    (["audit", "--bench", "crows", "--limit", "0", "--out", "/tmp/x-never"], "--limit must be a positive"),
+    (["audit", "--bench", "crows", "--limit", "-3", "--out", "/tmp/x-never"], "--limit must be a positive"),
+    (["audit", "--model", "smollm2-135m-instruc", "--bench", "crows", "--out", "/tmp/x-never"], "Did you mean 'smollm2-135m-instruct'"),
+    (["audit", "--bench", "crows", "--protocol", "crows", "--out", "/tmp/x-never"], "BENCH=VALUE"),
+    (["export", "--patch", "/nonexistent.safetensors", "--out", "/tmp/x-never"], "patch file not found"),
+])
+def test_cli_errors_are_one_clear_line(args, expect):
+    code, out = run(*args)
+    assert code == 2, out
+    assert expect in out
+    assert "Traceback" not in out
+
+
+def test_benchmarks_and_models_list():
+    code, out = run("benchmarks")
+    assert code == 0 and "bbq" in out
+    code, out = run("models")
+    assert code == 0 and "smollm2-135m-instruct" in out

@@ -1,0 +1,87 @@
+"""Scoring engine on a tiny random Llama: batched = one-at-a-time, left = right padding, primitives agree."""
+import math
+
+import pytest
+import torch
+
+from biaslab.models import LanguageModel
+
+from conftest import make_tiny_llama
+
+TEXTS = ["The nurse said that", "A", "Yesterday the quick brown fox jumped over the lazy dog and then", "Hello there, friend"]
+
+
+def _lm(**kw):
+    model, tok = make_tiny_llama(seed=1)
+    return LanguageModel(model, tok, spec="tiny", **kw)
+
+
+def test_next_token_batched_equals_single_and_padding_side():
+    lm_r = _lm(padding_side="right")
+    lm_l = _lm(padding_side="left")
+    lm_1 = _lm(max_batch=1)
+    prompts = [lm_r.render(t) for t in TEXTS]
+    cands = ["A", "B", "C"]
+    r = torch.tensor(lm_r.next_token_logprobs(prompts, cands))
+    l = torch.tensor(lm_l.next_token_logprobs(prompts, cands))
+    one = torch.tensor(lm_1.next_token_logprobs(prompts, cands))
+    assert torch.allclose(r, one, atol=1e-4)
+    assert torch.allclose(l, one, atol=1e-4)
+    assert (r < 0).all()
+
+
+def test_loglikelihood_batched_equals_single_and_matches_full_forward():
+    lm = _lm()
+    lm_1 = _lm(max_batch=1, padding_side="left")
+    reqs = [(t, " and so on.") for t in TEXTS] + [("", "Just a sentence.")]
+    a = lm.loglikelihood(reqs)
+    b = lm_1.loglikelihood(reqs)
+    for x, y in zip(a, b):
+        assert x.n_tokens == y.n_tokens
+        assert math.isclose(x.logprob, y.logprob, abs_tol=1e-4)
+    # against a plain full-vocabulary forward pass, computed by hand
+    ctx, cont = lm.split_context(*reqs[0])
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logits = lm.model(ids).logits[0].log_softmax(-1)
+    manual = sum(float(logits[len(ctx) - 1 + k, t]) for k, t in enumerate(cont))
+    assert math.isclose(a[0].logprob, manual, abs_tol=1e-4)
+    assert a[0].token_ids == cont
+
+
+def test_empty_context_uses_prefix_token_and_trailing_space_moves():
+    lm = _lm()
+    ctx, cont = lm.split_context("", "Hi")
+    assert ctx == [lm.prefix_id] and cont
+    ctx2, cont2 = lm.split_context("The cat ", "sat")
+    assert lm.tokenizer.decode(cont2).startswith(" ")
+
+
+def test_generate_is_deterministic_and_batch_independent():
+    lm = _lm()
+    lm_1 = _lm(max_batch=1)
+    prompts = [lm.render(t) for t in TEXTS[:3]]
+    a = lm.generate(prompts, max_new_tokens=6)
+    assert a == lm_1.generate(prompts, max_new_tokens=6)
+    assert a == lm.generate(prompts, max_new_tokens=6)
+
+
+def test_token_budget_batches_cover_every_index_once():
+    lm = _lm(token_budget=50, max_batch=4)
+    lengths = [5, 40, 12, 12, 3, 30, 7]
+    batches = lm._batches(lengths)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 4 and max(lengths[i] for i in b) * len(b) <= 50 or len(b) == 1
+
+
+def test_chat_template_toggle():
+    on = _lm()
+    off = _lm(chat_template=False)
+    assert "<|im_start|>" in on.render("hi") and off.render("hi") == "hi"
+
+
+def test_empty_continuation_is_an_error():
+    with pytest.raises(ValueError, match="no tokens"):
+        _lm().loglikelihood([("abc", "")])

@@ -1,0 +1,53 @@
+"""Model specs: clear errors, fingerprints, device/dtype choice (no model is downloaded)."""
+import pytest
+import torch
+
+from biaslab.errors import BiaslabError, UnknownNameError
+from biaslab.models.loading import pick_dtype, resolve_spec, weights_fingerprint
+
+from conftest import make_tiny_llama
+
+
+def test_resolve_specs(tmp_path):
+    assert resolve_spec("smollm2-135m-instruct") == ("embedded", "smollm2-135m-instruct")
+    assert resolve_spec("org/model")[0] == "hub"
+    with pytest.raises(BiaslabError, match="no config.json"):
+        resolve_spec(str(tmp_path))
+    with pytest.raises(BiaslabError, match="GGUF file not found"):
+        resolve_spec(str(tmp_path / "x.gguf"))
+    with pytest.raises(UnknownNameError, match="Did you mean"):
+        resolve_spec("smollm2-135m")
+
+
+def test_local_hf_dir_roundtrip_keeps_fingerprint(tmp_path):
+    from biaslab.models import load_model
+
+    model, tok = make_tiny_llama(seed=3)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), progress=False)
+    assert lm.fingerprint == weights_fingerprint(model)
+    assert lm.dtype == torch.float32 and str(lm.device) == "cpu"
+
+
+def test_fingerprint_changes_with_one_weight():
+    model, _ = make_tiny_llama(seed=0)
+    a = weights_fingerprint(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
+    assert weights_fingerprint(model) != a
+
+
+def test_dtype_choice():
+    assert pick_dtype("cpu") == torch.float32
+    assert pick_dtype("cuda") == torch.bfloat16
+    assert pick_dtype("cpu", "bf16") == torch.bfloat16
+    with pytest.raises(UnknownNameError):
+        pick_dtype("cpu", "float8")
+
+
+def test_missing_hub_model_says_no_download():
+    from biaslab.models import load_model
+
+    with pytest.raises(BiaslabError, match="never downloads"):
+        load_model("no-such-org/no-such-model-xyz", progress=False)
