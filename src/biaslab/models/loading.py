@@ -16,6 +16,10 @@ from pathlib import Path
 
 from ..errors import BiaslabError, MissingDependencyError, UnknownNameError
 
+# biaslab never downloads at run time: keep the HF libraries offline (a user may still override explicitly).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 
 @dataclass(frozen=True)
 class EmbeddedModel:
