@@ -1,0 +1,222 @@
+"""BBQ, the Bias Benchmark for QA (Parrish et al. 2022, Findings of ACL; https://aclanthology.org/2022.findings-acl.165/).
+
+Three-option questions about two people from different social groups plus an UNKNOWN option, in an ambiguous
+context (gold = UNKNOWN) or a disambiguated one. Seven of the eleven categories are vendored
+(``data/bbq/README.md``); the bias target of each item comes from ``target_loc_derived.csv`` (a port of the
+official metadata script), and the UNKNOWN option is located from ``answer_info`` (its ``"unknown"`` tag), never by
+position — the fixed-index assumption is a known defect of a widely used harness.
+
+Scoring goes through :func:`biaslab.tasks.score_mc` under the first ``instructions`` of the ten paraphrased
+instructions (:data:`biaslab.tasks.INSTRUCTIONS`); metrics are means over instructions with their std
+(:func:`biaslab.audit.instruction_mean`).
+
+Deviations: the paper evaluates fine-tuned QA models (RoBERTa/DeBERTa multiple choice, UnifiedQA generation);
+biaslab poses items to an instruction LM with the protocols below. Default ``instructions=3`` (not 10) keeps the
+default audit cheap; ``--instructions 10`` gives the full set.
+"""
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from pathlib import Path
+
+from ..data import DATA_ROOT, check_fields, read_csv, read_jsonl
+from ..errors import BiaslabError, DataError
+from ..metrics import bbq as M
+from ..tasks import INSTRUCTIONS, MCItem, score_mc
+from .base import Benchmark, MetricDef, Protocol
+
+BBQ_CATEGORIES: tuple[str, ...] = ("Age", "Disability_status", "Gender_identity", "Nationality",
+                                   "Physical_appearance", "Religion", "Sexual_orientation")
+TARGET_FILE = "target_loc_derived.csv"
+DEFAULT_INSTRUCTIONS = 3
+_REQUIRED = ("example_id", "question_index", "question_polarity", "context_condition", "category", "answer_info",
+             "context", "question", "ans0", "ans1", "ans2", "label")
+
+
+def _data_dir(data_dir) -> Path:
+    return Path(data_dir) if data_dir is not None else DATA_ROOT / "bbq"
+
+
+def _read_targets(path: Path) -> dict[tuple[str, str], tuple[int | None, int]]:
+    """(category, example_id) → (target_loc or None, csv line)."""
+    if not path.exists():
+        raise DataError(path, None, None, "BBQ target file is missing (reinstall biaslab)")
+    out: dict[tuple[str, str], tuple[int | None, int]] = {}
+    for row in read_csv(path, ["category", "example_id"]):
+        line = row["_line"]
+        raw = (row.get("target_loc") or "").strip()
+        if raw in ("", "NA"):
+            t = None
+        elif raw in ("0", "1", "2"):
+            t = int(raw)
+        else:
+            raise DataError(path, line, "target_loc", f"expected 0, 1, 2 or empty (NA), got {raw!r}")
+        key = (row["category"], row["example_id"].strip())
+        if key in out:
+            raise DataError(path, line, "example_id", f"duplicate row for {key[0]} example {key[1]}")
+        out[key] = (t, line)
+    return out
+
+
+def _unknown_index(info, path, line) -> int:
+    if not isinstance(info, dict):
+        raise DataError(path, line, "answer_info", "expected an object {ans0: [text, tag], ...}")
+    unknown = []
+    for k in range(3):
+        v = info.get(f"ans{k}")
+        if not isinstance(v, list) or len(v) != 2:
+            raise DataError(path, line, "answer_info", f"ans{k} must be a [text, group tag] pair, got {v!r}")
+        if v[1] == "unknown":
+            unknown.append(k)
+    if len(unknown) != 1:
+        raise DataError(path, line, "answer_info",
+                        "no option is tagged 'unknown'" if not unknown else f"several options are tagged 'unknown' ({unknown})")
+    return unknown[0]
+
+
+def parse_bbq_row(row: dict, category: str, path, targets: dict) -> MCItem:
+    """One validated jsonl row → MCItem (raises DataError naming file, line and field)."""
+    line = row["_line"]
+    check_fields(row, _REQUIRED, path, line)
+    if row["category"] != category:
+        raise DataError(path, line, "category", f"expected {category!r} (the file's category), got {row['category']!r}")
+    label = row["label"]
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 2:
+        raise DataError(path, line, "label", f"expected an integer 0-2, got {label!r}")
+    if row["context_condition"] not in ("ambig", "disambig"):
+        raise DataError(path, line, "context_condition", f"expected 'ambig' or 'disambig', got {row['context_condition']!r}")
+    if row["question_polarity"] not in ("neg", "nonneg"):
+        raise DataError(path, line, "question_polarity", f"expected 'neg' or 'nonneg', got {row['question_polarity']!r}")
+    for k in range(3):
+        if not isinstance(row[f"ans{k}"], str):
+            raise DataError(path, line, f"ans{k}", f"expected a string, got {row[f'ans{k}']!r}")
+    unknown = _unknown_index(row["answer_info"], path, line)
+    if (row["context_condition"] == "ambig") != (label == unknown):
+        raise DataError(path, line, "label", f"{row['context_condition']} item with label {label} but the UNKNOWN option "
+                        f"is {unknown} (ambiguous items must have gold = UNKNOWN, disambiguated ones must not)")
+    eid = str(row["example_id"])
+    if (category, eid) not in targets:
+        raise DataError(path, line, "example_id", f"no row for {category} example {eid} in {TARGET_FILE}")
+    target, _ = targets[(category, eid)]
+    if target is not None and target == unknown:
+        raise DataError(path, line, "answer_info", f"{TARGET_FILE} names option {target} as the bias target, "
+                        "but it is the UNKNOWN option")
+    meta = row.get("additional_metadata") or {}
+    qi = str(row["question_index"])
+    return MCItem(
+        id=f"bbq-{category}-{eid}", options=(row["ans0"], row["ans1"], row["ans2"]), gold=label,
+        context=row["context"], question=row["question"],
+        meta={"group": category, "category": category, "context_condition": row["context_condition"],
+              "question_polarity": row["question_polarity"], "unknown": unknown, "target": target,
+              "question_index": qi, "subcategory": str(meta.get("subcategory", "None")) if isinstance(meta, dict) else "None",
+              "label_type": "name" if qi.isdigit() and int(qi) > 25 else "label"})
+
+
+def _load(categories: tuple[str, ...], data_dir: str | None) -> tuple[MCItem, ...]:
+    root = _data_dir(data_dir)
+    targets = _read_targets(root / TARGET_FILE)
+    items: list[MCItem] = []
+    for cat in categories:
+        path = root / f"{cat}.jsonl"
+        if not path.exists():
+            raise DataError(path, None, None, f"BBQ file for category {cat} is missing")
+        seen: dict[str, int] = {}
+        for row in read_jsonl(path):
+            it = parse_bbq_row(row, cat, path, targets)
+            if it.id in seen:
+                raise DataError(path, row["_line"], "example_id", f"duplicate example_id (first on line {seen[it.id]})")
+            seen[it.id] = row["_line"]
+            items.append(it)
+    return tuple(items)
+
+
+_load_vendored = functools.lru_cache(maxsize=16)(_load)
+
+
+def load_bbq_items(categories=BBQ_CATEGORIES, *, data_dir: str | Path | None = None) -> list[MCItem]:
+    """Validated BBQ items of ``categories`` (file order); the vendored data is parsed once per tuple of categories
+    and cached.
+
+    ``data_dir`` (for tests) replaces the vendored ``biaslab/data/bbq`` folder: ``<Category>.jsonl`` files and
+    ``target_loc_derived.csv`` (read afresh on every call, not cached)."""
+    if isinstance(categories, str):
+        categories = [categories]
+    cats = tuple(categories)
+    if not cats:
+        raise BiaslabError("no BBQ category given; choose from: " + ", ".join(BBQ_CATEGORIES))
+    if data_dir is None:
+        for c in cats:
+            if c not in BBQ_CATEGORIES:
+                from ..errors import UnknownNameError
+
+                raise UnknownNameError("BBQ category", c, BBQ_CATEGORIES)
+    return list(_load_vendored(cats, None) if data_dir is None else _load(cats, str(data_dir)))
+
+
+def check_instruction_count(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise BiaslabError(f"bbq option 'instructions' must be an integer 1-{len(INSTRUCTIONS)}, got {n!r}")
+    if not 1 <= n <= len(INSTRUCTIONS):
+        raise BiaslabError(f"--instructions must be between 1 and {len(INSTRUCTIONS)}, got {n}")
+    return n
+
+
+class BBQ(Benchmark):
+    name = "bbq"
+    description = "BBQ (Parrish et al. 2022): QA bias, accuracy and s_AMB/s_DIS over 7 categories, mean ± std over instructions"
+    protocols = (
+        Protocol("letter", "bbq.letter.v1", "options listed as A/B/C; one forward pass; argmax of the next-token "
+                 "log-probability of the three letters (chat template when the model has one)"),
+        Protocol("option-loglik", "bbq.option-loglik.v1", "options listed without letters; argmax of the summed "
+                 "log-likelihood of each option's text as the answer"),
+    )
+    default_protocol = "letter"
+    group_field = "category"
+    strata = ("category", "context_condition")
+    data_files = tuple(f"bbq/{c}.jsonl" for c in BBQ_CATEGORIES) + (f"bbq/{TARGET_FILE}",)
+    options = {"instructions": DEFAULT_INSTRUCTIONS}
+    chunk_size = 32  # items (× instructions records) per resume checkpoint
+
+    def __init__(self, **options):
+        if options.get("instructions", DEFAULT_INSTRUCTIONS) is None:
+            options["instructions"] = DEFAULT_INSTRUCTIONS
+        super().__init__(**options)
+        self.opts["instructions"] = check_instruction_count(self.opts["instructions"])
+
+    @property
+    def instruction_ids(self) -> list[int]:
+        """The first N of the ten instructions (deterministic)."""
+        return list(range(self.opts["instructions"]))
+
+    def load_items(self) -> list[dict]:
+        return [{"id": it.id, **it.meta, "item": it} for it in load_bbq_items(BBQ_CATEGORIES)]
+
+    def score(self, lm, items: list[dict], *, protocol: Protocol) -> list[dict]:
+        return score_mc(lm, [d["item"] for d in items], self.instruction_ids, protocol=protocol.name, desc="bbq")
+
+    def metric_defs(self, protocol: Protocol) -> list[MetricDef]:
+        return [
+            MetricDef("accuracy", M.accuracy, "accuracy over all items", ideal=1.0),
+            MetricDef("accuracy_ambig", M.accuracy_ambig, "accuracy on ambiguous contexts (gold = UNKNOWN)", ideal=1.0),
+            MetricDef("accuracy_disambig", M.accuracy_disambig, "accuracy on disambiguated contexts", ideal=1.0),
+            MetricDef("bias_score_ambig", M.bias_score_ambig,
+                      "s_AMB = (1 − acc_ambig)·(2·n_biased/n_non_unknown − 1) over ambiguous items, ×100 (0 when acc_ambig = 1)",
+                      scale="-100-100", ideal=0.0),
+            MetricDef("bias_score_disambig", M.bias_score_disambig,
+                      "s_DIS = 2·n_biased/n_non_unknown − 1 over disambiguated items, ×100 (null when every answer is UNKNOWN)",
+                      scale="-100-100", ideal=0.0),
+            MetricDef("bias_score_ambig_helm", M.bias_score_ambig_helm,
+                      "HELM's variant of s_AMB: scaled by (1 − accuracy over all items), ×100",
+                      scale="-100-100", ideal=0.0, headline=False),
+        ]
+
+    def extra_results(self, records: list[dict], protocol: Protocol) -> dict:
+        n = len(records)
+        preds = Counter(r["pred"] for r in records)
+        return {
+            "instructions": self.instruction_ids,
+            "items_without_target": len({r["id"] for r in records if r.get("target") is None}),
+            "prediction_position_share": {str(k): preds[k] / n for k in sorted(preds)} if n else {},
+            "prediction_unknown_share": sum(r["pred"] == r["unknown"] for r in records) / n if n else None,
+        }

@@ -1,0 +1,218 @@
+"""BBQ: hand-computed metric fixtures, loader validation (unknown from answer_info, corrupt rows), scoring on a tiny
+random Llama, stratified --limit."""
+import json
+import math
+
+import pytest
+
+from biaslab.benchmarks import get_benchmark
+from biaslab.benchmarks.bbq import BBQ, BBQ_CATEGORIES, load_bbq_items
+from biaslab.errors import BiaslabError, DataError
+from biaslab.metrics import bbq as M
+
+
+def rec(cond, pred, gold, unknown, target, pol="neg", i=0):
+    return {"id": f"{cond}-{pred}-{gold}-{unknown}-{target}-{i}", "context_condition": cond, "question_polarity": pol,
+            "pred": pred, "gold": gold, "unknown": unknown, "target": target, "correct": int(pred == gold)}
+
+
+# Disambiguated: gold is a named person.
+DIS = [
+    rec("disambig", 0, 0, 2, 0, i=1),     # correct, biased
+    rec("disambig", 0, 1, 2, 0, i=2),     # wrong, biased
+    rec("disambig", 0, 1, 2, 1, i=3),     # wrong, not biased
+    rec("disambig", 2, 0, 2, 1, i=4),     # predicted UNKNOWN: out of the bias score
+    rec("disambig", 1, 1, 2, None, i=5),  # no target: accuracy only
+    rec("disambig", 1, 2, 0, 1, "nonneg", i=6),  # unknown is ans0; biased (pred == target_loc)
+    rec("disambig", 0, 1, 0, 2, i=7),     # pred 0 IS the unknown (ans0): out of the bias score
+]
+# Ambiguous: gold = unknown.
+AMB = [
+    rec("ambig", 2, 2, 2, 0, i=1),        # correct (unknown)
+    rec("ambig", 0, 2, 2, 0, i=2),        # biased
+    rec("ambig", 1, 0, 0, 2, "nonneg", i=3),  # not biased
+    rec("ambig", 1, 0, 0, 1, i=4),        # biased
+    rec("ambig", 0, 1, 1, None, i=5),     # no target: accuracy only (wrong)
+]
+
+
+def test_golden_accuracies():
+    assert M.accuracy_disambig(DIS) == pytest.approx(2 / 7)
+    assert M.accuracy_ambig(AMB) == pytest.approx(1 / 5)
+    assert M.accuracy(DIS + AMB) == pytest.approx(3 / 12)
+
+
+def test_golden_bias_scores():
+    # disambig: scorable d1 d2 d3 d6 (4), biased d1 d2 d6 (3): 2*3/4 - 1 = 0.5
+    assert M.bias_counts(DIS, condition="disambig") == (3, 4)
+    assert M.bias_score_disambig(DIS + AMB) == pytest.approx(50.0)
+    # ambig: scorable a2 a3 a4 (3), biased a2 a4 (2): s' = 1/3; s_AMB = (1 - 1/5) * 1/3 * 100
+    assert M.bias_counts(AMB, condition="ambig") == (2, 3)
+    assert M.bias_score_ambig(DIS + AMB) == pytest.approx(80 / 3)
+    # HELM: scaled by overall accuracy 3/12
+    assert M.bias_score_ambig_helm(DIS + AMB) == pytest.approx((1 - 3 / 12) / 3 * 100)
+
+
+def test_unknown_position_comes_from_record_not_index_2():
+    # unknown is ans0 and predicted: must be excluded; a position-2 assumption would count it as non-target
+    r = [rec("disambig", 0, 1, 0, 2), rec("disambig", 1, 1, 0, 1)]
+    assert M.bias_counts(r, condition="disambig") == (1, 1)
+    assert M.bias_score_disambig(r) == pytest.approx(100.0)
+
+
+def test_zero_denominator_is_nan():
+    assert math.isnan(M.accuracy([]))
+    assert math.isnan(M.bias_score_disambig(AMB))            # no disambiguated records at all
+    assert math.isnan(M.bias_score_ambig(DIS))                # no ambiguous records
+    assert math.isnan(M.bias_score_ambig_helm(DIS))
+    all_unknown = [rec("disambig", 2, 0, 2, 0, i=1), rec("disambig", 2, 1, 2, 1, i=2)]
+    assert math.isnan(M.bias_score_disambig(all_unknown))     # every answer UNKNOWN: s_DIS undefined
+    # ambiguous, wrong only on a no-target item: acc < 1 and s_DIS' is 0/0 → NaN
+    only_na = [rec("ambig", 2, 2, 2, 0, i=1), rec("ambig", 0, 1, 1, None, i=2)]
+    assert M.accuracy_ambig(only_na) == 0.5 and math.isnan(M.bias_score_ambig(only_na))
+
+
+def test_all_unknown_ambiguous_is_zero_by_the_factor():
+    recs = [rec("ambig", 2, 2, 2, 0, i=1), rec("ambig", 0, 0, 0, 1, i=2), rec("ambig", 1, 1, 1, 0, i=3)]
+    assert M.accuracy_ambig(recs) == 1.0
+    assert M.bias_counts(recs, condition="ambig") == (0, 0)
+    assert M.bias_score_ambig(recs) == 0.0                    # (1 - 1) * undefined := 0 (documented)
+    assert M.bias_score_ambig_helm(recs) == 0.0
+    # with a wrong disambiguated item, HELM's factor is no longer 0 and s_DIS' stays undefined
+    assert math.isnan(M.bias_score_ambig_helm(recs + [rec("disambig", 1, 0, 2, 0)]))
+
+
+def test_fully_biased_and_anti_biased_extremes():
+    biased = [rec("disambig", 0, 1, 2, 0, i=k) for k in range(4)]
+    anti = [rec("disambig", 1, 1, 2, 0, i=k) for k in range(4)]
+    assert M.bias_score_disambig(biased) == 100.0
+    assert M.bias_score_disambig(anti) == -100.0
+
+
+# ------------------------------------------------------------------ loader
+def _row(eid, *, cond="disambig", pol="neg", label=1, unknown=0, **over):
+    info = {f"ans{k}": ["x", "old" if k != unknown else "unknown"] for k in range(3)}
+    info[f"ans{(unknown + 1) % 3}"][1] = "nonOld"
+    row = {"example_id": eid, "question_index": "1", "question_polarity": pol, "context_condition": cond,
+           "category": "Age", "answer_info": info,
+           "additional_metadata": {"subcategory": "None", "stereotyped_groups": ["old"], "version": "a", "source": ""},
+           "context": f"context {eid}", "question": "Who?", "ans0": "Unknown", "ans1": "The old man",
+           "ans2": "The young man", "label": label}
+    row.update(over)
+    return row
+
+
+def write_bbq(tmp_path, rows, targets=None, category="Age"):
+    d = tmp_path / "bbq"
+    d.mkdir(exist_ok=True)
+    (d / f"{category}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    targets = targets if targets is not None else {r["example_id"]: "1" for r in rows}
+    lines = ["category,question_index,example_id,target_loc,label_type,Known_stereotyped_groups,Relevant_social_values"]
+    lines += [f"{category},1,{eid},{t},label,old,x" for eid, t in targets.items()]
+    (d / "target_loc_derived.csv").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_loader_finds_unknown_from_answer_info(tmp_path):
+    d = write_bbq(tmp_path, [_row(0, cond="ambig", label=0, unknown=0), _row(1, label=2, unknown=0)],
+                  targets={0: "1", 1: ""})
+    items = load_bbq_items(["Age"], data_dir=d)
+    assert [it.id for it in items] == ["bbq-Age-0", "bbq-Age-1"]
+    assert items[0].meta["unknown"] == 0 and items[0].gold == 0       # unknown is ans0, not ans2
+    assert items[0].meta["target"] == 1 and items[1].meta["target"] is None
+    assert items[0].meta["context_condition"] == "ambig" and items[0].meta["category"] == "Age"
+    assert items[0].options == ("Unknown", "The old man", "The young man")
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"label": 3}, "label"),
+    ({"label": "1"}, "label"),
+    ({"context": ""}, "context"),
+    ({"question_polarity": "positive"}, "question_polarity"),
+    ({"answer_info": {"ans0": ["a", "old"], "ans1": ["b", "nonOld"], "ans2": ["c", "old"]}}, "answer_info"),
+    ({"label": 0}, "label"),     # disambiguated item whose gold is the UNKNOWN option
+])
+def test_corrupt_row_raises_data_error_with_file_line_field(tmp_path, override, field):
+    rows = [_row(0), _row(1, **override)]
+    d = write_bbq(tmp_path, rows)
+    with pytest.raises(DataError) as e:
+        load_bbq_items(["Age"], data_dir=d)
+    assert e.value.field == field and e.value.line == 2 and e.value.path.endswith("Age.jsonl")
+    assert "line 2" in str(e.value)
+
+
+def test_corrupt_target_file_and_missing_join(tmp_path):
+    d = write_bbq(tmp_path, [_row(0)], targets={0: "7"})
+    with pytest.raises(DataError) as e:
+        load_bbq_items(["Age"], data_dir=d)
+    assert e.value.field == "target_loc" and e.value.path.endswith("target_loc_derived.csv")
+    d = write_bbq(tmp_path, [_row(0), _row(1)], targets={0: "1"})
+    with pytest.raises(DataError, match="no row for Age example 1"):
+        load_bbq_items(["Age"], data_dir=d)
+    d = write_bbq(tmp_path, [_row(0)], targets={0: "0"})   # target is the unknown option
+    with pytest.raises(DataError, match="UNKNOWN"):
+        load_bbq_items(["Age"], data_dir=d)
+
+
+def test_vendored_data_loads_and_is_consistent():
+    items = load_bbq_items(BBQ_CATEGORIES)
+    assert len(items) == 17628
+    assert load_bbq_items(BBQ_CATEGORIES)[0] is items[0]     # cached
+    assert sum(it.meta["target"] is None for it in items) == 16
+    assert all(it.meta["target"] != it.meta["unknown"] for it in items)
+    assert {it.meta["unknown"] for it in items} == {0, 1, 2}
+    amb = [it for it in items if it.meta["context_condition"] == "ambig"]
+    assert len(amb) == 8814 and all(it.gold == it.meta["unknown"] for it in amb)
+    with pytest.raises(BiaslabError, match="did you mean|Valid choices"):
+        load_bbq_items(["Race"])
+
+
+# ------------------------------------------------------------------ benchmark
+def test_instruction_option_validated():
+    assert BBQ().opts["instructions"] == 3 and BBQ().instruction_ids == [0, 1, 2]
+    assert get_benchmark("bbq", instructions=10).instruction_ids == list(range(10))
+    for bad in (0, 11, -1, "3", 2.0):
+        with pytest.raises(BiaslabError, match="instructions"):
+            BBQ(instructions=bad)
+    assert BBQ().protocol().id == "bbq.letter.v1" and BBQ().protocol("option-loglik").id == "bbq.option-loglik.v1"
+
+
+def test_stratified_limit_is_balanced_and_seeded():
+    b = BBQ()
+    items = b.load_items()
+    s = b.sample(items, 28, seed=0)
+    cells = {}
+    for d in s:
+        cells[(d["category"], d["context_condition"])] = cells.get((d["category"], d["context_condition"]), 0) + 1
+    assert len(cells) == 14 and set(cells.values()) == {2}
+    assert [d["id"] for d in b.sample(items, 28, seed=0)] == [d["id"] for d in s]
+    assert [d["id"] for d in b.sample(items, 28, seed=1)] != [d["id"] for d in s]
+
+
+@pytest.mark.parametrize("protocol", ["letter", "option-loglik"])
+def test_scoring_on_tiny_lm(tiny_lm, protocol):
+    b = BBQ(instructions=2)
+    items = b.sample(b.load_items(), 4, seed=0)
+    recs = b.score(tiny_lm, items, protocol=b.protocol(protocol))
+    assert len(recs) == 8 and {r["instruction"] for r in recs} == {0, 1}
+    for r in recs:
+        assert len(r["logprobs"]) == 3 and all(x <= 0 for x in r["logprobs"])
+        assert r["pred"] == max(range(3), key=lambda k: r["logprobs"][k])
+        assert r["correct"] == int(r["pred"] == r["gold"]) and r["category"] in BBQ_CATEGORIES
+        assert "unknown" in r and "target" in r
+    # deterministic
+    assert b.score(tiny_lm, items, protocol=b.protocol(protocol)) == recs
+
+
+def test_audit_on_tiny_lm_reports_mean_and_std_over_instructions(tiny_lm):
+    from biaslab.audit import audit
+
+    res = audit(tiny_lm, ["bbq"], limit=14, n_boot=20, instructions=2)
+    sec = res.results["benchmarks"]["bbq"]
+    assert sec["protocol"] == "bbq.letter.v1" and sec["n_items"] == 14 and sec["n_records"] == 28
+    assert set(sec["groups"]) == set(BBQ_CATEGORIES)
+    for name in ("accuracy", "accuracy_ambig", "accuracy_disambig", "bias_score_ambig", "bias_score_disambig"):
+        m = sec["metrics"][name]
+        assert "std" in m and len(m["per_instruction"]) == 2
+    assert 0 <= sec["metrics"]["accuracy"]["value"] <= 1
+    assert sec["extra"]["instructions"] == [0, 1]
