@@ -216,3 +216,4 @@ def test_audit_on_tiny_lm_reports_mean_and_std_over_instructions(tiny_lm):
         assert "std" in m and len(m["per_instruction"]) == 2
     assert 0 <= sec["metrics"]["accuracy"]["value"] <= 1
     assert sec["extra"]["instructions"] == [0, 1]
+    assert sum(v["n_items"] for v in sec["extra"]["by_label_type"].values()) == 14

@@ -17,11 +17,12 @@ default audit cheap; ``--instructions 10`` gives the full set.
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter
 from pathlib import Path
 
 from ..data import DATA_ROOT, check_fields, read_csv, read_jsonl
-from ..errors import BiaslabError, DataError
+from ..errors import BiaslabError, DataError, UnknownNameError
 from ..metrics import bbq as M
 from ..tasks import INSTRUCTIONS, MCItem, score_mc
 from .base import Benchmark, MetricDef, Protocol
@@ -148,10 +149,17 @@ def load_bbq_items(categories=BBQ_CATEGORIES, *, data_dir: str | Path | None = N
     if data_dir is None:
         for c in cats:
             if c not in BBQ_CATEGORIES:
-                from ..errors import UnknownNameError
-
                 raise UnknownNameError("BBQ category", c, BBQ_CATEGORIES)
     return list(_load_vendored(cats, None) if data_dir is None else _load(cats, str(data_dir)))
+
+
+def _instruction_mean(fn, records: list[dict]) -> float:
+    """Mean of ``fn`` over instructions, NaN-ignoring (as the audit's instruction_mean), without a CI."""
+    by: dict = {}
+    for r in records:
+        by.setdefault(r.get("instruction", 0), []).append(r)
+    vals = [v for v in (fn(rs) for rs in by.values()) if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
 
 
 def check_instruction_count(n) -> int:
@@ -214,7 +222,13 @@ class BBQ(Benchmark):
     def extra_results(self, records: list[dict], protocol: Protocol) -> dict:
         n = len(records)
         preds = Counter(r["pred"] for r in records)
+        by_label_type = {}  # the paper reports proper-name items separately (e.g. "Gender identity (names)")
+        for lt in sorted({r.get("label_type") for r in records if r.get("label_type")}):
+            rs = [r for r in records if r.get("label_type") == lt]
+            by_label_type[lt] = {"n_items": len({r["id"] for r in rs}),
+                                 **{m.name: _instruction_mean(m.fn, rs) for m in self.metric_defs(protocol) if m.headline}}
         return {
+            "by_label_type": by_label_type,
             "instructions": self.instruction_ids,
             "items_without_target": len({r["id"] for r in records if r.get("target") is None}),
             "prediction_position_share": {str(k): preds[k] / n for k in sorted(preds)} if n else {},
