@@ -1,0 +1,277 @@
+"""SR_LLM: data schema and splits, completion-only loss, LoRA training/patch/merge, rewrite metrics, CLI errors."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from biaslab.errors import BiaslabError, DataError, PatchMismatchError
+from biaslab.metrics import rewrite as rm
+from biaslab.mitigations import srllm_data as sd
+from biaslab.mitigations.srllm import (LoraPatch, SRLLMConfig, collate, completion_loss, encode_example, inject_lora,
+                                       lora_weights, remove_lora, rewrite, train_lora)
+
+from conftest import make_tiny_llama
+
+
+def _pairs(n=6):
+    return [sd.RewritePair(f"t:{i}", "wnc", f"the brilliant singer number {i} performed .",
+                           f"the singer number {i} performed .", "subjective") for i in range(n)]
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_splits_schema_and_no_leak():
+    splits = sd.load_splits(seed=0)
+    assert set(splits) == {"train", "validation", "test"}
+    train_keys = {sd.norm_key(t) for p in splits["train"] for t in (p.biased, p.neutral)}
+    for s in ("validation", "test"):
+        assert splits[s]
+        for p in splits[s]:
+            assert sd.norm_key(p.biased) not in train_keys and sd.norm_key(p.neutral) not in train_keys
+    for p in splits["train"][:50] + splits["test"][:50]:
+        assert p.source in sd.SOURCES and p.dimension in ("subjective", "gender") and p.biased and p.neutral
+    assert {p.source for p in splits["test"]} == set(sd.SOURCES)
+    again = sd.load_splits(seed=0)
+    assert [p.id for p in again["test"]] == [p.id for p in splits["test"]]
+    other = sd.load_splits(seed=1)
+    assert [p.id for p in other["test"]] != [p.id for p in splits["test"]]
+
+
+def test_shared_neutral_sentences_stay_in_one_split():
+    # "he"/"she" variants with one neutral reference must not straddle splits, even across case/whitespace
+    pairs = [sd.RewritePair("a", "winobias_plus", "He ran .", "They ran .", "gender"),
+             sd.RewritePair("b", "winobias_plus", "she  ran .", "they ran .", "gender")]
+    pairs += [sd.RewritePair(f"x{i}", "winobias_plus", f"he sat {i} .", f"they sat {i} .", "gender") for i in range(20)]
+    for seed in range(10):
+        sp = sd.split_pairs(pairs, seed=seed, validation=0.2, test=0.3)
+        where = {p.id: s for s, ps in sp.items() for p in ps}
+        assert where["a"] == where["b"]
+        sd.check_no_leak(sp)
+
+
+def test_corrupt_rows_name_file_and_line(tmp_path):
+    root = tmp_path
+    (root / "wnc_pryzant_sample").mkdir()
+    for part in ("train", "test"):
+        (root / "wnc_pryzant_sample" / f"pre.{part}.txt").write_text("a biased one .\nanother biased .\n")
+        (root / "wnc_pryzant_sample" / f"post.{part}.txt").write_text("a one .\n\n")
+    with pytest.raises(DataError) as e:
+        sd.load_pairs(root, sources=["wnc"])
+    assert "post.train.txt" in str(e.value) and "line 2" in str(e.value)
+    (root / "wnc_chat_lou").mkdir()
+    (root / "wnc_chat_lou" / "fine_tuning_train_data.jsonl").write_text('{"messages": []}\n{not json\n')
+    (root / "wnc_chat_lou" / "fine_tuning_test_data.jsonl").write_text("")
+    with pytest.raises(DataError) as e:
+        sd.load_pairs(root, sources=["wnc_chat"])
+    assert "fine_tuning_train_data.jsonl" in str(e.value) and "line 1" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_completion_only_masking(tiny_lm):
+    ids, labels = encode_example(tiny_lm, "the brilliant singer performed .", "the singer performed .")
+    n_prompt = sum(1 for y in labels if y == -100)
+    prompt_text = tiny_lm.tokenizer.decode(ids[:n_prompt])
+    assert prompt_text.endswith("<|im_start|>assistant\n") and "brilliant singer" in prompt_text
+    assert all(y == -100 for y in labels[:n_prompt]) and all(y != -100 for y in labels[n_prompt:])
+    assert labels[-1] == tiny_lm.tokenizer.eos_token_id == ids[-1]
+    assert tiny_lm.tokenizer.decode(labels[n_prompt:-1]) == "the singer performed ."
+    # changing only prompt-token targets must not change the loss: no loss sits on prompt tokens
+    batch = collate([(ids, labels)], tiny_lm.pad_id)
+    loss1, n1 = completion_loss(tiny_lm, batch)
+    assert n1 == len(ids) - n_prompt
+    # gradient w.r.t. logits: perturbing the model output at prompt positions leaves the loss unchanged
+    with torch.no_grad():
+        logits = tiny_lm.model(input_ids=batch["input_ids"]).logits[0]
+    lp = torch.log_softmax(logits.float(), -1)
+    manual = -torch.stack([lp[t - 1, ids[t]] for t in range(n_prompt, len(ids))]).mean()
+    assert torch.allclose(loss1, manual, atol=1e-5)
+
+
+def test_training_step_changes_only_lora_and_restores_model(tiny_lm):
+    model = tiny_lm.model
+    before = _state(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    cfg = SRLLMConfig(r=4, alpha=8, dropout=0.0, lr=1e-2, batch_size=3, max_length=128, eval_every=1, patience=5)
+    layers = inject_lora(model, cfg)
+    init = lora_weights(layers)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # two steps: B leaves 0 on step 1, so A's gradient is non-zero on step 2
+        batch = collate([encode_example(tiny_lm, p.biased, p.neutral) for p in _pairs(3)], tiny_lm.pad_id)
+        loss, _ = completion_loss(tiny_lm, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = lora_weights(layers)
+    assert all(not torch.equal(init[n][1], after[n][1]) for n in init)
+    assert all(not torch.equal(init[n][0], after[n][0]) for n in init)
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), n
+    remove_lora(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and set(model.state_dict()) == set(before)
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags[n])
+
+
+def _trained_patch(lm, steps=3, seed=0):
+    cfg = SRLLMConfig(r=4, alpha=8, dropout=0.0, lr=2e-2, batch_size=3, eval_every=2, patience=3, seed=seed, epochs=2)
+    return train_lora(lm, _pairs(6), _pairs(3), cfg, progress=False, max_steps=steps)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(tiny LanguageModel, TrainResult, state before training); trained once per module."""
+    from biaslab.models import LanguageModel
+
+    model, tok = make_tiny_llama()
+    lm = LanguageModel(model, tok, spec="tiny-llama")
+    before = _state(model)
+    return lm, _trained_patch(lm), before
+
+
+def test_train_lora_deterministic_and_patch_roundtrip(trained, tmp_path):
+    tiny_lm, res, before = trained
+    assert all(torch.equal(v, before[k]) for k, v in tiny_lm.model.state_dict().items())
+    assert not hasattr(tiny_lm.model, "peft_config")
+    assert res.history["steps"] == 3 and len(res.history["train_loss"]) == 3 and res.history["val_loss"]
+    again = _trained_patch(tiny_lm)
+    assert all(torch.equal(res.patch.tensors[k], again.patch.tensors[k]) for k in res.patch.tensors)
+    from biaslab.patches import load_patch
+
+    path = res.patch.save(tmp_path / "p.safetensors")
+    loaded = load_patch(path)
+    assert isinstance(loaded, LoraPatch) and loaded.params["r"] == 4
+    assert all(torch.equal(loaded.tensors[k], res.patch.tensors[k]) for k in res.patch.tensors)
+
+
+def test_patch_matches_peft_reversible_and_merge_equals_applied(trained, tmp_path):
+    tiny_lm, res, _ = trained
+    patch = res.patch
+    ids = torch.tensor([encode_example(tiny_lm, "the brilliant singer performed .", "the singer performed .")[0]])
+    with torch.no_grad():
+        base = tiny_lm.model(input_ids=ids).logits
+        with patch.applied(tiny_lm):
+            applied = tiny_lm.model(input_ids=ids).logits
+        restored = tiny_lm.model(input_ids=ids).logits
+    assert torch.equal(base, restored)               # removal is bit-for-bit
+    assert not torch.allclose(base, applied, atol=1e-4)
+    # the hook patch reproduces peft's own LoRA forward pass
+    cfg = SRLLMConfig(r=4, alpha=8, dropout=0.0)
+    layers = inject_lora(tiny_lm.model, cfg)
+    from biaslab.mitigations.srllm import _load_lora_weights
+
+    _load_lora_weights(layers, patch.modules())
+    tiny_lm.model.eval()
+    with torch.no_grad():
+        peft_logits = tiny_lm.model(input_ids=ids).logits
+    remove_lora(tiny_lm.model)
+    assert torch.allclose(peft_logits, applied, atol=1e-5)
+    # merge (export) equals the applied adapter, and export writes a loadable plain model
+    merged = patch.merged_model(tiny_lm)
+    with torch.no_grad():
+        merged_logits = merged(input_ids=ids).logits
+    assert torch.allclose(merged_logits, applied, atol=1e-4)
+    out = patch.export(tiny_lm, tmp_path / "exported")
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, applied, atol=1e-4)
+    assert torch.equal(tiny_lm.model(input_ids=ids).logits.detach(), base)
+
+
+def test_lora_patch_refused_on_wrong_base(trained):
+    from biaslab.models import LanguageModel
+
+    patch = trained[1].patch
+    other_model, tok = make_tiny_llama(seed=1)
+    other = LanguageModel(other_model, tok, spec="other-tiny")
+    with pytest.raises(PatchMismatchError):
+        with patch.applied(other):
+            pass
+    with pytest.raises(PatchMismatchError):
+        rewrite(other, ["some text"], patch=patch)
+
+
+def test_config_validation():
+    with pytest.raises(BiaslabError, match="rank"):
+        SRLLMConfig(r=0)
+    with pytest.raises(BiaslabError, match="dropout"):
+        SRLLMConfig(dropout=1.5)
+
+
+def test_unknown_target_module(tiny_lm):
+    with pytest.raises(BiaslabError, match="not found"):
+        inject_lora(tiny_lm.model, SRLLMConfig(target_modules=("nope_proj",)))
+
+
+# ---------------------------------------------------------------------------------------------- rewriting
+def test_rewrite_errors_and_truncation(tiny_lm):
+    with pytest.raises(BiaslabError, match="empty"):
+        rewrite(tiny_lm, ["ok text", "   "])
+    with pytest.raises(BiaslabError, match="limit of 8"):
+        rewrite(tiny_lm, ["word " * 30], max_input_tokens=8, on_long="error")
+    out = rewrite(tiny_lm, ["word " * 30, "short one"], max_input_tokens=8, max_new_cap=4)
+    assert len(out.rewrites) == 2 and len(out.notices) == 1 and "limit of 8" in out.notices[0]
+    assert out.max_new_tokens == [4, 4]
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def _rec(biased, reference, rewrite, cosine=None):
+    return {"id": biased, "biased": biased, "reference": reference, "rewrite": rewrite, "cosine": cosine}
+
+
+def test_removal_copy_exact_by_hand():
+    recs = [
+        # reference removed {brilliant, famous}; rewrite drops "brilliant" only → 1 of 2
+        _rec("the brilliant famous singer sang .", "the singer sang .", "the famous singer sang ."),
+        # reference removed {she}; rewrite drops it → 1 of 1; equals the reference (case/space-insensitive)
+        _rec("She sang .", "They sang .", "they  sang."),
+        # reference removed nothing (a word added): contributes 0 of 0; rewrite copies the input
+        _rec("he sang .", "he sang well .", "He sang."),
+    ]
+    assert rm.removed_words(recs[0]["biased"], recs[0]["reference"]) == {"brilliant", "famous"}
+    assert rm.removal_counts(recs[0]) == (1, 2)
+    assert rm.removal_rate(recs) == pytest.approx(2 / 3)
+    assert rm.copy_rate(recs) == pytest.approx(1 / 3)
+    assert rm.exact_match(recs) == pytest.approx(1 / 3)
+    assert math.isnan(rm.removal_rate([recs[2]]))
+    assert rm.content_preservation([_rec("a", "b", "c", 0.5), _rec("a", "b", "c", 1.0)]) == pytest.approx(0.75)
+
+
+def test_chrf_bleu_sanity():
+    same = [_rec("x y", "the cat sat on the mat .", "the cat sat on the mat .")]
+    assert rm.chrf(same) == pytest.approx(100.0) and rm.bleu(same) == pytest.approx(100.0)
+    none = [_rec("x y", "the cat sat on the mat .", "zzzz qqqq")]
+    assert rm.chrf(none) < 5 and rm.bleu(none) == pytest.approx(0.0)
+    partial = [_rec("x", "the cat sat on the mat .", "the cat sat on a rug .")]
+    assert 0 < rm.chrf(partial) < 100
+    # BLEU by hand: 4-gram precisions 6/8,4/7,2/6,1/5 ... not needed; check monotonicity instead
+    better = [_rec("x", "the cat sat on the mat .", "the cat sat on the rug .")]
+    assert rm.chrf(better) > rm.chrf(partial) and rm.bleu(better) > rm.bleu(partial)
+
+
+def test_embedder_offline_cosines():
+    emb = rm.SentenceEmbedder()
+    c = emb.cosines(["the cat sat on the mat .", "stock prices fell sharply"],
+                    ["the cat sat on the mat .", "a kitten is playing piano"])
+    assert c[0] == pytest.approx(1.0, abs=1e-4) and c[1] < 0.5
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_rewrite_empty_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from biaslab.cli import app
+
+    empty = tmp_path / "in.txt"
+    empty.write_text("\n\n")
+    r = CliRunner().invoke(app, ["rewrite", "--model", "smollm2-135m-instruct", "--input", str(empty)])
+    assert r.exit_code != 0 and "no text" in str(r.exception or r.output).lower()
