@@ -30,6 +30,11 @@ class ContinuationScore:
         return self.logprob / max(self.n_tokens, 1)
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 at least (half/bfloat16 upcast; a float64 model keeps float64 for exact gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class LanguageModel:
     """Wraps a Hugging Face causal LM + tokenizer. See module docstring."""
 
@@ -131,9 +136,9 @@ class LanguageModel:
         if self._use_head_split():
             out = m.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-            return m.get_output_embeddings()(hidden[rows, cols]).float()
+            return _upcast(m.get_output_embeddings()(hidden[rows, cols]))
         out = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        return out.logits[rows, cols].float()
+        return _upcast(out.logits[rows, cols])
 
     # ------------------------------------------------------------------ primitives
     @torch.no_grad()

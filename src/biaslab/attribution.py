@@ -1,0 +1,319 @@
+"""Neuron attribution: activation × gradient and integrated gradients over the neuron sites of any causal LM.
+
+General engine (not CRISPR-specific; CRISPR, METHODS.md §1, builds on it in ``biaslab.mitigations.crispr``).
+
+Neurons are the units of :func:`biaslab.models.sites.find_sites`: FFN intermediate neurons (the input ``h`` of
+each layer's down projection, captured by a forward *pre*-hook) or every linear output unit (the module output,
+captured by a forward hook). One batched forward pass captures ``h`` at every site of every layer; the gradient
+of an objective with respect to all of them comes from one ``torch.autograd.grad`` call (no parameter gradients
+are computed: parameters are frozen for the pass and the graph is rooted at the input embeddings instead).
+
+Objective. For row r with answer position p_r (the last prompt token, whose output predicts the answer) and a
+target token y_r, the objective is ``log P(y_r | prompt_r)`` (``objective="logprob"``, default) or
+``P(y_r | prompt_r)`` (``objective="prob"``), soft-maxed over the full vocabulary. Rows never interact, so the
+gradient of the row sum gives every row's own gradient: different targets per row cost nothing extra.
+
+Per-position attribution ``A[r, t, i] = h[r, t, i] · ∂F_r/∂h[r, t, i]`` is reduced over a span of positions:
+``span="all"`` (every real prompt token, the answer position included; default), ``"prompt"`` (every real
+token except the answer position) or ``"answer"`` (the answer position only), by ``reduce="max"`` (default,
+the paper's token max), ``"mean"`` or ``"sum"``. Padding is masked out of every reduction (and, being after the
+real tokens under right padding with causal attention, never influences them), so a row's scores do not depend
+on what it is batched with.
+
+Integrated gradients (Sundararajan et al. 2017), zero baseline, m midpoint-Riemann steps α = (k − ½)/m (error
+O(1/m²); the original uses right Riemann sums, O(1/m)): each site's
+activation is multiplied by a gate g (via the same hooks) and the attribution is
+``IG_i = mean_k h_i(α_k) · ∂F/∂(g_i h_i)|_{g=α_k}`` — the exact path integral over the gate variables, so
+``Σ_i IG_i → F(g=1) − F(g=0)`` (completeness; the tests check it). ``mode="joint"`` scales every site at
+once; ``mode="layer"`` scales one layer at a time with the others intact (Dai et al. 2022, knowledge neurons),
+costing ``m × n_layers`` forward+backward passes — the comparison in ``bench/crispr_attribution.py``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+
+from .errors import BiaslabError, UnknownNameError
+from .models.sites import Site, find_sites
+
+SPANS = ("all", "prompt", "answer")
+REDUCES = ("max", "mean", "sum")
+OBJECTIVES = ("logprob", "prob")
+
+
+def check_options(*, span: str = "all", reduce: str = "max", objective: str = "logprob") -> None:
+    if span not in SPANS:
+        raise UnknownNameError("attribution span", span, SPANS)
+    if reduce not in REDUCES:
+        raise UnknownNameError("attribution reduction", reduce, REDUCES)
+    if objective not in OBJECTIVES:
+        raise UnknownNameError("attribution objective", objective, OBJECTIVES)
+
+
+def resolve_sites(lm, sites: str | Sequence[Site]) -> list[Site]:
+    if getattr(lm.model.config, "is_encoder_decoder", False):
+        raise BiaslabError("attribution needs a causal (decoder-only) language model; "
+                           f"{type(lm.model).__name__} is an encoder-decoder")
+    return find_sites(lm.model, sites) if isinstance(sites, str) else list(sites)
+
+
+@contextmanager
+def _frozen_params_grad_from_embeddings(model):
+    """Freeze parameters (so the backward computes activation gradients only and the forward saves less) and
+    make the input embeddings' output require grad, so every downstream activation is in the graph."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings()
+    handle = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        handle.remove()
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+class _SiteHooks:
+    """Captures each site's activation h (pre-gate) and the tensor s = g·h actually used downstream, whose
+    gradient is taken. Gates default to 1 (then s is h itself)."""
+
+    def __init__(self, sites: list[Site], gates: dict[str, float] | None = None):
+        self.sites = sites
+        self.gates = gates or {}
+        self.h: dict[str, torch.Tensor] = {}
+        self.s: dict[str, torch.Tensor] = {}
+        self.handles = []
+
+    def _gate(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        g = self.gates.get(name, 1.0)
+        s = h if g == 1.0 else h * g
+        self.h[name] = h.detach()
+        self.s[name] = s
+        return s
+
+    def __enter__(self):
+        for site in self.sites:
+            if site.kind == "ffn":
+                def pre(module, args, name=site.name):
+                    return (self._gate(name, args[0]),) + tuple(args[1:])
+                self.handles.append(site.module.register_forward_pre_hook(pre))
+            elif site.kind == "linear":
+                def post(module, args, out, name=site.name):
+                    return self._gate(name, out)
+                self.handles.append(site.module.register_forward_hook(post))
+            else:
+                raise UnknownNameError("site kind", site.kind, ("ffn", "linear"))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def span_mask(mask: torch.Tensor, answer_cols: torch.Tensor, span: str) -> torch.Tensor:
+    """Boolean (B, T) mask of the positions that enter the reduction."""
+    m = mask.bool().clone()
+    ans = torch.zeros_like(m)
+    ans[torch.arange(m.shape[0], device=m.device), answer_cols] = True
+    if span == "all":
+        return m
+    if span == "answer":
+        return ans
+    if span == "prompt":
+        return m & ~ans
+    raise UnknownNameError("attribution span", span, SPANS)
+
+
+def reduce_positions(a: torch.Tensor, pmask: torch.Tensor, reduce: str) -> torch.Tensor:
+    """(B, T, U) per-position scores → (B, U) over the masked positions."""
+    pm = pmask[:, :, None]
+    if reduce == "max":
+        return a.masked_fill(~pm, float("-inf")).amax(dim=1)
+    s = a.masked_fill(~pm, 0.0).sum(dim=1)
+    if reduce == "sum":
+        return s
+    if reduce == "mean":
+        return s / pmask.sum(dim=1, keepdim=True).clamp(min=1).to(s.dtype)
+    raise UnknownNameError("attribution reduction", reduce, REDUCES)
+
+
+class AttributionPass:
+    """One batched forward pass with every site hooked; call :meth:`attribute` once per objective.
+
+    >>> with AttributionPass(lm, sites, token_seqs) as ap:
+    ...     lp = ap.logprobs                    # (B, V) log-softmax at each row's answer position
+    ...     a = ap.attribute(lp[rows, targets]) # {site name: (B, n_units)} reduced activation × gradient
+    """
+
+    def __init__(self, lm, sites: list[Site], seqs: list[list[int]], *, span: str = "all", reduce: str = "max",
+                 gates: dict[str, float] | None = None):
+        check_options(span=span, reduce=reduce)
+        if not seqs or any(len(s) == 0 for s in seqs):
+            raise BiaslabError("attribution needs at least one non-empty token sequence")
+        self.lm, self.sites, self.seqs = lm, sites, seqs
+        self.span, self.reduce, self.gates = span, reduce, gates
+        self._n_backward = 0
+
+    def __enter__(self):
+        lm = self.lm
+        self._ctx = _frozen_params_grad_from_embeddings(lm.model)
+        self._ctx.__enter__()
+        self.hooks = _SiteHooks(self.sites, self.gates)
+        try:
+            with self.hooks:
+                ids, mask, pos, offs = lm.pad(self.seqs, side="right")
+                self.rows = torch.arange(len(self.seqs), device=ids.device)
+                self.cols = torch.tensor([offs[k] + len(s) - 1 for k, s in enumerate(self.seqs)], device=ids.device)
+                logits = lm.logits_at(ids, mask, pos, self.rows, self.cols)
+        except BaseException:
+            self._ctx.__exit__(None, None, None)
+            raise
+        self.logprobs = torch.log_softmax(logits, dim=-1)
+        self.pmask = span_mask(mask, self.cols, self.span)
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks = None
+        self.logprobs = None
+        self._ctx.__exit__(*exc)
+
+    def objective(self, targets: Sequence[int], objective: str = "logprob") -> torch.Tensor:
+        """(B,) log P(target_r) or P(target_r) at each row's answer position (graph-connected)."""
+        check_options(objective=objective)
+        t = torch.as_tensor(list(targets), device=self.logprobs.device)
+        lp = self.logprobs[self.rows, t]
+        return lp if objective == "logprob" else lp.exp()
+
+    def attribute(self, values: torch.Tensor, *, retain_graph: bool = True) -> dict[str, torch.Tensor]:
+        """{site: (B, n_units)} activation × ∂(values_r)/∂activation, reduced over the span of each row."""
+        names = [s.name for s in self.sites]
+        grads = torch.autograd.grad(values.sum(), [self.hooks.s[n] for n in names], retain_graph=retain_graph,
+                                    allow_unused=True)
+        self._n_backward += 1
+        out = {}
+        for n, g in zip(names, grads):
+            h = self.hooks.h[n]
+            a = torch.zeros_like(h, dtype=torch.float32) if g is None else h.float() * g.float()
+            out[n] = reduce_positions(a, self.pmask, self.reduce).cpu()
+        return out
+
+
+def token_batches(lm, seqs: list[list[int]], token_budget: int = 1024, max_batch: int = 16) -> list[list[int]]:
+    """Indices of ``seqs`` packed longest-first so that batch_size × max_len ≤ token_budget."""
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
+    out, cur, cur_max = [], [], 0
+    for i in order:
+        new_max = max(cur_max, len(seqs[i]))
+        if cur and (new_max * (len(cur) + 1) > token_budget or len(cur) >= max_batch):
+            out.append(cur)
+            cur, new_max = [], len(seqs[i])
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        out.append(cur)
+    return out
+
+
+def activation_x_gradient(lm, seqs: list[list[int]], targets: Sequence[int], *, sites: str | Sequence[Site] = "ffn",
+                          span: str = "all", reduce: str = "max", objective: str = "logprob",
+                          token_budget: int = 1024) -> dict[str, torch.Tensor]:
+    """{site: (N, n_units)} activation × gradient of F_r = log P / P(targets[r] | seqs[r]) for every row,
+    batched by a token budget (results do not depend on the batching)."""
+    check_options(span=span, reduce=reduce, objective=objective)
+    site_list = resolve_sites(lm, sites)
+    if len(targets) != len(seqs):
+        raise BiaslabError(f"{len(seqs)} sequences but {len(targets)} targets")
+    out = {s.name: torch.zeros(len(seqs), s.n_units) for s in site_list}
+    for batch in token_batches(lm, seqs, token_budget):
+        with AttributionPass(lm, site_list, [seqs[i] for i in batch], span=span, reduce=reduce) as ap:
+            a = ap.attribute(ap.objective([targets[i] for i in batch], objective), retain_graph=False)
+        for n, v in a.items():
+            out[n][batch] = v
+    return out
+
+
+def integrated_gradients(lm, seqs: list[list[int]], targets: Sequence[int], *, sites: str | Sequence[Site] = "ffn",
+                         steps: int = 20, mode: str = "joint", span: str = "all", reduce: str = "max",
+                         objective: str = "logprob", token_budget: int = 1024) -> dict[str, torch.Tensor]:
+    """{site: (N, n_units)} integrated gradients with a zero baseline and ``steps`` midpoint-Riemann steps.
+
+    Per position ``IG[r,t,i] = (1/m) Σ_k h[r,t,i](α_k) · ∂F_r/∂s[r,t,i]|_{α_k}`` (s = gated activation), then
+    reduced over the span like activation × gradient. ``mode="joint"``: all sites gated together;
+    ``mode="layer"``: one layer's sites at a time, the rest intact (knowledge-neurons style)."""
+    check_options(span=span, reduce=reduce, objective=objective)
+    if steps < 1:
+        raise BiaslabError(f"integrated gradients needs at least 1 step, got {steps}")
+    if mode not in ("joint", "layer"):
+        raise UnknownNameError("integrated-gradients mode", mode, ("joint", "layer"))
+    site_list = resolve_sites(lm, sites)
+    groups: list[list[Site]]
+    if mode == "joint":
+        groups = [site_list]
+    else:
+        by_layer: dict[int, list[Site]] = {}
+        for s in site_list:
+            by_layer.setdefault(s.layer, []).append(s)
+        groups = [by_layer[k] for k in sorted(by_layer)]
+    out = {s.name: torch.zeros(len(seqs), s.n_units) for s in site_list}
+    for batch in token_batches(lm, seqs, token_budget):
+        sub = [seqs[i] for i in batch]
+        tg = [targets[i] for i in batch]
+        for group in groups:
+            acc = None
+            for k in range(steps):
+                alpha = (k + 0.5) / steps
+                gates = {s.name: alpha for s in group}
+                with AttributionPass(lm, group, sub, span=span, reduce="sum", gates=gates) as ap:
+                    names = [s.name for s in group]
+                    grads = torch.autograd.grad(ap.objective(tg, objective).sum(), [ap.hooks.s[n] for n in names],
+                                                allow_unused=True)
+                    per = {n: (ap.hooks.h[n].float() * g.float() if g is not None else torch.zeros_like(ap.hooks.h[n]))
+                           for n, g in zip(names, grads)}
+                    pmask = ap.pmask
+                if acc is None:
+                    acc = per
+                else:
+                    for n in acc:
+                        acc[n] += per[n]
+            for n, v in acc.items():
+                out[n][batch] = reduce_positions(v / steps, pmask, reduce).cpu()
+    return out
+
+
+def objective_values(lm, seqs: list[list[int]], targets: Sequence[int], *, objective: str = "logprob",
+                     gates: dict[str, float] | None = None, sites: str | Sequence[Site] = "ffn") -> torch.Tensor:
+    """(N,) objective values, optionally with sites gated (g = 0 → the zero baseline of IG)."""
+    site_list = resolve_sites(lm, sites)
+    with torch.no_grad(), _SiteHooks(site_list, gates):
+        ids, mask, pos, offs = lm.pad(seqs, side="right")
+        rows = torch.arange(len(seqs), device=ids.device)
+        cols = torch.tensor([offs[k] + len(s) - 1 for k, s in enumerate(seqs)], device=ids.device)
+        lp = torch.log_softmax(lm.logits_at(ids, mask, pos, rows, cols), dim=-1)
+        v = lp[rows, torch.as_tensor(list(targets), device=lp.device)]
+    return v if objective == "logprob" else v.exp()
+
+
+def rank_neurons(scores: dict[str, torch.Tensor], n: int | None = None) -> list[tuple[str, int, float]]:
+    """All neurons of all sites ranked together by score (highest first); ties broken by site order, then
+    unit index, so the ranking is deterministic."""
+    names = list(scores)
+    flat = torch.cat([scores[k].reshape(-1).double() for k in names])
+    site_of = torch.cat([torch.full((scores[k].numel(),), j, dtype=torch.long) for j, k in enumerate(names)])
+    unit_of = torch.cat([torch.arange(scores[k].numel()) for k in names])
+    order = torch.argsort(-flat, stable=True)
+    if n is not None:
+        order = order[:n]
+    return [(names[int(site_of[i])], int(unit_of[i]), float(flat[i])) for i in order]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two flat score vectors (average ranks for ties)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.asarray(a.reshape(-1), dtype=float), np.asarray(b.reshape(-1), dtype=float)).statistic)
