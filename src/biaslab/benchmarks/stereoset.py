@@ -165,6 +165,6 @@ class StereoSet(Benchmark):
     def extra_results(self, records: list[dict], protocol: Protocol) -> dict:
         ties = sum(r["lp_stereotype"] == r["lp_anti_stereotype"] for r in records)
         n_targets = Counter(d for d, _ in M.target_scores(records))
-        return {"n_clusters_by_source": dict(Counter(r["source"] for r in records)),
+        return {"n_clusters_by_source": dict(Counter(r.get("source", "?") for r in records)),
                 "n_targets_by_domain": dict(sorted(n_targets.items())),
                 "stereotype_anti_ties": ties}
