@@ -11,6 +11,7 @@ BENCHMARKS = LazyRegistry("benchmark", {
     "winobias": "biaslab.benchmarks.winobias:WinoBias",
     "bold": "biaslab.benchmarks.bold:BOLD",
     "retention": "biaslab.benchmarks.retention:Retention",
+    "sentiment": "biaslab.benchmarks.sentiment:SentimentFairness",  # not in ALL: it prompt-tunes first
 })
 # what `--bench all` means: every registered benchmark
 ALL = ("bbq", "crows", "stereoset", "winobias", "bold", "retention")

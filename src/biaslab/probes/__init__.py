@@ -1,0 +1,1 @@
+"""Bias probes that need training first: the soft-prompt sentiment fairness probe (METHODS.md §3)."""
