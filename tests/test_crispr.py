@@ -1,0 +1,271 @@
+"""CRISPR: pruning patches, search, splits, attribution aggregation, the full loop on a tiny model, bad input."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from biaslab.errors import BiaslabError, PatchMismatchError, UnknownNameError
+from biaslab.mitigations import MITIGATIONS
+from biaslab.mitigations import crispr as C
+from biaslab.models import LanguageModel
+from biaslab.models.sites import find_sites
+from biaslab.patches import NeuronMaskPatch, load_patch
+from biaslab.tasks import MCItem
+
+from conftest import make_tiny_llama
+
+
+def _items(n=30):
+    pos = ["a gorgeous, witty film", "warm and funny", "a triumph", "lovely acting", "pure joy"]
+    neg = ["a dull mess", "boring and long", "a waste of time", "flat and lifeless", "painful to watch"]
+    out = []
+    for k in range(n):
+        lab = k % 2
+        text = (pos if lab else neg)[k % 5] + f" #{k}"
+        out.append(MCItem(id=f"t{k}", options=("negative", "positive"), gold=lab, context=text,
+                          question="What is the sentiment of this movie review?", meta={"label": lab}))
+    return out
+
+
+def _logits(lm, text="Hello there, general Kenobi"):
+    ids = torch.tensor([lm.encode(text)])
+    with torch.no_grad():
+        return lm.model(input_ids=ids).logits
+
+
+# ---------------------------------------------------------------- patches
+@pytest.mark.parametrize("kind", ["ffn", "linear"])
+def test_pruning_zeroes_exactly_the_chosen_neurons_and_is_reversible(tiny_lm, kind):
+    sites = find_sites(tiny_lm.model, kind)
+    units = {sites[0].name: [0, 5, 7], sites[-1].name: [3]}
+    before = {k: v.detach().clone() for k, v in tiny_lm.model.state_dict().items()}
+    p = NeuronMaskPatch.from_units(tiny_lm, units, sites=kind)
+    assert p.n_neurons == 4
+    with p.applied(tiny_lm):
+        after = tiny_lm.model.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        for s in (sites[0], sites[-1]):
+            ix = torch.tensor(units[s.name])
+            w = s.module.weight
+            if kind == "ffn":  # columns of the down projection
+                assert (w[:, ix] == 0).all()
+                others = [i for i in range(w.shape[1]) if i not in units[s.name]]
+                assert torch.equal(w[:, others], before[s.name + ".weight"][:, others])
+            else:  # weight rows (and bias entries)
+                assert (w[ix] == 0).all()
+                others = [i for i in range(w.shape[0]) if i not in units[s.name]]
+                assert torch.equal(w[others], before[s.name + ".weight"][others])
+        assert changed == {sites[0].name + ".weight", sites[-1].name + ".weight"}
+    for k, v in tiny_lm.model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # bit-for-bit
+
+
+def test_pruned_neuron_has_no_effect_on_the_output(tiny_lm):
+    """Zeroing a down-projection column == forcing that intermediate activation to 0."""
+    site = find_sites(tiny_lm.model, "ffn")[0]
+    p = NeuronMaskPatch.from_units(tiny_lm, {site.name: [2, 9]}, sites="ffn")
+
+    def pre(m, args):
+        x = args[0].clone()
+        x[..., [2, 9]] = 0
+        return (x,)
+    h = site.module.register_forward_pre_hook(pre)
+    ref = _logits(tiny_lm)
+    h.remove()
+    with p.applied(tiny_lm):
+        got = _logits(tiny_lm)
+    assert torch.allclose(got, ref, atol=1e-6)
+    assert not torch.allclose(got, _logits(tiny_lm))
+
+
+def test_patch_save_load_and_export_gives_patched_logits(tiny_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sites = find_sites(tiny_lm.model, "ffn")
+    p = NeuronMaskPatch.from_units(tiny_lm, {sites[1].name: [1, 2, 3]}, sites="ffn",
+                                   params={"method": "crispr.v1"}, provenance={"task": "unit"})
+    p.save(tmp_path / "patch.safetensors")
+    q = load_patch(tmp_path / "patch.safetensors")
+    assert q.kind == "neuron-mask" and q.units.keys() == p.units.keys() and q.provenance == {"task": "unit"}
+    with q.applied(tiny_lm):
+        patched = _logits(tiny_lm)
+    q.export(tiny_lm, tmp_path / "exported")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    ids = torch.tensor([tiny_lm.encode("Hello there, general Kenobi")])
+    with torch.no_grad():
+        exported = plain(input_ids=ids).logits
+    assert torch.allclose(exported, patched, atol=1e-5)
+    assert not torch.allclose(exported, _logits(tiny_lm), atol=1e-5)
+
+
+def test_patch_for_another_base_is_refused_naming_both_fingerprints(tiny_lm):
+    other_model, tok = make_tiny_llama(seed=7)
+    other = LanguageModel(other_model, tok, spec="other-tiny")
+    p = NeuronMaskPatch.from_units(tiny_lm, {find_sites(tiny_lm.model)[0].name: [0]}, sites="ffn")
+    with pytest.raises(PatchMismatchError) as e:
+        with p.applied(other):
+            pass
+    assert tiny_lm.fingerprint in str(e.value) and other.fingerprint in str(e.value)
+
+
+# ---------------------------------------------------------------- search
+@pytest.mark.parametrize("opt", [0, 1, 37, 123, 250, 499, 500])
+def test_golden_section_search_finds_the_optimum_of_a_unimodal_function(opt):
+    calls = []
+
+    def f(n):
+        calls.append(n)
+        return -abs(n - opt) + 0.001 * math.cos(n)  # unimodal, no plateau
+
+    best, seen = C.golden_section_search(f, 0, 500, 4)
+    assert best == opt
+    assert len(calls) == len(set(calls))  # each n evaluated once
+    assert len(calls) <= 25  # far fewer than the 501 of a grid
+
+
+def test_golden_section_search_ties_go_to_the_smaller_n_and_bad_tolerance():
+    best, _ = C.golden_section_search(lambda n: 1.0 if 10 <= n <= 20 else 0.0, 0, 30, 4)
+    assert 10 <= best <= 20
+    assert C.golden_section_search(lambda n: 0.0, 0, 500, 4)[0] == 0
+    with pytest.raises(BiaslabError, match="tolerance"):
+        C.golden_section_search(lambda n: 0.0, 0, 10, 0)
+
+
+# ---------------------------------------------------------------- splits and config
+def test_split_is_seeded_disjoint_and_covers_everything():
+    items = _items(50)
+    dev, test = C.split_dev_test(items, dev_fraction=0.1, seed=0)
+    assert len(dev) == 5 and len(test) == 45
+    assert {i.id for i in dev}.isdisjoint({i.id for i in test})
+    assert C.split_dev_test(items, seed=0)[0] == dev
+    assert C.split_dev_test(items, seed=1)[0] != dev
+    s = C.sample_items(test, 10, 0)
+    assert len(s) == 10 and sum(i.gold for i in s) == 5 and s == C.sample_items(test, 10, 0)
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(BiaslabError, match="at least 2 options"):
+        MCItem(id="x", options=("only",), gold=0)
+    with pytest.raises(UnknownNameError, match="site kind"):
+        C.CrisprConfig(sites="heads", neurons=3).validate()
+    with pytest.raises(BiaslabError, match="--neurons N or --search"):
+        C.CrisprConfig().validate()
+    with pytest.raises(BiaslabError, match="exclusive"):
+        C.CrisprConfig(neurons=3, search=True).validate()
+    with pytest.raises(BiaslabError, match="letter"):
+        C.CrisprConfig(neurons=3, protocol="option-loglik").validate()
+    with pytest.raises(UnknownNameError, match="reduction"):
+        C.CrisprConfig(neurons=3, reduce="median").validate()
+
+
+def test_random_control_matches_site_counts_and_seeds():
+    sizes = {"a": 100, "b": 50}
+    r0 = C.random_units(sizes, {"a": 3, "b": 2}, 0)
+    assert {k: len(v) for k, v in r0.items()} == {"a": 3, "b": 2}
+    assert r0 == C.random_units(sizes, {"a": 3, "b": 2}, 0) != C.random_units(sizes, {"a": 3, "b": 2}, 1)
+
+
+# ---------------------------------------------------------------- attribution aggregation
+def test_bias_scores_aggregation_options(tiny_lm):
+    items = _items(4)
+
+    def cfg(**kw):
+        return C.CrisprConfig(neurons=5, instructions=2, **kw)
+
+    s_full, st = C.bias_scores(tiny_lm, items, [0, 1], cfg())
+    sites = find_sites(tiny_lm.model, "ffn")
+    assert set(s_full) == {s.name for s in sites}
+    assert all(v.shape == (s.n_units,) and torch.isfinite(v).all() for s, v in zip(sites, s_full.values()))
+    assert st.n_instances == 8 and 0 < st.mean_confusion < 1
+    # deterministic, and instance order / batching do not matter
+    rev, _ = C.bias_scores(tiny_lm, items[::-1], [0, 1], cfg(token_budget=150))
+    scale = max(float(v.abs().max()) for v in s_full.values())
+    assert scale > 0
+    assert all(torch.allclose(s_full[k], rev[k], atol=1e-3 * scale, rtol=1e-3) for k in s_full)  # float32 batch noise
+
+    def differs(a, b):
+        return any(not torch.allclose(a[k], b[k], atol=1e-2 * scale, rtol=1e-2) for k in a)
+    # no skill disentanglement: B = α·A(ŷ) ≥ full score (the subtracted term is ≥ 0)
+    s_noskill, _ = C.bias_scores(tiny_lm, items, [0, 1], cfg(skill_disentanglement=False))
+    assert all((s_noskill[k] >= s_full[k]).all() for k in s_full) and differs(s_noskill, s_full)
+    # no confusion weighting, mean reduction and the p-alpha convention change the scores
+    for kw in ({"confusion_weighting": False}, {"reduce": "mean"}, {"objective": "prob"}):
+        other, _ = C.bias_scores(tiny_lm, items, [0, 1], cfg(**kw))
+        assert differs(other, s_full), kw
+
+
+def test_fit_registry_and_provenance(tiny_lm):
+    items = _items(40)
+    fit = MITIGATIONS.get("crispr")
+    p = fit(tiny_lm, items, {"neurons": 7, "instructions": 1, "dev_size": 4})
+    assert isinstance(p, NeuronMaskPatch) and p.n_neurons == 7
+    assert p.params["convention"] == "logp-alpha" and p.params["chosen_n"] == 7
+    dev, test = C.split_dev_test(items)
+    assert p.provenance["dev_ids_hash"] == C.ids_hash(dev) and p.provenance["n_test"] == len(test)
+    assert p.base_fingerprint == tiny_lm.fingerprint
+
+
+def test_search_uses_dev_only(tiny_lm):
+    items = _items(40)
+    seen = []
+    import biaslab.mitigations.crispr as mod
+
+    orig = mod.score_mc
+
+    def spy(lm, its, *a, **k):
+        seen.extend(i.id for i in its)
+        return orig(lm, its, *a, **k)
+    mod.score_mc = spy
+    try:
+        res = C.fit_details(tiny_lm, items, C.CrisprConfig(search=True, search_max=12, instructions=1, dev_size=4))
+    finally:
+        mod.score_mc = orig
+    dev_ids = {i.id for i in res.dev}
+    assert seen and set(seen) <= dev_ids
+    assert res.n in res.search and res.search[res.n] == max(res.search.values())
+
+
+def test_full_loop_on_tiny_model(tiny_lm, tmp_path):
+    out = tmp_path / "run"
+    cfg = C.CrisprConfig(neurons=6, instructions=2, dev_size=4)
+    s = C.run(tiny_lm, _items(40), out=out, config=cfg, control_seeds=2, retention=False, n_boot=50)
+    assert s["method"] == "crispr.v1" and s["patch"]["n_neurons"] == 6
+    acc = s["metrics"]["accuracy"]
+    assert set(acc) >= {"before", "after", "delta", "delta_ci95", "std_before", "std_after"}
+    assert acc["delta"] == pytest.approx(acc["after"] - acc["before"])
+    assert len(s["control"]["metrics"]["accuracy"]["per_seed"]) == 2
+    for f in ("patch.safetensors", "summary.json", "report.html", "before/records.jsonl", "after/results.json",
+              "control/seed1/results.json", "attribution.safetensors"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "summary.json").read_text())["metrics"]["accuracy"]["before"] == acc["before"]
+    assert load_patch(out / "patch.safetensors").n_neurons == 6
+    # a rerun resumes (same numbers) and a changed run is refused
+    s2 = C.run(tiny_lm, _items(40), out=out, config=cfg, control_seeds=2, retention=False, n_boot=50)
+    assert s2["metrics"] == s["metrics"]
+    with pytest.raises(BiaslabError, match="different arguments"):
+        C.run(tiny_lm, _items(40), out=out, config=C.CrisprConfig(neurons=7, instructions=2, dev_size=4),
+              control_seeds=2, retention=False, n_boot=50)
+
+
+def test_cli_errors_are_clear():
+    from typer.testing import CliRunner
+
+    from biaslab.cli import app
+
+    r = CliRunner().invoke(app, ["mitigate", "crispr", "--task", "sst2", "--neurons", "3", "--search", "--out", "/tmp/x"])
+    assert isinstance(r.exception, BiaslabError) and "exclusive" in str(r.exception)
+    r = CliRunner().invoke(app, ["mitigate", "crispr", "--out", "/tmp/x", "--neurons", "3"])
+    assert isinstance(r.exception, BiaslabError) and "--task" in str(r.exception)
+
+
+@pytest.mark.integration
+def test_real_model_attribution_shapes(real_lm):
+    from biaslab.tasks import load_task
+
+    _, items = load_task("sst2")
+    sc, st = C.bias_scores(real_lm, items[:2], [0], C.CrisprConfig(neurons=5, instructions=1))
+    assert len(sc) == 30 and all(v.shape == (1536,) and torch.isfinite(v).all() for v in sc.values())
+    assert st.n_instances == 2
