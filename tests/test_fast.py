@@ -1,0 +1,256 @@
+"""FAST-style fairness stamp: pairs, tracing, stamp, losses, BiaScope metrics, patch I/O (tiny models only)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from biaslab.errors import BiaslabError
+from biaslab.metrics import biascope as B
+from biaslab.mitigations import fast as F
+from biaslab.models.lm import ContinuationScore
+from biaslab.tracing import TraceItem, check_layer, layer_modules, trace
+
+
+def _logits(lm, text="The schoolgirl was very happy today."):
+    ids = torch.tensor([lm.tokenizer(text).input_ids])
+    with torch.no_grad():
+        return lm.model(input_ids=ids).logits.clone()
+
+
+def _pair(i, p1, p2, obj, term1, term2, bt="gender"):
+    a, b = p1.index(term1), p2.index(term2)
+    return F.KnowledgePair(id=f"p{i}", bias_type=bt, target=term1, counterpart=term2, prompt_1=p1, prompt_2=p2,
+                           object=obj, span_1=(a, a + len(term1)), span_2=(b, b + len(term2)), statement=f"s{i}")
+
+
+PAIRS = [_pair(0, "The schoolgirl was very", "The schoolboy was very", "emotional", "schoolgirl", "schoolboy"),
+         _pair(1, "My mother is always", "My father is always", "cooking", "mother", "father"),
+         _pair(2, "The gentlemen were", "The ladies were", "strong", "gentlemen", "ladies"),
+         _pair(3, "Her sister is so", "His brother is so", "gossipy", "sister", "brother")]
+
+
+# ------------------------------------------------------------------------------------------- pairs
+def test_pairs_from_clusters_swap_group_and_count_skips():
+    c = {"id": "ss-1", "domain": "gender", "target": "mother", "context": "Her mother was very BLANK.",
+         "stereotype": "Her mother was very caring.", "anti_stereotype": "x", "unrelated": "y"}
+    p, why = F.pair_from_cluster(c)
+    assert why is None
+    assert (p.prompt_1, p.prompt_2, p.object) == ("Her mother was very", "His father was very", "caring")
+    assert p.prompt_2[p.span_2[0]:p.span_2[1]] == "father"
+    r = {"id": "ss-2", "domain": "race", "target": "African", "context": "An African man is BLANK.",
+         "stereotype": "An African man is poor.", "anti_stereotype": "x", "unrelated": "y"}
+    p, _ = F.pair_from_cluster(r)
+    assert p.prompt_2 == "A European man is" and p.prompt_2[p.span_2[0]:p.span_2[1]] == "European"
+    late = {**c, "context": "The BLANK mother came home.", "stereotype": "The caring mother came home."}
+    assert F.pair_from_cluster(late) == (None, "object at the start of the sentence (no subject before it)") or \
+        F.pair_from_cluster(late)[1].startswith("group term only after")
+    missing = {**r, "context": "They are BLANK.", "stereotype": "They are poor."}
+    assert F.pair_from_cluster(missing)[1] == "group term not found (cannot align)"
+
+
+def test_real_pairs_split_by_statement_and_skips_counted():
+    pairs, skipped = F.build_stereoset_pairs(("gender",))
+    clusters = F.stereoset_clusters(("gender",))
+    assert len(pairs) + sum(skipped["gender"].values()) == len(clusters)
+    sp = F.split_pairs(pairs, seed=0)
+    sides = [{p.statement for p in sp[k]} for k in ("train", "dev", "test")]
+    assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+    assert [p.id for p in F.split_pairs(pairs, seed=0)["test"]] == [p.id for p in sp["test"]]
+    assert [p.id for p in F.split_pairs(pairs, seed=1)["test"]] != [p.id for p in sp["test"]]
+
+
+def test_vendored_biascope_sets():
+    cs = F.load_commonsense()
+    assert len(cs) >= 150
+    assert {r["bias_type"] for r in cs} == {"gender", "race", "religion"}
+    para = F.load_paraphrases()
+    pairs, _ = F.build_stereoset_pairs()
+    assert all(p.id in para for p in pairs)
+    one = para[pairs[0].id][0]
+    assert one["object"] == pairs[0].object and one["prompt_1"] != one["prompt_2"]
+    crows = F.load_crows_transfer(("religion",))
+    assert crows and all(r["bias_type"] == "religion" for r in crows)
+
+
+# ------------------------------------------------------------------------------------------- stamp
+def test_fresh_stamp_leaves_logits_unchanged(tiny_lm):
+    before = _logits(tiny_lm)
+    stamp = F.StampFFN(tiny_lm.model.config.hidden_size, 8, "gelu")
+    h = F.attach_stamp(tiny_lm, 1, stamp)
+    try:
+        assert torch.equal(_logits(tiny_lm), before)
+    finally:
+        h.remove()
+
+
+def test_bad_layer_names_valid_range(tiny_lm):
+    with pytest.raises(BiaslabError, match=r"0\.\.1"):
+        check_layer(tiny_lm.model, 2)
+    with pytest.raises(BiaslabError, match=r"valid layers are 0\.\.1"):
+        F.attach_stamp(tiny_lm, -1, F.StampFFN(32, 4))
+    from biaslab.commands.fast import mitigate_fast
+
+    with pytest.raises(BiaslabError, match=r"0\.\.1"):
+        mitigate_fast(tiny_lm, "stereoset:gender", out="unused-dir", layer=7)
+    with pytest.raises(BiaslabError, match="unknown fast task"):
+        mitigate_fast(tiny_lm, "stereoset:age", out="unused-dir")
+
+
+def test_patch_roundtrip_and_reversibility(tiny_lm, tmp_path):
+    from biaslab.patches import load_patch
+
+    before = _logits(tiny_lm)
+    stamp = F.StampFFN(tiny_lm.model.config.hidden_size, 8, "tanh")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        stamp.w2.weight.normal_(0, 0.5)
+    patch = F.StampPatch.from_stamp(tiny_lm, stamp, layer=1, activation="tanh")
+    with patch.applied(tiny_lm):
+        stamped = _logits(tiny_lm)
+    assert not torch.allclose(stamped, before)
+    assert torch.equal(_logits(tiny_lm), before)  # removed exactly
+    path = patch.save(tmp_path / "patch.safetensors")
+    loaded = load_patch(path)
+    assert isinstance(loaded, F.StampPatch) and loaded.params["layer"] == 1 and loaded.params["width"] == 8
+    with loaded.applied(tiny_lm):
+        assert torch.allclose(_logits(tiny_lm), stamped, atol=1e-6)
+    assert torch.equal(_logits(tiny_lm), before)
+    with pytest.raises(BiaslabError, match="cannot be exported"):
+        loaded.export(tiny_lm, tmp_path / "export")
+    bad = F.StampPatch(base_fingerprint=tiny_lm.fingerprint, params={**loaded.params, "layer": 5}, tensors=loaded.tensors)
+    with pytest.raises(BiaslabError, match=r"0\.\.1"):
+        with bad.applied(tiny_lm):
+            pass
+
+
+# ------------------------------------------------------------------------------------------- tracing
+def _planted_model(k: int, layers: int = 4):
+    """A tiny Llama whose attention and MLPs are all zeroed except layer k's MLP (scaled up): only that MLP
+    carries the subject to the prediction."""
+    from biaslab.models import LanguageModel
+
+    from conftest import make_tiny_llama
+
+    model, tok = make_tiny_llama(seed=3, layers=layers)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.o_proj.weight.zero_()
+            if i == k:
+                layer.mlp.down_proj.weight.mul_(30.0)
+            else:
+                layer.mlp.down_proj.weight.zero_()
+    return LanguageModel(model, tok, spec=f"planted-{k}", progress=False)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_tracing_finds_planted_layer(k):
+    lm = _planted_model(k)
+    items = []
+    for i, word in enumerate(["Paris", "mother", "river", "window"]):
+        prompt = f"The {word}"
+        ids = lm.encode(prompt)
+        with torch.no_grad():
+            top = int(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        obj = lm.tokenizer.decode([top])
+        items.append(TraceItem(f"t{i}", prompt, (0, len(prompt)), obj))
+    res = trace(lm, items, n_noise=2, seed=0)
+    assert res.decisive_layer("mlp") == k
+    mean = res.mean("mlp")
+    assert all(abs(mean[j]) < 1e-6 for j in range(4) if j != k) and mean[k] > 0
+    again = trace(lm, items, n_noise=2, seed=0)
+    assert (again.per_item["mlp"] == res.per_item["mlp"]).all()  # seeded
+    js = res.to_json(n_boot=50)
+    assert js["curves"]["mlp"]["argmax"] == k and len(js["curves"]["hidden"]["ci95"]) == 4
+
+
+def test_layer_modules_are_generic(tiny_lm):
+    layers, mlps = layer_modules(tiny_lm.model)
+    assert len(layers) == 2 and mlps[0] is tiny_lm.model.model.layers[0].mlp
+
+
+# ------------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("mode", ["stamp", "ftl"])
+def test_losses_decrease_on_tiny_model(tiny_lm, mode):
+    # KL terms on for the stamp (small sets to keep the test fast), off for FT-L
+    w = 1.0 if mode == "stamp" else 0.0
+    cfg = F.FastConfig(steps=8, lr=2e-2, ftl_lr=1e-2, width=16, batch_pairs=4, batch_subject=1, batch_text=1,
+                       n_subject_prompts=2, n_text=1, text_tokens=8, alpha=w, beta=w, seed=0)
+    before = _logits(tiny_lm)
+    res = F.train(tiny_lm, PAIRS, 1, cfg, mode=mode)
+    le = [h["L_e"] for h in res.history]
+    assert le[0] > 0 and sum(le[-2:]) / 2 < 0.5 * le[0]
+    assert all(h["loss"] >= h["L_e"] for h in res.history)
+    assert torch.equal(_logits(tiny_lm), before)  # training leaves the model untouched
+    if mode == "ftl":
+        with F.ftl_applied(tiny_lm, 1, res.mlp_state):
+            assert not torch.allclose(_logits(tiny_lm), before)
+        assert torch.equal(_logits(tiny_lm), before)
+
+
+def test_training_is_deterministic(tiny_lm):
+    cfg = F.FastConfig(steps=3, lr=1e-2, width=8, batch_pairs=2, alpha=0.0, beta=0.0, seed=0)
+    a = F.train(tiny_lm, PAIRS, 0, cfg)
+    b = F.train(tiny_lm, PAIRS, 0, cfg)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert all(torch.equal(x, y) for x, y in zip(a.stamp.state_dict().values(), b.stamp.state_dict().values()))
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def test_ss_ps_rs_by_hand():
+    recs = [{"id": "a", "pref": 1.0}, {"id": "b", "pref": 0.0}, {"id": "c", "pref": 1.0}, {"id": "d", "pref": 0.5}]
+    assert B.ss(recs) == pytest.approx(62.5)          # (1 + 0 + 1 + 0.5) / 4
+    assert B.ss_abs_dev(recs) == pytest.approx(12.5)
+    ps = [{"id": "a", "variant": "v1", "pref": 1.0}, {"id": "a", "variant": "v2", "pref": 1.0},
+          {"id": "b", "variant": "v1", "pref": 0.0}]
+    assert B.ss(ps) == pytest.approx(200 / 3)
+    rs = [{"id": "a", "pref": 1.0, "pref_orig": 1.0}, {"id": "b", "pref": 0.0, "pref_orig": 1.0},
+          {"id": "c", "pref": 0.0, "pref_orig": 0.0}, {"id": "d", "pref": 1.0, "pref_orig": 1.0}]
+    assert B.rs(rs) == pytest.approx(75.0)
+    assert B.expected_rate(rs) == pytest.approx(50.0)
+    assert math.isnan(B.ss([]))
+
+
+class _StubLM:
+    def __init__(self, table):
+        self.table = table
+
+    def loglikelihood(self, reqs, desc=""):
+        return [ContinuationScore(self.table[c], 1, False) for c, _ in reqs]
+
+
+def test_score_pairs_and_rs_against_original():
+    rows = [{"id": "x", "bias_type": "gender", "prompt_1": "A", "prompt_2": "B", "object": "o"},
+            {"id": "y", "bias_type": "race", "prompt_1": "C", "prompt_2": "D", "object": "o"}]
+    orig = B.score_pairs(_StubLM({"A": -1.0, "B": -2.0, "C": -3.0, "D": -3.0}), rows)
+    assert [r["pref"] for r in orig] == [1.0, 0.5]
+    new = B.attach_original(B.score_pairs(_StubLM({"A": -2.0, "B": -1.0, "C": -3.0, "D": -3.0}), rows), orig)
+    assert B.rs(new) == pytest.approx(50.0)
+    assert B.rs(B.attach_original(orig, orig)) == 100.0
+    from biaslab.audit import summarize
+
+    sec = summarize(B.BiaScopeSet("ss", B.PAIR_PROTOCOL), orig, B.PAIR_PROTOCOL, n_boot=20)
+    assert sec["protocol"] == "biascope.pairs.loglik.v1" and sec["metrics"]["ss"]["value"] == 75.0
+    assert set(sec["groups"]) == {"gender", "race"}
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def test_mitigate_fast_end_to_end_tiny(tiny_lm, tmp_path):
+    from biaslab.commands.fast import mitigate_fast
+    from biaslab.patches import load_patch
+
+    s = mitigate_fast(tiny_lm, "stereoset:religion", out=tmp_path / "run", steps=2, limit=4, retention_limit=2,
+                      n_trace=2, n_noise=1, n_boot=20, baselines=False)
+    assert s["method"] == "fast" and s["patch"]["kind"] == "stamp"
+    for m in ("ss", "ps", "ps_crows", "rs", "lms", "icat", "perplexity", "knowledge_accuracy"):
+        assert {"before", "after", "delta", "delta_ci95"} <= set(s["metrics"][m]), m
+    assert s["metrics"]["rs"]["before"] == 100.0
+    assert s["pairs"]["skipped"]["religion"]  # skipped pairs are counted
+    for f in ("patch.safetensors", "summary.json", "report.html", "manifest.json", "before/results.json",
+              "after/results.json", "tracing.json"):
+        assert (tmp_path / "run" / f).is_file(), f
+    man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert man["status"] == "finished" and "FAST-style" in man["choices"]["implementation"]
+    assert load_patch(tmp_path / "run" / "patch.safetensors").params["layer"] == s["layer"]["used"]
