@@ -210,7 +210,7 @@ def test_pipeline_end_to_end(tiny_lm, tmp_path):
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["status"] == "finished" and "cpu_s" in man
     # rerun: prompts from the cache, predictions from the journal → identical results
-    res2 = run_probe(tiny_lm, tmp_path / "run", **kw)
+    res2 = run_probe(tiny_lm, tmp_path / "run", report=False, **kw)
     assert all(not s["trained_now"] for s in res2["sweep"])
     assert res2["fairness"] == res["fairness"] and res2["accuracy"] == res["accuracy"]
 

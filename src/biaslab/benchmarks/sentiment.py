@@ -40,8 +40,8 @@ class SentimentFairness(Benchmark):
     group_field = "cat_group"
     strata = ("category", "group", "label")
     data_files = ("czarnowska_templates/sentiment_fairness_tests.tsv", "sst/sst5_train.tsv", "sst/sst5_dev.tsv")
-    options = {"runs": 5, "virtual_tokens": 8, "train_limit": 512, "val_limit": 200, "template_limit": 1000,
-               "seeds": (0, 1, 2), "lrs": (3e-3, 1e-2), "epochs": 1, "batch_size": 16, "max_length": 64,
+    options = {"runs": 5, "virtual_tokens": 8, "train_limit": 384, "val_limit": 150, "template_limit": 795,
+               "seeds": (0, 1, 2), "lrs": (5e-3, 1e-2), "epochs": 1, "batch_size": 16, "max_length": 64,
                "prompt_cache": None}
     chunk_size = 500
 

@@ -29,8 +29,8 @@ from .softprompt import (HAND_PROMPTS, PROTOCOL_VERSION, HandPrompt, SoftPromptC
 
 PROTOCOL_ID = "sentiment.softprompt.v1"
 HAND_PROTOCOL_ID = "sentiment.handwritten.v1"
-DEFAULTS = {"runs": 5, "virtual_tokens": 8, "train_limit": 512, "val_limit": 200, "test_limit": 400,
-            "template_limit": 1000, "seeds": (0, 1, 2), "lrs": (3e-3, 1e-2), "epochs": 1, "batch_size": 16,
+DEFAULTS = {"runs": 5, "virtual_tokens": 8, "train_limit": 384, "val_limit": 150, "test_limit": 250,
+            "template_limit": 795, "seeds": (0, 1, 2), "lrs": (5e-3, 1e-2), "epochs": 1, "batch_size": 16,
             "max_length": 64}
 
 

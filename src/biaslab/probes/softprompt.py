@@ -84,13 +84,13 @@ def hand_prompt(name: str) -> HandPrompt:
 class SoftPromptConfig:
     """Everything that determines a trained soft prompt (with the base fingerprint and the data file hashes)."""
     virtual_tokens: int = 8
-    lr: float = 3e-3
+    lr: float = 1e-2
     seed: int = 0
     epochs: int = 1
     batch_size: int = 16
     max_length: int = 64          # sentence tokens kept (the format's own tokens come on top)
-    train_limit: int | None = 512
-    val_limit: int | None = 200
+    train_limit: int | None = 384
+    val_limit: int | None = 150
     data_seed: int = 0            # which train / dev sentences (shared by every run of a sweep)
     init: str = "SAMPLE_VOCAB"
     template: str = SOFT_TEMPLATE
@@ -434,7 +434,7 @@ class Sweep:
     files: dict[str, str]      # id -> cache file
 
 
-def sweep(lm, base: SoftPromptConfig, *, seeds=(0, 1, 2), lrs=(3e-3, 1e-2), keep: int = 5,
+def sweep(lm, base: SoftPromptConfig, *, seeds=(0, 1, 2), lrs=(5e-3, 1e-2), keep: int = 5,
           cache_dir: Path | str | None = None, progress: bool | None = None) -> Sweep:
     """Train (or load from the cache) one prompt per (lr, seed); keep the ``keep`` best by validation accuracy."""
     if keep < 1:
