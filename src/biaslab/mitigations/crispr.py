@@ -528,9 +528,6 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
             "retention": list(retention_benchmarks) if retention else [], "retention_limit": retention_limit,
             "n_boot": n_boot}
     top = RunDir(out, args, force=force, extra_manifest={"model": lm.describe()})
-    if force:
-        for p in (out / "attribution.safetensors", out / "search.json"):
-            p.unlink(missing_ok=True)
     say = (console.print if console is not None else (lambda *a, **k: None))
 
     # 1. attribution on dev samples (cached)
@@ -735,3 +732,13 @@ def write_report(summary: dict, path) -> None:
     write_page(path, f"biaslab CRISPR — {summary['task']}", sec,
                subtitle=f"model {summary['model']['spec']} ({summary['model']['fingerprint'][:19]}…), "
                         f"convention {summary['attribution']['convention']}")
+
+
+def load_patch_units(path) -> dict[str, torch.Tensor]:
+    """The pruned units of a saved neuron-mask patch, {site: unit indices}."""
+    from ..patches import load_patch
+
+    p = load_patch(path)
+    if not isinstance(p, NeuronMaskPatch):
+        raise BiaslabError(f"{path} is a {p.kind} patch, not a neuron-mask patch")
+    return p.units
