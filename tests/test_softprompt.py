@@ -241,3 +241,20 @@ def test_cli_errors(tmp_path):
     assert r.exit_code != 0 and "--lrs expects comma-separated numbers" in str(r.exception or r.output)
     r = CliRunner().invoke(app, ["probe", "softprompt", "--help"])
     assert r.exit_code == 0 and "--virtual-tokens" in r.output and "--template-limit" in r.output
+
+
+@pytest.mark.integration
+def test_real_model_scorer(real_lm):
+    """On the default model: the cached-prefix scorer equals prepending the prompt, and the bare format gets two
+    plainly polar sentences right."""
+    cfg = SoftPromptConfig(virtual_tokens=8)
+    enc, _ = make_prompt_encoder(real_lm, cfg)
+    sents = ["I loved this wonderful, moving film.", "a terrible, boring mess from start to finish."]
+    e = encode(real_lm, cfg, sents)
+    m = real_lm.model
+    with torch.no_grad():
+        got = label_logits(real_lm, enc.embedding.weight, e.rows, e.label_ids)
+        ref = torch.stack([m(inputs_embeds=torch.cat([enc.embedding.weight, m.get_input_embeddings()(torch.tensor(r))])[None])
+                           .logits[0, -1, e.label_ids] for r in e.rows])
+    assert torch.allclose(got, ref, atol=1e-3)
+    assert [p["pred"] for p in predict(real_lm, hand_prompt("bare"), sents, progress=False)] == [2, 0]
