@@ -222,19 +222,24 @@ def warm_up(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ matmul peak
-def matmul_peak(torch, sizes: list[int], repeats: int) -> dict:
-    """Best GFLOP/s of an fp32 N×N @ N×N matmul (2·N³ FLOPs) over sizes and repeats (after one warm-up each)."""
+def matmul_peak(torch, sizes: list[int], repeats: int, min_gflop: float = 4.0) -> dict:
+    """Best GFLOP/s of an fp32 N×N @ N×N matmul (2·N³ FLOPs) over sizes and repeats, after one warm-up each.
+
+    Each timed repeat runs enough back-to-back matmuls for ``min_gflop`` GFLOP, so a single short product that
+    happens to run between other processes' time slices cannot pose as the peak."""
     per = {}
     for n in sizes:
         g = torch.Generator().manual_seed(n)
         a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
         out = torch.empty(n, n)
         torch.matmul(a, b, out=out)  # warm-up
+        k = max(1, math.ceil(min_gflop * 1e9 / (2 * n ** 3)))
         best = math.inf
         for _ in range(repeats):
             t0 = time.perf_counter()
-            torch.matmul(a, b, out=out)
-            best = min(best, time.perf_counter() - t0)
+            for _ in range(k):
+                torch.matmul(a, b, out=out)
+            best = min(best, (time.perf_counter() - t0) / k)
         per[str(n)] = round(2 * n ** 3 / best / 1e9, 2)
         del a, b, out
     return {"gflops": max(per.values()), "per_size_gflops": per}
