@@ -149,7 +149,7 @@ def _planted_model(k: int, layers: int = 4):
 def test_tracing_finds_planted_layer(k):
     lm = _planted_model(k)
     items = []
-    for i, word in enumerate(["Paris", "mother", "river", "window"]):
+    for i, word in enumerate(["Paris", "mother", "window"]):
         prompt = f"The {word}"
         ids = lm.encode(prompt)
         with torch.no_grad():
@@ -160,8 +160,8 @@ def test_tracing_finds_planted_layer(k):
     assert res.decisive_layer("mlp") == k
     mean = res.mean("mlp")
     assert all(abs(mean[j]) < 1e-6 for j in range(4) if j != k) and mean[k] > 0
-    again = trace(lm, items, n_noise=2, seed=0)
-    assert (again.per_item["mlp"] == res.per_item["mlp"]).all()  # seeded
+    again = trace(lm, items[:1], n_noise=2, seed=0)
+    assert (again.per_item["mlp"][0] == res.per_item["mlp"][0]).all()  # seeded
     js = res.to_json(n_boot=50)
     assert js["curves"]["mlp"]["argmax"] == k and len(js["curves"]["hidden"]["ci95"]) == 4
 
@@ -182,7 +182,7 @@ def test_losses_decrease_on_tiny_model(tiny_lm, mode):
     res = F.train(tiny_lm, PAIRS, 1, cfg, mode=mode)
     le = [h["L_e"] for h in res.history]
     assert le[0] > 0 and sum(le[-2:]) / 2 < 0.5 * le[0]
-    assert all(h["loss"] >= h["L_e"] for h in res.history)
+    assert all(h["loss"] >= h["L_e"] - 1e-6 and h["L_s1"] > -1e-6 and h["L_s2"] > -1e-6 for h in res.history)
     assert torch.equal(_logits(tiny_lm), before)  # training leaves the model untouched
     if mode == "ftl":
         with F.ftl_applied(tiny_lm, 1, res.mlp_state):

@@ -120,7 +120,7 @@ def compare(before: dict, after: dict, *, n_boot: int, seed: int) -> dict:
 
 # ------------------------------------------------------------------------------------------- the pipeline
 def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender", *, out, layer: int | None = None,
-                  stamp_width: int = 64, activation: str = "relu", steps: int = 60, lr: float = 2e-3,
+                  stamp_width: int = 64, activation: str = "relu", steps: int = 24, lr: float = 3e-3,
                   alpha: float = 1.0, beta: float = 1.0, limit: int | None = None, retention_limit: int | None = 60,
                   n_trace: int = 24, n_noise: int = 3, baselines: bool = True, seed: int = 0, n_boot: int = 1000,
                   force: bool = False) -> dict:
@@ -203,6 +203,9 @@ def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender",
         provenance={"method": F.METHOD_VERSION, "decisive_layer": decisive, "layer_given": layer,
                     "train_pairs": len(split["train"]), "choices": F.choices(cfg)})
     patch.save(out / "patch.safetensors")
+    dev_before = F.dev_stats(lm, split["dev"])
+    with patch.applied(lm):
+        dev_after = F.dev_stats(lm, split["dev"])
     t = Timer()
     with patch.applied(lm):
         after = evaluate(lm, sets, retention_limit=retention_limit, seed=seed, original=before)
@@ -214,6 +217,7 @@ def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender",
                "layer": {"used": use_layer, "decisive": decisive, "given": layer, "n_layers": tr.layers},
                "metrics": compare(before, after, n_boot=n_boot, seed=seed),
                "dev_ss": {"before": F.pair_preference_ss(lm, split["dev"]), "after": res.dev_ss},
+               "dev": {"before": dev_before, "after": dev_after},
                "training": {"history": res.history[-1:], "first": res.history[:1]},
                "pairs": {"aligned": len(pairs), "skipped": skipped, "crows_skipped": crows_skipped,
                          "split": {k: len(v) for k, v in split.items()},
@@ -313,8 +317,8 @@ def fast_command(
     layer: Optional[int] = typer.Option(None, "--layer", help="stamp layer (default: decisive layer from causal tracing)"),
     stamp_width: int = typer.Option(64, "--stamp-width", help="hidden width of the stamp FFN"),
     activation: str = typer.Option("relu", "--activation", help="stamp activation: relu|gelu|silu|tanh"),
-    steps: int = typer.Option(60, "--steps", help="training steps"),
-    lr: float = typer.Option(2e-3, "--lr"),
+    steps: int = typer.Option(24, "--steps", help="training steps"),
+    lr: float = typer.Option(3e-3, "--lr"),
     alpha: float = typer.Option(1.0, "--alpha", help="weight of the same-subject KL term L_s1"),
     beta: float = typer.Option(1.0, "--beta", help="weight of the unrelated-text KL term L_s2"),
     limit: Optional[int] = typer.Option(None, "--limit", help="items per evaluation set (seeded, stratified)"),

@@ -518,12 +518,12 @@ class FastConfig:
     activation: str = "relu"
     alpha: float = 1.0                # weight of L_s1 (same-subject KL)
     beta: float = 1.0                 # weight of L_s2 (unrelated-text KL)
-    steps: int = 60
-    lr: float = 2e-3
+    steps: int = 24
+    lr: float = 3e-3
     batch_pairs: int = 8
-    batch_subject: int = 4
-    batch_text: int = 2
-    text_tokens: int = 48
+    batch_subject: int = 2
+    batch_text: int = 1
+    text_tokens: int = 32
     n_subject_prompts: int = 48
     n_text: int = 32
     ftl_lr: float = 1e-4
@@ -639,6 +639,18 @@ def pair_preference_ss(lm, pairs: list[KnowledgePair]) -> float:
     wins = sum(1.0 if sc[i].logprob > sc[n + i].logprob else 0.5 if sc[i].logprob == sc[n + i].logprob else 0.0
                for i in range(n))
     return 100.0 * wins / n
+
+
+def dev_stats(lm, pairs: list[KnowledgePair]) -> dict:
+    """Dev-split diagnostics used for model selection: SS and the mean |log P(o|s1,r) − log P(o|s2,r)|."""
+    if not pairs:
+        return {"ss": None, "mean_abs_gap": None, "n": 0}
+    sc = lm.loglikelihood([(p.prompt_1, " " + p.object) for p in pairs] + [(p.prompt_2, " " + p.object) for p in pairs],
+                          desc="dev")
+    n = len(pairs)
+    gaps = [sc[i].logprob - sc[n + i].logprob for i in range(n)]
+    ss = 100.0 * sum(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gaps) / n
+    return {"ss": ss, "mean_abs_gap": sum(abs(g) for g in gaps) / n, "n": n}
 
 
 @dataclass
