@@ -73,6 +73,7 @@ def main() -> None:
     while not (run / "summary.json").is_file():
         time.sleep(20)
     summary = json.loads((run / "summary.json").read_text())
+    man = json.loads((run / "manifest.json").read_text())["args"]  # re-read: the main run may have been resized
     cfg = replace(base, neurons=summary["search"]["chosen_n"])
     test_items = C.sample_items(test, man["test_limit"], man["test_seed"])
     assert C.ids_hash(test_items) == summary["evaluation"]["test_ids_hash"], "test items differ from the main run"

@@ -8,14 +8,15 @@ export PYTHONUNBUFFERED=1
 B=.venv/bin/biaslab
 # 1. SST-2 (label bias "always positive"): n by golden-section search on 20 dev items × 3 instructions
 nice -n 10 $B mitigate crispr --model smollm2-135m-instruct --task sst2 --instructions 3 --search \
-    --search-dev-limit 20 --test-limit 80 --control-seeds 3 --retention-limit 20 --out runs/crispr-sst2 &
-# 2. BBQ Age, same protocol
-nice -n 10 $B mitigate crispr --model smollm2-135m-instruct --task bbq:Age --instructions 3 --search \
-    --search-dev-limit 20 --test-limit 80 --control-seeds 3 --retention-limit 20 --out runs/crispr-bbq-age &
+    --search-dev-limit 20 --test-limit 40 --control-seeds 3 --retention-limit 12 --out runs/crispr-sst2 &
+# 2. BBQ Age, cheaper (BBQ prompts are ~1.5x longer): 2 instructions, n in [0, 40], 15 dev items per step,
+#    48 test items, retention measured in run 1 only
+nice -n 10 $B mitigate crispr --model smollm2-135m-instruct --task bbq:Age --instructions 2 --search --search-max 40 \
+    --search-dev-limit 15 --test-limit 48 --control-seeds 3 --no-retention --out runs/crispr-bbq-age &
 # 3. ablations on SST-2 (attribution starts at once; evaluation waits for run 1's chosen n)
 nice -n 10 .venv/bin/python experiments/crispr/ablations.py --run runs/crispr-sst2 &
 wait
 # 4. other-task retention: each task's patch on the other task's test items
 nice -n 10 .venv/bin/python experiments/crispr/cross_task.py
-nice -n 10 .venv/bin/python bench/crispr_attribution.py --items 1 --ig-layers 3 --out bench/results/crispr_attribution.json
+nice -n 10 .venv/bin/python bench/crispr_attribution.py --items 1 --rss-items 8 --ig-layers 2 --out bench/results/crispr_attribution.json
 .venv/bin/python experiments/crispr/collect.py

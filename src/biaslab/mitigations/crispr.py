@@ -443,8 +443,10 @@ def metric_values(records: Sequence[dict], metrics: Sequence[TaskMetric]) -> dic
 
 # ---------------------------------------------------------------- the full loop (biaslab mitigate crispr)
 DEFAULT_RETENTION = ("crows", "stereoset", "retention")
-DEMO = {"task": "sst2", "instructions": 3, "test_limit": 100, "neurons": 20, "dev_size": 20, "trials": 1,
-        "control_seeds": 3, "retention_limit": 24}
+# `make demo`: the full loop sized for ≤ 10 min on 2 CPU cores — a short golden-section search (n ∈ [0, 16] on
+# 10 dev items) instead of [0, 500] on the whole dev split; 60 test items × 3 instructions; 3 control seeds.
+DEMO = {"task": "sst2", "instructions": 3, "test_limit": 60, "search": True, "search_max": 16, "search_dev_limit": 10,
+        "dev_size": 20, "trials": 1, "control_seeds": 3, "retention_limit": 20}
 
 
 def score_resumable(lm, items: Sequence[MCItem], instructions: Sequence[int], *, protocol: str, run=None,
@@ -565,6 +567,13 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
     patch.save(out / "patch.safetensors")
     timings["choose_n"] = round(time.perf_counter() - t, 2)
     say(f"CRISPR: {patch.n_neurons} neurons chosen ({'search' if cfg.search else 'fixed'})")
+    notes = []
+    if patch.n_neurons == 0:
+        notes.append("n = 0: no number of pruned neurons beat the unpruned model on dev accuracy, so the patch is "
+                     "empty and 'after' equals 'before'")
+        say("[yellow]note:[/] " + notes[-1])
+    if cfg.search and fitres.n == cfg.search_max:
+        notes.append(f"the chosen n is the upper end of the search interval ({cfg.search_max}); a wider interval may do better")
 
     # 3. evaluations on held-out test items
     test_items = sample_items(test, test_limit, test_seed)
@@ -664,7 +673,7 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
         "search": {"dev_accuracy": {str(k): v for k, v in sorted(fitres.search.items())}, "chosen_n": fitres.n}
         if fitres.search else {"chosen_n": fitres.n, "fixed": True},
         "attribution": {"trials": trials_info, "convention": cfg.convention},
-        "timings_s": timings,
+        "timings_s": timings, "notes": notes,
     }
     summary = clean_nan(json.loads(json.dumps(summary, default=str)))
     atomic_write_json(out / "summary.json", summary)
@@ -683,6 +692,8 @@ def write_report(summary: dict, path) -> None:
     from ..report import esc, figure, fmt, fmt_ci, table, write_page
 
     sec = []
+    if summary.get("notes"):
+        sec.append(("Notes", "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in summary["notes"]) + "</ul>"))
     ctrl = summary["control"].get("metrics", {})
     rows = []
     for name, m in summary["metrics"].items():
