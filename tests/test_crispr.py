@@ -225,7 +225,7 @@ def test_search_uses_dev_only(tiny_lm):
         mod.score_mc = orig
     dev_ids = {i.id for i in res.dev}
     assert seen and set(seen) <= dev_ids
-    assert res.n in res.search and res.search[res.n] == max(res.search.values())
+    assert 0 in res.search and res.n in res.search and res.search[res.n] == max(res.search.values())
 
 
 def test_full_loop_on_tiny_model(tiny_lm, tmp_path):

@@ -20,7 +20,8 @@ Ablations (the paper's Table): ``reduce="mean"`` (mean instead of max over token
 (α ≡ 1), ``skill_disentanglement=False`` (B = A(ŷ)).
 
 Choosing n: a fixed ``neurons`` or golden-section search on dev accuracy over n ∈ [0, 500] (released code:
-interval shrunk to width ≤ 4, then every remaining n tried; ties go to the smaller n).
+interval shrunk to width ≤ 4, then every remaining n tried; ties go to the smaller n). Deviation: n = 0 (the
+unpruned model) is always evaluated too and wins unless some n beats it on dev.
 
 Deviations (named in the patch params): scored by the option letters' next-token probabilities rather than
 greedy generation + exact match (see :mod:`biaslab.tasks`); sites default to FFN intermediate neurons
@@ -341,6 +342,9 @@ def fit_details(lm, items: Sequence[MCItem], cfg: CrisprConfig | None = None, *,
             return cache[n]
 
         n, search = golden_section_search(dev_acc, 0, cfg.search_max, cfg.search_tol)
+        if 0 not in search:  # the unpruned model is always a candidate: prune only if it helps on dev
+            search[0] = dev_acc(0)
+            n = max(search, key=lambda k: (search[k] if not math.isnan(search[k]) else -math.inf, -k))
         search_ids = ids_hash(search_items)
     else:
         n, search_ids = cfg.neurons, None
