@@ -84,7 +84,7 @@ def rewrite_cmd(
     texts = list(text or [])
     if input is not None:
         if not input.is_file():
-            raise BiaslabError(f"input file not found: {input}")
+            raise BiaslabError(f"input file not found or not a regular file: {input}")
         try:
             texts += [ln for ln in input.read_text(encoding="utf-8").splitlines() if ln.strip()]
         except UnicodeDecodeError:

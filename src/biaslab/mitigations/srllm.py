@@ -106,8 +106,9 @@ def encode_example(lm, biased: str, neutral: str) -> tuple[list[int], list[int]]
     return prompt + completion, [-100] * len(prompt) + completion
 
 
-def encode_pairs(lm, pairs, max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """Encoded examples no longer than ``max_length`` tokens, and the number skipped as too long."""
+def encode_pairs(lm, pairs, max_length: int, *, kept_sources: dict | None = None):
+    """Encoded examples no longer than ``max_length`` tokens, and the number skipped as too long
+    (``kept_sources``, when given, is filled with the count of kept examples per source)."""
     out, skipped = [], 0
     for p in pairs:
         ids, labels = encode_example(lm, p.biased, p.neutral)
@@ -115,6 +116,8 @@ def encode_pairs(lm, pairs, max_length: int) -> tuple[list[tuple[list[int], list
             skipped += 1
             continue
         out.append((ids, labels))
+        if kept_sources is not None:
+            kept_sources[p.source] = kept_sources.get(p.source, 0) + 1
     return out, skipped
 
 
@@ -224,12 +227,13 @@ class TrainResult:
 
 
 def train_lora(lm, train_pairs, val_pairs, cfg: SRLLMConfig | None = None, *, progress: bool | None = None,
-               provenance: dict | None = None, max_steps: int | None = None) -> TrainResult:
+               provenance: dict | None = None, max_steps: int | None = None, log=None) -> TrainResult:
     """Fit a LoRA rewriter on ``train_pairs`` with early stopping on ``val_pairs`` (lists of RewritePair).
 
     ``lm.model`` is left exactly as it was (adapter removed, requires_grad flags and train/eval mode restored)."""
     cfg = cfg or SRLLMConfig()
-    train, skipped = encode_pairs(lm, train_pairs, cfg.max_length)
+    used_sources: dict = {}
+    train, skipped = encode_pairs(lm, train_pairs, cfg.max_length, kept_sources=used_sources)
     val, val_skipped = encode_pairs(lm, val_pairs, cfg.max_length)
     if not train:
         raise BiaslabError(f"no training example fits in max_length={cfg.max_length} tokens "
@@ -244,7 +248,7 @@ def train_lora(lm, train_pairs, val_pairs, cfg: SRLLMConfig | None = None, *, pr
         total_steps = min(total_steps, max_steps)
     warm = max(1, round(cfg.warmup * total_steps)) if cfg.warmup > 0 else 0
     history = {"train_loss": [], "val_loss": [], "n_train": len(train), "n_train_skipped_too_long": skipped,
-               "n_val": len(val), "n_val_skipped_too_long": val_skipped, "total_steps_planned": total_steps,
+               "n_val": len(val), "n_val_skipped_too_long": val_skipped, "n_train_by_source": used_sources, "total_steps_planned": total_steps,
                "train_tokens": 0}
     t0 = time.perf_counter()
     layers = inject_lora(model, cfg)
@@ -268,6 +272,10 @@ def train_lora(lm, train_pairs, val_pairs, cfg: SRLLMConfig | None = None, *, pr
                 best, bad_checks = (vl, lora_weights(layers), step), 0
             else:
                 bad_checks += 1
+            if log:
+                recent = history["train_loss"][-cfg.eval_every:]
+                log(f"step {step}/{total_steps}: train loss {sum(recent) / len(recent):.4f}, validation loss "
+                    f"{vl:.4f} (best {best[0]:.4f} at step {best[2]}), {time.perf_counter() - t0:.0f} s")
             return bad_checks >= cfg.patience
 
         with progress_bar(total_steps, "SR_LLM LoRA training", unit="steps", enabled=progress) as advance:
@@ -574,7 +582,7 @@ def mitigate(model="smollm2-135m-instruct", out=None, *, cfg: SRLLMConfig | None
         log(f"reusing the adapter trained by this run: {patch_file}")
     else:
         log(f"training LoRA on {len(train_pairs)} pairs (validation {len(val_pairs)}), config {cfg.to_dict()}")
-        res = train_lora(lm, train_pairs, val_pairs, cfg, progress=progress,
+        res = train_lora(lm, train_pairs, val_pairs, cfg, progress=progress, log=log,
                          provenance={"split_seed": split_seed, "train_limit": train_limit,
                                      "train_sources": dict(_count(p.source for p in train_pairs))})
         patch, history = res.patch, res.history
@@ -620,7 +628,8 @@ def mitigate(model="smollm2-135m-instruct", out=None, *, cfg: SRLLMConfig | None
         "by_source": {"untuned": metrics_by(untuned), "tuned": metrics_by(tuned), "copy_input": metrics_by(copy_ctl)},
         "data": {"n_train": history["n_train"], "n_train_skipped_too_long": history["n_train_skipped_too_long"],
                  "n_validation": history["n_val"], "n_test": len(test_pairs),
-                 "train_sources": dict(_count(p.source for p in train_pairs)),
+                 "sampled_train_sources": dict(_count(p.source for p in train_pairs)),
+                 "n_train_by_source": history.get("n_train_by_source"),
                  "test_sources": dict(_count(p.source for p in test_pairs)), "split_seed": split_seed},
         "training": {k: v for k, v in history.items() if k not in ("train_loss", "run_args")},
         "retention": {k: v for k, v in (ret or {}).items() if k != "metrics"} or None,
