@@ -81,10 +81,11 @@ def _pred_dist(recs: list[dict]) -> list[float]:
 
 def movement(soft: dict, point: dict, metrics=fm.HEADLINE) -> dict:
     """How a single prompt's point gaps sit against the soft-prompt interval, per metric: groups outside the
-    interval, sign flips of flagged soft-prompt gaps, mean |gap − soft mean gap|."""
+    interval; among flagged soft-prompt gaps, how many have the opposite sign (flips) or are exactly 0 (vanish)
+    under this prompt; mean |gap − soft gap|."""
     out = {}
     for m in metrics:
-        outside = flips = n = 0
+        outside = flips = vanish = n = 0
         absdiff = []
         for cat, ct in soft.items():
             for g, row in ct["groups"].items():
@@ -96,9 +97,11 @@ def movement(soft: dict, point: dict, metrics=fm.HEADLINE) -> dict:
                 absdiff.append(abs(p - s["mean"]))
                 if not math.isnan(s["lo"]) and not (s["lo"] <= p <= s["hi"]):
                     outside += 1
-                if s["flagged"] and p * s["mean"] <= 0:
+                if s["flagged"] and p * s["mean"] < 0:
                     flips += 1
-        out[m] = {"n_groups": n, "outside_soft_interval": outside, "flagged_sign_flips": flips,
+                if s["flagged"] and p == 0:
+                    vanish += 1
+        out[m] = {"n_groups": n, "outside_soft_interval": outside, "flagged_sign_flips": flips, "flagged_vanish": vanish,
                   "mean_abs_diff": sum(absdiff) / len(absdiff) if absdiff else math.nan}
     return out
 

@@ -78,9 +78,10 @@ def softprompt_report(res: dict, path) -> Path:
         prow = []
         for h, mv in comp["per_prompt"].items():
             for m, d in mv.items():
-                prow.append([h, m, d["outside_soft_interval"], d["n_groups"], d["flagged_sign_flips"], fmt(d["mean_abs_diff"])])
-        comp_html += table(["prompt", "metric", "groups outside soft 95% interval", "groups", "sign flips of soft flags",
-                            "mean |gap − soft gap|"], prow)
+                prow.append([h, m, d["outside_soft_interval"], d["n_groups"], d["flagged_sign_flips"], d.get("flagged_vanish", ""),
+                             fmt(d["mean_abs_diff"])])
+        comp_html += table(["prompt", "metric", "groups outside soft 95% interval", "groups", "soft flags with opposite sign",
+                            "soft flags with gap exactly 0", "mean |gap − soft gap|"], prow)
     sections.append(("Flagged groups (negative / positive FPR gap) and how they move under hand-written prompts", comp_html))
 
     for cat in sorted(res["fairness"]["soft"]):
