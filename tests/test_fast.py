@@ -160,8 +160,8 @@ def test_tracing_finds_planted_layer(k):
     assert res.decisive_layer("mlp") == k
     mean = res.mean("mlp")
     assert all(abs(mean[j]) < 1e-6 for j in range(4) if j != k) and mean[k] > 0
-    again = trace(lm, items[:1], n_noise=2, seed=0)
-    assert (again.per_item["mlp"][0] == res.per_item["mlp"][0]).all()  # seeded
+    again = trace(lm, items, n_noise=2, seed=0)
+    assert (again.per_item["mlp"] == res.per_item["mlp"]).all()  # seeded
     js = res.to_json(n_boot=50)
     assert js["curves"]["mlp"]["argmax"] == k and len(js["curves"]["hidden"]["ci95"]) == 4
 
