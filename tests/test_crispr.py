@@ -269,3 +269,12 @@ def test_real_model_attribution_shapes(real_lm):
     sc, st = C.bias_scores(real_lm, items[:2], [0], C.CrisprConfig(neurons=5, instructions=1))
     assert len(sc) == 30 and all(v.shape == (1536,) and torch.isfinite(v).all() for v in sc.values())
     assert st.n_instances == 2
+
+
+def test_retention_report_on_tiny_model(tiny_lm, tmp_path):
+    p = NeuronMaskPatch.from_units(tiny_lm, {find_sites(tiny_lm.model)[0].name: list(range(10))}, sites="ffn")
+    r = C.retention_report(tiny_lm, p, ["crows"], limit=6, out=tmp_path / "ret", n_boot=20)
+    m = r["crows"]["metrics"]["stereotype_score"]
+    assert set(m) >= {"before", "after", "delta", "delta_ci95", "before_ci_width", "within_ci_width"}
+    assert m["delta"] == pytest.approx(m["after"] - m["before"])
+    assert (tmp_path / "ret" / "after" / "results.json").is_file()

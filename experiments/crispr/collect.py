@@ -31,7 +31,18 @@ def main() -> None:
     for key, run in RUNS.items():
         sp = run / "summary.json"
         if not sp.is_file():
-            md += [f"## {key}: not run", ""]
+            srch = HERE / key / "search.json"
+            if srch.is_file():
+                sj = json.loads(srch.read_text())["dev_accuracy"]
+                pts = ", ".join(f"{k}: {f(v)}" for k, v in sorted(sj.items(), key=lambda kv: int(kv[0])))
+                md += [f"## {key}: the dev search chose n = 0 — no test evaluation (after = before)", "",
+                       f"Dev search (n: dev accuracy): {pts}", ""]
+                out["runs"][key] = {"search": {"dev_accuracy": sj, "chosen_n": 0}}
+            probe = HERE / key / "dev_probe.json"
+            if probe.is_file():
+                out["runs"].setdefault(key, {})["dev_probe"] = json.loads(probe.read_text())
+            if not srch.is_file():
+                md += [f"## {key}: not run", ""]
             continue
         s = json.loads(sp.read_text())
         dst = HERE / key
@@ -81,9 +92,21 @@ def main() -> None:
             md.append(f"| {name} | {f(m['after'])} [{f(m['delta'])} {ci(m['delta_ci95'])}] | {f(m['std_after'])} | "
                       f"{f(v.get('overlap_with_full_top_n'), 2)} |")
         md.append("")
-    cross = HERE / "cross_task.json"
-    if cross.is_file():
-        out["cross_task"] = json.loads(cross.read_text())
+    for p in sorted(HERE.glob("retention_*.json")):
+        r = json.loads(p.read_text())
+        out.setdefault("retention", {})[p.stem] = r
+        md += [f"## Retention of {r['patch']} ({r['n_neurons']} neurons), {r['limit']} items per benchmark", "",
+               "| benchmark | metric | before | after | Δ [95% CI] | width of before's 95% CI | |Δ| ≤ width |",
+               "|---|---|---|---|---|---|---|"]
+        for b, sec in r["benchmarks"].items():
+            for name, m in sec["metrics"].items():
+                md.append(f"| {b} (n={sec['n_items']}) | {name} | {f(m['before'])} | {f(m['after'])} | "
+                          f"{f(m['delta'])} {ci(m['delta_ci95'])} | {f(m.get('before_ci_width'))} | {m.get('within_ci_width')} |")
+        o = r["other_task"]
+        for name, m in o["metrics"].items():
+            md.append(f"| other task {o['task']} (n={o['n_items']}) | {name} | {f(m['before'])} | {f(m['after'])} | "
+                      f"{f(m['delta'])} {ci(m['delta_ci95'])} | | |")
+        md.append("")
     bench = Path("bench/results/crispr_attribution.json")
     if bench.is_file():
         out["bench"] = json.loads(bench.read_text())

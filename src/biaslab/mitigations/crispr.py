@@ -637,26 +637,9 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
     # 4. retention benchmarks before/after
     ret = {}
     if retention:
-        from ..audit import audit
-        from ..benchmarks import get_benchmark
-
         tt = time.perf_counter()
-        rb = audit(lm, list(retention_benchmarks), limit=retention_limit, out=out / "retention" / "before",
-                   force=force, n_boot=n_boot)
-        ra = audit(lm, list(retention_benchmarks), limit=retention_limit, patch=patch,
-                   out=out / "retention" / "after", force=force, n_boot=n_boot)
-        for bname in retention_benchmarks:
-            bench = get_benchmark(bname)
-            proto = bench.protocol(rb.results["benchmarks"][bname]["protocol"])
-            ret[bname] = {"protocol": proto.id, "n_items": rb.results["benchmarks"][bname]["n_items"], "metrics": {}}
-            for mdef in bench.metric_defs(proto):
-                if not mdef.headline:
-                    continue
-                r = stats.paired_bootstrap(rb.records[bname], ra.records[bname], mdef.fn, n_boot=n_boot, seed=0)
-                ci = rb.results["benchmarks"][bname]["metrics"][mdef.name].get("ci95")
-                ret[bname]["metrics"][mdef.name] = {
-                    **{k: r[k] for k in ("before", "after", "delta", "delta_ci95", "p")},
-                    "before_ci95": ci, "before_ci_width": (ci[1] - ci[0]) if ci else None, "scale": mdef.scale}
+        ret = retention_report(lm, patch, retention_benchmarks, limit=retention_limit, out=out / "retention",
+                               force=force, n_boot=n_boot)
         timings["retention"] = round(time.perf_counter() - tt, 2)
 
     layer_of = {s.name: s.layer for s in attr.resolve_sites(lm, cfg.sites)}
@@ -685,6 +668,39 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
     top.finish(timings_s=timings)
     return summary
 
+
+
+def retention_report(lm, patch, benchmarks: Sequence[str] = DEFAULT_RETENTION, *, limit: int | None = 50, out=None,
+                     force: bool = False, n_boot: int = 1000) -> dict:
+    """Headline metrics of other benchmarks before / after ``patch`` with paired-bootstrap CIs of the deltas and
+    the width of the unpatched model's own 95 % CI (the retention criterion: |Δ| within that width)."""
+    from pathlib import Path
+
+    from .. import stats
+    from ..audit import audit
+    from ..benchmarks import get_benchmark
+
+    out = Path(out) if out is not None else None
+    rb = audit(lm, list(benchmarks), limit=limit, out=out / "before" if out else None, force=force, n_boot=n_boot)
+    ra = audit(lm, list(benchmarks), limit=limit, patch=patch, out=out / "after" if out else None, force=force,
+               n_boot=n_boot)
+    ret = {}
+    for bname in benchmarks:
+        bench = get_benchmark(bname)
+        sec = rb.results["benchmarks"][bname]
+        proto = bench.protocol(sec["protocol"])
+        ret[bname] = {"protocol": proto.id, "n_items": sec["n_items"], "metrics": {}}
+        for mdef in bench.metric_defs(proto):
+            if not mdef.headline:
+                continue
+            r = stats.paired_bootstrap(rb.records[bname], ra.records[bname], mdef.fn, n_boot=n_boot, seed=0)
+            ci = sec["metrics"][mdef.name].get("ci95")
+            width = (ci[1] - ci[0]) if ci else None
+            ret[bname]["metrics"][mdef.name] = {
+                **{k: r[k] for k in ("before", "after", "delta", "delta_ci95", "p")},
+                "before_ci95": ci, "before_ci_width": width, "scale": mdef.scale,
+                "within_ci_width": (abs(r["delta"]) <= width) if width is not None and r["delta"] == r["delta"] else None}
+    return ret
 
 def write_report(summary: dict, path) -> None:
     """report.html: before/after/control table, retention table, bias neurons per layer, dev search curve."""

@@ -1,0 +1,57 @@
+"""Retention of a CRISPR patch: CrowS-Pairs, StereoSet (SS, LMS, ICAT) and retention (perplexity, known facts)
+before / after, paired-bootstrap CIs, compared with the unpatched model's own CI width; plus the other task's
+accuracy (the BBQ-Age patch on SST-2 test items; SST-2's dev search chose n = 0, so it has no patch to test).
+Writes experiments/crispr/retention_<name>.json.
+
+Run: ``nice -n 10 .venv/bin/python experiments/crispr/retention.py --run runs/crispr-bbq-age --limit 40``"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/crispr-bbq-age")
+    ap.add_argument("--limit", type=int, default=40)
+    ap.add_argument("--other-task", default="sst2")
+    ap.add_argument("--other-limit", type=int, default=40)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("BIASLAB_PROGRESS", "0")
+    from biaslab import stats
+    from biaslab.mitigations import crispr as C
+    from biaslab.models import load_model
+    from biaslab.patches import load_patch
+    from biaslab.runs import atomic_write_json, clean_nan
+    from biaslab.tasks import load_task
+
+    run = Path(args.run)
+    lm = load_model("smollm2-135m-instruct")
+    lm.progress = False
+    patch = load_patch(run / "patch.safetensors")
+    res = {"patch": str(run / "patch.safetensors"), "n_neurons": patch.n_neurons, "limit": args.limit}
+    res["benchmarks"] = C.retention_report(lm, patch, C.DEFAULT_RETENTION, limit=args.limit, out=run / "retention_exp",
+                                           n_boot=1000)
+    # other task: held-out SST-2 test items (split seed 0, stratified sample seed 0), same instructions as the patch
+    instr = list(range(patch.params["instructions"]))
+    task, items = load_task(args.other_task)
+    _, test = C.split_dev_test(items)
+    its = C.sample_items(test, args.other_limit, 0)
+    before = C.score_resumable(lm, its, instr, protocol="letter", desc="other before")
+    after = C.score_resumable(lm, its, instr, protocol="letter", patch=patch, desc="other after")
+    res["other_task"] = {"task": task, "n_items": len(its), "instructions": instr, "metrics": {}}
+    for m in C.task_metrics(task):
+        b = stats.paired_bootstrap(before, after, C.per_instruction(m.fn), n_boot=1000, seed=0)
+        res["other_task"]["metrics"][m.name] = {k: b[k] for k in ("before", "after", "delta", "delta_ci95", "p")}
+    out = Path(__file__).resolve().parent / f"retention_{run.name}.json"
+    atomic_write_json(out, clean_nan(res))
+    print(json.dumps(clean_nan(res), indent=1))
+
+
+if __name__ == "__main__":
+    main()
