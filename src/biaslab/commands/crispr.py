@@ -34,8 +34,8 @@ def crispr(
                                   help="logprob (convention logp-alpha, released code) | prob (p-alpha, paper literal)"),
     retention: bool = typer.Option(True, "--retention/--no-retention", help="re-run crows, stereoset, retention before/after"),
     retention_limit: Optional[int] = typer.Option(None, "--retention-limit", help="items per retention benchmark (default 50)"),
-    demo: bool = typer.Option(False, "--demo", help="the `make demo` preset: sst2, 3 instructions, 60 test items, short search "
-                              "n ∈ [0, 16] on 10 dev items, 3 control seeds, retention limit 20 (≤ 10 min on 2 CPU cores)"),
+    demo: bool = typer.Option(False, "--demo", help="the `make demo` preset: sst2, 2 instructions, 16 dev instances, short search "
+                              "n ∈ [0, 16] on 10 dev items, 50 test items, 3 control seeds, retention limit 20"),
     n_boot: int = typer.Option(1000, "--n-boot"),
     force: bool = typer.Option(False, "--force", help="overwrite a run made with different arguments"),
 ):
@@ -50,6 +50,7 @@ def crispr(
             search = DEMO["search"]
             search_max = min(search_max, DEMO["search_max"])
             search_dev_limit = search_dev_limit or DEMO["search_dev_limit"]
+        dev_size = dev_size or DEMO["dev_size"]
         control_seeds = DEMO["control_seeds"] if control_seeds is None else control_seeds
         retention_limit = retention_limit or DEMO["retention_limit"]
     if task is None:

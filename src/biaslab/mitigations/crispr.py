@@ -447,10 +447,11 @@ def metric_values(records: Sequence[dict], metrics: Sequence[TaskMetric]) -> dic
 
 # ---------------------------------------------------------------- the full loop (biaslab mitigate crispr)
 DEFAULT_RETENTION = ("crows", "stereoset", "retention")
-# `make demo`: the full loop sized for ≤ 10 min on 2 CPU cores — a short golden-section search (n ∈ [0, 16] on
-# 10 dev items) instead of [0, 500] on the whole dev split; 60 test items × 3 instructions; 3 control seeds.
-DEMO = {"task": "sst2", "instructions": 3, "test_limit": 60, "search": True, "search_max": 16, "search_dev_limit": 10,
-        "dev_size": 20, "trials": 1, "control_seeds": 3, "retention_limit": 20}
+# `make demo`: the full loop sized for ≤ 10 min on 2 idle CPU cores — 16 dev instances for attribution, a short
+# golden-section search (n ∈ [0, 16] on 10 dev items) instead of [0, 500] on the whole dev split; 50 test
+# items × 2 instructions; 3 control seeds; retention on 20 items per benchmark.
+DEMO = {"task": "sst2", "instructions": 2, "test_limit": 50, "search": True, "search_max": 16, "search_dev_limit": 10,
+        "dev_size": 16, "trials": 1, "control_seeds": 3, "retention_limit": 20}
 
 
 def score_resumable(lm, items: Sequence[MCItem], instructions: Sequence[int], *, protocol: str, run=None,
