@@ -80,13 +80,6 @@ class TraceResult:
         return out
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
-    mod = root
-    for part in path.split("."):
-        mod = getattr(mod, part)
-    return mod
-
-
 def layer_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """(decoder layers, their MLP modules) in order, via the neuron-site table (the MLP is the module that
     holds the FFN down projection)."""
@@ -100,9 +93,9 @@ def layer_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
         # "<container>.<i>.<mlp path>.<down>": the layer is container.i, the MLP the down projection's parent
         for j in range(len(parts) - 1, 0, -1):
             if parts[j].isdigit():
-                layers.append(_get(model, ".".join(parts[:j + 1])))
+                layers.append(model.get_submodule(".".join(parts[:j + 1])))
                 break
-        mlps.append(_get(model, ".".join(parts[:-1])))
+        mlps.append(model.get_submodule(".".join(parts[:-1])))
     return layers, mlps
 
 
