@@ -194,7 +194,13 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     if kind == "embedded":
         path = embedded_model_dir(ref, progress=progress)
         fp_file = path / "fingerprint.txt"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a sub-second local load needs no "Loading weights" bar
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        finally:
+            hf_logging.enable_progress_bar()
         tok = AutoTokenizer.from_pretrained(path)
     elif kind == "gguf":
         model, tok = _load_gguf(Path(ref))
