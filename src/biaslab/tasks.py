@@ -58,7 +58,10 @@ class MCItem:
 
 
 def check_instructions(n: int | None) -> int:
+    """Validate a number of instructions (None → all ten)."""
     n = len(INSTRUCTIONS) if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise BiaslabError(f"the number of instructions must be an integer 1-{len(INSTRUCTIONS)}, got {n!r}")
     if not 1 <= n <= len(INSTRUCTIONS):
         raise BiaslabError(f"--instructions must be between 1 and {len(INSTRUCTIONS)}, got {n}")
     return n

@@ -17,14 +17,13 @@ default audit cheap; ``--instructions 10`` gives the full set.
 from __future__ import annotations
 
 import functools
-import math
 from collections import Counter
 from pathlib import Path
 
 from ..data import DATA_ROOT, check_fields, read_csv, read_jsonl
 from ..errors import BiaslabError, DataError, UnknownNameError
 from ..metrics import bbq as M
-from ..tasks import INSTRUCTIONS, MCItem, score_mc
+from ..tasks import MCItem, check_instructions, score_mc
 from .base import Benchmark, MetricDef, Protocol
 
 BBQ_CATEGORIES: tuple[str, ...] = ("Age", "Disability_status", "Gender_identity", "Nationality",
@@ -153,23 +152,6 @@ def load_bbq_items(categories=BBQ_CATEGORIES, *, data_dir: str | Path | None = N
     return list(_load_vendored(cats, None) if data_dir is None else _load(cats, str(data_dir)))
 
 
-def _instruction_mean(fn, records: list[dict]) -> float:
-    """Mean of ``fn`` over instructions, NaN-ignoring (as the audit's instruction_mean), without a CI."""
-    by: dict = {}
-    for r in records:
-        by.setdefault(r.get("instruction", 0), []).append(r)
-    vals = [v for v in (fn(rs) for rs in by.values()) if not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else math.nan
-
-
-def check_instruction_count(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise BiaslabError(f"bbq option 'instructions' must be an integer 1-{len(INSTRUCTIONS)}, got {n!r}")
-    if not 1 <= n <= len(INSTRUCTIONS):
-        raise BiaslabError(f"--instructions must be between 1 and {len(INSTRUCTIONS)}, got {n}")
-    return n
-
-
 class BBQ(Benchmark):
     name = "bbq"
     description = "BBQ (Parrish et al. 2022): QA bias, accuracy and s_AMB/s_DIS over 7 categories, mean ± std over instructions"
@@ -190,7 +172,7 @@ class BBQ(Benchmark):
         if options.get("instructions", DEFAULT_INSTRUCTIONS) is None:
             options["instructions"] = DEFAULT_INSTRUCTIONS
         super().__init__(**options)
-        self.opts["instructions"] = check_instruction_count(self.opts["instructions"])
+        self.opts["instructions"] = check_instructions(self.opts["instructions"])
 
     @property
     def instruction_ids(self) -> list[int]:
@@ -220,13 +202,15 @@ class BBQ(Benchmark):
         ]
 
     def extra_results(self, records: list[dict], protocol: Protocol) -> dict:
+        from ..audit import instruction_mean  # the audit's own mean-over-instructions (lazy: audit imports benchmarks)
+
         n = len(records)
         preds = Counter(r["pred"] for r in records)
         by_label_type = {}  # the paper reports proper-name items separately (e.g. "Gender identity (names)")
         for lt in sorted({r.get("label_type") for r in records if r.get("label_type")}):
             rs = [r for r in records if r.get("label_type") == lt]
             by_label_type[lt] = {"n_items": len({r["id"] for r in rs}),
-                                 **{m.name: _instruction_mean(m.fn, rs) for m in self.metric_defs(protocol) if m.headline}}
+                                 **{m.name: instruction_mean(m.fn)(rs) for m in self.metric_defs(protocol) if m.headline}}
         return {
             "by_label_type": by_label_type,
             "instructions": self.instruction_ids,
