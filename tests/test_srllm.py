@@ -1,7 +1,6 @@
 """SR_LLM: data schema and splits, completion-only loss, LoRA training/patch/merge, rewrite metrics, CLI errors."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

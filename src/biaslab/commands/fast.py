@@ -3,7 +3,6 @@ biaslab.mitigations.fast for every choice the paper left open). Python equivalen
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -128,12 +127,10 @@ def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender",
     before/, after/, baselines/}. Returns the summary dict."""
     import random
 
-    import torch
-
     from ..data import data_path, sha256_file
     from ..mitigations import fast as F
     from ..models import LanguageModel, load_model
-    from ..runs import RunDir, Timer, atomic_write_json, atomic_write_text
+    from ..runs import RunDir, Timer, atomic_write_json
     from ..tracing import TraceItem, check_layer, trace
 
     if limit is not None and limit <= 0:

@@ -31,9 +31,6 @@ Pipeline (METHODS.md §2):
 """
 from __future__ import annotations
 
-import csv
-import difflib
-import json
 import math
 import random
 import re

@@ -17,13 +17,13 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import BiaslabError
 from ..metrics import fairness as fm
 from ..runs import RunDir, Timer
-from .data import LABELS, TEMPLATES_FILE, load_sst3, load_templates
+from .data import TEMPLATES_FILE, load_sst3, load_templates
 from .softprompt import (HAND_PROMPTS, PROTOCOL_VERSION, HandPrompt, SoftPromptConfig, _sample, default_cache_dir,
                          predict, sweep)
 

@@ -39,7 +39,7 @@ import torch
 
 from ..errors import BiaslabError, PatchMismatchError
 from ..progress import progress_bar
-from .data import LABELS, Sentence
+from .data import Sentence
 
 PROTOCOL_VERSION = "softprompt.v1"
 SOFT_LABEL_WORDS = (" negative", " neutral", " positive")
