@@ -36,6 +36,8 @@ def check_fields(row: dict, required: Iterable[str], path, line: int) -> None:
 
 def read_jsonl(path: Path, required: Iterable[str] = ()) -> list[dict]:
     rows = []
+    if not Path(path).is_file():
+        raise DataError(path, None, None, "data file is missing")
     with open(path, encoding="utf-8") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
