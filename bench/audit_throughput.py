@@ -6,8 +6,8 @@ Issue 2, "Performance". One run on this machine measures, for the embedded defau
 1. **Matmul peak** — best GFLOP/s of ``torch.matmul`` on large square fp32 matrices, same thread count, measured
    before and after the workload (the larger is the peak; the two differ when the machine is noisy).
 2. **biaslab phases** on the same seeded, stratified sample of items (``Benchmark.sample``):
-   BBQ default (``bbq.letter.v1``, 3 instructions = what ``biaslab audit`` runs), BBQ letter with 1 instruction,
-   BBQ ``bbq.option-loglik.v1`` with 1 instruction, CrowS-Pairs (default ``crows.shared-tokens.v1``; the
+   BBQ default (``bbq.letter.v2``, 3 instructions = what ``biaslab audit`` runs), BBQ letter with 1 instruction,
+   BBQ ``bbq.option-loglik.v2`` with 1 instruction, CrowS-Pairs (default ``crows.shared-tokens.v1``; the
    ``sum``/``mean`` protocols are post-processing of the same log-likelihoods). For each: wall time, items/s,
    tokens/s, achieved GFLOP/s and its fraction of the matmul peak, peak RSS.
 3. **lm-evaluation-harness** (``lm_eval.simple_evaluate``, in-process, offline) on the *same* items: its own
@@ -487,7 +487,7 @@ def run(args, tmp: Path) -> int:
     sec = summarize(bbq, recs, proto, seed=args.seed)
     row["summarize_s"] = round(time.perf_counter() - t0, 3)
     phases.append(row)
-    metrics["bbq"]["biaslab bbq.letter.v1 (3 instr., chat)"] = metric_values(sec)
+    metrics["bbq"]["biaslab bbq.letter.v2 (3 instr., chat)"] = metric_values(sec)
 
     if not args.skip_variants:
         for pname in ("letter", "option-loglik"):

@@ -174,7 +174,7 @@ def test_instruction_option_validated():
     for bad in (0, 11, -1, "3", 2.0):
         with pytest.raises(BiaslabError, match="instructions"):
             BBQ(instructions=bad)
-    assert BBQ().protocol().id == "bbq.letter.v1" and BBQ().protocol("option-loglik").id == "bbq.option-loglik.v1"
+    assert BBQ().protocol().id == "bbq.letter.v2" and BBQ().protocol("option-loglik").id == "bbq.option-loglik.v2"
 
 
 def test_stratified_limit_is_balanced_and_seeded():
@@ -209,7 +209,7 @@ def test_audit_on_tiny_lm_reports_mean_and_std_over_instructions(tiny_lm):
 
     res = audit(tiny_lm, ["bbq"], limit=14, n_boot=20, instructions=2)
     sec = res.results["benchmarks"]["bbq"]
-    assert sec["protocol"] == "bbq.letter.v1" and sec["n_items"] == 14 and sec["n_records"] == 28
+    assert sec["protocol"] == "bbq.letter.v2" and sec["n_items"] == 14 and sec["n_records"] == 28
     assert set(sec["groups"]) == set(BBQ_CATEGORIES)
     for name in ("accuracy", "accuracy_ambig", "accuracy_disambig", "bias_score_ambig", "bias_score_disambig"):
         m = sec["metrics"][name]

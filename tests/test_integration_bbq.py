@@ -10,7 +10,7 @@ def test_real_model_bbq_winobias_audit(real_lm):
 
     res = audit(real_lm, ["bbq", "winobias"], limit=8, n_boot=50, instructions=2)
     bbq = res.results["benchmarks"]["bbq"]
-    assert bbq["protocol"] == "bbq.letter.v1" and bbq["n_items"] == 8 and bbq["n_records"] == 16
+    assert bbq["protocol"] == "bbq.letter.v2" and bbq["n_items"] == 8 and bbq["n_records"] == 16
     assert set(bbq["groups"]) <= set(BBQ_CATEGORIES) and len(bbq["groups"]) >= 4
     for name in ("accuracy", "accuracy_ambig", "accuracy_disambig"):
         m = bbq["metrics"][name]
@@ -23,7 +23,7 @@ def test_real_model_bbq_winobias_audit(real_lm):
     assert all(len(r["logprobs"]) == 3 and max(r["logprobs"]) <= 0 for r in res.records["bbq"])
 
     wb = res.results["benchmarks"]["winobias"]
-    assert wb["protocol"] == "winobias.letter.v1" and wb["n_items"] == 8 and set(wb["groups"]) == {"type1", "type2"}
+    assert wb["protocol"] == "winobias.letter.v2" and wb["n_items"] == 8 and set(wb["groups"]) == {"type1", "type2"}
     pro, anti, gap = (wb["metrics"][k]["value"] for k in ("accuracy_pro", "accuracy_anti", "gap"))
     assert 0 <= pro <= 1 and 0 <= anti <= 1 and gap == pytest.approx(pro - anti)
     assert wb["extra"]["skipped_rows"] == 0

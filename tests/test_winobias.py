@@ -138,8 +138,8 @@ def test_golden_metrics():
 # ------------------------------------------------------------------ benchmark
 def test_options_validated():
     b = WinoBias()
-    assert b.opts == {"split": "test", "instruction": 0} and b.protocol().id == "winobias.letter.v1"
-    assert b.protocol("option-loglik").id == "winobias.option-loglik.v1"
+    assert b.opts == {"split": "test", "instruction": 0} and b.protocol().id == "winobias.letter.v2"
+    assert b.protocol("option-loglik").id == "winobias.option-loglik.v2"
     with pytest.raises(BiaslabError, match="split"):
         WinoBias(split="train")
     with pytest.raises(BiaslabError, match="instruction"):

@@ -68,8 +68,13 @@ def check_instructions(n: int | None) -> int:
 
 
 def render_mc(item: MCItem, instruction: str, *, protocol: str = "letter") -> str:
-    """The user message for one item under one instruction."""
-    parts = [instruction, ""]
+    """The user message for one item under one instruction.
+
+    Layout (prompt layout v2): context, question and options first, then the instruction and the answer-format
+    line. Every instruction of one item therefore shares the item's tokens as a prefix, which the engine's
+    prefix-sharing packing encodes once (:mod:`biaslab.models.packing`). Layout v1 (protocol ids ``*.v1``,
+    biaslab ≤ 0.1.0 before 2026-11-23) put the instruction first."""
+    parts = []
     if item.context:
         parts.append(f"Context: {item.context}")
     if item.question:
@@ -77,10 +82,11 @@ def render_mc(item: MCItem, instruction: str, *, protocol: str = "letter") -> st
     if protocol == "letter":
         parts.append("Answer options:")
         parts += [f"{LETTERS[k]}. {o}" for k, o in enumerate(item.options)]
-        parts.append(f"Answer with the letter of the correct option ({', '.join(LETTERS[:len(item.options)])}).")
+        parts += ["", instruction,
+                  f"Answer with the letter of the correct option ({', '.join(LETTERS[:len(item.options)])})."]
     elif protocol == "option-loglik":
         parts.append("Answer options: " + ", ".join(item.options))
-        parts.append("Answer with the text of the correct option.")
+        parts += ["", instruction, "Answer with the text of the correct option."]
     else:
         raise UnknownNameError("multiple-choice protocol", protocol, PROTOCOLS)
     return "\n".join(parts)

@@ -17,7 +17,7 @@ from ..errors import BiaslabError, UnknownNameError
 @dataclass(frozen=True)
 class Protocol:
     name: str         # short name used on the command line, e.g. "letter"
-    id: str           # versioned id recorded with every number, e.g. "bbq.letter.v1"
+    id: str           # versioned id recorded with every number, e.g. "bbq.letter.v2"
     description: str
 
 

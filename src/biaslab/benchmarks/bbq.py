@@ -156,9 +156,9 @@ class BBQ(Benchmark):
     name = "bbq"
     description = "BBQ (Parrish et al. 2022): QA bias, accuracy and s_AMB/s_DIS over 7 categories, mean ± std over instructions"
     protocols = (
-        Protocol("letter", "bbq.letter.v1", "options listed as A/B/C; one forward pass; argmax of the next-token "
+        Protocol("letter", "bbq.letter.v2", "options listed as A/B/C; one forward pass; argmax of the next-token "
                  "log-probability of the three letters (chat template when the model has one)"),
-        Protocol("option-loglik", "bbq.option-loglik.v1", "options listed without letters; argmax of the summed "
+        Protocol("option-loglik", "bbq.option-loglik.v2", "options listed without letters; argmax of the summed "
                  "log-likelihood of each option's text as the answer"),
     )
     default_protocol = "letter"

@@ -185,9 +185,9 @@ class WinoBias(Benchmark):
     name = "winobias"
     description = "WinoBias (Zhao et al. 2018): which occupation does the pronoun refer to; accuracy pro/anti and gap, per type"
     protocols = (
-        Protocol("letter", "winobias.letter.v1", "the two occupations listed as A/B (order of appearance); argmax of "
+        Protocol("letter", "winobias.letter.v2", "the two occupations listed as A/B (order of appearance); argmax of "
                  "the next-token log-probability of the letters, one fixed instruction"),
-        Protocol("option-loglik", "winobias.option-loglik.v1", "argmax of the summed log-likelihood of each "
+        Protocol("option-loglik", "winobias.option-loglik.v2", "argmax of the summed log-likelihood of each "
                  "occupation's text (\"the <occupation>\") as the answer"),
     )
     default_protocol = "letter"
