@@ -278,3 +278,47 @@ def test_retention_report_on_tiny_model(tiny_lm, tmp_path):
     assert set(m) >= {"before", "after", "delta", "delta_ci95", "before_ci_width", "within_ci_width"}
     assert m["delta"] == pytest.approx(m["after"] - m["before"])
     assert (tmp_path / "ret" / "after" / "results.json").is_file()
+
+
+# ---------------------------------------------------------------- search objective (accuracy + gold-prob tie-break)
+def _rec(instr, gold, lp):
+    pred = max(range(len(lp)), key=lambda k: (lp[k], -k))
+    return {"instruction": instr, "gold": gold, "logprobs": lp, "pred": pred, "correct": int(pred == gold)}
+
+
+def test_search_objective_is_accuracy_with_a_lexicographic_gold_prob_tie_break():
+    lg = math.log
+    # a: always answers option 1 with p = 0.9 (acc 0.5); b: same answers, less sure (more gold mass on option 0)
+    a = [_rec(i, g, [lg(0.1), lg(0.9)]) for i in (0, 1) for g in (0, 1)]
+    b = [_rec(i, g, [lg(0.4), lg(0.6)]) for i in (0, 1) for g in (0, 1)]
+    # c: one more correct answer than a, with a tiny gold probability elsewhere
+    c = [_rec(0, 0, [lg(0.51), lg(0.49)]), _rec(0, 1, [lg(0.99), lg(0.01)]), _rec(1, 0, [lg(0.01), lg(0.99)]),
+         _rec(1, 1, [lg(0.01), lg(0.99)])]
+    acc = {k: C.search_objective_value(r, "accuracy") for k, r in (("a", a), ("b", b), ("c", c))}
+    tb = {k: C.search_objective_value(r, "accuracy+goldprob") for k, r in (("a", a), ("b", b), ("c", c))}
+    assert acc["a"] == acc["b"] == 0.5 and acc["c"] == 0.5  # c: instr 0 acc 0.5, instr 1 acc 0.5
+    assert C.gold_prob_mean(a) == pytest.approx(0.5) and C.gold_prob_mean(b) == pytest.approx(0.5)
+    assert tb["a"] == pytest.approx(0.5 + 0.5 / 5)
+    # c has the same accuracy but less gold mass → loses the tie-break
+    assert tb["c"] < tb["a"]
+    # a strictly higher accuracy always wins, whatever the gold probabilities
+    # d: 3 of 4 correct, but barely (gold mass 0.51 or 0.01) → mean gold probability far below a's
+    d = [_rec(0, 1, [lg(0.49), lg(0.51)]), _rec(0, 0, [lg(0.51), lg(0.49)]), _rec(1, 1, [lg(0.49), lg(0.51)]),
+         _rec(1, 0, [lg(0.01), lg(0.99)])]
+    assert C.gold_prob_mean(d) < C.gold_prob_mean(a)
+    assert C.accuracy_mean(d) > acc["a"] and C.search_objective_value(d, "accuracy+goldprob") > tb["a"]
+    with pytest.raises(BiaslabError, match="search objective"):
+        C.search_objective_value(a, "balanced")
+    with pytest.raises(BiaslabError, match="search objective"):
+        C.CrisprConfig(search=True, search_objective="nope").validate()
+
+
+def test_search_with_gold_prob_tie_break_records_the_objective(tiny_lm):
+    items = _items(40)
+    cfg = C.CrisprConfig(search=True, search_max=8, instructions=1, dev_size=4, search_objective="accuracy+goldprob")
+    res = C.fit_details(tiny_lm, items, cfg)
+    assert 0 in res.search and res.search[res.n] == max(res.search.values())
+    # values carry the tie-break: not all multiples of 1/K
+    assert any(abs(v * 1000 - round(v * 1000)) > 1e-9 for v in res.search.values())
+    assert any("gold probability" in d for d in res.patch.params["deviations"])
+    assert res.patch.params["search_objective"] == "accuracy+goldprob"

@@ -21,6 +21,9 @@ def crispr(
     search_max: int = typer.Option(500, "--search-max", help="upper end of the searched n interval [0, max]"),
     search_dev_limit: Optional[int] = typer.Option(None, "--search-dev-limit",
                                                    help="dev items scored per search step (default: the whole dev split)"),
+    search_objective: str = typer.Option("accuracy", "--search-objective",
+                                         help="dev objective of the search: accuracy (released code) | accuracy+goldprob "
+                                              "(accuracy, ties broken by the mean gold-option probability; a deviation)"),
     sites: str = typer.Option("ffn", "--sites", help="ffn (FFN intermediate neurons) | linear (every linear output unit)"),
     instructions: Optional[int] = typer.Option(None, "--instructions", help="number of instruction paraphrases (1-10; default 10)"),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="test items evaluated (seeded, stratified)"),
@@ -58,7 +61,8 @@ def crispr(
     cfg = CrisprConfig(sites=sites, instructions=instructions or 10, reduce=reduce, objective=objective,
                        confusion_weighting=not no_confusion_weighting,
                        skill_disentanglement=not no_skill_disentanglement, dev_size=dev_size or 20, trials=trials,
-                       neurons=neurons, search=search, search_max=search_max, search_dev_limit=search_dev_limit)
+                       neurons=neurons, search=search, search_max=search_max, search_dev_limit=search_dev_limit,
+                       search_objective=search_objective)
     summary = run(model, task, out=out, config=cfg, test_limit=test_limit,
                   control_seeds=3 if control_seeds is None else control_seeds, retention=retention,
                   retention_limit=50 if retention_limit is None else retention_limit, n_boot=n_boot, force=force,

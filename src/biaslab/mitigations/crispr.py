@@ -21,7 +21,9 @@ Ablations (the paper's Table): ``reduce="mean"`` (mean instead of max over token
 
 Choosing n: a fixed ``neurons`` or golden-section search on dev accuracy over n ∈ [0, 500] (released code:
 interval shrunk to width ≤ 4, then every remaining n tried; ties go to the smaller n). Deviation: n = 0 (the
-unpruned model) is always evaluated too and wins unless some n beats it on dev.
+unpruned model) is always evaluated too and wins unless some n beats it on dev. Optional deviation
+``search_objective="accuracy+goldprob"``: dev accuracy with ties broken by the mean option-normalised gold
+probability (:func:`search_objective_value`), for models whose dev accuracy is flat in n.
 
 Deviations (named in the patch params): scored by the option letters' next-token probabilities rather than
 greedy generation + exact match (see :mod:`biaslab.tasks`); sites default to FFN intermediate neurons
@@ -49,6 +51,7 @@ from ..tasks import INSTRUCTIONS, LETTERS, MCItem, answer_targets, prompt_text, 
 GOLDEN_RATIO = (5 ** 0.5 - 1) / 2
 METHOD_ID = "crispr.v1"
 CONVENTIONS = {"logprob": "logp-alpha", "prob": "p-alpha"}
+SEARCH_OBJECTIVES = ("accuracy", "accuracy+goldprob")
 
 
 @dataclass
@@ -71,6 +74,7 @@ class CrisprConfig:
     search_max: int = 500
     search_tol: int = 4
     search_dev_limit: int | None = None   # dev items scored per search step (None: the whole dev split)
+    search_objective: str = "accuracy"    # accuracy (released code) | accuracy+goldprob (tie-break, a deviation)
     token_budget: int = 1024
 
     def validate(self) -> "CrisprConfig":
@@ -96,6 +100,8 @@ class CrisprConfig:
             raise BiaslabError("--neurons and --search are exclusive")
         if self.neurons is not None and self.neurons < 0:
             raise BiaslabError(f"--neurons must be ≥ 0, got {self.neurons}")
+        if self.search_objective not in SEARCH_OBJECTIVES:
+            raise UnknownNameError("search objective", self.search_objective, SEARCH_OBJECTIVES)
         if self.search and (self.search_max < 1 or self.search_tol < 1):
             raise BiaslabError("search bounds: --search-max and the tolerance must be ≥ 1")
         return self
@@ -290,12 +296,44 @@ def accuracy_mean(records: Sequence[dict]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def gold_prob_mean(records: Sequence[dict]) -> float:
+    """Mean over instructions of the mean option-normalised probability of the gold option (the expected accuracy
+    of answering by sampling from the option distribution)."""
+    by: dict = defaultdict(list)
+    for r in records:
+        lp = r["logprobs"]
+        m = max(lp)
+        z = sum(math.exp(x - m) for x in lp)
+        by[r.get("instruction", 0)].append(math.exp(lp[r["gold"]] - m) / z)
+    vals = [sum(v) / len(v) for v in by.values() if v]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def search_objective_value(records: Sequence[dict], objective: str = "accuracy") -> float:
+    """The dev objective the n search maximises.
+
+    ``accuracy``: mean accuracy over instructions (the released code). ``accuracy+goldprob`` (a named deviation):
+    the same accuracy with ties broken by :func:`gold_prob_mean` — ``acc + goldprob / (K + 1)`` with K the number
+    of (item, instruction) records. When every instruction has the same items, accuracy is a multiple of 1/K and
+    goldprob ∈ [0, 1], so the order is lexicographic: a higher dev accuracy always wins, and the gold probability
+    only decides between equal accuracies (e.g. a model that answers one label for every item, where dev accuracy
+    is flat in n)."""
+    if objective not in SEARCH_OBJECTIVES:
+        raise UnknownNameError("search objective", objective, SEARCH_OBJECTIVES)
+    acc = accuracy_mean(records)
+    if objective == "accuracy":
+        return acc
+    return acc + gold_prob_mean(records) / (len(records) + 1)
+
+
 def make_patch(lm, units: dict[str, list[int]], cfg: CrisprConfig, *, provenance: dict, extra: dict | None = None) -> NeuronMaskPatch:
     params = {"method": METHOD_ID, "convention": cfg.convention, **asdict(cfg),
               "n_neurons": sum(len(v) for v in units.values()),
               "deviations": ["letter-probability scoring instead of generation + exact match",
                              f"sites={cfg.sites} ({'FFN intermediate neurons' if cfg.sites == 'ffn' else 'every linear output unit, as the released code'})",
-                             "instance aggregate = mean (paper's sum / N)"], **(extra or {})}
+                             "instance aggregate = mean (paper's sum / N)"]
+              + (["n search: dev accuracy with ties broken by the mean option-normalised gold probability"]
+                 if cfg.search and cfg.search_objective == "accuracy+goldprob" else []), **(extra or {})}
     return NeuronMaskPatch.from_units(lm, units, sites=cfg.sites, params=params, provenance=provenance)
 
 
@@ -313,7 +351,8 @@ class CrisprFit:
 def fit_details(lm, items: Sequence[MCItem], cfg: CrisprConfig | None = None, *, task: str = "custom",
                 scores: dict[str, torch.Tensor] | None = None, trials_info: list[dict] | None = None,
                 search_cache: dict[int, float] | None = None, on_search_step=None) -> CrisprFit:
-    """Split, attribute on dev samples, choose n (fixed or golden-section search on dev accuracy), build the patch.
+    """Split, attribute on dev samples, choose n (fixed or golden-section search on the dev objective
+    ``cfg.search_objective``, dev accuracy by default), build the patch.
     Test items are never seen. ``scores`` / ``search_cache`` let a resumed run skip finished work."""
     cfg = (cfg or CrisprConfig(neurons=10)).validate()
     check_task_items(items, task)
@@ -336,7 +375,7 @@ def fit_details(lm, items: Sequence[MCItem], cfg: CrisprConfig | None = None, *,
             p = NeuronMaskPatch.from_units(lm, dict(units), sites=cfg.sites)
             with p.applied(lm):
                 recs = score_mc(lm, search_items, instr, protocol=cfg.protocol, desc=f"dev search n={n}")
-            cache[n] = accuracy_mean(recs)
+            cache[n] = search_objective_value(recs, cfg.search_objective)
             if on_search_step:
                 on_search_step(n, cache[n], cache)
             return cache[n]
@@ -541,7 +580,8 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
     t = time.perf_counter()
     dev, test = split_dev_test(items, dev_fraction=cfg.dev_fraction, seed=cfg.split_seed)
     key = hashlib.sha256(json.dumps({k: args[k] for k in ("model", "fingerprint", "task")} | {
-        "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("neurons", "search", "search_max", "search_tol", "search_dev_limit")}},
+        "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("neurons", "search", "search_max", "search_tol", "search_dev_limit",
+                                                                 "search_objective")}},
         sort_keys=True).encode()).hexdigest()
     cached = _load_scores(out / "attribution.safetensors", {"key": key})
     if cached is None:
@@ -558,12 +598,13 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
     search_cache = {}
     if cfg.search and spath.is_file():
         sj = json.loads(spath.read_text())
-        if sj.get("key") == key and sj.get("dev_limit") == cfg.search_dev_limit:
+        if (sj.get("key") == key and sj.get("dev_limit") == cfg.search_dev_limit
+                and sj.get("objective", "accuracy") == cfg.search_objective):
             search_cache = {int(k): v for k, v in sj["dev_accuracy"].items()}
 
     def on_step(n, acc, cache):
-        say(f"  dev search: n={n:>3}  dev accuracy {acc:.4f}")
-        atomic_write_json(spath, {"key": key, "dev_limit": cfg.search_dev_limit,
+        say(f"  dev search: n={n:>3}  dev {cfg.search_objective} {acc:.4f}")
+        atomic_write_json(spath, {"key": key, "dev_limit": cfg.search_dev_limit, "objective": cfg.search_objective,
                                   "dev_accuracy": {str(k): v for k, v in sorted(cache.items())}})
 
     fitres = fit_details(lm, items, cfg, task=task_name, scores=scores, trials_info=trials_info,
@@ -658,7 +699,8 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
                        "test_ids_hash": ids_hash(test_items), "n_boot": n_boot,
                        "ci": "paired bootstrap over items (all instructions of an item resampled together), 95 %"},
         "metrics": summary_metrics, "control": control, "retention": ret,
-        "search": {"dev_accuracy": {str(k): v for k, v in sorted(fitres.search.items())}, "chosen_n": fitres.n}
+        "search": {"dev_accuracy": {str(k): v for k, v in sorted(fitres.search.items())}, "chosen_n": fitres.n,
+                   "objective": cfg.search_objective}
         if fitres.search else {"chosen_n": fitres.n, "fixed": True},
         "attribution": {"trials": trials_info, "convention": cfg.convention},
         "timings_s": timings, "notes": notes,
