@@ -17,9 +17,9 @@ def _lm(**kw):
 
 
 def test_next_token_batched_equals_single_and_padding_side():
-    lm_r = _lm(padding_side="right")
-    lm_l = _lm(padding_side="left")
-    lm_1 = _lm(max_batch=1)
+    lm_r = _lm(padding_side="right", packing=False)
+    lm_l = _lm(padding_side="left", packing=False)
+    lm_1 = _lm(max_batch=1, packing=False)
     prompts = [lm_r.render(t) for t in TEXTS]
     cands = ["A", "B", "C"]
     r = torch.tensor(lm_r.next_token_logprobs(prompts, cands))
@@ -31,8 +31,9 @@ def test_next_token_batched_equals_single_and_padding_side():
 
 
 def test_loglikelihood_batched_equals_single_and_matches_full_forward():
-    lm = _lm()
-    lm_1 = _lm(max_batch=1, padding_side="left")
+    lm = _lm()  # prefix-sharing packing (the default where the model supports it)
+    lm_1 = _lm(max_batch=1, padding_side="left", packing=False)
+    assert lm._packing_ok()
     reqs = [(t, " and so on.") for t in TEXTS] + [("", "Just a sentence.")]
     a = lm.loglikelihood(reqs)
     b = lm_1.loglikelihood(reqs)

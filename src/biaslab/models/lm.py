@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..progress import progress_bar
+from .packing import batch_rows, pack, row_tensors
 
 
 @dataclass
@@ -40,7 +41,8 @@ class LanguageModel:
 
     def __init__(self, model, tokenizer, *, spec: str = "custom", fingerprint: str | None = None,
                  chat_template: bool | None = None, token_budget: int = 4096, max_batch: int = 64,
-                 padding_side: str = "right", progress: bool | None = None):
+                 padding_side: str = "right", progress: bool | None = None, packing: bool | None = None,
+                 row_tokens: int = 512):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
@@ -57,6 +59,9 @@ class LanguageModel:
             raise ValueError("padding_side must be 'left' or 'right'")
         self.padding_side = padding_side
         self.progress = progress
+        self.packing = packing          # None: on when the model passes a one-off self-check (_packing_ok)
+        self.row_tokens = row_tokens
+        self._packing_checked: bool | None = None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
@@ -140,6 +145,71 @@ class LanguageModel:
         out = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return _upcast(out.logits[rows, cols])
 
+    # ------------------------------------------------------------------ scoring passes
+    def _packing_ok(self) -> bool:
+        """Whether prefix-sharing packing (:mod:`.packing`) is used: forced by ``packing=True/False``, else
+        on when the model accepts a custom 4-D mask and gives the same logits packed as alone (checked once on
+        two short sequences; models whose attention ignores custom masks fall back to padded batches)."""
+        if self.packing is not None:
+            return self.packing
+        if self._packing_checked is None:
+            base = [self.prefix_id] + [5, 17, 29, 41, 53, 65]
+            seqs = [base + [77, 89], base[:4] + [91], [self.prefix_id, 13, 23]]
+            wanted = [[len(s) - 2, len(s) - 1] for s in seqs]
+            try:
+                packed = dict(self._padded_or_packed(seqs, wanted, packed=True))
+                alone = dict(self._padded_or_packed(seqs, wanted, packed=False))
+                tol = 1e-3 if self.dtype in (torch.float32, torch.float64) else 5e-2
+                self._packing_checked = all(torch.allclose(packed[i], alone[i], atol=tol) for i in range(len(seqs)))
+            except Exception:  # noqa: BLE001 - any failure means: do not pack this model
+                self._packing_checked = False
+        return self._packing_checked
+
+    def _padded_or_packed(self, seqs: list[list[int]], wanted: list[list[int]], *, packed: bool, advance=None):
+        """Yield ``(i, logprobs)`` for every sequence i: log-softmax over the vocabulary (float32) at the
+        positions ``wanted[i]`` of ``seqs[i]`` (position t holds the distribution of token t + 1).
+
+        ``packed``: prefix-sharing rows with a 4-D mask; else length-sorted, padded batches. The LM head runs
+        only on the wanted positions (once per shared node)."""
+        if packed:
+            layout = pack(seqs, self.row_tokens)
+            for batch in batch_rows([len(r) for r in layout.rows], self.token_budget, self.max_batch):
+                rows = [layout.rows[b] for b in batch]
+                ids, mask, pos = row_tensors(rows, self.pad_id, self.dtype, self.device)
+                where: dict[tuple[int, int], int] = {}
+                members = []
+                for k, r in enumerate(rows):
+                    for i in r.members:
+                        members.append(i)
+                        for t in wanted[i]:
+                            where.setdefault((k, layout.nodes_of[i][t]), len(where))
+                rc = torch.tensor(list(where), dtype=torch.long, device=ids.device).reshape(-1, 2)
+                lp = torch.log_softmax(self.logits_at(ids, mask, pos, rc[:, 0], rc[:, 1]), dim=-1)
+                for k, r in enumerate(rows):
+                    for i in r.members:
+                        cols = [where[(k, layout.nodes_of[i][t])] for t in wanted[i]]
+                        yield i, lp[cols]
+                if advance:
+                    advance(len(members))
+            return
+        for batch in self._batches([len(s) for s in seqs]):
+            ids, mask, pos, offs = self.pad([seqs[i] for i in batch])
+            rows, cols, spans = [], [], []
+            for k, i in enumerate(batch):
+                rows += [k] * len(wanted[i])
+                cols += [offs[k] + t for t in wanted[i]]
+                spans.append((len(rows) - len(wanted[i]), len(rows)))
+            lp = torch.log_softmax(self.logits_at(ids, mask, pos, torch.tensor(rows, device=ids.device),
+                                                  torch.tensor(cols, device=ids.device)), dim=-1)
+            for k, i in enumerate(batch):
+                yield i, lp[spans[k][0]:spans[k][1]]
+            if advance:
+                advance(len(batch))
+
+    def _score_positions(self, seqs, wanted, desc):
+        with progress_bar(len(seqs), desc, enabled=self.progress) as advance:
+            yield from self._padded_or_packed(seqs, wanted, packed=self._packing_ok(), advance=advance)
+
     # ------------------------------------------------------------------ primitives
     @torch.no_grad()
     def next_token_logprobs(self, prompts: list[str], candidates, *, desc: str = "scoring") -> list[list[float]]:
@@ -151,15 +221,8 @@ class LanguageModel:
         enc = [self.encode(p) for p in prompts]
         cand_ids = [[self.candidate_token_id(c) for c in cs] for cs in candidates]
         results: list[list[float]] = [None] * len(prompts)  # type: ignore[list-item]
-        with progress_bar(len(prompts), desc, enabled=self.progress) as advance:
-            for batch in self._batches([len(e) for e in enc]):
-                ids, mask, pos, offs = self.pad([enc[i] for i in batch])
-                rows = torch.arange(len(batch), device=ids.device)
-                cols = torch.tensor([offs[k] + len(enc[i]) - 1 for k, i in enumerate(batch)], device=ids.device)
-                lp = torch.log_softmax(self.logits_at(ids, mask, pos, rows, cols), dim=-1).cpu()
-                for k, i in enumerate(batch):
-                    results[i] = [float(lp[k, t]) for t in cand_ids[i]]
-                advance(len(batch))
+        for i, lp in self._score_positions(enc, [[len(e) - 1] for e in enc], desc):
+            results[i] = lp[0, cand_ids[i]].cpu().tolist()
         return results
 
     def candidate_token_id(self, text: str) -> int:
@@ -198,28 +261,13 @@ class LanguageModel:
                 if len(seqs[i]) > max_length:
                     seqs[i] = seqs[i][-max_length:]
         results: list[ContinuationScore] = [None] * len(requests)  # type: ignore[list-item]
-        with progress_bar(len(requests), desc, enabled=self.progress) as advance:
-            for batch in self._batches([len(s) for s in seqs]):
-                ids, mask, pos, offs = self.pad([seqs[i] for i in batch])
-                rows, cols, spans = [], [], []
-                for k, i in enumerate(batch):
-                    n_cont = len(pieces[i][1])
-                    end = offs[k] + len(seqs[i])  # exclusive; last input position predicts the last token
-                    start = end - n_cont
-                    rows += [k] * n_cont
-                    cols += list(range(start, end))
-                    spans.append((len(rows) - n_cont, len(rows)))
-                r = torch.tensor(rows, device=ids.device)
-                c = torch.tensor(cols, device=ids.device)
-                lp = torch.log_softmax(self.logits_at(ids, mask, pos, r, c), dim=-1)
-                for k, i in enumerate(batch):
-                    a, b = spans[k]
-                    target = torch.tensor(pieces[i][1], device=lp.device)
-                    tok_lp = lp[a:b].gather(1, target[:, None])[:, 0]
-                    greedy = bool((lp[a:b].argmax(-1) == target).all())
-                    results[i] = ContinuationScore(float(tok_lp.sum()), len(target), greedy,
-                                                   tok_lp.cpu().tolist(), list(pieces[i][1]))
-                advance(len(batch))
+        wanted = [list(range(len(s) - len(pieces[i][1]), len(s))) for i, s in enumerate(seqs)]
+        for i, lp in self._score_positions(seqs, wanted, desc):
+            target = torch.tensor(pieces[i][1], device=lp.device)
+            tok_lp = lp.gather(1, target[:, None])[:, 0]
+            greedy = bool((lp.argmax(-1) == target).all())
+            results[i] = ContinuationScore(float(tok_lp.sum()), len(target), greedy, tok_lp.cpu().tolist(),
+                                           list(pieces[i][1]))
         return results
 
     @torch.no_grad()
