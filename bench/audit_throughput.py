@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-lmeval", action="store_true", help="biaslab phases and matmul peak only")
     p.add_argument("--skip-variants", action="store_true",
                    help="skip the BBQ letter×1-instruction and option-loglik phases (default protocol only)")
+    p.add_argument("--skip-unpacked", action="store_true",
+                   help="skip the BBQ/CrowS phases re-run with prefix-sharing packing off (padded batches)")
     p.add_argument("--lmeval-batch-size", type=int, default=None,
                    help="fixed lm-eval batch size (default: matched to biaslab's token budget, see README)")
     p.add_argument("--matmul-sizes", default="1024,2048", help="square sizes tried for the matmul peak")
@@ -150,6 +152,7 @@ class Work:
 
     def reset(self):
         self.calls = self.real = self.padded = self.head = self.sq_real = self.sq_padded = 0
+        self.seq_tokens = 0  # tokens of the scored sequences before prefix sharing (= real when unpacked)
         self.forward_s = 0.0
 
     def add(self, real_lengths: list[int], width: int, head: int, dt: float):
@@ -171,17 +174,46 @@ class Work:
     def snapshot(self) -> dict:
         return {"forward_calls": self.calls, "real_tokens": self.real, "padded_positions": self.padded,
                 "lm_head_positions": self.head, "padding_share": 1 - self.real / self.padded if self.padded else None,
+                "sequence_tokens": self.seq_tokens or self.real,
+                "prefix_sharing_factor": round((self.seq_tokens or self.real) / self.real, 3) if self.real else None,
                 "forward_s": round(self.forward_s, 3)}
 
 
+_PACK_HOOK: dict = {}
+
+
 def instrument_biaslab(lm, work: Work) -> None:
-    """Count the work of every forward pass of a LanguageModel (wraps the instance's ``logits_at``)."""
+    """Count the work of every forward pass of a LanguageModel (wraps the instance's ``logits_at``).
+
+    Padded batches: real tokens = the 2-D mask's sum. Prefix-sharing packing (4-D mask): real tokens = the
+    rows' trie nodes (what is computed), and the sequences' own lengths are counted apart (``sequence_tokens``),
+    so GFLOP/s is always work actually done, never credited for shared prefixes."""
+    import biaslab.models.lm as lm_mod
+
+    _PACK_HOOK["work"] = work
+    if "pack" not in _PACK_HOOK:  # wrap the engine module's packing helpers once per process
+        _PACK_HOOK["pack"], _PACK_HOOK["row_tensors"] = lm_mod.pack, lm_mod.row_tensors
+
+        def pack_counted(seqs, *a, **kw):
+            _PACK_HOOK["work"].seq_tokens += sum(len(x) for x in seqs)
+            return _PACK_HOOK["pack"](seqs, *a, **kw)
+
+        def rows_counted(rows, *a, **kw):
+            _PACK_HOOK["lengths"] = [len(r) for r in rows]
+            return _PACK_HOOK["row_tensors"](rows, *a, **kw)
+
+        lm_mod.pack, lm_mod.row_tensors = pack_counted, rows_counted
     orig = lm.logits_at
 
     def counted(input_ids, attention_mask, position_ids, rows, cols):
         t0 = time.perf_counter()
         out = orig(input_ids, attention_mask, position_ids, rows, cols)
-        work.add(attention_mask.sum(1).tolist(), input_ids.shape[1], len(rows), time.perf_counter() - t0)
+        if attention_mask.dim() == 4:
+            real = _PACK_HOOK.pop("lengths")
+        else:
+            real = attention_mask.sum(1).tolist()
+            work.seq_tokens += sum(real)
+        work.add(real, input_ids.shape[1], len(rows), time.perf_counter() - t0)
         return out
 
     lm.logits_at = counted
@@ -489,6 +521,17 @@ def run(args, tmp: Path) -> int:
     phases.append(row)
     metrics["bbq"]["biaslab bbq.letter.v2 (3 instr., chat)"] = metric_values(sec)
 
+    if not args.skip_unpacked:  # the same default audit with prefix-sharing packing off: padded batches
+        lm.packing = False
+        recs_u, row = timed_phase("biaslab-unpacked bbq default (letter, 3 instr., padded batches)",
+                                  lambda: score_items(lm, bbq, bbq_items, proto), mem, work, dims, len(bbq_items),
+                                  peak, protocol=proto.id, instructions=bbq.opts["instructions"])
+        row["max_abs_logprob_diff_vs_packed"] = max(
+            abs(x - y) for a, b in zip(recs, recs_u) for x, y in zip(a["logprobs"], b["logprobs"]))
+        row["predictions_equal_packed"] = all(a["pred"] == b["pred"] for a, b in zip(recs, recs_u))
+        phases.append(row)
+        lm.packing = None
+
     if not args.skip_variants:
         for pname in ("letter", "option-loglik"):
             b1 = BBQ(instructions=1)
@@ -505,6 +548,16 @@ def run(args, tmp: Path) -> int:
                              mem, work, dims, len(crows_items), peak, protocol=cproto.id)
     row["records"] = len(crecs)
     phases.append(row)
+    if not args.skip_unpacked:
+        lm.packing = False
+        crecs_u, row = timed_phase(f"biaslab-unpacked crows ({cproto.name}, padded batches)",
+                                   lambda: score_items(lm, crows, crows_items, cproto), mem, work, dims,
+                                   len(crows_items), peak, protocol=cproto.id)
+        row["max_abs_loglik_diff_vs_packed"] = max(
+            max(abs(a["loglik_more"] - b["loglik_more"]), abs(a["loglik_less"] - b["loglik_less"]))
+            for a, b in zip(crecs, crecs_u))
+        phases.append(row)
+        lm.packing = None
     metrics["crows"][f"biaslab {cproto.id}"] = metric_values(summarize(crows, crecs, cproto, n_boot=0))
     for pname in ("sum", "mean"):
         p = crows.protocol(pname)
@@ -745,6 +798,16 @@ def build_summary(phases: list[dict], lme: dict, replay: dict, biaslab_peak: flo
             out["bbq_engine_speedup_same_requests"] = {"value": round(lb["loglikelihood_s"] / rb["wall_s"], 3)}
         if rc:
             out["crows_engine_speedup_same_requests"] = {"value": round(lc["loglikelihood_s"] / rc["wall_s"], 3)}
+    ub = next((p for p in phases if p["phase"].startswith("biaslab-unpacked bbq")), None)
+    uc = next((p for p in phases if p["phase"].startswith("biaslab-unpacked crows")), None)
+    if ub:
+        out["bbq_packing_speedup"] = {"value": round(ub["wall_s"] / bbq_def["wall_s"], 3)}
+        if lb:
+            out["bbq_speedup_unpacked_vs_lmeval"] = {"value": round(lb["wall_s"] / ub["wall_s"], 3)}
+    if uc:
+        out["crows_packing_speedup"] = {"value": round(uc["wall_s"] / crows["wall_s"], 3)}
+        if lc:
+            out["crows_speedup_unpacked_vs_lmeval"] = {"value": round(lc["wall_s"] / uc["wall_s"], 3)}
     return out
 
 
