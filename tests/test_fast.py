@@ -198,6 +198,16 @@ def test_training_is_deterministic(tiny_lm):
     assert all(torch.equal(x, y) for x, y in zip(a.stamp.state_dict().values(), b.stamp.state_dict().values()))
 
 
+def test_on_step_sees_the_edit_and_model_is_restored(tiny_lm):
+    cfg = F.FastConfig(steps=3, lr=5e-2, width=8, batch_pairs=2, alpha=0.0, beta=0.0, seed=0)
+    before = _logits(tiny_lm)
+    seen = []
+    F.train(tiny_lm, PAIRS, 1, cfg, on_step=lambda rec: seen.append((rec["step"], _logits(tiny_lm))))
+    assert [s for s, _ in seen] == [1, 2, 3]
+    assert not torch.allclose(seen[-1][1], before)   # the stamp is in place while on_step runs
+    assert torch.equal(_logits(tiny_lm), before)     # and removed after training
+
+
 # ------------------------------------------------------------------------------------------- metrics
 def test_ss_ps_rs_by_hand():
     recs = [{"id": "a", "pref": 1.0}, {"id": "b", "pref": 0.0}, {"id": "c", "pref": 1.0}, {"id": "d", "pref": 0.5}]
@@ -211,6 +221,9 @@ def test_ss_ps_rs_by_hand():
     assert B.rs(rs) == pytest.approx(75.0)
     assert B.expected_rate(rs) == pytest.approx(50.0)
     assert math.isnan(B.ss([]))
+    gaps = [{"lp_1": -1.0, "lp_2": -3.0}, {"lp_1": -2.0, "lp_2": -1.5}]
+    assert B.mean_abs_gap(gaps) == pytest.approx(1.25)    # (2 + 0.5) / 2
+    assert math.isnan(B.mean_abs_gap([]))
 
 
 class _StubLM:

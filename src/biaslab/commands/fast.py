@@ -80,7 +80,8 @@ def _benches():
 
 # summary metric name -> (set, metric name inside the set)
 SUMMARY_METRICS = {
-    "ss": ("ss", "ss"), "ss_abs_dev": ("ss", "ss_abs_dev"), "ps": ("ps", "ps"), "ps_abs_dev": ("ps", "ps_abs_dev"),
+    "ss": ("ss", "ss"), "ss_abs_dev": ("ss", "ss_abs_dev"), "ss_mean_abs_gap": ("ss", "ss_mean_abs_gap"),
+    "ps": ("ps", "ps"), "ps_abs_dev": ("ps", "ps_abs_dev"), "ps_mean_abs_gap": ("ps", "ps_mean_abs_gap"),
     "ps_crows": ("ps_crows", "ps_crows"), "ps_crows_abs_dev": ("ps_crows", "ps_crows_abs_dev"),
     "rs": ("rs", "rs"), "rs_expected_rate": ("rs", "expected_rate"),
     "stereoset_ss": ("stereoset", "ss"), "lms": ("stereoset", "lms"), "icat": ("stereoset", "icat"),

@@ -669,10 +669,12 @@ def make_kl_sets(lm, pairs: list[KnowledgePair], cfg: FastConfig) -> dict:
 
 def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: str = "stamp",
           alpha: float | None = None, beta: float | None = None, dev_pairs: list[KnowledgePair] | None = None,
-          match_dev_ss: float | None = None, desc: str | None = None, kl_sets: dict | None = None) -> TrainResult:
+          match_dev_ss: float | None = None, desc: str | None = None, kl_sets: dict | None = None,
+          on_step=None) -> TrainResult:
     """Train the stamp (``mode="stamp"``) or the layer's MLP weights (``mode="ftl"``) with
     L = L_e + α·L_s1 + β·L_s2. For FT-L with ``match_dev_ss``, checkpoints every ``ftl_eval_every`` steps are
-    scored on ``dev_pairs`` and the one whose dev SS is closest to ``match_dev_ss`` is kept."""
+    scored on ``dev_pairs`` and the one whose dev SS is closest to ``match_dev_ss`` is kept. ``on_step(rec)``
+    is called after every step with the edit in place (diagnostics)."""
     from ..tracing import check_layer, layer_modules
 
     if not pairs:
@@ -733,6 +735,8 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
                     checkpoints.append((abs(rec["dev_ss"] - match_dev_ss), step, rec["dev_ss"],
                                         {k: v.detach().clone() for k, v in mlp.state_dict().items()}))
                 res.history.append(rec)
+                if on_step is not None:
+                    on_step(rec)
                 advance(1, loss=rec["loss"], L_e=rec["L_e"])
         if mode == "stamp":
             stamp.eval().requires_grad_(False)
@@ -792,7 +796,8 @@ def choices(cfg: FastConfig) -> dict:
                        "last differing word, object = shared rest",
         "split": "by statement (lower-cased context), seeded, per bias type: train 60 % / dev 10 % / test 30 %",
         "tracing": "ROME-style Gaussian noise (3 × std of subject-token embeddings) on subject tokens, restore one "
-                   "layer at the last subject token, P of the object's first token, decisive = argmax of the MLP curve",
+                   "layer at the last subject token, mean log-prob of the whole object (not ROME's first-token "
+                   "probability), decisive = argmax of the single-layer MLP curve unless --layer is given",
         "stamp": f"d -> {cfg.width} -> d, {cfg.activation}, input = the MLP's input, output added to the MLP's "
                  "output at every position; second layer zero-initialised",
         "L_e": "mean over pairs of (mean-token log P(o|s1,r) - mean-token log P(o|s2,r))^2",
