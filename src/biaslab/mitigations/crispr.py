@@ -52,6 +52,9 @@ GOLDEN_RATIO = (5 ** 0.5 - 1) / 2
 METHOD_ID = "crispr.v1"
 CONVENTIONS = {"logprob": "logp-alpha", "prob": "p-alpha"}
 SEARCH_OBJECTIVES = ("accuracy", "accuracy+goldprob")
+# prompt layout of biaslab.tasks.render_mc (v2: instruction after the item, commit 9ea39bb); part of every cache key
+# and protocol id, so runs made with another layout are never reused
+PROMPT_LAYOUT = "v2"
 
 
 @dataclass
@@ -579,7 +582,7 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
     # 1. attribution on dev samples (cached)
     t = time.perf_counter()
     dev, test = split_dev_test(items, dev_fraction=cfg.dev_fraction, seed=cfg.split_seed)
-    key = hashlib.sha256(json.dumps({k: args[k] for k in ("model", "fingerprint", "task")} | {
+    key = hashlib.sha256(json.dumps({k: args[k] for k in ("model", "fingerprint", "task")} | {"layout": PROMPT_LAYOUT} | {
         "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("neurons", "search", "search_max", "search_tol", "search_dev_limit",
                                                                  "search_objective")}},
         sort_keys=True).encode()).hexdigest()
@@ -624,7 +627,8 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
     # 3. evaluations on held-out test items
     test_items = sample_items(test, test_limit, test_seed)
     instr = list(range(cfg.instructions))
-    eval_args = {"model": lm.spec, "fingerprint": lm.fingerprint, "task": task_name, "protocol": cfg.protocol,
+    eval_args = {"model": lm.spec, "fingerprint": lm.fingerprint, "task": task_name,
+                 "protocol": f"tasks.{cfg.protocol}.{PROMPT_LAYOUT}",
                  "instructions": instr, "test_ids_hash": ids_hash(test_items)}
     metrics = task_metrics(task_name)
 
@@ -695,7 +699,7 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
         "patch": {**patch.describe(), "n_neurons": patch.n_neurons, "file": "patch.safetensors",
                   "neurons_per_layer": {str(k): per_layer[k] for k in sorted(per_layer)}},
         "evaluation": {"split": "test (held out from attribution and search)", "n_test_items": len(test_items),
-                       "test_seed": test_seed, "instructions": instr, "protocol": f"tasks.{cfg.protocol}.v1",
+                       "test_seed": test_seed, "instructions": instr, "protocol": f"tasks.{cfg.protocol}.{PROMPT_LAYOUT}",
                        "test_ids_hash": ids_hash(test_items), "n_boot": n_boot,
                        "ci": "paired bootstrap over items (all instructions of an item resampled together), 95 %"},
         "metrics": summary_metrics, "control": control, "retention": ret,
