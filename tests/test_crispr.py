@@ -322,3 +322,30 @@ def test_search_with_gold_prob_tie_break_records_the_objective(tiny_lm):
     assert any(abs(v * 1000 - round(v * 1000)) > 1e-9 for v in res.search.values())
     assert any("gold probability" in d for d in res.patch.params["deviations"])
     assert res.patch.params["search_objective"] == "accuracy+goldprob"
+
+
+def test_empty_patch_reuses_the_unpatched_records(tiny_lm, tmp_path):
+    import biaslab.mitigations.crispr as mod
+
+    calls = []
+    orig = mod.score_mc
+
+    def spy(lm, its, *a, **k):
+        calls.append(k.get("desc"))
+        return orig(lm, its, *a, **k)
+    mod.score_mc = spy
+    try:
+        s = C.run(tiny_lm, _items(40), out=tmp_path / "run", config=C.CrisprConfig(neurons=0, instructions=2, dev_size=4),
+                  control_seeds=2, retention=False, n_boot=50)
+    finally:
+        mod.score_mc = orig
+    assert s["patch"]["n_neurons"] == 0 and set(calls) == {"before"}  # after and controls are not re-scored
+    assert s["metrics"]["accuracy"]["delta"] == 0 and s["metrics"]["accuracy"]["after"] == s["metrics"]["accuracy"]["before"]
+    assert s["control"]["metrics"]["accuracy"]["crispr_minus_control"] == 0
+    assert any("not re-scored" in n for n in s["notes"])
+    # resuming the finished run does not duplicate the reused records
+    s2 = C.run(tiny_lm, _items(40), out=tmp_path / "run", config=C.CrisprConfig(neurons=0, instructions=2, dev_size=4),
+               control_seeds=2, retention=False, n_boot=50)
+    assert s2["metrics"]["accuracy"]["after"] == s["metrics"]["accuracy"]["after"]
+    n_after = sum(1 for line in (tmp_path / "run" / "after" / "records.jsonl").read_text().splitlines() if '"pred"' in line)
+    assert n_after == 36 * 2  # 36 test items × 2 instructions, once

@@ -632,10 +632,15 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
                  "instructions": instr, "test_ids_hash": ids_hash(test_items)}
     metrics = task_metrics(task_name)
 
-    def evaluate(name: str, p) -> list[dict]:
+    def evaluate(name: str, p, same_as: list[dict] | None = None) -> list[dict]:
         tt = time.perf_counter()
         rd = RunDir(out / name, {**eval_args, "patch": p.describe() if p is not None else None}, force=force)
-        recs = score_resumable(lm, test_items, instr, protocol=cfg.protocol, run=rd, patch=p, desc=name)
+        if same_as is not None:  # an empty neuron mask is a no-op: the unpatched records are reused, not recomputed
+            recs = [dict(r) for r in same_as]
+            if rd.finished_chunk("task", 0) is None:
+                rd.append_chunk("task", 0, recs)
+        else:
+            recs = score_resumable(lm, test_items, instr, protocol=cfg.protocol, run=rd, patch=p, desc=name)
         res = {"model": {"spec": lm.spec, "fingerprint": lm.fingerprint},
                "patch": p.describe() if p is not None else None, "task": task_name, "n_items": len(test_items),
                "metrics": metric_values(recs, metrics)}
@@ -645,14 +650,18 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
         return recs
 
     before = evaluate("before", None)
-    after = evaluate("after", patch)
+    empty = patch.n_neurons == 0
+    if empty:
+        notes.append("empty patch: the 'after' and control records are the 'before' records (pruning no neuron "
+                     "changes nothing), not re-scored")
+    after = evaluate("after", patch, before if empty else None)
     counts = {k: int(v.numel()) for k, v in patch.units.items()}
     sizes = {s.name: s.n_units for s in attr.resolve_sites(lm, cfg.sites)}
     controls = {}
     for s in range(control_seeds):
         cp = NeuronMaskPatch.from_units(lm, random_units(sizes, counts, s), sites=cfg.sites,
                                         params={"method": "random-control", "seed": s, "matched_to": "crispr site counts"})
-        controls[s] = evaluate(f"control/seed{s}", cp)
+        controls[s] = evaluate(f"control/seed{s}", cp, before if empty else None)
 
     def boot(a, b, fn):
         r = stats.paired_bootstrap(a, b, per_instruction(fn), n_boot=n_boot, seed=0)
