@@ -1,9 +1,9 @@
 """Retention of a CRISPR patch: CrowS-Pairs, StereoSet (SS, LMS, ICAT) and retention (perplexity, known facts)
 before / after, paired-bootstrap CIs, compared with the unpatched model's own CI width; plus the other task's
-accuracy (the BBQ-Age patch on SST-2 test items; SST-2's dev search chose n = 0, so it has no patch to test).
+accuracy (the BBQ-Age patch on held-out SST-2 test items).
 Writes experiments/crispr/retention_<name>.json.
 
-Run: ``nice -n 10 .venv/bin/python experiments/crispr/retention.py --run runs/crispr-bbq-age --limit 40``"""
+Run: ``nice -n 10 .venv/bin/python experiments/crispr/retention.py --run runs/crispr-v2-bbq-age --limit 40``"""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,7 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default="runs/crispr-bbq-age")
+    ap.add_argument("--run", default="runs/crispr-v2-bbq-age")
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--other-task", default="sst2")
     ap.add_argument("--other-limit", type=int, default=40)

@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
-# CRISPR experiments on the default model (issue 3), as run for experiments/crispr/results.md. CPU-frugal: one
-# thread each, nice; sized for a 2-core machine shared by the whole team (load average 7-10 during the runs).
+# CRISPR experiments on the default model (issue 3), prompt layout v2, as run for experiments/crispr/results.md.
+# CPU-frugal: one thread, nice, one job at a time (2-core machine shared by the team; ~90 CPU-minutes in total).
+# Both tasks: golden-section search of n in [0, 32] with the dev objective accuracy+goldprob (dev accuracy, ties
+# broken by the mean gold-option probability: dev accuracy is flat in n when the model answers one letter for
+# everything); 200 held-out test items; 3 random-control seeds. CPU forced 1 instruction (of 10) per task.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source experiments/crispr/env.sh
 export PYTHONUNBUFFERED=1
 B=.venv/bin/biaslab
-# 1. SST-2 (label bias "always positive"): n by golden-section search on 20 dev items x 3 instructions.
-#    The search chose n = 0 (see sst2/search.json), so the test evaluation was stopped (after = before).
-nice -n 10 $B mitigate crispr --model smollm2-135m-instruct --task sst2 --instructions 3 --search \
-    --search-dev-limit 20 --test-limit 40 --control-seeds 3 --retention-limit 12 --out runs/crispr-sst2 || true
-nice -n 10 .venv/bin/python experiments/crispr/sst2_dev_probe.py          # dev-only: what n = 1, 2, 3, ... do
-# 2. BBQ Age, cheaper (BBQ prompts are ~1.5x longer): 2 instructions, n in [0, 40], 15 dev items per step,
-#    48 test items; retention measured separately (step 4)
-nice -n 10 $B mitigate crispr --model smollm2-135m-instruct --task bbq:Age --instructions 2 --search --search-max 40 \
-    --search-dev-limit 15 --test-limit 48 --control-seeds 3 --no-retention --out runs/crispr-bbq-age
-# 3. ablations on BBQ Age at the n chosen there, same test items
-nice -n 10 .venv/bin/python experiments/crispr/ablations.py --run runs/crispr-bbq-age
-# 4. retention of the BBQ-Age patch: crows, stereoset, retention (40 items each) + SST-2 accuracy (40 test items)
-nice -n 10 .venv/bin/python experiments/crispr/retention.py --run runs/crispr-bbq-age --limit 40
-# 5. attribution cost / agreement benchmark
-nice -n 10 .venv/bin/python bench/crispr_attribution.py --items 1 --rss-items 8 --ig-layers 2 --out bench/results/crispr_attribution.json
+COMMON=(--model smollm2-135m-instruct --search --search-max 32 --search-objective accuracy+goldprob
+        --test-limit 200 --control-seeds 3 --no-retention)
+# 1. SST-2 (label bias "always positive"): 1 instruction, attribution on 32 dev instances, 40 dev items per step
+#    (when the search keeps n = 0 the patch is empty, so 'after' and the controls reuse the 'before' records)
+nice -n 10 $B mitigate crispr --task sst2 "${COMMON[@]}" --instructions 1 --dev-size 32 --search-dev-limit 40 \
+    --out runs/crispr-v2-sst2
+# 1b. dev-only grid n ∈ {1..8} (the search never looked below 12): best n on dev is still 0, so no test run follows
+nice -n 10 .venv/bin/python experiments/crispr/sst2_dev_grid.py
+# 2. BBQ Age (prompts ~1.4x longer): 1 instruction, attribution on 32 dev instances, 32 dev items per step
+nice -n 10 $B mitigate crispr --task bbq:Age "${COMMON[@]}" --instructions 1 --dev-size 32 --search-dev-limit 32 \
+    --out runs/crispr-v2-bbq-age
+# 3. retention of the BBQ-Age patch: crows, stereoset, retention (100 items each) + SST-2 accuracy (100 test items)
+nice -n 10 .venv/bin/python experiments/crispr/retention.py --run runs/crispr-v2-bbq-age --limit 100 --other-limit 100
+# 4. ablations (max→mean, no confusion weighting, no skill disentanglement) on BBQ Age at the chosen n
+nice -n 10 .venv/bin/python experiments/crispr/ablations.py --run runs/crispr-v2-bbq-age
+# 5. instruction robustness of the BBQ-Age patch: the same test items under instruction 1 too (before / after)
+nice -n 10 .venv/bin/python experiments/crispr/second_instruction.py --run runs/crispr-v2-bbq-age --add 1
 .venv/bin/python experiments/crispr/collect.py
