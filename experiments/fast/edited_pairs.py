@@ -42,7 +42,7 @@ def main() -> None:
         train = F.split_pairs(pairs, seed=seed)["train"]
         rows = [{"id": p.id, "bias_type": p.bias_type, "prompt_1": p.prompt_1, "prompt_2": p.prompt_2,
                  "object": p.object} for p in train]
-        rows = stratified_sample(rows, 40, seed=seed, strata=("bias_type",))
+        rows = stratified_sample(rows, 80, seed=seed, strata=("bias_type",))
         ps_rows = [{**r, "id": r["pair_id"]} for x in rows for r in para.get(x["id"], [])]
         patch = load_patch(run / "patch.safetensors")
         before = {"ss": B.score_pairs(lm, rows), "ps": B.score_pairs(lm, ps_rows)}
@@ -50,13 +50,13 @@ def main() -> None:
             after = {"ss": B.score_pairs(lm, rows), "ps": B.score_pairs(lm, ps_rows)}
         out[task] = {"layer": patch.params["layer"]}
         for name in ("ss", "ps"):
-            for label, fn in ((name, B.ss), (f"{name}_abs_dev", B.ss_abs_dev)):
+            for label, fn in ((name, B.ss), (f"{name}_abs_dev", B.ss_abs_dev), (f"{name}_mean_abs_gap", B.mean_abs_gap)):
                 d = stats.paired_bootstrap(before[name], after[name], fn, n_boot=1000, seed=0)
                 out[task][label] = d
                 ci = d["delta_ci95"]
                 lines.append(f"| {task} | {label} (train pairs{' paraphrased' if name == 'ps' else ''}) | {d['n_items']} | "
-                             f"{d['before']:.1f} | {d['after']:.1f} | {d['delta']:+.1f} | "
-                             f"[{ci[0]:.1f}, {ci[1]:.1f}] |")
+                             f"{d['before']:.2f} | {d['after']:.2f} | {d['delta']:+.2f} | "
+                             f"[{ci[0]:.2f}, {ci[1]:.2f}] |")
     atomic_write_json(HERE / "edited_pairs.json", out)
     atomic_write_text(HERE / "edited_pairs.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
