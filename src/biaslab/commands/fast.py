@@ -120,7 +120,7 @@ def compare(before: dict, after: dict, *, n_boot: int, seed: int) -> dict:
 
 # ------------------------------------------------------------------------------------------- the pipeline
 def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender", *, out, layer: int | None = None,
-                  stamp_width: int = 64, activation: str = "relu", steps: int = 24, lr: float = 3e-3,
+                  stamp_width: int = 64, activation: str = "relu", steps: int = 60, lr: float = 3e-3,
                   alpha: float = 1.0, beta: float = 1.0, limit: int | None = None, retention_limit: int | None = 60,
                   n_trace: int = 24, n_noise: int = 3, baselines: bool = True, seed: int = 0, n_boot: int = 1000,
                   force: bool = False) -> dict:
@@ -315,7 +315,7 @@ def fast_command(
     layer: Optional[int] = typer.Option(None, "--layer", help="stamp layer (default: decisive layer from causal tracing)"),
     stamp_width: int = typer.Option(64, "--stamp-width", help="hidden width of the stamp FFN"),
     activation: str = typer.Option("relu", "--activation", help="stamp activation: relu|gelu|silu|tanh"),
-    steps: int = typer.Option(24, "--steps", help="training steps"),
+    steps: int = typer.Option(60, "--steps", help="training steps (default chosen on dev)"),
     lr: float = typer.Option(3e-3, "--lr"),
     alpha: float = typer.Option(1.0, "--alpha", help="weight of the same-subject KL term L_s1"),
     beta: float = typer.Option(1.0, "--beta", help="weight of the unrelated-text KL term L_s2"),

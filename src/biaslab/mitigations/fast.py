@@ -515,7 +515,7 @@ class FastConfig:
     activation: str = "relu"
     alpha: float = 1.0                # weight of L_s1 (same-subject KL)
     beta: float = 1.0                 # weight of L_s2 (unrelated-text KL)
-    steps: int = 24
+    steps: int = 60                   # chosen on the gender dev split (experiments/fast/diagnose.md)
     lr: float = 3e-3
     batch_pairs: int = 8
     batch_subject: int = 2
