@@ -26,4 +26,6 @@ nice -n 10 .venv/bin/python experiments/crispr/retention.py --run runs/crispr-v2
 nice -n 10 .venv/bin/python experiments/crispr/ablations.py --run runs/crispr-v2-bbq-age
 # 5. instruction robustness of the BBQ-Age patch: the same test items under instruction 1 too (before / after)
 nice -n 10 .venv/bin/python experiments/crispr/second_instruction.py --run runs/crispr-v2-bbq-age --add 1
+# 6. POST-HOC (decided after seeing step 2's CI include 0): the same BBQ patch and controls on 600 test items
+nice -n 10 .venv/bin/python experiments/crispr/extend_test.py --run runs/crispr-v2-bbq-age --limit 600 --control-seeds 3
 .venv/bin/python experiments/crispr/collect.py

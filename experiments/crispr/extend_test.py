@@ -1,0 +1,103 @@
+"""POST-HOC extension of a finished CRISPR run's test evaluation (decided after seeing the run's 200-item result,
+whose CI included 0; the run itself stays the pre-specified primary result): the same patch, nothing re-fitted,
+scored before / after on a larger stratified sample of the same held-out test split (the run's items are a
+subset, their records are reused), and, with --control-seeds, the run's random controls (same seeds, same units)
+on the new items too.
+Also the constant-answer check: CRISPR minus answering its most frequent letter everywhere.
+Writes experiments/crispr/extended_<run>.json.
+
+Run: ``nice -n 10 .venv/bin/python experiments/crispr/extend_test.py --run runs/crispr-v2-bbq-age --limit 600``"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/crispr-v2-bbq-age")
+    ap.add_argument("--limit", type=int, default=600)
+    ap.add_argument("--control-seeds", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("BIASLAB_PROGRESS", "0")
+    from biaslab import stats
+    from biaslab.mitigations import crispr as C
+    from biaslab.models import load_model
+    from biaslab import attribution as attr
+    from biaslab.patches import NeuronMaskPatch, load_patch
+    from biaslab.runs import RunDir, atomic_write_json, clean_nan
+    from biaslab.tasks import load_task
+
+    run = Path(args.run)
+    man = json.loads((run / "manifest.json").read_text())["args"]
+    summary = json.loads((run / "summary.json").read_text())
+    lm = load_model(man["model"])
+    lm.progress = False
+    patch = load_patch(run / "patch.safetensors")
+    task, items = load_task(man["task"])
+    cfg = C.CrisprConfig(**{**man["config"], "search": False, "neurons": 0})
+    _, test = C.split_dev_test(items, dev_fraction=cfg.dev_fraction, seed=cfg.split_seed)
+    orig = C.sample_items(test, man["test_limit"], man["test_seed"])
+    assert C.ids_hash(orig) == summary["evaluation"]["test_ids_hash"]
+    big = C.sample_items(test, args.limit, man["test_seed"])
+    have = {it.id for it in orig}
+    assert have <= {it.id for it in big}, "the run's test items are not a subset of the larger sample"
+    new = [it for it in big if it.id not in have]
+    instr = summary["evaluation"]["instructions"]
+
+    def load(name):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("benchmark", "chunk")}
+                for line in (run / name / "records.jsonl").read_text().splitlines() if '"pred"' in line]
+
+    ext = run / "extended"
+    rb = RunDir(ext / "before", {"items": C.ids_hash(new), "instructions": instr, "patch": None})
+    ra = RunDir(ext / "after", {"items": C.ids_hash(new), "instructions": instr, "patch": patch.describe()})
+    before = load("before") + C.score_resumable(lm, new, instr, protocol=cfg.protocol, run=rb, desc="before+")
+    after = load("after") + C.score_resumable(lm, new, instr, protocol=cfg.protocol, run=ra, patch=patch, desc="after+")
+    res = {"run": str(run), "task": task, "post_hoc": True, "n_test_items": len(big), "n_new_items": len(new),
+           "instructions": instr, "n_neurons": patch.n_neurons, "test_ids_hash": C.ids_hash(big), "metrics": {}}
+    for m in C.task_metrics(task):
+        b = stats.paired_bootstrap(before, after, C.per_instruction(m.fn), n_boot=1000, seed=0)
+        res["metrics"][m.name] = {k: b[k] for k in ("before", "after", "delta", "delta_ci95", "p")}
+    if args.control_seeds:
+        counts = {k: int(v.numel()) for k, v in patch.units.items()}
+        sizes = {st.name: st.n_units for st in attr.resolve_sites(lm, cfg.sites)}
+        pooled = []
+        for sd in range(args.control_seeds):
+            cp = NeuronMaskPatch.from_units(lm, C.random_units(sizes, counts, sd), sites=cfg.sites,
+                                            params={"method": "random-control", "seed": sd,
+                                                    "matched_to": "crispr site counts"})
+            old_c = load(f"control/seed{sd}")
+            rc = RunDir(ext / f"control_seed{sd}", {"items": C.ids_hash(new), "instructions": instr,
+                                                     "patch": cp.describe()})
+            recs = old_c + C.score_resumable(lm, new, instr, protocol=cfg.protocol, run=rc, patch=cp, desc=f"control{sd}+")
+            pooled += [{**r, "control_seed": sd} for r in recs]
+        res["control"] = {"n_seeds": args.control_seeds, "metrics": {}}
+        for m in C.task_metrics(task):
+            per_seed = [C.per_instruction(m.fn)([r for r in pooled if r["control_seed"] == sd])
+                        for sd in range(args.control_seeds)]
+            b = stats.paired_bootstrap(pooled, after, C.per_instruction(m.fn), n_boot=1000, seed=0)
+            res["control"]["metrics"][m.name] = {"value": b["before"], "per_seed": per_seed,
+                                                 "crispr_minus_control": b["delta"],
+                                                 "crispr_minus_control_ci95": b["delta_ci95"], "p": b["p"]}
+    maj = Counter(r["pred"] for r in after).most_common(1)[0][0]
+    const = [{**r, "pred": maj, "correct": int(r["gold"] == maj)} for r in before]
+    acc = lambda rs: sum(r["correct"] for r in rs) / len(rs)  # noqa: E731
+    b = stats.paired_bootstrap(const, after, acc, n_boot=1000, seed=0)
+    res["constant_letter_check"] = {"majority_letter": "ABCDEFGH"[maj], "constant_accuracy": b["before"],
+                                    "delta": b["delta"], "delta_ci95": b["delta_ci95"], "p": b["p"]}
+    res["answer_shares"] = {name: {"ABCDEFGH"[k]: v / len(rs) for k, v in sorted(Counter(r["pred"] for r in rs).items())}
+                            for name, rs in (("before", before), ("after", after))}
+    out = Path(__file__).resolve().parent / f"extended_{run.name}.json"
+    atomic_write_json(out, clean_nan(res))
+    print(json.dumps(clean_nan(res), indent=1))
+
+
+if __name__ == "__main__":
+    main()
