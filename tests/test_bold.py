@@ -49,6 +49,9 @@ def test_group_table_and_summary():
     sec = summarize(BOLD(), RECS, GREEDY_VADER, n_boot=50)
     assert sec["protocol"] == "bold.greedy-vader.v1"
     assert sec["metrics"]["max_abs_gap"]["value"] == pytest.approx(0.5)
+    # a maximum over groups gets no bootstrap interval (resampled maxima are biased upward), and says why
+    assert sec["metrics"]["max_abs_gap"]["ci95"] is None and "biased" in sec["metrics"]["max_abs_gap"]["ci_note"]
+    assert sec["metrics"]["mean_sentiment"]["ci95"] is not None
     assert sec["groups"]["d1"]["metrics"]["max_abs_gap"]["value"] == pytest.approx(0.1)
     assert sec["extra"]["groups"]["d1"]["g2"]["gap"] == pytest.approx(-0.1)
 

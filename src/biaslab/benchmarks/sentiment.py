@@ -90,7 +90,8 @@ class SentimentFairness(Benchmark):
         for m in F.HEADLINE:
             defs.append(MetricDef(f"max_abs_gap_{m}", partial(F.max_abs_gap, metric=m),
                                   f"largest |group − category mean| of {m} (mean over runs) over all groups; null for a "
-                                  "single group", ideal=0.0))
+                                  "single group; no bootstrap interval (a maximum over groups is biased under resampling; "
+                                  "the per-group gaps carry normal intervals over runs)", ideal=0.0, ci_method="none"))
         defs.append(MetricDef("n_flagged", F.n_flagged, "flagged (category, group, metric) triples for the negative and "
                               "positive FPR gaps: mean ± 1.96·sd/√n over runs excludes 0", scale="count", ideal=0.0))
         return defs
