@@ -92,3 +92,20 @@ def test_unknown_option_and_protocol(tiny_lm):
         audit(tiny_lm, ["toy"], protocols={"toy": "lll"})
     with pytest.raises(UnknownNameError, match="option"):
         audit(tiny_lm, ["toy"], options={"toy": {"kk": 2}})
+
+
+def test_read_records_returns_finished_chunks_only(tmp_path):
+    from biaslab.runs import RunDir, read_records
+
+    rd = RunDir(tmp_path, {"a": 1})
+    rd.append_chunk("b1", 0, [{"id": "x", "v": 1}, {"id": "y", "v": 2}])
+    rd.append_chunk("b2", 0, [{"id": "z", "v": 3}])
+    with open(rd.journal, "a", encoding="utf-8") as f:  # an unfinished chunk, then a torn line
+        f.write(json.dumps({"benchmark": "b1", "chunk": 1, "id": "w", "v": 4}) + "\n" + '{"benchmark": "b1", "ch')
+    assert read_records(tmp_path) == [{"id": "x", "v": 1}, {"id": "y", "v": 2}, {"id": "z", "v": 3}]
+    assert read_records(tmp_path, "b2") == [{"id": "z", "v": 3}]
+    assert read_records(tmp_path / "missing") == []
+    RunDir(tmp_path, {"a": 1})  # reopening drops the unfinished chunk and the torn line from the journal
+    assert read_records(tmp_path) == [{"id": "x", "v": 1}, {"id": "y", "v": 2}, {"id": "z", "v": 3}]
+    lines = rd.journal.read_text().splitlines()
+    assert lines[-1] == '{"benchmark": "b2", "chunk_done": 0}' and all(json.loads(x) for x in lines)

@@ -25,15 +25,6 @@ VARIANTS = {
 }
 
 
-def load_records(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if "chunk_done" not in r:
-            out.append({k: v for k, v in r.items() if k not in ("benchmark", "chunk")})
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", required=True, help="main run directory (biaslab mitigate crispr --out)")
@@ -46,7 +37,7 @@ def main() -> None:
     from biaslab import stats
     from biaslab.mitigations import crispr as C
     from biaslab.models import load_model
-    from biaslab.runs import atomic_write_json, clean_nan
+    from biaslab.runs import atomic_write_json, clean_nan, read_records
     from biaslab.tasks import load_task
 
     run = Path(args.run)
@@ -77,7 +68,7 @@ def main() -> None:
     cfg = replace(base, neurons=summary["search"]["chosen_n"])
     test_items = C.sample_items(test, man["test_limit"], man["test_seed"])
     assert C.ids_hash(test_items) == summary["evaluation"]["test_ids_hash"], "test items differ from the main run"
-    before = load_records(run / "before" / "records.jsonl")
+    before = read_records(run / "before")
     metrics = C.task_metrics(task)
     instr = list(range(cfg.instructions))
     out_path = Path(args.out or f"experiments/crispr/ablations_{task.replace(':', '_')}.json")
@@ -90,7 +81,7 @@ def main() -> None:
         t = time.perf_counter()
         vcfg = replace(cfg, **kw)
         if name == "full":  # the main run's patch and records
-            after = load_records(run / "after" / "records.jsonl")
+            after = read_records(run / "after")
             units = {k: v.tolist() for k, v in C.load_patch_units(run / "patch.safetensors").items()}
         else:
             units = C.top_units(variant_scores[name], cfg.neurons)

@@ -10,6 +10,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from biaslab.runs import read_records
+
 HERE = Path(__file__).resolve().parent
 RUNS = {"sst2": Path("runs/crispr-v2-sst2"), "bbq_age": Path("runs/crispr-v2-bbq-age")}
 LETTERS = "ABCDEFGH"
@@ -21,17 +23,6 @@ def f(v, d=3):
 
 def ci(c, d=3):
     return f"[{f(c[0], d)}, {f(c[1], d)}]" if c else "–"
-
-
-def records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if "chunk_done" not in r and "pred" in r:
-            out.append(r)
-    return out
 
 
 def letter_shares(recs: list[dict], key: str = "pred") -> dict[str, float]:
@@ -110,9 +101,9 @@ def main() -> None:
             if (run / name).is_file():
                 shutil.copy2(run / name, dst / name)
         ev = s["evaluation"]
-        recs = {"before": records(run / "before" / "records.jsonl"), "after": records(run / "after" / "records.jsonl")}
+        recs = {"before": read_records(run / "before"), "after": read_records(run / "after")}
         for k in range(s["control"]["n_seeds"]):
-            recs[f"control seed {k}"] = records(run / "control" / f"seed{k}" / "records.jsonl")
+            recs[f"control seed {k}"] = read_records(run / "control" / f"seed{k}")
         shares = {name: letter_shares(r) for name, r in recs.items()}
         letter_diag = constant_letter_check(recs["before"], recs["after"])
         shares["gold"] = letter_shares(recs["before"], "gold")

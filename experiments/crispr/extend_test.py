@@ -26,34 +26,22 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
+    from biaslab import attribution as attr
     from biaslab import stats
     from biaslab.mitigations import crispr as C
-    from biaslab.models import load_model
-    from biaslab import attribution as attr
-    from biaslab.patches import NeuronMaskPatch, load_patch
+    from biaslab.patches import NeuronMaskPatch
     from biaslab.runs import RunDir, atomic_write_json, clean_nan
-    from biaslab.tasks import load_task
+    from finished_run import open_run
 
-    run = Path(args.run)
-    man = json.loads((run / "manifest.json").read_text())["args"]
-    summary = json.loads((run / "summary.json").read_text())
-    lm = load_model(man["model"])
-    lm.progress = False
-    patch = load_patch(run / "patch.safetensors")
-    task, items = load_task(man["task"])
-    cfg = C.CrisprConfig(**{**man["config"], "search": False, "neurons": 0})
-    _, test = C.split_dev_test(items, dev_fraction=cfg.dev_fraction, seed=cfg.split_seed)
-    orig = C.sample_items(test, man["test_limit"], man["test_seed"])
-    assert C.ids_hash(orig) == summary["evaluation"]["test_ids_hash"]
-    big = C.sample_items(test, args.limit, man["test_seed"])
+    fr = open_run(args.run)
+    run, lm, patch, task, cfg = fr.path, fr.lm, fr.patch, fr.task, fr.cfg
+    orig = fr.test_items
+    big = C.sample_items(fr.test, args.limit, fr.args["test_seed"])
     have = {it.id for it in orig}
     assert have <= {it.id for it in big}, "the run's test items are not a subset of the larger sample"
     new = [it for it in big if it.id not in have]
-    instr = summary["evaluation"]["instructions"]
-
-    def load(name):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("benchmark", "chunk")}
-                for line in (run / name / "records.jsonl").read_text().splitlines() if '"pred"' in line]
+    instr = fr.summary["evaluation"]["instructions"]
+    load = fr.records
 
     ext = run / "extended"
     rb = RunDir(ext / "before", {"items": C.ids_hash(new), "instructions": instr, "patch": None})

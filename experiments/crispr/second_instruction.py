@@ -23,28 +23,12 @@ def main() -> None:
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
     from biaslab import stats
     from biaslab.mitigations import crispr as C
-    from biaslab.models import load_model
-    from biaslab.patches import load_patch
     from biaslab.runs import atomic_write_json, clean_nan
-    from biaslab.tasks import load_task
+    from finished_run import open_run
 
-    run = Path(args.run)
-    man = json.loads((run / "manifest.json").read_text())["args"]
-    summary = json.loads((run / "summary.json").read_text())
-    lm = load_model(man["model"])
-    lm.progress = False
-    patch = load_patch(run / "patch.safetensors")
-    task, items = load_task(man["task"])
-    cfg = C.CrisprConfig(**{**man["config"], "search": False, "neurons": 0})
-    _, test = C.split_dev_test(items, dev_fraction=cfg.dev_fraction, seed=cfg.split_seed)
-    test_items = C.sample_items(test, man["test_limit"], man["test_seed"])
-    assert C.ids_hash(test_items) == summary["evaluation"]["test_ids_hash"], "test items differ from the run's"
-
-    def load(name):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("benchmark", "chunk")}
-                for line in (run / name / "records.jsonl").read_text().splitlines() if '"pred"' in line]
-
-    before, after = load("before"), load("after")
+    fr = open_run(args.run)
+    run, lm, patch, task, cfg, test_items = fr.path, fr.lm, fr.patch, fr.task, fr.cfg, fr.test_items
+    before, after = fr.records("before"), fr.records("after")
     have = sorted({r["instruction"] for r in before})
     add = [i for i in args.add if i not in have]
     before += C.score_resumable(lm, test_items, add, protocol=cfg.protocol, desc="before (added instructions)")

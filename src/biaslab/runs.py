@@ -76,6 +76,43 @@ def environment_info() -> dict:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": pkgs, "git_commit": commit}
 
 
+def _parse_journal(path: Path) -> tuple[dict[tuple[str, int], list[dict]], list[str], bool]:
+    """Read a ``records.jsonl`` journal: the records of each finished (benchmark, chunk), the journal lines
+    that hold them (records + markers), and whether anything unfinished (or a torn last line) was left out."""
+    finished: dict[tuple[str, int], list[dict]] = {}
+    if not path.exists():
+        return finished, [], False
+    pending: dict[tuple[str, int], list[dict]] = {}
+    kept_lines: list[str] = []
+    torn = False
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError:
+            torn = True
+            break  # a torn last line from an interrupted write
+        if "chunk_done" in obj:
+            key = (obj["benchmark"], obj["chunk_done"])
+            recs = pending.pop(key, [])
+            finished[key] = recs
+            kept_lines += [json.dumps(r, default=_json_default) for r in recs] + [raw]
+        else:
+            pending.setdefault((obj["benchmark"], obj["chunk"]), []).append(obj)
+    return finished, kept_lines, torn or bool(pending)
+
+
+def read_records(run_dir, benchmark: str | None = None) -> list[dict]:
+    """The finished records of a run directory's journal (all benchmarks, or one), in journal order, without
+    the journal's bookkeeping fields (``benchmark``, ``chunk``); [] when the directory has no journal."""
+    finished, _, _ = _parse_journal(Path(run_dir) / "records.jsonl")
+    return [{k: v for k, v in r.items() if k not in ("benchmark", "chunk")}
+            for (bench, _), recs in finished.items() if benchmark in (None, bench) for r in recs]
+
+
 class RunDir:
     """One run directory. ``args`` identifies the run: a rerun must pass equal args to resume."""
 
@@ -116,27 +153,10 @@ class RunDir:
         return self.path / "records.jsonl"
 
     def _load_journal(self) -> None:
-        if not self.journal.exists():
-            return
-        pending: dict[tuple[str, int], list[dict]] = {}
-        kept_lines = []
-        with open(self.journal, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        for raw in lines:
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError:
-                break  # a torn last line from an interrupted write
-            if "chunk_done" in obj:
-                key = (obj["benchmark"], obj["chunk_done"])
-                recs = pending.pop(key, [])
-                self._records.setdefault(key[0], {})[key[1]] = recs
-                kept_lines += [json.dumps(r, default=_json_default) for r in recs] + [raw]
-            else:
-                pending.setdefault((obj["benchmark"], obj["chunk"]), []).append(obj)
-        if pending:  # drop records of unfinished chunks so the journal holds only finished work
+        finished, kept_lines, torn = _parse_journal(self.journal)
+        for (bench, chunk), recs in finished.items():
+            self._records.setdefault(bench, {})[chunk] = recs
+        if torn:  # drop records of unfinished chunks so the journal holds only finished work
             atomic_write_text(self.journal, "".join(line + "\n" for line in kept_lines))
 
     def finished_chunk(self, benchmark: str, chunk: int) -> list[dict] | None:

@@ -34,6 +34,10 @@ class MetricDef:
     # interval can lie entirely above the estimate (seen on BOLD: 0.313 with "CI" [0.326, 0.618]).
     ci_method: str = "percentile"
 
+    def __post_init__(self):
+        if self.ci_method not in ("percentile", "none"):
+            raise ValueError(f"metric {self.name}: ci_method must be 'percentile' or 'none', got {self.ci_method!r}")
+
 
 class Benchmark:
     """Subclasses set the class attributes and implement load_items / score / metric_defs."""

@@ -98,18 +98,7 @@ class LanguageModel:
     # ------------------------------------------------------------------ batching
     def _batches(self, lengths: list[int]) -> list[list[int]]:
         """Indices sorted by length (longest first) packed so that batch_size × max_len ≤ token_budget."""
-        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-        batches, cur, cur_max = [], [], 0
-        for i in order:
-            new_max = max(cur_max, lengths[i])
-            if cur and (new_max * (len(cur) + 1) > self.token_budget or len(cur) >= self.max_batch):
-                batches.append(cur)
-                cur, new_max = [], lengths[i]
-            cur.append(i)
-            cur_max = new_max
-        if cur:
-            batches.append(cur)
-        return batches
+        return batch_rows(lengths, self.token_budget, self.max_batch)
 
     def pad(self, seqs: list[list[int]], side: str | None = None):
         """Pad to a batch; returns input_ids, attention_mask, position_ids and each row's offset of token 0."""

@@ -93,7 +93,8 @@ def pack(seqs: list[list[int]], row_tokens: int = 512) -> Packing:
 
 
 def batch_rows(lengths: list[int], token_budget: int, max_batch: int) -> list[list[int]]:
-    """Row indices grouped (longest first) so that rows × widest row ≤ ``token_budget``."""
+    """Indices grouped, longest first, so that count × longest ≤ ``token_budget`` and count ≤ ``max_batch``
+    (packed rows, and the padded batches of :class:`~biaslab.models.lm.LanguageModel`)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches, cur, width = [], [], 0
     for i in order:

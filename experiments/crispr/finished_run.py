@@ -1,0 +1,49 @@
+"""Reopen a finished ``biaslab mitigate crispr`` run directory for a post-hoc analysis: its arguments, summary,
+model, patch, config and the exact held-out test items it evaluated (checked against the summary's hash).
+Shared by ``extend_test.py`` and ``second_instruction.py``; imported as a sibling module (run the scripts as
+``python experiments/crispr/<script>.py``)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class FinishedRun:
+    path: Path
+    args: dict          # manifest.json "args"
+    summary: dict
+    lm: object
+    patch: object
+    task: str
+    cfg: object         # CrisprConfig of the run (search off)
+    test: list          # the whole held-out test split
+    test_items: list    # the run's sample of it
+
+    def records(self, name: str) -> list[dict]:
+        """Finished records of a sub-run (``before``, ``after``, ``control/seed0`` …)."""
+        from biaslab.runs import read_records
+
+        return read_records(self.path / name)
+
+
+def open_run(path) -> FinishedRun:
+    from biaslab.mitigations import crispr as C
+    from biaslab.models import load_model
+    from biaslab.patches import load_patch
+    from biaslab.tasks import load_task
+
+    run = Path(path)
+    args = json.loads((run / "manifest.json").read_text())["args"]
+    summary = json.loads((run / "summary.json").read_text())
+    lm = load_model(args["model"])
+    lm.progress = False
+    patch = load_patch(run / "patch.safetensors")
+    task, items = load_task(args["task"])
+    cfg = C.CrisprConfig(**{**args["config"], "search": False, "neurons": 0})
+    _, test = C.split_dev_test(items, dev_fraction=cfg.dev_fraction, seed=cfg.split_seed)
+    test_items = C.sample_items(test, args["test_limit"], args["test_seed"])
+    if C.ids_hash(test_items) != summary["evaluation"]["test_ids_hash"]:
+        raise SystemExit(f"{run}: the re-drawn test items differ from the run's (test_ids_hash mismatch)")
+    return FinishedRun(run, args, summary, lm, patch, task, cfg, test, test_items)
