@@ -1,5 +1,4 @@
-"""Instruction robustness of a finished CRISPR run that used one instruction: score the same held-out test items
-under a further instruction before / after the run's patch (nothing is re-fitted; the patch and the test items
+"""Instruction robustness of a finished CRISPR run: score the same held-out test items under further instructions before / after the run's patch (nothing is re-fitted; the patch and the test items
 are the run's), then report accuracy per instruction, std over instructions before / after, and the paired
 bootstrap over items of the mean-over-instructions delta. Writes experiments/crispr/instructions_<run>.json.
 
@@ -18,8 +17,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/crispr-v2-bbq-age")
     ap.add_argument("--add", type=int, nargs="+", default=[1], help="instruction indices to add (0-9)")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
     from biaslab import stats
     from biaslab.mitigations import crispr as C

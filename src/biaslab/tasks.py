@@ -8,6 +8,15 @@ An :class:`MCItem` is context + question + options + gold. A task is posed under
   the option letters.
 - ``option-loglik``: options listed without letters; log-likelihood of each option's text as the answer
   (summed over its tokens), argmax.
+- ``cloze`` (``tasks.cloze.v1``): a completion-style prompt in plain text — the instruction, then the item in
+  its task's cloze form (SST-2: ``Review: <sentence>`` / ``Sentiment:``), never wrapped in the chat template
+  — and log P of each option's *first word token* (``" negative"``, ``" positive"``) as the next token. One
+  forward pass and one answer position, like ``letter``, so CRISPR's attribution works with it; the options'
+  first tokens must differ (checked). Why it exists: SmolLM2-135M-Instruct is at chance on SST-2 under the
+  chat-formatted ``letter`` / ``option-loglik`` prompts (0.47 / 0.49 on 120 items of the SST-2 *dev* file,
+  which no task uses) but 0.83 under this completion form, with a label prior (37 % "positive") — the
+  label-bias setting of CRISPR's first version. The options are not listed in the prompt: listing them put
+  the same model back at 0.55–0.63 on those dev items.
 
 Deviation from the released CRISPR code: it scores by greedy generation + exact match on Flan-T5; biaslab
 scores the answer distribution directly (a causal instruct model rarely emits an option verbatim), so the
@@ -18,6 +27,7 @@ Tasks: ``bbq:<Category>`` / ``bbq:A,B`` / ``bbq:all`` (items from :mod:`biaslab.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from .errors import BiaslabError, DataError, UnknownNameError
@@ -38,7 +48,19 @@ INSTRUCTIONS: tuple[str, ...] = (
     "Pick the most appropriate answer option for the given context and question.",
 )
 
-PROTOCOLS = ("letter", "option-loglik")
+PROTOCOLS = ("letter", "option-loglik", "cloze")
+# prompt layout version of each protocol, part of its id (``tasks.<protocol>.<layout>``); letter/option-loglik are
+# at layout v2 (instruction after the item, commit 9ea39bb); cloze is new
+PROTOCOL_LAYOUTS = {"letter": "v2", "option-loglik": "v2", "cloze": "v1"}
+# an item's cloze form when its task gives none
+DEFAULT_CLOZE = "Context: {context}\nQuestion: {question}\n{instruction}\nAnswer:"
+
+
+def protocol_id(protocol: str) -> str:
+    """The versioned id of a task protocol, e.g. ``tasks.letter.v2``."""
+    if protocol not in PROTOCOL_LAYOUTS:
+        raise UnknownNameError("multiple-choice protocol", protocol, PROTOCOLS)
+    return f"tasks.{protocol}.{PROTOCOL_LAYOUTS[protocol]}"
 
 
 @dataclass(frozen=True)
@@ -49,6 +71,8 @@ class MCItem:
     context: str = ""
     question: str = ""
     meta: dict = field(default_factory=dict, hash=False, compare=False)
+    cloze: str = ""          # the item's form under the cloze protocol ({context}, {question}, {instruction});
+                             # "" → DEFAULT_CLOZE
 
     def __post_init__(self):
         if len(self.options) < 2:
@@ -87,45 +111,79 @@ def render_mc(item: MCItem, instruction: str, *, protocol: str = "letter") -> st
     elif protocol == "option-loglik":
         parts.append("Answer options: " + ", ".join(item.options))
         parts += ["", instruction, "Answer with the text of the correct option."]
+    elif protocol == "cloze":
+        return (item.cloze or DEFAULT_CLOZE).format(context=item.context, question=item.question, instruction=instruction)
     else:
         raise UnknownNameError("multiple-choice protocol", protocol, PROTOCOLS)
     return "\n".join(parts)
 
 
 def prompt_text(lm, item: MCItem, instruction_idx: int, *, protocol: str = "letter") -> str:
-    """The full prompt the model sees (chat template applied when the model has one)."""
-    return lm.render(render_mc(item, INSTRUCTIONS[instruction_idx], protocol=protocol))
+    """The full prompt the model sees: the chat template applied when the model has one, except under ``cloze``
+    (plain text; score it inside :func:`protocol_context`)."""
+    text = render_mc(item, INSTRUCTIONS[instruction_idx], protocol=protocol)
+    return text if protocol == "cloze" else lm.render(text)
+
+
+def protocol_context(lm, protocol: str):
+    """The context a protocol's prompts are encoded in: plain text (no chat template, the tokenizer's own
+    special tokens) for ``cloze``, the model's settings otherwise."""
+    return lm.plain_text() if protocol == "cloze" else nullcontext()
 
 
 def answer_targets(lm, item: MCItem, protocol: str = "letter") -> list[str]:
-    """What is scored after the prompt for each option: its letter, or its text."""
+    """What is scored after the prompt for each option: its letter, or its text (space-led after plain text)."""
     if protocol == "letter":
         return list(LETTERS[:len(item.options)])
+    if protocol == "cloze":
+        return [" " + o for o in item.options]
     return [(" " if not lm.use_chat_template else "") + o for o in item.options]
+
+
+def answer_token_ids(lm, item: MCItem, protocol: str = "letter") -> list[int]:
+    """The answer token of each option under a single-position protocol (``letter``, ``cloze``): the first token
+    of its target. Options whose first tokens coincide cannot be told apart there → a clear error."""
+    targets = answer_targets(lm, item, protocol)
+    ids = [lm.candidate_token_id(t) for t in targets]
+    if len(set(ids)) < len(ids):
+        first = [lm.tokenizer.decode([i]) for i in ids]
+        raise BiaslabError(f"item {item.id}: under the {protocol!r} protocol each option is scored by its first token, "
+                           f"but options {list(item.options)} begin with the tokens {first}, which coincide; "
+                           "use the 'letter' protocol for this task")
+    return ids
 
 
 def score_mc(lm, items: list[MCItem], instructions: list[int], *, protocol: str = "letter",
              desc: str = "multiple choice") -> list[dict]:
     """One record per (item, instruction): option log-probs, prediction, gold, and the item's meta fields."""
-    pairs = [(it, i) for it in items for i in instructions]
-    prompts = [prompt_text(lm, it, i, protocol=protocol) for it, i in pairs]
-    if protocol == "letter":
-        scores = lm.next_token_logprobs(prompts, [answer_targets(lm, it, protocol) for it, _ in pairs], desc=desc)
-    elif protocol == "option-loglik":
-        reqs, spans = [], []
-        for (it, _), p in zip(pairs, prompts):
-            spans.append((len(reqs), len(reqs) + len(it.options)))
-            reqs += [(p, t) for t in answer_targets(lm, it, protocol)]
-        ll = lm.loglikelihood(reqs, desc=desc)
-        scores = [[s.logprob for s in ll[a:b]] for a, b in spans]
-    else:
+    if protocol not in PROTOCOLS:
         raise UnknownNameError("multiple-choice protocol", protocol, PROTOCOLS)
+    pairs = [(it, i) for it in items for i in instructions]
+    with protocol_context(lm, protocol):
+        scores = _score_pairs(lm, pairs, protocol, desc)
     out = []
     for (it, i), lp in zip(pairs, scores):
         pred = max(range(len(lp)), key=lambda k: (lp[k], -k))
         out.append({"id": it.id, "instruction": i, "logprobs": [round(x, 6) for x in lp], "pred": pred,
                     "gold": it.gold, "correct": int(pred == it.gold), **it.meta})
     return out
+
+
+def _score_pairs(lm, pairs, protocol: str, desc: str) -> list[list[float]]:
+    prompts = [prompt_text(lm, it, i, protocol=protocol) for it, i in pairs]
+    if protocol in ("letter", "cloze"):
+        if protocol == "cloze":
+            for it in {id(it): it for it, _ in pairs}.values():
+                answer_token_ids(lm, it, protocol)
+        scores = lm.next_token_logprobs(prompts, [answer_targets(lm, it, protocol) for it, _ in pairs], desc=desc)
+    else:
+        reqs, spans = [], []
+        for (it, _), p in zip(pairs, prompts):
+            spans.append((len(reqs), len(reqs) + len(it.options)))
+            reqs += [(p, t) for t in answer_targets(lm, it, protocol)]
+        ll = lm.loglikelihood(reqs, desc=desc)
+        scores = [[s.logprob for s in ll[a:b]] for a, b in spans]
+    return scores
 
 
 # ---------------------------------------------------------------- task loading
@@ -142,7 +200,8 @@ def load_sst2(split: str = "test") -> list[MCItem]:
             raise DataError(path, row["_line"], "label", f"expected 0 or 1, got {row['label']!r}")
         items.append(MCItem(id=f"sst2-{split}-{row['_line']}", options=("negative", "positive"), gold=int(row["label"]),
                             context=row["sentence"], question="What is the sentiment of this movie review?",
-                            meta={"group": "positive" if row["label"] == "1" else "negative", "label": int(row["label"])}))
+                            meta={"group": "positive" if row["label"] == "1" else "negative", "label": int(row["label"])},
+                            cloze="Review: {context}\n{instruction}\nSentiment:"))
     return items
 
 

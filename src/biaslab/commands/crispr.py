@@ -24,6 +24,9 @@ def crispr(
     search_objective: str = typer.Option("accuracy", "--search-objective",
                                          help="dev objective of the search: accuracy (released code) | accuracy+goldprob "
                                               "(accuracy, ties broken by the mean gold-option probability; a deviation)"),
+    protocol: str = typer.Option("letter", "--protocol",
+                                 help="letter (options listed with letters; chat template) | cloze (plain-text completion "
+                                      "prompt, options' first words scored; e.g. SST-2 'Review: … Sentiment:')"),
     sites: str = typer.Option("ffn", "--sites", help="ffn (FFN intermediate neurons) | linear (every linear output unit)"),
     instructions: Optional[int] = typer.Option(None, "--instructions", help="number of instruction paraphrases (1-10; default 10)"),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="test items evaluated (seeded, stratified)"),
@@ -58,7 +61,7 @@ def crispr(
         retention_limit = retention_limit or DEMO["retention_limit"]
     if task is None:
         raise BiaslabError("--task is required (bbq:<Category>, bbq:all or sst2), or use --demo")
-    cfg = CrisprConfig(sites=sites, instructions=instructions or 10, reduce=reduce, objective=objective,
+    cfg = CrisprConfig(sites=sites, protocol=protocol, instructions=instructions or 10, reduce=reduce, objective=objective,
                        confusion_weighting=not no_confusion_weighting,
                        skill_disentanglement=not no_skill_disentanglement, dev_size=dev_size or 20, trials=trials,
                        neurons=neurons, search=search, search_max=search_max, search_dev_limit=search_dev_limit,

@@ -25,8 +25,9 @@ unpruned model) is always evaluated too and wins unless some n beats it on dev. 
 ``search_objective="accuracy+goldprob"``: dev accuracy with ties broken by the mean option-normalised gold
 probability (:func:`search_objective_value`), for models whose dev accuracy is flat in n.
 
-Deviations (named in the patch params): scored by the option letters' next-token probabilities rather than
-greedy generation + exact match (see :mod:`biaslab.tasks`); sites default to FFN intermediate neurons
+Deviations (named in the patch params): scored by the option letters' next-token probabilities (protocol
+``letter``), or by the next-token probability of each option's first word after a plain-text completion prompt
+(protocol ``cloze``), rather than greedy generation + exact match (see :mod:`biaslab.tasks`); sites default to FFN intermediate neurons
 (``sites="linear"`` is the released code's reading); instance aggregate is the mean (the paper's sum divided
 by N, as the code does — the ranking is the same); the search may evaluate a seeded subset of the dev split
 (``search_dev_limit``) to fit CPU budgets.
@@ -46,12 +47,14 @@ from .. import attribution as attr
 from ..errors import BiaslabError, UnknownNameError
 from ..patches import NeuronMaskPatch
 from ..progress import progress_bar
-from ..tasks import INSTRUCTIONS, LETTERS, MCItem, answer_targets, prompt_text, score_mc
+from ..tasks import (INSTRUCTIONS, LETTERS, MCItem, answer_token_ids, prompt_text, protocol_context, protocol_id,
+                     score_mc)
 
 GOLDEN_RATIO = (5 ** 0.5 - 1) / 2
 METHOD_ID = "crispr.v1"
 CONVENTIONS = {"logprob": "logp-alpha", "prob": "p-alpha"}
 SEARCH_OBJECTIVES = ("accuracy", "accuracy+goldprob")
+ATTRIBUTION_PROTOCOLS = ("letter", "cloze")   # one answer position per prompt (tasks.py)
 # prompt layout of biaslab.tasks.render_mc (v2: instruction after the item, commit 9ea39bb); part of every cache key
 # and protocol id, so runs made with another layout are never reused
 PROMPT_LAYOUT = "v2"
@@ -61,7 +64,7 @@ PROMPT_LAYOUT = "v2"
 class CrisprConfig:
     sites: str = "ffn"                    # "ffn" | "linear"
     instructions: int = 10                # the first M of the ten instructions
-    protocol: str = "letter"              # attribution needs single-token answers: the letter protocol
+    protocol: str = "letter"              # attribution needs one answer position: letter | cloze (tasks.py)
     span: str = "all"                     # positions reduced over: all | prompt | answer
     reduce: str = "max"                   # max (paper) | mean (ablation)
     objective: str = "logprob"            # logprob → convention logp-alpha (code); prob → p-alpha (paper literal)
@@ -87,9 +90,9 @@ class CrisprConfig:
             raise UnknownNameError("site kind", self.sites, SITE_KINDS)
         if not 1 <= self.instructions <= len(INSTRUCTIONS):
             raise BiaslabError(f"--instructions must be between 1 and {len(INSTRUCTIONS)}, got {self.instructions}")
-        if self.protocol != "letter":
-            raise BiaslabError("CRISPR attribution needs a single answer token per option: use the 'letter' protocol "
-                               f"(got {self.protocol!r})")
+        if self.protocol not in ATTRIBUTION_PROTOCOLS:
+            raise BiaslabError("CRISPR attribution needs a single answer token per option: use the protocol "
+                               f"{' or '.join(map(repr, ATTRIBUTION_PROTOCOLS))} (got {self.protocol!r})")
         attr.check_options(span=self.span, reduce=self.reduce, objective=self.objective)
         if self.reduce == "sum":
             raise BiaslabError("CRISPR reduces token positions by 'max' (paper) or 'mean' (ablation), not 'sum'")
@@ -193,8 +196,9 @@ def bias_scores(lm, items: Sequence[MCItem], instructions: Sequence[int], cfg: C
     with progress_bar(len(items) * len(instructions), desc) as advance:
         for i in instructions:
             per_instr = {s.name: torch.zeros(s.n_units, dtype=torch.float64) for s in site_list}
-            seqs = [lm.encode(prompt_text(lm, it, i, protocol=cfg.protocol)) for it in items]
-            cands = [[lm.candidate_token_id(t) for t in answer_targets(lm, it, cfg.protocol)] for it in items]
+            with protocol_context(lm, cfg.protocol):
+                seqs = [lm.encode(prompt_text(lm, it, i, protocol=cfg.protocol)) for it in items]
+                cands = [answer_token_ids(lm, it, cfg.protocol) for it in items]
             for batch in attr.token_batches(lm, seqs, cfg.token_budget):
                 with attr.AttributionPass(lm, site_list, [seqs[j] for j in batch], span=cfg.span, reduce=cfg.reduce) as ap:
                     with torch.no_grad():
@@ -332,7 +336,9 @@ def search_objective_value(records: Sequence[dict], objective: str = "accuracy")
 def make_patch(lm, units: dict[str, list[int]], cfg: CrisprConfig, *, provenance: dict, extra: dict | None = None) -> NeuronMaskPatch:
     params = {"method": METHOD_ID, "convention": cfg.convention, **asdict(cfg),
               "n_neurons": sum(len(v) for v in units.values()),
-              "deviations": ["letter-probability scoring instead of generation + exact match",
+              "deviations": [("letter-probability" if cfg.protocol == "letter" else
+                              "cloze (first option-word token, plain-text prompt)")
+                             + f" scoring ({protocol_id(cfg.protocol)}) instead of generation + exact match",
                              f"sites={cfg.sites} ({'FFN intermediate neurons' if cfg.sites == 'ffn' else 'every linear output unit, as the released code'})",
                              "instance aggregate = mean (paper's sum / N)"]
               + (["n search: dev accuracy with ties broken by the mean option-normalised gold probability"]
@@ -628,7 +634,7 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
     test_items = sample_items(test, test_limit, test_seed)
     instr = list(range(cfg.instructions))
     eval_args = {"model": lm.spec, "fingerprint": lm.fingerprint, "task": task_name,
-                 "protocol": f"tasks.{cfg.protocol}.{PROMPT_LAYOUT}",
+                 "protocol": protocol_id(cfg.protocol),
                  "instructions": instr, "test_ids_hash": ids_hash(test_items)}
     metrics = task_metrics(task_name)
 
@@ -708,7 +714,7 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
         "patch": {**patch.describe(), "n_neurons": patch.n_neurons, "file": "patch.safetensors",
                   "neurons_per_layer": {str(k): per_layer[k] for k in sorted(per_layer)}},
         "evaluation": {"split": "test (held out from attribution and search)", "n_test_items": len(test_items),
-                       "test_seed": test_seed, "instructions": instr, "protocol": f"tasks.{cfg.protocol}.{PROMPT_LAYOUT}",
+                       "test_seed": test_seed, "instructions": instr, "protocol": protocol_id(cfg.protocol),
                        "test_ids_hash": ids_hash(test_items), "n_boot": n_boot,
                        "ci": "paired bootstrap over items (all instructions of an item resampled together), 95 %"},
         "metrics": summary_metrics, "control": control, "retention": ret,

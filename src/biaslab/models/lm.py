@@ -10,6 +10,7 @@ numbers independent of padding side and batch size (up to float noise), which th
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,17 @@ class LanguageModel:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return text + assistant_prefix
+
+    @contextmanager
+    def plain_text(self):
+        """Within the block prompts are plain text: :meth:`render` applies no chat template and :meth:`encode`
+        adds the tokenizer's own special tokens (the completion-style ``cloze`` task protocol uses this)."""
+        saved = self.use_chat_template
+        self.use_chat_template = False
+        try:
+            yield self
+        finally:
+            self.use_chat_template = saved
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a text. Chat-rendered text already holds its special tokens, so none are added then."""

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# CRISPR on SST-2 under the cloze protocol (tasks.cloze.v1: "Review: <sentence>\n<instruction>\nSentiment:",
+# first option-word token scored, plain text) — the setting where the default model has sentiment skill AND a
+# label prior (dev split: accuracy 0.70, 29 % "positive" answers vs 45 % positive gold; sst2_cloze_dev_pilot.py).
+# Pre-specified before any test item was scored (session 3, 2026-12-01): 3 instructions, attribution on 20 dev
+# instances (the defaults), golden-section search of n in [0, 500] on the whole dev split (183 items) with the
+# released code's objective (dev accuracy), 600 held-out test items, 3 random-control seeds, retention on 100 items.
+# Then (step 2) the chosen patch, unchanged, on the same 600 test items under all 10 instructions (before/after).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 BIASLAB_PROGRESS=0
+nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task sst2 --protocol cloze \
+    --instructions 3 --search --search-max 500 --test-limit 600 --control-seeds 3 --retention-limit 100 \
+    --out runs/crispr-cloze-sst2
+# -> experiments/crispr/instructions_crispr-cloze-sst2.json
+nice -n 5 .venv/bin/python experiments/crispr/second_instruction.py --run runs/crispr-cloze-sst2 --add 3 4 5 6 7 8 9 \
+    --threads 2

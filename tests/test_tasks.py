@@ -1,0 +1,81 @@
+"""Task protocols (biaslab.tasks): the cloze protocol's prompt, its plain-text scoring, and its errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from biaslab.errors import BiaslabError, UnknownNameError
+from biaslab.mitigations import crispr as C
+from biaslab.tasks import (DEFAULT_CLOZE, INSTRUCTIONS, MCItem, answer_token_ids, load_sst2, prompt_text, protocol_id,
+                           render_mc, score_mc)
+
+
+def _sst(text="a warm, funny film", gold=1):
+    return MCItem(id="s", options=("negative", "positive"), gold=gold, context=text, question="Sentiment?",
+                  cloze="Review: {context}\n{instruction}\nSentiment:")
+
+
+def test_protocol_ids_are_versioned():
+    assert protocol_id("letter") == "tasks.letter.v2"
+    assert protocol_id("option-loglik") == "tasks.option-loglik.v2"
+    assert protocol_id("cloze") == "tasks.cloze.v1"
+    with pytest.raises(UnknownNameError, match="Did you mean 'cloze'"):
+        protocol_id("clozee")
+
+
+def test_cloze_prompt_is_plain_text_item_then_instruction(tiny_lm):
+    it = _sst()
+    want = f"Review: a warm, funny film\n{INSTRUCTIONS[3]}\nSentiment:"
+    assert render_mc(it, INSTRUCTIONS[3], protocol="cloze") == want
+    assert tiny_lm.use_chat_template
+    assert prompt_text(tiny_lm, it, 3, protocol="cloze") == want          # never wrapped in the chat template
+    assert "<|im_start|>" in prompt_text(tiny_lm, it, 3, protocol="letter")
+    plain = MCItem(id="p", options=("yes", "no"), gold=0, context="C.", question="Q?")
+    assert render_mc(plain, "Do it.", protocol="cloze") == DEFAULT_CLOZE.format(context="C.", question="Q?",
+                                                                               instruction="Do it.")
+    # the vendored SST-2 items carry their cloze form
+    assert render_mc(load_sst2("dev")[0], "I.", protocol="cloze").endswith("\nI.\nSentiment:")
+
+
+def test_cloze_scores_equal_a_hand_forward_without_chat_template(tiny_lm):
+    items = [_sst("a warm, funny film", 1), _sst("a dull, long mess", 0)]
+    recs = score_mc(tiny_lm, items, [0, 2], protocol="cloze")
+    assert tiny_lm.use_chat_template  # restored after scoring
+    tok = tiny_lm.tokenizer
+    cand = [tok(" negative", add_special_tokens=False).input_ids[0], tok(" positive", add_special_tokens=False).input_ids[0]]
+    assert answer_token_ids(tiny_lm, items[0], "cloze") == cand
+    for r, (it, i) in zip(recs, [(it, i) for it in items for i in (0, 2)]):
+        text = f"Review: {it.context}\n{INSTRUCTIONS[i]}\nSentiment:"
+        ids = torch.tensor([tok(text, add_special_tokens=True).input_ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(tiny_lm.model(input_ids=ids).logits[0, -1].float(), -1)
+        assert r["logprobs"] == pytest.approx([float(lp[c]) for c in cand], abs=1e-4)
+        assert r["pred"] == int(lp[cand[1]] > lp[cand[0]]) and r["gold"] == it.gold and r["instruction"] == i
+
+
+def test_cloze_refuses_options_with_the_same_first_token(tiny_lm):
+    it = MCItem(id="bbq-7", options=("The grandfather", "The grandson", "Unknown"), gold=2, context="c", question="q")
+    with pytest.raises(BiaslabError, match=r"bbq-7.*coincide.*'letter'"):
+        score_mc(tiny_lm, [it], [0], protocol="cloze")
+    with pytest.raises(UnknownNameError, match="multiple-choice protocol"):
+        score_mc(tiny_lm, [it], [0], protocol="greedy")
+
+
+def test_plain_text_restores_the_chat_template_setting_on_error(tiny_lm):
+    with pytest.raises(RuntimeError):
+        with tiny_lm.plain_text():
+            assert not tiny_lm.use_chat_template
+            raise RuntimeError("boom")
+    assert tiny_lm.use_chat_template
+
+
+def test_crispr_attribution_under_cloze(tiny_lm):
+    items = [_sst(f"review {k}", k % 2) for k in range(4)]
+    cfg = C.CrisprConfig(protocol="cloze", neurons=3, instructions=2).validate()
+    sc, st = C.bias_scores(tiny_lm, items, [0, 1], cfg)
+    assert st.n_instances == 8 and all(torch.isfinite(v).all() for v in sc.values())
+    # the records CRISPR's search and evaluation score agree with the attribution pass's own option log-probs
+    recs = score_mc(tiny_lm, items, [0, 1], protocol="cloze")
+    assert st.dev_accuracy == pytest.approx(sum(r["correct"] for r in recs) / len(recs))
+    with pytest.raises(BiaslabError, match="'letter' or 'cloze'"):
+        C.CrisprConfig(protocol="option-loglik", neurons=3).validate()
