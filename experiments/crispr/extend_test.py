@@ -6,7 +6,13 @@ on the new items too.
 Also the constant-answer check: CRISPR minus answering its most frequent letter everywhere.
 Writes experiments/crispr/extended_<run>.json.
 
-Run: ``nice -n 10 .venv/bin/python experiments/crispr/extend_test.py --run runs/crispr-v2-bbq-age --limit 600``"""
+``--fresh K``: a CONFIRMATORY replication instead — ``--limit`` new test items drawn (stratified, seed
+``--fresh-seed``) from the held-out test split minus every item of the K-item sample an earlier extension scored
+(which includes the run's own items), so none of them was ever scored; before / after / controls are all scored
+anew on them and nothing of the run's records is reused. Writes experiments/crispr/confirm_<run>.json.
+
+Run: ``nice -n 10 .venv/bin/python experiments/crispr/extend_test.py --run runs/crispr-v2-bbq-age --limit 600``
+or ``… --run experiments/crispr/bbq_age --fresh 600 --limit 600 --control-seeds 3 --threads 2``"""
 from __future__ import annotations
 
 import argparse
@@ -23,8 +29,11 @@ def main() -> None:
     ap.add_argument("--run", default="runs/crispr-v2-bbq-age")
     ap.add_argument("--limit", type=int, default=600)
     ap.add_argument("--control-seeds", type=int, default=0)
+    ap.add_argument("--fresh", type=int, default=0, help="exclude the first K-item sample; score new items only")
+    ap.add_argument("--fresh-seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
     from biaslab import attribution as attr
     from biaslab import stats
@@ -36,19 +45,29 @@ def main() -> None:
     fr = open_run(args.run)
     run, lm, patch, task, cfg = fr.path, fr.lm, fr.patch, fr.task, fr.cfg
     orig = fr.test_items
-    big = C.sample_items(fr.test, args.limit, fr.args["test_seed"])
-    have = {it.id for it in orig}
-    assert have <= {it.id for it in big}, "the run's test items are not a subset of the larger sample"
-    new = [it for it in big if it.id not in have]
+    if args.fresh:
+        seen = C.sample_items(fr.test, args.fresh, fr.args["test_seed"])
+        have = {it.id for it in seen}
+        assert {it.id for it in orig} <= have, "the run's test items are not inside the excluded sample"
+        pool = [it for it in fr.test if it.id not in have]
+        big = new = C.sample_items(pool, args.limit, args.fresh_seed)
+        load = lambda name: []  # noqa: E731 - nothing earlier is reused: every record is scored anew
+        ext = Path("runs") / f"confirm_{run.name}"
+    else:
+        big = C.sample_items(fr.test, args.limit, fr.args["test_seed"])
+        have = {it.id for it in orig}
+        assert have <= {it.id for it in big}, "the run's test items are not a subset of the larger sample"
+        new = [it for it in big if it.id not in have]
+        load = fr.records
+        ext = run / "extended"
     instr = fr.summary["evaluation"]["instructions"]
-    load = fr.records
 
-    ext = run / "extended"
     rb = RunDir(ext / "before", {"items": C.ids_hash(new), "instructions": instr, "patch": None})
     ra = RunDir(ext / "after", {"items": C.ids_hash(new), "instructions": instr, "patch": patch.describe()})
     before = load("before") + C.score_resumable(lm, new, instr, protocol=cfg.protocol, run=rb, desc="before+")
     after = load("after") + C.score_resumable(lm, new, instr, protocol=cfg.protocol, run=ra, patch=patch, desc="after+")
     res = {"run": str(run), "task": task, "post_hoc": True, "n_test_items": len(big), "n_new_items": len(new),
+           "confirmatory_fresh_items": bool(args.fresh), "excluded_sample": args.fresh or None,
            "instructions": instr, "n_neurons": patch.n_neurons, "test_ids_hash": C.ids_hash(big), "metrics": {}}
     for m in C.task_metrics(task):
         b = stats.paired_bootstrap(before, after, C.per_instruction(m.fn), n_boot=1000, seed=0)
@@ -82,7 +101,7 @@ def main() -> None:
                                     "delta": b["delta"], "delta_ci95": b["delta_ci95"], "p": b["p"]}
     res["answer_shares"] = {name: {"ABCDEFGH"[k]: v / len(rs) for k, v in sorted(Counter(r["pred"] for r in rs).items())}
                             for name, rs in (("before", before), ("after", after))}
-    out = Path(__file__).resolve().parent / f"extended_{run.name}.json"
+    out = Path(__file__).resolve().parent / f"{'confirm' if args.fresh else 'extended'}_{run.name}.json"
     atomic_write_json(out, clean_nan(res))
     print(json.dumps(clean_nan(res), indent=1))
 

@@ -1,4 +1,5 @@
-"""Reopen a finished ``biaslab mitigate crispr`` run directory for a post-hoc analysis: its arguments, summary,
+"""Reopen a finished ``biaslab mitigate crispr`` run directory (or a committed experiment folder holding its
+``summary.json`` and ``patch.safetensors``) for a post-hoc analysis: its arguments, summary,
 model, patch, config and the exact held-out test items it evaluated (checked against the summary's hash).
 Shared by ``extend_test.py`` and ``second_instruction.py``; imported as a sibling module (run the scripts as
 ``python experiments/crispr/<script>.py``)."""
@@ -35,11 +36,18 @@ def open_run(path) -> FinishedRun:
     from biaslab.tasks import load_task
 
     run = Path(path)
-    args = json.loads((run / "manifest.json").read_text())["args"]
     summary = json.loads((run / "summary.json").read_text())
+    patch = load_patch(run / "patch.safetensors")
+    if (run / "manifest.json").is_file():
+        args = json.loads((run / "manifest.json").read_text())["args"]
+    else:  # a committed experiment folder (summary.json + patch.safetensors): the arguments are in those two
+        fields = set(C.CrisprConfig.__dataclass_fields__)
+        ev = summary["evaluation"]
+        args = {"model": summary["model"]["spec"], "task": summary["task"],
+                "config": {k: v for k, v in patch.params.items() if k in fields},
+                "test_limit": ev["n_test_items"], "test_seed": ev["test_seed"]}
     lm = load_model(args["model"])
     lm.progress = False
-    patch = load_patch(run / "patch.safetensors")
     task, items = load_task(args["task"])
     cfg = C.CrisprConfig(**{**args["config"], "search": False, "neurons": 0})
     _, test = C.split_dev_test(items, dev_fraction=cfg.dev_fraction, seed=cfg.split_seed)

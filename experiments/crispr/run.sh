@@ -29,3 +29,8 @@ nice -n 10 .venv/bin/python experiments/crispr/second_instruction.py --run runs/
 # 6. POST-HOC (decided after seeing step 2's CI include 0): the same BBQ patch and controls on 600 test items
 nice -n 10 .venv/bin/python experiments/crispr/extend_test.py --run runs/crispr-v2-bbq-age --limit 600 --control-seeds 3
 .venv/bin/python experiments/crispr/collect.py
+# 7. CONFIRMATORY (session 3, 2026-12-01; pre-specified before scoring: primary = accuracy, success = the 95 % CIs of
+#    after - before and of CRISPR - control both exclude 0): the committed BBQ-Age patch and its 3 controls, unchanged,
+#    on 600 test items never scored before (the test split minus step 6's 600-item sample; seed 1)
+nice -n 10 .venv/bin/python experiments/crispr/extend_test.py --run experiments/crispr/bbq_age --fresh 600 --limit 600 \
+    --control-seeds 3 --threads 2

@@ -8,15 +8,16 @@ An :class:`MCItem` is context + question + options + gold. A task is posed under
   the option letters.
 - ``option-loglik``: options listed without letters; log-likelihood of each option's text as the answer
   (summed over its tokens), argmax.
-- ``cloze`` (``tasks.cloze.v1``): a completion-style prompt in plain text — the instruction, then the item in
-  its task's cloze form (SST-2: ``Review: <sentence>`` / ``Sentiment:``), never wrapped in the chat template
-  — and log P of each option's *first word token* (``" negative"``, ``" positive"``) as the next token. One
-  forward pass and one answer position, like ``letter``, so CRISPR's attribution works with it; the options'
-  first tokens must differ (checked). Why it exists: SmolLM2-135M-Instruct is at chance on SST-2 under the
-  chat-formatted ``letter`` / ``option-loglik`` prompts (0.47 / 0.49 on 120 items of the SST-2 *dev* file,
-  which no task uses) but 0.83 under this completion form, with a label prior (37 % "positive") — the
-  label-bias setting of CRISPR's first version. The options are not listed in the prompt: listing them put
-  the same model back at 0.55–0.63 on those dev items.
+- ``cloze`` (``tasks.cloze.v1``): a completion-style prompt in plain text — the item in its task's cloze form,
+  the instruction, then an answer cue (SST-2: ``Review: <sentence>`` / ``<instruction>`` / ``Sentiment:``),
+  never wrapped in the chat template — and log P of each option's *first word token* (``" negative"``,
+  ``" positive"``) as the next token. One forward pass and one answer position, like ``letter``, so CRISPR's
+  attribution works with it; the options' first tokens must differ (checked). Why it exists: on 120 items of the
+  SST-2 *dev* file (which no task uses; ``experiments/crispr/sst2_prompt_forms.py``) SmolLM2-135M-Instruct is at
+  chance under the chat-formatted ``letter`` / ``option-loglik`` prompts (0.47 / 0.49) but has sentiment skill
+  in completion form: 0.71 in this layout (item first, as layout v2 of the other protocols), with a label prior
+  (24 % "positive" answers) — the label-bias setting of CRISPR's first version; 0.83 with the instruction
+  first, nearly without a prior. Listing the options in the prompt puts the model back at 0.55–0.63.
 
 Deviation from the released CRISPR code: it scores by greedy generation + exact match on Flan-T5; biaslab
 scores the answer distribution directly (a causal instruct model rarely emits an option verbatim), so the
