@@ -13,8 +13,11 @@ from pathlib import Path
 from biaslab.runs import read_records
 
 HERE = Path(__file__).resolve().parent
-RUNS = {"sst2": Path("runs/crispr-v2-sst2"), "bbq_age": Path("runs/crispr-v2-bbq-age")}
+RUNS = {"sst2": Path("runs/crispr-v2-sst2"), "bbq_age": Path("runs/crispr-v2-bbq-age"),
+        "sst2_cloze": Path("runs/crispr-cloze-sst2")}
 LETTERS = "ABCDEFGH"
+# answers are named by letter, except under the cloze protocol, where the model answers with the option's word
+CLOZE_NAMES = ("negative", "positive")
 
 
 def f(v, d=3):
@@ -25,12 +28,12 @@ def ci(c, d=3):
     return f"[{f(c[0], d)}, {f(c[1], d)}]" if c else "–"
 
 
-def letter_shares(recs: list[dict], key: str = "pred") -> dict[str, float]:
+def letter_shares(recs: list[dict], key: str = "pred", names=LETTERS) -> dict[str, float]:
     c = Counter(r[key] for r in recs)
-    return {LETTERS[k]: round(c[k] / len(recs), 4) for k in sorted(c)} if recs else {}
+    return {names[k]: round(c[k] / len(recs), 4) for k in sorted(c)} if recs else {}
 
 
-def constant_letter_check(before: list[dict], after: list[dict]) -> dict:
+def constant_letter_check(before: list[dict], after: list[dict], names=LETTERS) -> dict:
     """Diagnostic: accuracy of a constant answer per letter on the same test records, and a paired bootstrap of
     CRISPR's accuracy minus the constant answer CRISPR gives most often (picked from its predictions, no labels)."""
     from biaslab import stats
@@ -38,9 +41,9 @@ def constant_letter_check(before: list[dict], after: list[dict]) -> dict:
     n_opt = max(len(r["logprobs"]) for r in before)
     const = {}
     for k in range(n_opt):
-        const[LETTERS[k]] = [{**r, "pred": k, "correct": int(r["gold"] == k)} for r in before]
+        const[names[k]] = [{**r, "pred": k, "correct": int(r["gold"] == k)} for r in before]
     acc = lambda rs: sum(r["correct"] for r in rs) / len(rs)  # noqa: E731
-    maj = LETTERS[Counter(r["pred"] for r in after).most_common(1)[0][0]]
+    maj = names[Counter(r["pred"] for r in after).most_common(1)[0][0]]
     b = stats.paired_bootstrap(const[maj], after, acc, n_boot=1000, seed=0)
     return {"constant_accuracy": {k: acc(v) for k, v in const.items()}, "majority_letter": maj,
             "delta": b["delta"], "delta_ci95": b["delta_ci95"], "p": b["p"]}
@@ -61,10 +64,59 @@ def criteria(s: dict) -> dict:
             "n_instructions": len(s["evaluation"]["instructions"])}
 
 
+def run_section(s: dict, entry: dict, key: str) -> list[str]:
+    """The results.md section of one run, from its summary and its collected entry."""
+    ev = s["evaluation"]
+    shares, letter_diag = entry["answer_letter_shares"], entry["constant_letter_check"]
+    md: list[str] = []
+    srch = s.get("search", {})
+    md += [f"## {s['task']}: n = {s['patch']['n_neurons']} neurons pruned (chosen on dev by golden-section search, "
+           f"objective `{srch.get('objective', 'accuracy')}`), {ev['n_test_items']} test items × "
+           f"{len(ev['instructions'])} instruction(s)", "",
+           "| metric | before ± std(instr.) | after ± std | Δ after−before [95% CI] | random control (per seed) | "
+           "Δ CRISPR−control [95% CI] |", "|---|---|---|---|---|---|"]
+    for name, m in s["metrics"].items():
+        c = s["control"]["metrics"].get(name, {})
+        md.append(f"| {name} | {f(m['before'])} ± {f(m['std_before'])} | {f(m['after'])} ± {f(m['std_after'])} | "
+                  f"{f(m['delta'])} {ci(m['delta_ci95'])} | {f(c.get('value'))} ({', '.join(f(x) for x in c.get('per_seed', []))}) | "
+                  f"{f(c.get('crispr_minus_control'))} {ci(c.get('crispr_minus_control_ci95'))} |")
+    cr = entry["criteria"]
+    md += ["", f"Acceptance checks (accuracy): beats the unpruned model with CI excluding 0: "
+               f"**{cr['beats_before_ci_excludes_0']}**; beats the random control with CI excluding 0: "
+               f"**{cr['beats_control_ci_excludes_0']}**; std over instructions not grown: "
+               f"**{cr['instruction_std_not_grown'] if cr['n_instructions'] > 1 else 'n/a (1 instruction)'}**.", "",
+           "Answer-letter shares on the test records (what the model answers): "
+           + "; ".join(f"{name}: {', '.join(f'{k} {v:.2f}' for k, v in sh.items())}" for name, sh in shares.items()),
+           "",
+           "Is the gain more than a change of answer letter? Accuracy of answering one letter for every test "
+           "record: " + ", ".join(f"always {k} {f(v)}" for k, v in letter_diag["constant_accuracy"].items())
+           + f". CRISPR's most frequent answer is {letter_diag['majority_letter']} (chosen from its predictions, "
+           f"not from the gold labels); CRISPR − always-{letter_diag['majority_letter']}: "
+           f"{f(letter_diag['delta'])} {ci(letter_diag['delta_ci95'])}.", ""]
+    if srch.get("dev_accuracy"):
+        pts = ", ".join(f"{k}: {f(v, 4)}" for k, v in sorted(srch["dev_accuracy"].items(), key=lambda kv: int(kv[0])))
+        what = ("dev accuracy + mean gold probability / (K + 1), K dev records"
+                if srch.get("objective") == "accuracy+goldprob" else "dev accuracy")
+        md += [f"Dev search (n: dev objective = {what}): {pts}", ""]
+    g = entry.get("dev_grid")
+    if g:  # dev-only check of small n the golden-section search skipped (sst2_dev_grid.py)
+        md += [f"Dev grid of small n (same {g['dev_items']} dev items; `sst2_dev_grid.py`): "
+               + ", ".join(f"n={n}: accuracy {f(v['accuracy'])}, gold prob {f(v['gold_prob'], 4)}, answers {v['answers']}"
+                           for n, v in g["grid"].items()) + f"; best n on dev: {g['best_n_on_dev']}.", ""]
+    md += [f"Bias neurons per layer: {s['patch']['neurons_per_layer']}", "",
+           f"Timings (s, one thread on the shared 2-core machine): {s.get('timings_s')}", ""]
+    if s.get("notes"):
+        md += ["Notes: " + " ".join(s["notes"]), ""]
+    return md
+
+
 def main() -> None:
     from biaslab.runs import atomic_write_json, atomic_write_text
 
     out = {"runs": {}, "ablations": {}, "retention": {}, "bench": None}
+    # runs/ is not committed: a run whose directory is gone keeps the entry collected earlier (results.json) and
+    # its committed summary.json, so re-collecting after a later session's runs changes none of the older numbers
+    prev = json.loads((HERE / "results.json").read_text()).get("runs", {}) if (HERE / "results.json").is_file() else {}
     md = ["# CRISPR on SmolLM2-135M-Instruct — results (prompt layout v2)", "",
           "Generated by `experiments/crispr/collect.py` from the runs made by `experiments/crispr/run.sh`. "
           "All numbers are on held-out test items (never seen by attribution or the n search); values are means "
@@ -73,6 +125,11 @@ def main() -> None:
           "neurons as CRISPR pruned there (3 seeds, pooled).", ""]
     for key, run in RUNS.items():
         sp = run / "summary.json"
+        if not sp.is_file() and key in prev and "criteria" in prev[key] and (HERE / key / "summary.json").is_file():
+            s = json.loads((HERE / key / "summary.json").read_text())
+            out["runs"][key] = prev[key]
+            md += run_section(s, out["runs"][key], key)
+            continue
         if not sp.is_file():
             srch = run / "search.json"
             if srch.is_file():  # the dev search chose n = 0: the test evaluation was skipped (after = before)
@@ -100,56 +157,21 @@ def main() -> None:
         for name in ("summary.json", "report.html", "patch.safetensors", "search.json"):
             if (run / name).is_file():
                 shutil.copy2(run / name, dst / name)
-        ev = s["evaluation"]
+        names = CLOZE_NAMES if s["evaluation"]["protocol"].startswith("tasks.cloze") else LETTERS
         recs = {"before": read_records(run / "before"), "after": read_records(run / "after")}
         for k in range(s["control"]["n_seeds"]):
             recs[f"control seed {k}"] = read_records(run / "control" / f"seed{k}")
-        shares = {name: letter_shares(r) for name, r in recs.items()}
-        letter_diag = constant_letter_check(recs["before"], recs["after"])
-        shares["gold"] = letter_shares(recs["before"], "gold")
+        shares = {name: letter_shares(r, names=names) for name, r in recs.items()}
+        letter_diag = constant_letter_check(recs["before"], recs["after"], names)
+        shares["gold"] = letter_shares(recs["before"], "gold", names)
         out["runs"][key] = {k: s[k] for k in ("task", "metrics", "control", "search", "evaluation", "timings_s", "notes")}
         out["runs"][key].update(n_neurons=s["patch"]["n_neurons"], neurons_per_layer=s["patch"]["neurons_per_layer"],
                                 answer_letter_shares=shares, constant_letter_check=letter_diag,
                                 criteria=criteria(s))
-        srch = s.get("search", {})
-        md += [f"## {s['task']}: n = {s['patch']['n_neurons']} neurons pruned (chosen on dev by golden-section search, "
-               f"objective `{srch.get('objective', 'accuracy')}`), {ev['n_test_items']} test items × "
-               f"{len(ev['instructions'])} instruction(s)", "",
-               "| metric | before ± std(instr.) | after ± std | Δ after−before [95% CI] | random control (per seed) | "
-               "Δ CRISPR−control [95% CI] |", "|---|---|---|---|---|---|"]
-        for name, m in s["metrics"].items():
-            c = s["control"]["metrics"].get(name, {})
-            md.append(f"| {name} | {f(m['before'])} ± {f(m['std_before'])} | {f(m['after'])} ± {f(m['std_after'])} | "
-                      f"{f(m['delta'])} {ci(m['delta_ci95'])} | {f(c.get('value'))} ({', '.join(f(x) for x in c.get('per_seed', []))}) | "
-                      f"{f(c.get('crispr_minus_control'))} {ci(c.get('crispr_minus_control_ci95'))} |")
-        cr = out["runs"][key]["criteria"]
-        md += ["", f"Acceptance checks (accuracy): beats the unpruned model with CI excluding 0: "
-                   f"**{cr['beats_before_ci_excludes_0']}**; beats the random control with CI excluding 0: "
-                   f"**{cr['beats_control_ci_excludes_0']}**; std over instructions not grown: "
-                   f"**{cr['instruction_std_not_grown'] if cr['n_instructions'] > 1 else 'n/a (1 instruction)'}**.", "",
-               "Answer-letter shares on the test records (what the model answers): "
-               + "; ".join(f"{name}: {', '.join(f'{k} {v:.2f}' for k, v in sh.items())}" for name, sh in shares.items()),
-               "",
-               "Is the gain more than a change of answer letter? Accuracy of answering one letter for every test "
-               "record: " + ", ".join(f"always {k} {f(v)}" for k, v in letter_diag["constant_accuracy"].items())
-               + f". CRISPR's most frequent answer is {letter_diag['majority_letter']} (chosen from its predictions, "
-               f"not from the gold labels); CRISPR − always-{letter_diag['majority_letter']}: "
-               f"{f(letter_diag['delta'])} {ci(letter_diag['delta_ci95'])}.", ""]
-        if srch.get("dev_accuracy"):
-            pts = ", ".join(f"{k}: {f(v, 4)}" for k, v in sorted(srch["dev_accuracy"].items(), key=lambda kv: int(kv[0])))
-            md += [f"Dev search (n: dev objective = dev accuracy + mean gold probability / (K + 1), K dev records): "
-                   f"{pts}", ""]
         grid = HERE / key / "dev_grid.json"
         if grid.is_file():  # dev-only check of small n the golden-section search skipped (sst2_dev_grid.py)
-            g = json.loads(grid.read_text())
-            out["runs"][key]["dev_grid"] = g
-            md += [f"Dev grid of small n (same {g['dev_items']} dev items; `sst2_dev_grid.py`): "
-                   + ", ".join(f"n={n}: accuracy {f(v['accuracy'])}, gold prob {f(v['gold_prob'], 4)}, answers {v['answers']}"
-                               for n, v in g["grid"].items()) + f"; best n on dev: {g['best_n_on_dev']}.", ""]
-        md += [f"Bias neurons per layer: {s['patch']['neurons_per_layer']}", "",
-               f"Timings (s, one thread on the shared 2-core machine): {s.get('timings_s')}", ""]
-        if s.get("notes"):
-            md += ["Notes: " + " ".join(s["notes"]), ""]
+            out["runs"][key]["dev_grid"] = json.loads(grid.read_text())
+        md += run_section(s, out["runs"][key], key)
     for p in sorted(HERE.glob("instructions_*.json")):
         r = json.loads(p.read_text())
         out.setdefault("instructions", {})[p.stem] = r
