@@ -184,15 +184,23 @@ def main() -> None:
                       f"{f(m['after'])} ({', '.join(f(x) for x in m['per_instruction_after'])}) | {f(m['std_before'])} | "
                       f"{f(m['std_after'])} | {f(m['delta'])} {ci(m['delta_ci95'])} |")
         md.append("")
-    for p in sorted(HERE.glob("extended_*.json")):
+    for p in sorted(HERE.glob("extended_*.json")) + sorted(HERE.glob("confirm_*.json")):
         r = json.loads(p.read_text())
         out.setdefault("extended", {})[p.stem] = r
         cl = r["constant_letter_check"]
-        md += [f"## POST-HOC larger test sample: {r['task']} patch ({r['n_neurons']} neurons), {r['n_test_items']} test "
-               f"items (the run's 200 + {r['n_new_items']} more from the same held-out split)", "",
-               "Decided after seeing the 200-item result above (whose CI included 0); the 200-item run remains the "
-               "pre-specified result. Nothing is re-fitted; the random controls are the run's (same seeds and units).", "",
-               "| metric | before | after | Δ [95% CI] | random control (per seed) | Δ CRISPR−control [95% CI] |",
+        if r.get("confirmatory_fresh_items"):
+            md += [f"## CONFIRMATORY replication on fresh test items: {r['task']} patch ({r['n_neurons']} neurons), "
+                   f"{r['n_test_items']} held-out test items never scored before", "",
+                   f"Pre-specified before scoring (session 3): the committed patch and its random controls (same seeds "
+                   f"and units), unchanged, on items of the held-out test split outside the {r['excluded_sample']}-item "
+                   "sample of the post-hoc extension (which holds the run's own 200); primary = accuracy, success = "
+                   "the 95 % CIs of after − before and of CRISPR − control both exclude 0.", ""]
+        else:
+            md += [f"## POST-HOC larger test sample: {r['task']} patch ({r['n_neurons']} neurons), {r['n_test_items']} test "
+                   f"items (the run's 200 + {r['n_new_items']} more from the same held-out split)", "",
+                   "Decided after seeing the 200-item result above (whose CI included 0); the 200-item run remains the "
+                   "pre-specified result. Nothing is re-fitted; the random controls are the run's (same seeds and units).", ""]
+        md += ["| metric | before | after | Δ [95% CI] | random control (per seed) | Δ CRISPR−control [95% CI] |",
                "|---|---|---|---|---|---|"]
         for name, m in r["metrics"].items():
             c = r.get("control", {}).get("metrics", {}).get(name, {})
