@@ -349,3 +349,24 @@ def test_empty_patch_reuses_the_unpatched_records(tiny_lm, tmp_path):
     assert s2["metrics"]["accuracy"]["after"] == s["metrics"]["accuracy"]["after"]
     n_after = sum(1 for line in (tmp_path / "run" / "after" / "records.jsonl").read_text().splitlines() if '"pred"' in line)
     assert n_after == 36 * 2  # 36 test items × 2 instructions, once
+
+
+def test_demo_preset_uses_cloze_on_sst2_only(monkeypatch):
+    from typer.testing import CliRunner
+
+    from biaslab.cli import app
+
+    seen = {}
+
+    def fake_run(model, task, *, out, config, **kw):
+        seen[task] = config.validate()
+        raise BiaslabError("stop here")
+    monkeypatch.setattr(C, "run", fake_run)
+    CliRunner().invoke(app, ["mitigate", "crispr", "--demo", "--out", "/tmp/x"])
+    CliRunner().invoke(app, ["mitigate", "crispr", "--demo", "--task", "bbq:Age", "--out", "/tmp/x"])
+    CliRunner().invoke(app, ["mitigate", "crispr", "--task", "sst2", "--neurons", "2", "--out", "/tmp/x"])
+    assert seen["sst2"].protocol == "letter"  # the last call: no --demo → the default protocol
+    assert seen["bbq:Age"].protocol == "letter" and seen["bbq:Age"].search
+    CliRunner().invoke(app, ["mitigate", "crispr", "--demo", "--out", "/tmp/x"])
+    d = seen["sst2"]
+    assert (d.protocol, d.instructions, d.search_max, d.search_dev_limit) == ("cloze", 3, 16, 60)

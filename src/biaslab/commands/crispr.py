@@ -24,9 +24,10 @@ def crispr(
     search_objective: str = typer.Option("accuracy", "--search-objective",
                                          help="dev objective of the search: accuracy (released code) | accuracy+goldprob "
                                               "(accuracy, ties broken by the mean gold-option probability; a deviation)"),
-    protocol: str = typer.Option("letter", "--protocol",
-                                 help="letter (options listed with letters; chat template) | cloze (plain-text completion "
-                                      "prompt, options' first words scored; e.g. SST-2 'Review: … Sentiment:')"),
+    protocol: Optional[str] = typer.Option(None, "--protocol",
+                                           help="letter (default; options listed with letters, chat template) | cloze "
+                                                "(plain-text completion prompt, options' first words scored; e.g. SST-2 "
+                                                "'Review: … Sentiment:')"),
     sites: str = typer.Option("ffn", "--sites", help="ffn (FFN intermediate neurons) | linear (every linear output unit)"),
     instructions: Optional[int] = typer.Option(None, "--instructions", help="number of instruction paraphrases (1-10; default 10)"),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="test items evaluated (seeded, stratified)"),
@@ -40,8 +41,9 @@ def crispr(
                                   help="logprob (convention logp-alpha, released code) | prob (p-alpha, paper literal)"),
     retention: bool = typer.Option(True, "--retention/--no-retention", help="re-run crows, stereoset, retention before/after"),
     retention_limit: Optional[int] = typer.Option(None, "--retention-limit", help="items per retention benchmark (default 50)"),
-    demo: bool = typer.Option(False, "--demo", help="the `make demo` preset: sst2, 2 instructions, 16 dev instances, short search "
-                              "n ∈ [0, 16] on 10 dev items, 50 test items, 3 control seeds, retention limit 20"),
+    demo: bool = typer.Option(False, "--demo", help="the `make demo` preset: sst2 under the cloze protocol, 3 instructions, 20 dev "
+                              "instances, short search n ∈ [0, 16] on 60 dev items, 100 test items, 3 control seeds, "
+                              "retention limit 20"),
     n_boot: int = typer.Option(1000, "--n-boot"),
     force: bool = typer.Option(False, "--force", help="overwrite a run made with different arguments"),
 ):
@@ -50,6 +52,7 @@ def crispr(
 
     if demo:
         task = task or DEMO["task"]
+        protocol = protocol or (DEMO["protocol"] if task == DEMO["task"] else None)
         instructions = instructions or DEMO["instructions"]
         test_limit = test_limit or DEMO["test_limit"]
         if neurons is None and not search:
@@ -61,7 +64,7 @@ def crispr(
         retention_limit = retention_limit or DEMO["retention_limit"]
     if task is None:
         raise BiaslabError("--task is required (bbq:<Category>, bbq:all or sst2), or use --demo")
-    cfg = CrisprConfig(sites=sites, protocol=protocol, instructions=instructions or 10, reduce=reduce, objective=objective,
+    cfg = CrisprConfig(sites=sites, protocol=protocol or "letter", instructions=instructions or 10, reduce=reduce, objective=objective,
                        confusion_weighting=not no_confusion_weighting,
                        skill_disentanglement=not no_skill_disentanglement, dev_size=dev_size or 20, trials=trials,
                        neurons=neurons, search=search, search_max=search_max, search_dev_limit=search_dev_limit,

@@ -498,8 +498,10 @@ DEFAULT_RETENTION = ("crows", "stereoset", "retention")
 # `make demo`: the full loop sized for ≤ 10 min on 2 idle CPU cores — 16 dev instances for attribution, a short
 # golden-section search (n ∈ [0, 16] on 10 dev items) instead of [0, 500] on the whole dev split; 50 test
 # items × 2 instructions; 3 control seeds; retention on 20 items per benchmark.
-DEMO = {"task": "sst2", "instructions": 2, "test_limit": 50, "search": True, "search_max": 16, "search_dev_limit": 10,
-        "dev_size": 16, "trials": 1, "control_seeds": 3, "retention_limit": 20}
+# `make demo`: SST-2 label bias under the cloze protocol (the form in which the default model has sentiment skill
+# and a label prior), small enough for ≤ 10 minutes on 2 CPU cores
+DEMO = {"task": "sst2", "protocol": "cloze", "instructions": 3, "test_limit": 100, "search": True, "search_max": 16,
+        "search_dev_limit": 60, "dev_size": 20, "trials": 1, "control_seeds": 3, "retention_limit": 20}
 
 
 def score_resumable(lm, items: Sequence[MCItem], instructions: Sequence[int], *, protocol: str, run=None,
@@ -567,7 +569,7 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
     from ..runs import RunDir, atomic_write_json, clean_nan
     from ..tasks import load_task
 
-    cfg = (config or CrisprConfig(neurons=DEMO["neurons"])).validate()
+    cfg = (config or CrisprConfig(neurons=10)).validate()
     if control_seeds < 0:
         raise BiaslabError(f"--control-seeds must be ≥ 0, got {control_seeds}")
     if test_limit is not None and test_limit <= 0:
