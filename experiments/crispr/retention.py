@@ -1,9 +1,10 @@
 """Retention of a CRISPR patch: CrowS-Pairs, StereoSet (SS, LMS, ICAT) and retention (perplexity, known facts)
 before / after, paired-bootstrap CIs, compared with the unpatched model's own CI width; plus the other task's
-accuracy (the BBQ-Age patch on held-out SST-2 test items).
+accuracy (the BBQ-Age patch on held-out SST-2 test items; the SST-2 patch on held-out BBQ-Age items).
 Writes experiments/crispr/retention_<name>.json.
 
-Run: ``nice -n 10 .venv/bin/python experiments/crispr/retention.py --run runs/crispr-v2-bbq-age --limit 40``"""
+Run: ``nice -n 10 .venv/bin/python experiments/crispr/retention.py --run runs/crispr-v2-bbq-age --limit 40``
+or ``… --run runs/crispr-cloze-sst2 --from-summary --other-task bbq:Age --other-limit 200 --threads 2``"""
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,13 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--other-task", default="sst2")
     ap.add_argument("--other-limit", type=int, default=40)
+    ap.add_argument("--other-protocol", default="letter")
+    ap.add_argument("--from-summary", action="store_true",
+                    help="take the benchmarks' before/after from the run's summary.json (its in-run retention) "
+                         "instead of re-scoring them; only the other task is scored")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
     from biaslab import stats
     from biaslab.mitigations import crispr as C
@@ -35,16 +41,22 @@ def main() -> None:
     lm.progress = False
     patch = load_patch(run / "patch.safetensors")
     res = {"patch": str(run / "patch.safetensors"), "n_neurons": patch.n_neurons, "limit": args.limit}
-    res["benchmarks"] = C.retention_report(lm, patch, C.DEFAULT_RETENTION, limit=args.limit, out=run / "retention_exp",
-                                           n_boot=1000)
+    if args.from_summary:
+        summary = json.loads((run / "summary.json").read_text())
+        res["benchmarks"] = summary["retention"]
+        res["limit"] = summary.get("retention_limit") or max(s["n_items"] for s in summary["retention"].values())
+    else:
+        res["benchmarks"] = C.retention_report(lm, patch, C.DEFAULT_RETENTION, limit=args.limit,
+                                               out=run / "retention_exp", n_boot=1000)
     # other task: held-out SST-2 test items (split seed 0, stratified sample seed 0), same instructions as the patch
     instr = list(range(patch.params["instructions"]))
     task, items = load_task(args.other_task)
     _, test = C.split_dev_test(items)
     its = C.sample_items(test, args.other_limit, 0)
-    before = C.score_resumable(lm, its, instr, protocol="letter", desc="other before")
-    after = C.score_resumable(lm, its, instr, protocol="letter", patch=patch, desc="other after")
-    res["other_task"] = {"task": task, "n_items": len(its), "instructions": instr, "metrics": {}}
+    before = C.score_resumable(lm, its, instr, protocol=args.other_protocol, desc="other before")
+    after = C.score_resumable(lm, its, instr, protocol=args.other_protocol, patch=patch, desc="other after")
+    res["other_task"] = {"task": task, "n_items": len(its), "instructions": instr, "protocol": args.other_protocol,
+                         "metrics": {}}
     for m in C.task_metrics(task):
         b = stats.paired_bootstrap(before, after, C.per_instruction(m.fn), n_boot=1000, seed=0)
         res["other_task"]["metrics"][m.name] = {k: b[k] for k in ("before", "after", "delta", "delta_ci95", "p")}

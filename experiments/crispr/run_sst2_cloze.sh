@@ -15,3 +15,10 @@ nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task
 # -> experiments/crispr/instructions_crispr-cloze-sst2.json
 nice -n 5 .venv/bin/python experiments/crispr/second_instruction.py --run runs/crispr-cloze-sst2 --add 3 4 5 6 7 8 9 \
     --threads 2
+# 3. the other task under the SST-2 patch: BBQ Age (letter protocol), 200 held-out test items, the patch's 3
+#    instructions; CrowS / StereoSet / retention come from the run's own retention step (100 items each)
+nice -n 5 .venv/bin/python experiments/crispr/retention.py --run runs/crispr-cloze-sst2 --from-summary \
+    --other-task bbq:Age --other-limit 200 --threads 2
+# 4. the prompt forms behind the cloze protocol (SST-2 dev file, no task item)
+nice -n 5 .venv/bin/python experiments/crispr/sst2_prompt_forms.py
+.venv/bin/python experiments/crispr/collect.py
