@@ -30,8 +30,9 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="main run directory (biaslab mitigate crispr --out)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
 
     from biaslab import stats

@@ -19,6 +19,8 @@ nice -n 5 .venv/bin/python experiments/crispr/second_instruction.py --run runs/c
 #    instructions; CrowS / StereoSet / retention come from the run's own retention step (100 items each)
 nice -n 5 .venv/bin/python experiments/crispr/retention.py --run runs/crispr-cloze-sst2 --from-summary \
     --other-task bbq:Age --other-limit 200 --threads 2
-# 4. the prompt forms behind the cloze protocol (SST-2 dev file, no task item)
+# 4. the paper's ablations at the chosen n on the same 600 test items -> experiments/crispr/ablations_sst2.json
+nice -n 5 .venv/bin/python experiments/crispr/ablations.py --run runs/crispr-cloze-sst2 --threads 2
+# 5. the prompt forms behind the cloze protocol (SST-2 dev file, no task item)
 nice -n 5 .venv/bin/python experiments/crispr/sst2_prompt_forms.py
 .venv/bin/python experiments/crispr/collect.py
