@@ -79,3 +79,18 @@ def test_crispr_attribution_under_cloze(tiny_lm):
     assert st.dev_accuracy == pytest.approx(sum(r["correct"] for r in recs) / len(recs))
     with pytest.raises(BiaslabError, match="'letter' or 'cloze'"):
         C.CrisprConfig(protocol="option-loglik", neurons=3).validate()
+
+
+@pytest.mark.integration
+def test_real_model_has_sst2_skill_under_cloze_but_not_letter(real_lm):
+    """The reason the cloze protocol exists (experiments/crispr/sst2_prompt_forms.py): on SST-2 dev-file items the
+    default model is near chance under the chat-formatted letter prompt and well above it in cloze form."""
+    import random
+
+    items = load_sst2("dev")
+    random.Random(0).shuffle(items)
+    items = items[:40]
+    acc = {p: sum(r["correct"] for r in score_mc(real_lm, items, [0], protocol=p)) / len(items)
+           for p in ("letter", "cloze")}
+    assert acc["cloze"] >= 0.6 and acc["cloze"] - acc["letter"] >= 0.1, acc
+    assert real_lm.use_chat_template

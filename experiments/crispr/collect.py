@@ -14,7 +14,7 @@ from biaslab.runs import read_records
 
 HERE = Path(__file__).resolve().parent
 RUNS = {"sst2": Path("runs/crispr-v2-sst2"), "bbq_age": Path("runs/crispr-v2-bbq-age"),
-        "sst2_cloze": Path("runs/crispr-cloze-sst2")}
+        "sst2_cloze": Path("runs/crispr-cloze-sst2"), "sst2_cloze_10instr": Path("runs/crispr-cloze-sst2-10instr")}
 LETTERS = "ABCDEFGH"
 # answers are named by letter, except under the cloze protocol, where the model answers with the option's word
 CLOZE_NAMES = ("negative", "positive")

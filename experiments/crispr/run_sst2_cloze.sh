@@ -23,4 +23,10 @@ nice -n 5 .venv/bin/python experiments/crispr/retention.py --run runs/crispr-clo
 nice -n 5 .venv/bin/python experiments/crispr/ablations.py --run runs/crispr-cloze-sst2 --threads 2
 # 5. the prompt forms behind the cloze protocol (SST-2 dev file, no task item)
 nice -n 5 .venv/bin/python experiments/crispr/sst2_prompt_forms.py
+# 6. the paper's M = 10 (pre-specified after steps 1-2 showed the 3-instruction patch not carrying over to the
+#    other 7 instructions): fit AND evaluate with all 10 instructions; CPU forces 60 dev items per search step,
+#    300 test items and no retention step
+nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task sst2 --protocol cloze \
+    --instructions 10 --search --search-max 500 --search-dev-limit 60 --test-limit 300 --control-seeds 3 \
+    --no-retention --out runs/crispr-cloze-sst2-10instr
 .venv/bin/python experiments/crispr/collect.py
