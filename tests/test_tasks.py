@@ -94,3 +94,9 @@ def test_real_model_has_sst2_skill_under_cloze_but_not_letter(real_lm):
            for p in ("letter", "cloze")}
     assert acc["cloze"] >= 0.6 and acc["cloze"] - acc["letter"] >= 0.1, acc
     assert real_lm.use_chat_template
+
+
+def test_a_bad_cloze_template_is_a_clear_error():
+    it = MCItem(id="x1", options=("no", "yes"), gold=0, context="c", cloze="Text: {contxt}\n{instruction}\nAnswer:")
+    with pytest.raises(BiaslabError, match=r"x1.*cloze template.*\{context\}, \{question\} and \{instruction\}"):
+        render_mc(it, "I.", protocol="cloze")

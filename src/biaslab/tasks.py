@@ -113,7 +113,12 @@ def render_mc(item: MCItem, instruction: str, *, protocol: str = "letter") -> st
         parts.append("Answer options: " + ", ".join(item.options))
         parts += ["", instruction, "Answer with the text of the correct option."]
     elif protocol == "cloze":
-        return (item.cloze or DEFAULT_CLOZE).format(context=item.context, question=item.question, instruction=instruction)
+        template = item.cloze or DEFAULT_CLOZE
+        try:
+            return template.format(context=item.context, question=item.question, instruction=instruction)
+        except (KeyError, IndexError, ValueError) as e:
+            raise BiaslabError(f"item {item.id}: its cloze template {template!r} is not valid ({type(e).__name__}: {e}); "
+                               "it may use only the fields {context}, {question} and {instruction}") from None
     else:
         raise UnknownNameError("multiple-choice protocol", protocol, PROTOCOLS)
     return "\n".join(parts)
