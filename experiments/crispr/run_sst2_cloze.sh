@@ -29,4 +29,10 @@ nice -n 5 .venv/bin/python experiments/crispr/sst2_prompt_forms.py
 nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task sst2 --protocol cloze \
     --instructions 10 --search --search-max 500 --search-dev-limit 60 --test-limit 300 --control-seeds 3 \
     --no-retention --out runs/crispr-cloze-sst2-10instr
+# 7. step 6's golden-section search was steered into n in [17, 45] by a one-record difference on the plateau where
+#    every n >= 8 answers "positive" to everything, and never looked at small n. Dev-only grid of small n on the
+#    very dev items and instructions the search used; rule fixed before looking (as sst2_dev_grid.py in session 2):
+#    if the best grid value beats the search's best, that n is evaluated on test with --neurons, else nothing more
+nice -n 5 .venv/bin/python experiments/crispr/sst2_dev_grid.py --run runs/crispr-cloze-sst2-10instr \
+    --out experiments/crispr/sst2_cloze_10instr/dev_grid.json --grid 1 2 3 4 6 8 --threads 2
 .venv/bin/python experiments/crispr/collect.py
