@@ -370,3 +370,15 @@ def test_demo_preset_uses_cloze_on_sst2_only(monkeypatch):
     CliRunner().invoke(app, ["mitigate", "crispr", "--demo", "--out", "/tmp/x"])
     d = seen["sst2"]
     assert (d.protocol, d.instructions, d.search_max, d.search_dev_limit) == ("cloze", 3, 16, 60)
+
+
+def test_random_control_never_draws_crisprs_units():
+    sizes = {"a": 20}
+    for seed in range(30):
+        plain = C.random_units(sizes, {"a": 3}, seed)
+        excl = C.random_units(sizes, {"a": 3}, seed, exclude={"a": [0, 1, 2, 3, 4]})
+        assert len(excl["a"]) == 3 and not set(excl["a"]) & {0, 1, 2, 3, 4}
+        if not set(plain["a"]) & {0, 1, 2, 3, 4}:
+            assert excl == plain  # a draw that hits no excluded unit is unchanged
+    with pytest.raises(BiaslabError, match="cannot draw 3 control units"):
+        C.random_units({"a": 4}, {"a": 3}, 0, exclude={"a": [0, 1]})

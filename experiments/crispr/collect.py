@@ -14,7 +14,8 @@ from biaslab.runs import read_records
 
 HERE = Path(__file__).resolve().parent
 RUNS = {"sst2": Path("runs/crispr-v2-sst2"), "bbq_age": Path("runs/crispr-v2-bbq-age"),
-        "sst2_cloze": Path("runs/crispr-cloze-sst2"), "sst2_cloze_10instr": Path("runs/crispr-cloze-sst2-10instr")}
+        "sst2_cloze": Path("runs/crispr-cloze-sst2"), "sst2_cloze_10instr": Path("runs/crispr-cloze-sst2-10instr"),
+        "sst2_cloze_10instr_n1": Path("runs/crispr-cloze-sst2-10instr-n1")}
 LETTERS = "ABCDEFGH"
 # answers are named by letter, except under the cloze protocol, where the model answers with the option's word
 CLOZE_NAMES = ("negative", "positive")
@@ -70,9 +71,11 @@ def run_section(s: dict, entry: dict, key: str) -> list[str]:
     shares, letter_diag = entry["answer_letter_shares"], entry["constant_letter_check"]
     md: list[str] = []
     srch = s.get("search", {})
-    md += [f"## {s['task']}: n = {s['patch']['n_neurons']} neurons pruned (chosen on dev by golden-section search, "
-           f"objective `{srch.get('objective', 'accuracy')}`), {ev['n_test_items']} test items × "
-           f"{len(ev['instructions'])} instruction(s)", "",
+    how = ("fixed by --neurons" if srch.get("fixed") else
+           f"chosen on dev by golden-section search, objective `{srch.get('objective', 'accuracy')}`")
+    proto = "" if ev["protocol"].startswith("tasks.letter") else f", protocol `{ev['protocol']}`"
+    md += [f"## {s['task']}: n = {s['patch']['n_neurons']} neurons pruned ({how}), {ev['n_test_items']} test items × "
+           f"{len(ev['instructions'])} instruction(s){proto}", "",
            "| metric | before ± std(instr.) | after ± std | Δ after−before [95% CI] | random control (per seed) | "
            "Δ CRISPR−control [95% CI] |", "|---|---|---|---|---|---|"]
     for name, m in s["metrics"].items():

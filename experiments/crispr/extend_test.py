@@ -74,10 +74,11 @@ def main() -> None:
         res["metrics"][m.name] = {k: b[k] for k in ("before", "after", "delta", "delta_ci95", "p")}
     if args.control_seeds:
         counts = {k: int(v.numel()) for k, v in patch.units.items()}
+        chosen = {k: v.tolist() for k, v in patch.units.items()}
         sizes = {st.name: st.n_units for st in attr.resolve_sites(lm, cfg.sites)}
         pooled = []
         for sd in range(args.control_seeds):
-            cp = NeuronMaskPatch.from_units(lm, C.random_units(sizes, counts, sd), sites=cfg.sites,
+            cp = NeuronMaskPatch.from_units(lm, C.random_units(sizes, counts, sd, exclude=chosen), sites=cfg.sites,
                                             params={"method": "random-control", "seed": sd,
                                                     "matched_to": "crispr site counts"})
             old_c = load(f"control/seed{sd}")

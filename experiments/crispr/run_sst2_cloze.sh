@@ -35,4 +35,11 @@ nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task
 #    if the best grid value beats the search's best, that n is evaluated on test with --neurons, else nothing more
 nice -n 5 .venv/bin/python experiments/crispr/sst2_dev_grid.py --run runs/crispr-cloze-sst2-10instr \
     --out experiments/crispr/sst2_cloze_10instr/dev_grid.json --grid 1 2 3 4 6 8 --threads 2
+# 8. the grid's best n on dev was 1 (0.675 vs 0.630 unpruned), so by step 7's rule: n = 1 on the same 300 test items
+#    (the attribution cache and the unpatched 'before' records are the same computation as step 6's: copied, not redone)
+mkdir -p runs/crispr-cloze-sst2-10instr-n1
+cp runs/crispr-cloze-sst2-10instr/attribution.safetensors runs/crispr-cloze-sst2-10instr-n1/
+cp -r runs/crispr-cloze-sst2-10instr/before runs/crispr-cloze-sst2-10instr-n1/
+nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task sst2 --protocol cloze \
+    --instructions 10 --neurons 1 --test-limit 300 --control-seeds 3 --no-retention --out runs/crispr-cloze-sst2-10instr-n1
 .venv/bin/python experiments/crispr/collect.py

@@ -255,14 +255,23 @@ def top_units(scores: dict[str, torch.Tensor], n: int) -> dict[str, list[int]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def random_units(site_sizes: dict[str, int], counts: dict[str, int], seed: int) -> dict[str, list[int]]:
-    """The random control: for each site, as many uniformly random units as ``counts`` names there (site-matched)."""
+def random_units(site_sizes: dict[str, int], counts: dict[str, int], seed: int,
+                 exclude: dict[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
+    """The random control: for each site, as many uniformly random units as ``counts`` names there (site-matched),
+    never one of ``exclude`` (CRISPR's own units: a control that drew them would be CRISPR, which happened once
+    with a 1-neuron patch, p = 1/1536). The first ``k`` non-excluded units of a seeded permutation, so a draw that
+    hits no excluded unit is the same as without ``exclude``."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name in sorted(counts):
         k = counts[name]
         if k:
-            out[name] = sorted(torch.randperm(site_sizes[name], generator=g)[:k].tolist())
+            skip = set((exclude or {}).get(name, ()))
+            if site_sizes[name] - len(skip) < k:
+                raise BiaslabError(f"site {name}: cannot draw {k} control units outside the {len(skip)} excluded "
+                                   f"of its {site_sizes[name]}")
+            perm = [u for u in torch.randperm(site_sizes[name], generator=g).tolist() if u not in skip]
+            out[name] = sorted(perm[:k])
     return out
 
 
@@ -664,10 +673,11 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
                      "changes nothing), not re-scored")
     after = evaluate("after", patch, before if empty else None)
     counts = {k: int(v.numel()) for k, v in patch.units.items()}
+    chosen = {k: v.tolist() for k, v in patch.units.items()}
     sizes = {s.name: s.n_units for s in attr.resolve_sites(lm, cfg.sites)}
     controls = {}
     for s in range(control_seeds):
-        cp = NeuronMaskPatch.from_units(lm, random_units(sizes, counts, s), sites=cfg.sites,
+        cp = NeuronMaskPatch.from_units(lm, random_units(sizes, counts, s, exclude=chosen), sites=cfg.sites,
                                         params={"method": "random-control", "seed": s, "matched_to": "crispr site counts"})
         controls[s] = evaluate(f"control/seed{s}", cp, before if empty else None)
 
@@ -682,7 +692,8 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
         summary_metrics[m.name] = {**b, "std_before": mv_before[m.name]["std_over_instructions"],
                                    "std_after": mv_after[m.name]["std_over_instructions"],
                                    "description": m.description, "scale": m.scale, "ideal": m.ideal}
-    control = {"n_seeds": control_seeds, "how": "per site, as many uniformly random units as CRISPR pruned there",
+    control = {"n_seeds": control_seeds, "how": "per site, as many uniformly random units as CRISPR pruned there "
+                                                "(never CRISPR's own units)",
                "metrics": {}}
     if controls:
         pooled = [{**r, "control_seed": s} for s, rs in controls.items() for r in rs]
