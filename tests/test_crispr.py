@@ -382,3 +382,17 @@ def test_random_control_never_draws_crisprs_units():
             assert excl == plain  # a draw that hits no excluded unit is unchanged
     with pytest.raises(BiaslabError, match="cannot draw 3 control units"):
         C.random_units({"a": 4}, {"a": 3}, 0, exclude={"a": [0, 1]})
+
+
+def test_search_small_finds_a_peak_that_a_plateau_hides():
+    """The SST-2 10-instruction failure: every large n gives the same constant answer, a one-record blip at n = 28
+    steers golden-section search away, and the peak at n = 2 is never seen — unless 1..K are tried too."""
+    def f(n):
+        return {0: 0.63, 1: 0.675, 2: 0.625, 3: 0.597, 4: 0.598}.get(n, 0.5017 if n == 28 else 0.5)
+
+    n0, s0 = C.choose_n(f, C.CrisprConfig(search=True, search_max=500))
+    assert n0 == 0 and 1 not in s0 and 0 in s0            # what the released search does here
+    n4, s4 = C.choose_n(f, C.CrisprConfig(search=True, search_max=500, search_small=4))
+    assert n4 == 1 and {1, 2, 3, 4} <= set(s4)
+    with pytest.raises(BiaslabError, match="--search-small"):
+        C.CrisprConfig(search=True, search_small=-1).validate()

@@ -28,6 +28,9 @@ def crispr(
                                            help="letter (default; options listed with letters, chat template) | cloze "
                                                 "(plain-text completion prompt, options' first words scored; e.g. SST-2 "
                                                 "'Review: … Sentiment:')"),
+    search_small: int = typer.Option(0, "--search-small",
+                                     help="also try every n in 1..K on dev (a deviation: guards the golden-section "
+                                          "search against plateaus that hide a peak at small n)"),
     sites: str = typer.Option("ffn", "--sites", help="ffn (FFN intermediate neurons) | linear (every linear output unit)"),
     instructions: Optional[int] = typer.Option(None, "--instructions", help="number of instruction paraphrases (1-10; default 10)"),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="test items evaluated (seeded, stratified)"),
@@ -68,7 +71,7 @@ def crispr(
                        confusion_weighting=not no_confusion_weighting,
                        skill_disentanglement=not no_skill_disentanglement, dev_size=dev_size or 20, trials=trials,
                        neurons=neurons, search=search, search_max=search_max, search_dev_limit=search_dev_limit,
-                       search_objective=search_objective)
+                       search_objective=search_objective, search_small=search_small)
     summary = run(model, task, out=out, config=cfg, test_limit=test_limit,
                   control_seeds=3 if control_seeds is None else control_seeds, retention=retention,
                   retention_limit=50 if retention_limit is None else retention_limit, n_boot=n_boot, force=force,

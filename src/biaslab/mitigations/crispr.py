@@ -81,6 +81,7 @@ class CrisprConfig:
     search_tol: int = 4
     search_dev_limit: int | None = None   # dev items scored per search step (None: the whole dev split)
     search_objective: str = "accuracy"    # accuracy (released code) | accuracy+goldprob (tie-break, a deviation)
+    search_small: int = 0                 # also try every n in 1..K on dev (a deviation; guards against plateaus)
     token_budget: int = 1024
 
     def validate(self) -> "CrisprConfig":
@@ -108,6 +109,8 @@ class CrisprConfig:
             raise BiaslabError(f"--neurons must be ≥ 0, got {self.neurons}")
         if self.search_objective not in SEARCH_OBJECTIVES:
             raise UnknownNameError("search objective", self.search_objective, SEARCH_OBJECTIVES)
+        if self.search_small < 0:
+            raise BiaslabError(f"--search-small must be ≥ 0, got {self.search_small}")
         if self.search and (self.search_max < 1 or self.search_tol < 1):
             raise BiaslabError("search bounds: --search-max and the tolerance must be ≥ 1")
         return self
@@ -303,6 +306,21 @@ def golden_section_search(f: Callable[[int], float], lo: int = 0, hi: int = 500,
     return best, cache
 
 
+def choose_n(f: Callable[[int], float], cfg: CrisprConfig) -> tuple[int, dict[int, float]]:
+    """The n search of ``cfg``: golden-section search of ``f`` (the dev objective) over [0, search_max], then the
+    unpruned model (n = 0, always: prune only if it helps on dev) and, with ``search_small = K``, every n in 1..K
+    (a deviation: golden-section search assumes a unimodal objective, and on a plateau — every large n giving the
+    same constant answer — a one-record difference can steer it away from a peak at small n, as happened on SST-2
+    with 10 instructions). Best value wins; ties go to the smaller n. Returns (n, {n: f(n)})."""
+    n, search = golden_section_search(f, 0, cfg.search_max, cfg.search_tol)
+    extra = [k for k in [0, *range(1, min(cfg.search_small, cfg.search_max) + 1)] if k not in search]
+    for k in extra:
+        search[k] = float(f(k))
+    if extra:
+        n = max(search, key=lambda k: (search[k] if not math.isnan(search[k]) else -math.inf, -k))
+    return n, search
+
+
 def accuracy_mean(records: Sequence[dict]) -> float:
     """Accuracy averaged over instructions (the paper's mean accuracy)."""
     by: dict = defaultdict(list)
@@ -351,7 +369,9 @@ def make_patch(lm, units: dict[str, list[int]], cfg: CrisprConfig, *, provenance
                              f"sites={cfg.sites} ({'FFN intermediate neurons' if cfg.sites == 'ffn' else 'every linear output unit, as the released code'})",
                              "instance aggregate = mean (paper's sum / N)"]
               + (["n search: dev accuracy with ties broken by the mean option-normalised gold probability"]
-                 if cfg.search and cfg.search_objective == "accuracy+goldprob" else []), **(extra or {})}
+                 if cfg.search and cfg.search_objective == "accuracy+goldprob" else [])
+              + ([f"n search also tries every n in 1..{cfg.search_small} on dev"]
+                 if cfg.search and cfg.search_small else []), **(extra or {})}
     return NeuronMaskPatch.from_units(lm, units, sites=cfg.sites, params=params, provenance=provenance)
 
 
@@ -398,10 +418,7 @@ def fit_details(lm, items: Sequence[MCItem], cfg: CrisprConfig | None = None, *,
                 on_search_step(n, cache[n], cache)
             return cache[n]
 
-        n, search = golden_section_search(dev_acc, 0, cfg.search_max, cfg.search_tol)
-        if 0 not in search:  # the unpruned model is always a candidate: prune only if it helps on dev
-            search[0] = dev_acc(0)
-            n = max(search, key=lambda k: (search[k] if not math.isnan(search[k]) else -math.inf, -k))
+        n, search = choose_n(dev_acc, cfg)
         search_ids = ids_hash(search_items)
     else:
         n, search_ids = cfg.neurons, None
@@ -601,7 +618,7 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
     dev, test = split_dev_test(items, dev_fraction=cfg.dev_fraction, seed=cfg.split_seed)
     key = hashlib.sha256(json.dumps({k: args[k] for k in ("model", "fingerprint", "task")} | {"layout": PROMPT_LAYOUT} | {
         "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("neurons", "search", "search_max", "search_tol", "search_dev_limit",
-                                                                 "search_objective")}},
+                                                                 "search_objective", "search_small")}},
         sort_keys=True).encode()).hexdigest()
     cached = _load_scores(out / "attribution.safetensors", {"key": key})
     if cached is None:
