@@ -17,8 +17,6 @@ RUNS = {"sst2": Path("runs/crispr-v2-sst2"), "bbq_age": Path("runs/crispr-v2-bbq
         "sst2_cloze": Path("runs/crispr-cloze-sst2"), "sst2_cloze_10instr": Path("runs/crispr-cloze-sst2-10instr"),
         "sst2_cloze_10instr_n1": Path("runs/crispr-cloze-sst2-10instr-n1")}
 LETTERS = "ABCDEFGH"
-# answers are named by letter, except under the cloze protocol, where the model answers with the option's word
-CLOZE_NAMES = ("negative", "positive")
 
 
 def f(v, d=3):
@@ -65,7 +63,17 @@ def criteria(s: dict) -> dict:
             "n_instructions": len(s["evaluation"]["instructions"])}
 
 
-def run_section(s: dict, entry: dict, key: str) -> list[str]:
+def answer_names(s: dict):
+    """How a run's answers are named: by letter, except under the cloze protocol, where the model answers with the
+    option's word (the task's options)."""
+    if not s["evaluation"]["protocol"].startswith("tasks.cloze"):
+        return LETTERS
+    from biaslab.tasks import load_task
+
+    return load_task(s["task"])[1][0].options
+
+
+def run_section(s: dict, entry: dict) -> list[str]:
     """The results.md section of one run, from its summary and its collected entry."""
     ev = s["evaluation"]
     shares, letter_diag = entry["answer_letter_shares"], entry["constant_letter_check"]
@@ -131,7 +139,7 @@ def main() -> None:
         if not sp.is_file() and key in prev and "criteria" in prev[key] and (HERE / key / "summary.json").is_file():
             s = json.loads((HERE / key / "summary.json").read_text())
             out["runs"][key] = prev[key]
-            md += run_section(s, out["runs"][key], key)
+            md += run_section(s, out["runs"][key])
             continue
         if not sp.is_file():
             srch = run / "search.json"
@@ -160,7 +168,7 @@ def main() -> None:
         for name in ("summary.json", "report.html", "patch.safetensors", "search.json"):
             if (run / name).is_file():
                 shutil.copy2(run / name, dst / name)
-        names = CLOZE_NAMES if s["evaluation"]["protocol"].startswith("tasks.cloze") else LETTERS
+        names = answer_names(s)
         recs = {"before": read_records(run / "before"), "after": read_records(run / "after")}
         for k in range(s["control"]["n_seeds"]):
             recs[f"control seed {k}"] = read_records(run / "control" / f"seed{k}")
@@ -174,7 +182,7 @@ def main() -> None:
         grid = HERE / key / "dev_grid.json"
         if grid.is_file():  # dev-only check of small n the golden-section search skipped (sst2_dev_grid.py)
             out["runs"][key]["dev_grid"] = json.loads(grid.read_text())
-        md += run_section(s, out["runs"][key], key)
+        md += run_section(s, out["runs"][key])
     for p in sorted(HERE.glob("instructions_*.json")):
         r = json.loads(p.read_text())
         out.setdefault("instructions", {})[p.stem] = r

@@ -178,8 +178,8 @@ def score_mc(lm, items: list[MCItem], instructions: list[int], *, protocol: str 
 def _score_pairs(lm, pairs, protocol: str, desc: str) -> list[list[float]]:
     prompts = [prompt_text(lm, it, i, protocol=protocol) for it, i in pairs]
     if protocol in ("letter", "cloze"):
-        if protocol == "cloze":
-            for it in {id(it): it for it, _ in pairs}.values():
+        if protocol == "cloze":  # the first-token check depends on the options only: once per distinct option set
+            for it in {it.options: it for it, _ in pairs}.values():
                 answer_token_ids(lm, it, protocol)
         scores = lm.next_token_logprobs(prompts, [answer_targets(lm, it, protocol) for it, _ in pairs], desc=desc)
     else:

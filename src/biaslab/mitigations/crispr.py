@@ -47,17 +47,17 @@ from .. import attribution as attr
 from ..errors import BiaslabError, UnknownNameError
 from ..patches import NeuronMaskPatch
 from ..progress import progress_bar
-from ..tasks import (INSTRUCTIONS, LETTERS, MCItem, answer_token_ids, prompt_text, protocol_context, protocol_id,
-                     score_mc)
+from ..tasks import (INSTRUCTIONS, LETTERS, PROTOCOL_LAYOUTS, MCItem, answer_token_ids, prompt_text, protocol_context,
+                     protocol_id, score_mc)
 
 GOLDEN_RATIO = (5 ** 0.5 - 1) / 2
 METHOD_ID = "crispr.v1"
 CONVENTIONS = {"logprob": "logp-alpha", "prob": "p-alpha"}
 SEARCH_OBJECTIVES = ("accuracy", "accuracy+goldprob")
 ATTRIBUTION_PROTOCOLS = ("letter", "cloze")   # one answer position per prompt (tasks.py)
-# prompt layout of biaslab.tasks.render_mc (v2: instruction after the item, commit 9ea39bb); part of every cache key
-# and protocol id, so runs made with another layout are never reused
-PROMPT_LAYOUT = "v2"
+# prompt layout of biaslab.tasks.render_mc's letter protocol (v2: instruction after the item, commit 9ea39bb); part of
+# every attribution cache key (the config in the key names the protocol), so runs made with another layout are never reused
+PROMPT_LAYOUT = PROTOCOL_LAYOUTS["letter"]
 
 
 @dataclass
