@@ -145,37 +145,43 @@ def model_dims(model) -> dict:
 
 
 class Work:
-    """Counts what the model is fed: real tokens, padded positions, LM-head positions, Σ row length²."""
+    """Counts what the model is fed: real tokens, padded positions, LM-head positions, attention pairs."""
 
     def __init__(self):
         self.reset()
 
     def reset(self):
-        self.calls = self.real = self.padded = self.head = self.sq_real = self.sq_padded = 0
+        self.calls = self.real = self.padded = self.head = 0
+        self.pairs_needed = self.pairs_executed = 0
         self.seq_tokens = 0  # tokens of the scored sequences before prefix sharing (= real when unpacked)
         self.forward_s = 0.0
 
-    def add(self, real_lengths: list[int], width: int, head: int, dt: float):
+    def add(self, real: int, positions: int, head: int, pairs_needed: int, pairs_executed: int, dt: float):
+        """``real`` tokens (trie nodes when packed) in ``positions`` fed positions; attention (query, key)
+        pairs: ``pairs_needed`` = those causal attention must compute (each token with itself and the tokens
+        it sees), ``pairs_executed`` = what the kernels computed (dense over a padded row, or the tree plan's
+        buckets)."""
         self.calls += 1
-        self.real += sum(real_lengths)
-        self.padded += width * len(real_lengths)
+        self.real += real
+        self.padded += positions
         self.head += head
-        self.sq_real += sum(n * n for n in real_lengths)
-        self.sq_padded += width * width * len(real_lengths)
+        self.pairs_needed += pairs_needed
+        self.pairs_executed += pairs_executed
         self.forward_s += dt
 
     def flops(self, dims: dict) -> dict:
         d, V, L, N = dims["hidden"], dims["vocab"], dims["layers"], dims["n_nonembedding"]
         return {"useful": 2 * N * self.real + 2 * d * V * self.head,
                 "executed": 2 * N * self.padded + 2 * d * V * self.head,
-                "attention_useful": 4 * L * d * self.sq_real,
-                "attention_executed": 4 * L * d * self.sq_padded}
+                "attention_useful": 4 * L * d * self.pairs_needed,
+                "attention_executed": 4 * L * d * self.pairs_executed}
 
     def snapshot(self) -> dict:
         return {"forward_calls": self.calls, "real_tokens": self.real, "padded_positions": self.padded,
                 "lm_head_positions": self.head, "padding_share": 1 - self.real / self.padded if self.padded else None,
                 "sequence_tokens": self.seq_tokens or self.real,
                 "prefix_sharing_factor": round((self.seq_tokens or self.real) / self.real, 3) if self.real else None,
+                "attention_pairs_needed": self.pairs_needed, "attention_pairs_executed": self.pairs_executed,
                 "forward_s": round(self.forward_s, 3)}
 
 
@@ -185,35 +191,49 @@ _PACK_HOOK: dict = {}
 def instrument_biaslab(lm, work: Work) -> None:
     """Count the work of every forward pass of a LanguageModel (wraps the instance's ``logits_at``).
 
-    Padded batches: real tokens = the 2-D mask's sum. Prefix-sharing packing (4-D mask): real tokens = the
-    rows' trie nodes (what is computed), and the sequences' own lengths are counted apart (``sequence_tokens``),
-    so GFLOP/s is always work actually done, never credited for shared prefixes."""
+    Padded batches: real tokens = the 2-D mask's sum. Prefix-sharing packing (dense 4-D mask rows, or the flat
+    sequence of tree attention): real tokens = the trie nodes (what is computed), and the sequences' own
+    lengths are counted apart (``sequence_tokens``), so GFLOP/s is always work actually done, never credited
+    for shared prefixes."""
     import biaslab.models.lm as lm_mod
 
     _PACK_HOOK["work"] = work
     if "pack" not in _PACK_HOOK:  # wrap the engine module's packing helpers once per process
         _PACK_HOOK["pack"], _PACK_HOOK["row_tensors"] = lm_mod.pack, lm_mod.row_tensors
+        _PACK_HOOK["tree_plan"] = lm_mod.tree_plan
 
         def pack_counted(seqs, *a, **kw):
             _PACK_HOOK["work"].seq_tokens += sum(len(x) for x in seqs)
             return _PACK_HOOK["pack"](seqs, *a, **kw)
 
         def rows_counted(rows, *a, **kw):
-            _PACK_HOOK["lengths"] = [len(r) for r in rows]
-            return _PACK_HOOK["row_tensors"](rows, *a, **kw)
+            out = _PACK_HOOK["row_tensors"](rows, *a, **kw)
+            width = out[0].shape[1]
+            _PACK_HOOK["last"] = (sum(len(r) for r in rows), width * len(rows),
+                                  sum(d + 1 for r in rows for d in r.depth), width * width * len(rows))
+            return out
 
-        lm_mod.pack, lm_mod.row_tensors = pack_counted, rows_counted
+        def plan_counted(rows, *a, **kw):
+            out = _PACK_HOOK["tree_plan"](rows, *a, **kw)
+            plan = out[3]
+            _PACK_HOOK["last"] = (plan.n_nodes, plan.n_nodes, plan.pairs_needed, plan.pairs_executed)
+            return out
+
+        lm_mod.pack, lm_mod.row_tensors, lm_mod.tree_plan = pack_counted, rows_counted, plan_counted
     orig = lm.logits_at
 
-    def counted(input_ids, attention_mask, position_ids, rows, cols):
+    def counted(input_ids, attention_mask, position_ids, rows, cols, **kw):
         t0 = time.perf_counter()
-        out = orig(input_ids, attention_mask, position_ids, rows, cols)
-        if attention_mask.dim() == 4:
-            real = _PACK_HOOK.pop("lengths")
+        out = orig(input_ids, attention_mask, position_ids, rows, cols, **kw)
+        dt = time.perf_counter() - t0
+        if attention_mask is None or attention_mask.dim() == 4:  # tree plan or dense-mask rows
+            real, positions, needed, executed = _PACK_HOOK.pop("last")
+            work.add(real, positions, len(rows), needed, executed, dt)
         else:
-            real = attention_mask.sum(1).tolist()
-            work.seq_tokens += sum(real)
-        work.add(real, input_ids.shape[1], len(rows), time.perf_counter() - t0)
+            lengths = attention_mask.sum(1).tolist()
+            work.seq_tokens += sum(lengths)
+            work.add(sum(lengths), attention_mask.numel(), len(rows), sum(n * (n + 1) // 2 for n in lengths),
+                     attention_mask.shape[1] ** 2 * attention_mask.shape[0], dt)
         return out
 
     lm.logits_at = counted
@@ -228,7 +248,8 @@ def instrument_lmeval(hflm, work: Work, timer: dict) -> None:
         t0 = time.perf_counter()
         out = orig_call(inps, attn_mask, labels)
         b, w = inps.shape
-        work.add([w] * b, w, b * w, time.perf_counter() - t0)  # real tokens are recounted in the replay
+        work.add(b * w, b * w, b * w, b * w * (w + 1) // 2, b * w * w,  # real tokens are recounted in the replay
+                 time.perf_counter() - t0)
         return out
 
     def loglikelihood(requests, *a, **kw):
@@ -513,13 +534,25 @@ def run(args, tmp: Path) -> int:
 
     recs, row = timed_phase("biaslab bbq default (letter, 3 instr.)",
                             lambda: score_items(lm, bbq, bbq_items, proto), mem, work, dims, len(bbq_items), peak,
-                            records=None, protocol=proto.id, instructions=bbq.opts["instructions"])
+                            records=None, protocol=proto.id, instructions=bbq.opts["instructions"], scoring_mode=lm.scoring_mode())
     row["records"] = len(recs)
     t0 = time.perf_counter()
     sec = summarize(bbq, recs, proto, seed=args.seed)
     row["summarize_s"] = round(time.perf_counter() - t0, 3)
     phases.append(row)
     metrics["bbq"]["biaslab bbq.letter.v2 (3 instr., chat)"] = metric_values(sec)
+
+    if not args.skip_unpacked:  # the same with prefix-sharing rows under a dense 4-D mask (tree attention off)
+        lm.tree_attention = False
+        recs_d, row = timed_phase("biaslab-dense bbq default (letter, 3 instr., dense-mask rows)",
+                                  lambda: score_items(lm, bbq, bbq_items, proto), mem, work, dims, len(bbq_items),
+                                  peak, protocol=proto.id, instructions=bbq.opts["instructions"],
+                                  scoring_mode=lm.scoring_mode())
+        row["max_abs_logprob_diff_vs_packed"] = max(
+            abs(x - y) for a, b in zip(recs, recs_d) for x, y in zip(a["logprobs"], b["logprobs"]))
+        row["predictions_equal_packed"] = all(a["pred"] == b["pred"] for a, b in zip(recs, recs_d))
+        phases.append(row)
+        lm.tree_attention = None
 
     if not args.skip_unpacked:  # the same default audit with prefix-sharing packing off: padded batches
         lm.packing = False

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from biaslab.models import LanguageModel
-from biaslab.models.packing import batch_rows, pack, row_tensors
+from biaslab.models.packing import (TREE_ATTENTION, PackedRow, batch_rows, chains, flat_batches, pack, row_tensors,
+                                    tree_attention_supported, tree_plan, use_tree_attention)
 
 from conftest import make_tiny_llama
 
@@ -65,9 +66,11 @@ def _lms(**kw):
             LanguageModel(model, tok, spec="tiny", packing=False, max_batch=1))
 
 
+@pytest.mark.parametrize("tree", [True, False])
 @pytest.mark.parametrize("row_tokens", [512, 40])
-def test_packed_scores_equal_unpacked(row_tokens):
-    packed, alone = _lms(row_tokens=row_tokens)
+def test_packed_scores_equal_unpacked(row_tokens, tree):
+    packed, alone = _lms(row_tokens=row_tokens, tree_attention=tree, token_budget=96)
+    assert packed.scoring_mode() == ("tree" if tree else "dense")
     items = ["Context: the doctor and the nurse met.", "Context: the doctor and the nurse met.",
              "Context: the doctor left early.", "Something else entirely, and rather longer than the others."]
     prompts = [packed.render(f"{c}\nInstruction {k}: pick A or B.") for c in items for k in range(3)]
@@ -90,10 +93,90 @@ def test_packing_falls_back_when_the_model_ignores_custom_masks():
             return super().logits_at(input_ids, attention_mask, position_ids, rows, cols)
 
     model, tok = make_tiny_llama(seed=3)
-    assert LanguageModel(model, tok, spec="tiny")._packing_ok()
-    blind = MaskBlind(model, tok, spec="tiny")
-    assert not blind._packing_ok()
+    assert LanguageModel(model, tok, spec="tiny", tree_attention=False)._packing_ok()
+    blind = MaskBlind(model, tok, spec="tiny", tree_attention=False)
+    assert not blind._packing_ok() and blind.scoring_mode() == "padded"
     ref = LanguageModel(model, tok, spec="tiny", packing=False)
     prompts = [blind.render("one two"), blind.render("one three")]
     assert torch.allclose(torch.tensor(blind.next_token_logprobs(prompts, ["A"])),
                           torch.tensor(ref.next_token_logprobs(prompts, ["A"])), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ tree attention
+def _row(parent: list[int]) -> PackedRow:
+    depth = []
+    for p in parent:
+        depth.append(0 if p < 0 else depth[p] + 1)
+    return PackedRow(tokens=list(range(10, 10 + len(parent))), parent=parent, depth=depth)
+
+
+def _ancestors(row: PackedRow, j: int) -> set[int]:
+    out = {j}
+    while row.parent[j] >= 0:
+        j = row.parent[j]
+        out.add(j)
+    return out
+
+
+def test_chains_by_hand():
+    # 0-1-2 (a chain), 3 child of 1, 4-5 child of 0 (chain), 6 a second root
+    row = _row([-1, 0, 1, 1, 0, 4, -1])
+    assert chains(row) == [([], 0, 3), ([0, 1], 3, 4), ([0], 4, 6), ([], 6, 7)]
+    assert flat_batches([5, 3, 4, 9, 1], token_budget=8, max_rows=8) == [[0, 1], [2], [3], [4]]
+    assert flat_batches([1, 1, 1], token_budget=8, max_rows=2) == [[0, 1], [2]]
+
+
+@pytest.mark.parametrize("max_query", [64, 2, 1])
+def test_tree_plan_attends_exactly_to_ancestors(max_query):
+    rows = [_row([-1, 0, 1, 1, 0, 4, 5, 5, -1, 8]), _row([-1, 0, 1, 2]), _row([-1])]
+    ids, pos, offsets, plan = tree_plan(rows, torch.float32, "cpu", max_query=max_query)
+    assert offsets == [0, 10, 14] and plan.n_nodes == 15 and ids.shape == pos.shape == (1, 15)
+    assert pos[0].tolist() == [d for r in rows for d in r.depth]
+    assert ids[0].tolist() == [t for r in rows for t in r.tokens]
+    seen: dict[int, set[int]] = {}
+    for bk in plan.buckets:
+        n, Q = bk.q_index.shape
+        ok = (bk.mask[:, 0] == 0)
+        for slot in bk.src.tolist():
+            b, q = divmod(slot, Q)
+            node = int(bk.q_index[b, q])
+            assert node not in seen  # every node is computed exactly once
+            seen[node] = {int(bk.k_index[b, k]) for k in ok[b, q].nonzero().flatten().tolist()}
+        assert (bk.dst == bk.q_index.reshape(-1)[bk.src]).all()
+        assert ok.any(-1).all()  # no empty softmax row, padding slots included
+    want = {off + j: {off + a for a in _ancestors(r, j)} for r, off in zip(rows, offsets) for j in range(len(r))}
+    assert seen == want
+    assert plan.pairs_needed == sum(len(v) for v in want.values()) <= plan.pairs_executed
+
+
+def test_tree_attention_falls_back_to_dense_rows_when_the_model_drops_attention_kwargs():
+    class KwargsBlind(LanguageModel):
+        def logits_at(self, input_ids, attention_mask, position_ids, rows, cols, **model_kwargs):
+            return super().logits_at(input_ids, attention_mask, position_ids, rows, cols)  # plan never arrives
+
+    model, tok = make_tiny_llama(seed=3)
+    blind = KwargsBlind(model, tok, spec="tiny")
+    assert blind.scoring_mode() == "dense" and blind._mode_checked == {"tree": False, "dense": True}
+    assert model.config._attn_implementation == "sdpa"  # restored after the failed check
+    ref = LanguageModel(model, tok, spec="tiny", packing=False)
+    prompts = [blind.render("one two"), blind.render("one three")]
+    assert torch.allclose(torch.tensor(blind.next_token_logprobs(prompts, ["A"])),
+                          torch.tensor(ref.next_token_logprobs(prompts, ["A"])), atol=1e-5)
+
+
+def test_tree_attention_support_and_the_context_manager():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model, tok = make_tiny_llama(seed=3)
+    assert tree_attention_supported(model)
+    with pytest.raises(ZeroDivisionError):
+        with use_tree_attention(model):
+            assert model.config._attn_implementation == TREE_ATTENTION
+            1 / 0
+    assert model.config._attn_implementation == "sdpa"
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    windowed = MistralForCausalLM(cfg).eval()
+    assert not tree_attention_supported(windowed)
+    with pytest.raises(ValueError, match="tree_attention=True"):
+        LanguageModel(windowed, tok, spec="tiny-mistral", tree_attention=True).scoring_mode()

@@ -5,8 +5,11 @@
   soft-maxed (the LM head runs on those positions alone).
 - ``generate``: batched greedy generation.
 
-Batching: requests are sorted by length and packed up to a token budget; explicit position ids make the
-numbers independent of padding side and batch size (up to float noise), which the tests check.
+Batching (:meth:`LanguageModel.scoring_mode`): sequences are laid out as prefix tries (:mod:`.packing`) and run
+with tree attention (only ancestor pairs, no padding) or, where a model does not support that, as dense-mask
+rows; ``packing=False`` gives plain length-sorted padded batches. Each mode is self-checked once against
+scoring sequences alone. Explicit position ids make the numbers independent of padding side, batch size and
+mode (up to float noise), which the tests check.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..progress import progress_bar
-from .packing import batch_rows, pack, row_tensors
+from .packing import (PLAN_KWARG, ROW_TOKENS, batch_rows, flat_batches, pack, row_tensors, tree_attention_supported, tree_plan,
+                      use_tree_attention)
 
 
 @dataclass
@@ -43,7 +47,7 @@ class LanguageModel:
     def __init__(self, model, tokenizer, *, spec: str = "custom", fingerprint: str | None = None,
                  chat_template: bool | None = None, token_budget: int = 4096, max_batch: int = 64,
                  padding_side: str = "right", progress: bool | None = None, packing: bool | None = None,
-                 row_tokens: int = 512):
+                 row_tokens: int | None = None, tree_attention: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
@@ -61,8 +65,9 @@ class LanguageModel:
         self.padding_side = padding_side
         self.progress = progress
         self.packing = packing          # None: on when the model passes a one-off self-check (_packing_ok)
-        self.row_tokens = row_tokens
-        self._packing_checked: bool | None = None
+        self.row_tokens = row_tokens    # None: ROW_TOKENS[mode] (tree attention affords longer rows)
+        self.tree_attention = tree_attention  # None: on when supported and it passes the self-check
+        self._mode_checked: dict[str, bool] = {}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
@@ -134,61 +139,99 @@ class LanguageModel:
                 and getattr(m.config, "final_logit_softcapping", None) is None
                 and not getattr(m.config, "is_encoder_decoder", False))
 
-    def logits_at(self, input_ids, attention_mask, position_ids, rows, cols) -> torch.Tensor:
+    def logits_at(self, input_ids, attention_mask, position_ids, rows, cols, **model_kwargs) -> torch.Tensor:
         """Logits (float32) at positions (rows[k], cols[k]); runs the LM head on those positions only.
 
-        Gradients flow when called under ``torch.enable_grad()`` (the attribution engine uses this)."""
+        ``model_kwargs`` go to the model's forward (tree attention passes its plan this way). Gradients flow
+        when called under ``torch.enable_grad()`` (the attribution engine uses this)."""
         m = self.model
         if self._use_head_split():
-            out = m.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            out = m.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False, **model_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
             return _upcast(m.get_output_embeddings()(hidden[rows, cols]))
-        out = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        out = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                **model_kwargs)
         return _upcast(out.logits[rows, cols])
 
     # ------------------------------------------------------------------ scoring passes
-    def _packing_ok(self) -> bool:
-        """Whether prefix-sharing packing (:mod:`.packing`) is used: forced by ``packing=True/False``, else
-        on when the model accepts a custom 4-D mask and gives the same logits packed as alone (checked once on
-        two short sequences; models whose attention ignores custom masks fall back to padded batches)."""
-        if self.packing is not None:
-            return self.packing
-        if self._packing_checked is None:
+    def _self_check(self, mode: str) -> bool:
+        """Whether scoring in ``mode`` ("tree" or "dense") gives the same logits as each sequence alone, on three
+        short sequences that share prefixes and sit side by side (checked once per mode; any error = no)."""
+        if mode not in self._mode_checked:
             base = [self.prefix_id] + [5, 17, 29, 41, 53, 65]
             seqs = [base + [77, 89], base[:4] + [91], [self.prefix_id, 13, 23]]
             wanted = [[len(s) - 2, len(s) - 1] for s in seqs]
             try:
-                packed = dict(self._padded_or_packed(seqs, wanted, packed=True))
-                alone = dict(self._padded_or_packed(seqs, wanted, packed=False))
+                packed = dict(self._padded_or_packed(seqs, wanted, mode=mode))
+                alone = dict(self._padded_or_packed(seqs, wanted, mode="padded"))
                 tol = 1e-3 if self.dtype in (torch.float32, torch.float64) else 5e-2
-                self._packing_checked = all(torch.allclose(packed[i], alone[i], atol=tol) for i in range(len(seqs)))
-            except Exception:  # noqa: BLE001 - any failure means: do not pack this model
-                self._packing_checked = False
-        return self._packing_checked
+                self._mode_checked[mode] = all(torch.allclose(packed[i], alone[i], atol=tol) for i in range(len(seqs)))
+            except Exception:  # noqa: BLE001 - any failure means: do not use this mode for this model
+                self._mode_checked[mode] = False
+        return self._mode_checked[mode]
 
-    def _padded_or_packed(self, seqs: list[list[int]], wanted: list[list[int]], *, packed: bool, advance=None):
+    def scoring_mode(self) -> str:
+        """How sequences are batched: ``"tree"`` (prefix-sharing packing with tree attention: only ancestor
+        pairs are attended, no padding), ``"dense"`` (prefix-sharing rows with a dense 4-D mask) or
+        ``"padded"`` (length-sorted padded batches). See :mod:`.packing`.
+
+        ``packing`` False → padded; True → packed without a self-check; None → packed when the model passes the
+        self-check. ``tree_attention`` False → dense rows; True → tree (error if the model's attention is not
+        supported); None → tree when supported and it passes the self-check."""
+        if self.packing is False:
+            return "padded"
+        if self.tree_attention is True:
+            if not tree_attention_supported(self.model):
+                raise ValueError("tree_attention=True, but this model's attention is not plain causal attention "
+                                 "dispatched through transformers' AttentionInterface (sdpa/eager)")
+            return "tree"
+        if self.tree_attention is None and tree_attention_supported(self.model) and self._self_check("tree"):
+            return "tree"
+        if self.packing is True or self._self_check("dense"):
+            return "dense"
+        return "padded"
+
+    def _packing_ok(self) -> bool:
+        """Whether prefix-sharing packing (either kind) is used for this model."""
+        return self.scoring_mode() != "padded"
+
+    def _padded_or_packed(self, seqs: list[list[int]], wanted: list[list[int]], *, mode: str, advance=None):
         """Yield ``(i, logprobs)`` for every sequence i: log-softmax over the vocabulary (float32) at the
         positions ``wanted[i]`` of ``seqs[i]`` (position t holds the distribution of token t + 1).
 
-        ``packed``: prefix-sharing rows with a 4-D mask; else length-sorted, padded batches. The LM head runs
-        only on the wanted positions (once per shared node)."""
-        if packed:
-            layout = pack(seqs, self.row_tokens)
-            for batch in batch_rows([len(r) for r in layout.rows], self.token_budget, self.max_batch):
+        ``mode`` as in :meth:`scoring_mode`. The LM head runs only on the wanted positions (once per shared
+        node)."""
+        if mode in ("tree", "dense"):
+            layout = pack(seqs, self.row_tokens or ROW_TOKENS[mode])
+            lengths = [len(r) for r in layout.rows]
+            groups = (flat_batches(lengths, self.token_budget, self.max_batch) if mode == "tree"
+                      else batch_rows(lengths, self.token_budget, self.max_batch))
+            for batch in groups:
                 rows = [layout.rows[b] for b in batch]
-                ids, mask, pos = row_tensors(rows, self.pad_id, self.dtype, self.device)
+                if mode == "tree":
+                    ids, pos, offsets, plan = tree_plan(rows, self.dtype, self.device)
+                    node = lambda k, n: (0, offsets[k] + n)  # noqa: E731 - one flat sequence
+                else:
+                    ids, mask, pos = row_tensors(rows, self.pad_id, self.dtype, self.device)
+                    node = lambda k, n: (k, n)  # noqa: E731 - one row per trie
                 where: dict[tuple[int, int], int] = {}
                 members = []
                 for k, r in enumerate(rows):
                     for i in r.members:
                         members.append(i)
                         for t in wanted[i]:
-                            where.setdefault((k, layout.nodes_of[i][t]), len(where))
+                            where.setdefault(node(k, layout.nodes_of[i][t]), len(where))
                 rc = torch.tensor(list(where), dtype=torch.long, device=ids.device).reshape(-1, 2)
-                lp = torch.log_softmax(self.logits_at(ids, mask, pos, rc[:, 0], rc[:, 1]), dim=-1)
+                if mode == "tree":
+                    with use_tree_attention(self.model):
+                        logits = self.logits_at(ids, None, pos, rc[:, 0], rc[:, 1], **{PLAN_KWARG: plan})
+                else:
+                    logits = self.logits_at(ids, mask, pos, rc[:, 0], rc[:, 1])
+                lp = torch.log_softmax(logits, dim=-1)
                 for k, r in enumerate(rows):
                     for i in r.members:
-                        cols = [where[(k, layout.nodes_of[i][t])] for t in wanted[i]]
+                        cols = [where[node(k, layout.nodes_of[i][t])] for t in wanted[i]]
                         yield i, lp[cols]
                 if advance:
                     advance(len(members))
@@ -209,7 +252,7 @@ class LanguageModel:
 
     def _score_positions(self, seqs, wanted, desc):
         with progress_bar(len(seqs), desc, enabled=self.progress) as advance:
-            yield from self._padded_or_packed(seqs, wanted, packed=self._packing_ok(), advance=advance)
+            yield from self._padded_or_packed(seqs, wanted, mode=self.scoring_mode(), advance=advance)
 
     # ------------------------------------------------------------------ primitives
     @torch.no_grad()
