@@ -11,6 +11,10 @@ Writes experiments/crispr/extended_<run>.json.
 (which includes the run's own items), so none of them was ever scored; before / after / controls are all scored
 anew on them and nothing of the run's records is reused. Writes experiments/crispr/confirm_<run>.json.
 
+``--units-from FILE:VARIANT`` (with ``--fresh``): confirm an *ablation variant* instead of the run's patch — the
+units that ``ablations.py`` recorded for VARIANT in FILE (nothing re-fitted), on fresh items, with random controls
+of the same site counts that exclude those units. Writes experiments/crispr/confirm_<run>_<variant>.json.
+
 Run: ``nice -n 10 .venv/bin/python experiments/crispr/extend_test.py --run runs/crispr-v2-bbq-age --limit 600``
 or ``… --run experiments/crispr/bbq_age --fresh 600 --limit 600 --control-seeds 3 --threads 2``"""
 from __future__ import annotations
@@ -32,7 +36,11 @@ def main() -> None:
     ap.add_argument("--fresh", type=int, default=0, help="exclude the first K-item sample; score new items only")
     ap.add_argument("--fresh-seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--units-from", default=None, metavar="FILE:VARIANT",
+                    help="with --fresh: confirm the units ablations.py recorded for VARIANT in FILE")
     args = ap.parse_args()
+    if args.units_from and not args.fresh:
+        ap.error("--units-from needs --fresh (an ablation variant is confirmed on never-scored items only)")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
     from biaslab import attribution as attr
@@ -44,6 +52,18 @@ def main() -> None:
 
     fr = open_run(args.run)
     run, lm, patch, task, cfg = fr.path, fr.lm, fr.patch, fr.task, fr.cfg
+    variant = None
+    if args.units_from:
+        file, _, variant = args.units_from.rpartition(":")
+        recorded = json.loads(Path(file).read_text())
+        if recorded.get("main_run", "").rstrip("/").split("/")[-1] != run.name.removeprefix("confirm_"):
+            print(f"note: {file} was computed on {recorded.get('main_run')}, confirming on {run}")
+        if variant not in recorded.get("variants", {}):
+            raise SystemExit(f"{file}: no variant {variant!r}; it has {sorted(recorded.get('variants', {}))}")
+        v = recorded["variants"][variant]
+        patch = NeuronMaskPatch.from_units(lm, v["units"], sites=cfg.sites,
+                                           params={"method": f"crispr-ablation:{variant}", "config": v["config"],
+                                                   "from": file})
     orig = fr.test_items
     if args.fresh:
         seen = C.sample_items(fr.test, args.fresh, fr.args["test_seed"])
@@ -52,7 +72,7 @@ def main() -> None:
         pool = [it for it in fr.test if it.id not in have]
         big = new = C.sample_items(pool, args.limit, args.fresh_seed)
         load = lambda name: []  # noqa: E731 - nothing earlier is reused: every record is scored anew
-        ext = Path("runs") / f"confirm_{run.name}"
+        ext = Path("runs") / (f"confirm_{run.name}" + (f"_{variant}" if variant else ""))
     else:
         big = C.sample_items(fr.test, args.limit, fr.args["test_seed"])
         have = {it.id for it in orig}
@@ -68,10 +88,16 @@ def main() -> None:
     after = load("after") + C.score_resumable(lm, new, instr, protocol=cfg.protocol, run=ra, patch=patch, desc="after+")
     res = {"run": str(run), "task": task, "post_hoc": True, "n_test_items": len(big), "n_new_items": len(new),
            "confirmatory_fresh_items": bool(args.fresh), "excluded_sample": args.fresh or None,
-           "instructions": instr, "n_neurons": patch.n_neurons, "test_ids_hash": C.ids_hash(big), "metrics": {}}
+           "instructions": instr, "n_neurons": patch.n_neurons, "test_ids_hash": C.ids_hash(big), "metrics": {},
+           "variant": variant, "units": {k: v.tolist() for k, v in patch.units.items()}}
+    mv_before, mv_after = C.metric_values(before, C.task_metrics(task)), C.metric_values(after, C.task_metrics(task))
     for m in C.task_metrics(task):
         b = stats.paired_bootstrap(before, after, C.per_instruction(m.fn), n_boot=1000, seed=0)
-        res["metrics"][m.name] = {k: b[k] for k in ("before", "after", "delta", "delta_ci95", "p")}
+        res["metrics"][m.name] = {**{k: b[k] for k in ("before", "after", "delta", "delta_ci95", "p")},
+                                  "std_before": mv_before[m.name]["std_over_instructions"],
+                                  "std_after": mv_after[m.name]["std_over_instructions"],
+                                  "per_instruction_before": mv_before[m.name]["per_instruction"],
+                                  "per_instruction_after": mv_after[m.name]["per_instruction"]}
     if args.control_seeds:
         counts = {k: int(v.numel()) for k, v in patch.units.items()}
         chosen = {k: v.tolist() for k, v in patch.units.items()}
@@ -102,7 +128,8 @@ def main() -> None:
                                     "delta": b["delta"], "delta_ci95": b["delta_ci95"], "p": b["p"]}
     res["answer_shares"] = {name: {"ABCDEFGH"[k]: v / len(rs) for k, v in sorted(Counter(r["pred"] for r in rs).items())}
                             for name, rs in (("before", before), ("after", after))}
-    out = Path(__file__).resolve().parent / f"{'confirm' if args.fresh else 'extended'}_{run.name}.json"
+    out = Path(__file__).resolve().parent / (f"{'confirm' if args.fresh else 'extended'}_{run.name}"
+                                             + (f"_{variant}" if variant else "") + ".json")
     atomic_write_json(out, clean_nan(res))
     print(json.dumps(clean_nan(res), indent=1))
 

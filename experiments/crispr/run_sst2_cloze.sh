@@ -42,4 +42,12 @@ cp runs/crispr-cloze-sst2-10instr/attribution.safetensors runs/crispr-cloze-sst2
 cp -r runs/crispr-cloze-sst2-10instr/before runs/crispr-cloze-sst2-10instr-n1/
 nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task sst2 --protocol cloze \
     --instructions 10 --neurons 1 --test-limit 300 --control-seeds 3 --no-retention --out runs/crispr-cloze-sst2-10instr-n1
+# 9. (session 4, plan fixed before any of its items was scored) CONFIRMATORY test of the mean-over-tokens ablation
+#    variant, the only variant that met both SST-2 criteria on the 600 test items of step 4 (+0.044 [0.025, 0.066],
+#    instruction std 0.065 -> 0.041) -- chosen after seeing test numbers, hence a replication on 600 test items that
+#    nothing has scored (the test split minus step 1's 600-item sample, which holds step 6's 300), the same 3
+#    instructions, its 2 units as recorded (nothing re-fitted), 3 random-control seeds excluding those units.
+#    Success, all three: delta CI excludes 0; CRISPR-control CI excludes 0; instruction std after <= before.
+nice -n 5 .venv/bin/python experiments/crispr/extend_test.py --run experiments/crispr/sst2_cloze --fresh 600 \
+    --limit 600 --control-seeds 3 --threads 2 --units-from experiments/crispr/ablations_sst2.json:mean_over_tokens
 .venv/bin/python experiments/crispr/collect.py
