@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-variants", action="store_true",
                    help="skip the BBQ letter×1-instruction and option-loglik phases (default protocol only)")
     p.add_argument("--skip-unpacked", action="store_true",
-                   help="skip the BBQ/CrowS phases re-run with prefix-sharing packing off (padded batches)")
+                   help="skip the phases re-run with tree attention off (BBQ, dense-mask rows) and packing off (BBQ and "
+                        "CrowS, padded batches)")
     p.add_argument("--lmeval-batch-size", type=int, default=None,
                    help="fixed lm-eval batch size (default: matched to biaslab's token budget, see README)")
     p.add_argument("--matmul-sizes", default="1024,2048", help="square sizes tried for the matmul peak")

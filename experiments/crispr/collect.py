@@ -199,7 +199,22 @@ def main() -> None:
         r = json.loads(p.read_text())
         out.setdefault("extended", {})[p.stem] = r
         cl = r["constant_letter_check"]
-        if r.get("confirmatory_fresh_items"):
+        if r.get("variant"):
+            md += [f"## CONFIRMATORY test of the ablation variant `{r['variant']}` on fresh items: {r['task']}, "
+                   f"{r['n_neurons']} units {r['units']}, {r['n_test_items']} held-out test items never scored before", "",
+                   "Pre-specified before scoring (session 4, `run_sst2_cloze.sh` step 9): the variant was picked after "
+                   "its ablation result on the main run's test items, so it is tested here on items of the held-out "
+                   f"test split outside that {r['excluded_sample']}-item sample; its units as recorded, nothing "
+                   "re-fitted; random controls of the same site counts excluding those units. Success = the 95 % CIs "
+                   "of after − before and of variant − control both exclude 0, and the std over instructions does "
+                   "not grow.", "",
+                   "| metric | before ± std (per instr.) | after ± std (per instr.) |", "|---|---|---|"]
+            for name, m in r["metrics"].items():
+                md.append(f"| {name} | {f(m['before'])} ± {f(m['std_before'])} "
+                          f"({', '.join(f(x) for x in m['per_instruction_before'])}) | {f(m['after'])} ± "
+                          f"{f(m['std_after'])} ({', '.join(f(x) for x in m['per_instruction_after'])}) |")
+            md.append("")
+        elif r.get("confirmatory_fresh_items"):
             md += [f"## CONFIRMATORY replication on fresh test items: {r['task']} patch ({r['n_neurons']} neurons), "
                    f"{r['n_test_items']} held-out test items never scored before", "",
                    f"Pre-specified before scoring (session 3): the committed patch and its random controls (same seeds "
