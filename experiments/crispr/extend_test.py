@@ -14,6 +14,7 @@ anew on them and nothing of the run's records is reused. Writes experiments/cris
 ``--units-from FILE:VARIANT`` (with ``--fresh``): confirm an *ablation variant* instead of the run's patch — the
 units that ``ablations.py`` recorded for VARIANT in FILE (nothing re-fitted), on fresh items, with random controls
 of the same site counts that exclude those units. Writes experiments/crispr/confirm_<run>_<variant>.json.
+``--instructions I …`` (with ``--fresh``): score under other instructions than the run's (suffix ``_<M>instr``).
 
 Run: ``nice -n 10 .venv/bin/python experiments/crispr/extend_test.py --run runs/crispr-v2-bbq-age --limit 600``
 or ``… --run experiments/crispr/bbq_age --fresh 600 --limit 600 --control-seeds 3 --threads 2``"""
@@ -38,7 +39,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--units-from", default=None, metavar="FILE:VARIANT",
                     help="with --fresh: confirm the units ablations.py recorded for VARIANT in FILE")
+    ap.add_argument("--instructions", type=int, nargs="+", default=None, metavar="I",
+                    help="with --fresh: score under these instructions instead of the run's (e.g. all 10)")
     args = ap.parse_args()
+    if args.instructions and not args.fresh:
+        ap.error("--instructions needs --fresh (the run's own records are under the run's instructions)")
     if args.units_from and not args.fresh:
         ap.error("--units-from needs --fresh (an ablation variant is confirmed on never-scored items only)")
     torch.set_num_threads(args.threads)
@@ -81,6 +86,11 @@ def main() -> None:
         load = fr.records
         ext = run / "extended"
     instr = fr.summary["evaluation"]["instructions"]
+    suffix = (f"_{variant}" if variant else "")
+    if args.instructions and args.instructions != instr:
+        instr = list(args.instructions)
+        suffix += f"_{len(instr)}instr"
+        ext = ext.with_name(ext.name + f"_{len(instr)}instr")
 
     rb = RunDir(ext / "before", {"items": C.ids_hash(new), "instructions": instr, "patch": None})
     ra = RunDir(ext / "after", {"items": C.ids_hash(new), "instructions": instr, "patch": patch.describe()})
@@ -89,7 +99,8 @@ def main() -> None:
     res = {"run": str(run), "task": task, "post_hoc": True, "n_test_items": len(big), "n_new_items": len(new),
            "confirmatory_fresh_items": bool(args.fresh), "excluded_sample": args.fresh or None,
            "instructions": instr, "n_neurons": patch.n_neurons, "test_ids_hash": C.ids_hash(big), "metrics": {},
-           "variant": variant, "units": {k: v.tolist() for k, v in patch.units.items()}}
+           "variant": variant, "units": {k: v.tolist() for k, v in patch.units.items()},
+           "fit_instructions": fr.summary["evaluation"]["instructions"]}
     mv_before, mv_after = C.metric_values(before, C.task_metrics(task)), C.metric_values(after, C.task_metrics(task))
     for m in C.task_metrics(task):
         b = stats.paired_bootstrap(before, after, C.per_instruction(m.fn), n_boot=1000, seed=0)
@@ -128,8 +139,7 @@ def main() -> None:
                                     "delta": b["delta"], "delta_ci95": b["delta_ci95"], "p": b["p"]}
     res["answer_shares"] = {name: {"ABCDEFGH"[k]: v / len(rs) for k, v in sorted(Counter(r["pred"] for r in rs).items())}
                             for name, rs in (("before", before), ("after", after))}
-    out = Path(__file__).resolve().parent / (f"{'confirm' if args.fresh else 'extended'}_{run.name}"
-                                             + (f"_{variant}" if variant else "") + ".json")
+    out = Path(__file__).resolve().parent / (f"{'confirm' if args.fresh else 'extended'}_{run.name}{suffix}.json")
     atomic_write_json(out, clean_nan(res))
     print(json.dumps(clean_nan(res), indent=1))
 

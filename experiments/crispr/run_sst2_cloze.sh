@@ -50,4 +50,10 @@ nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task
 #    Success, all three: delta CI excludes 0; CRISPR-control CI excludes 0; instruction std after <= before.
 nice -n 5 .venv/bin/python experiments/crispr/extend_test.py --run experiments/crispr/sst2_cloze --fresh 600 \
     --limit 600 --control-seeds 3 --threads 2 --units-from experiments/crispr/ablations_sst2.json:mean_over_tokens
+# 10. (session 4, fixed after step 9's result, before scoring) the same variant and the same 600 fresh items under
+#     all 10 instructions (7 never used in fitting) -- the transfer check step 2 did for the max variant; before /
+#     after only (descriptive: mean and std over the 10 instructions, no success claim set in advance)
+nice -n 5 .venv/bin/python experiments/crispr/extend_test.py --run experiments/crispr/sst2_cloze --fresh 600 \
+    --limit 600 --threads 2 --units-from experiments/crispr/ablations_sst2.json:mean_over_tokens \
+    --instructions 0 1 2 3 4 5 6 7 8 9
 .venv/bin/python experiments/crispr/collect.py
