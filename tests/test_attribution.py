@@ -143,3 +143,42 @@ def test_bad_options_are_clear_errors(tiny_lm):
         A.activation_x_gradient(tiny_lm, seqs, [1, 2])
     with pytest.raises(BiaslabError, match="step"):
         A.integrated_gradients(tiny_lm, seqs, [1], steps=0)
+
+
+def test_continuation_mode_objective_is_the_continuation_loglik_and_matches_finite_differences(lm64):
+    """Continuation mode (multi-token options): the objective equals the engine's log-likelihood of the
+    continuation, and its activation × gradient equals a finite-difference estimate."""
+    pairs = [("Who was it? The answer:", " The old man"), ("Pick one:", " Cannot be determined here")]
+    parts = [lm64.split_context(c, x) for c, x in pairs]
+    seqs, cont = [a + b for a, b in parts], [len(b) for _, b in parts]
+    ll = lm64.loglikelihood(pairs)
+    sites = A.resolve_sites(lm64, "ffn")
+    with A.AttributionPass(lm64, sites, seqs, reduce="sum", continuation=cont) as ap:
+        F = ap.objective()
+        assert torch.allclose(F.detach(), torch.tensor([s.logprob for s in ll], dtype=F.dtype), atol=1e-8)
+        with pytest.raises(BiaslabError, match="continuation mode"):
+            ap.objective([1, 2])
+        site = sites[0]
+        g = torch.autograd.grad(F.sum(), [ap.hooks.s[site.name]])[0]
+        per = ap.hooks.h[site.name] * g
+        h = ap.hooks.h[site.name]
+    r, t = 1, len(seqs[1]) - 3  # a position inside the continuation
+    i = int(per[r, t].abs().argmax())
+
+    def perturbed(delta):
+        def pre(module, args):
+            x = args[0].clone()
+            x[r, t, i] += delta
+            return (x,) + tuple(args[1:])
+        hd = site.module.register_forward_pre_hook(pre)
+        try:
+            with torch.no_grad(), A.AttributionPass(lm64, sites, seqs, continuation=cont) as p2:
+                return float(p2.objective()[r].detach())
+        finally:
+            hd.remove()
+
+    eps = 1e-2
+    fd = (perturbed(eps) - perturbed(-eps)) / (2 * eps) * float(h[r, t, i])
+    assert abs(float(per[r, t, i])) > 1e-6 and fd == pytest.approx(float(per[r, t, i]), rel=1e-2, abs=1e-7)
+    with pytest.raises(BiaslabError, match="continuation length"):
+        A.AttributionPass(lm64, sites, seqs, continuation=[len(seqs[0]), 1])

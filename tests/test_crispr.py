@@ -155,8 +155,8 @@ def test_bad_input_is_a_clear_error():
         C.CrisprConfig().validate()
     with pytest.raises(BiaslabError, match="exclusive"):
         C.CrisprConfig(neurons=3, search=True).validate()
-    with pytest.raises(BiaslabError, match="letter"):
-        C.CrisprConfig(neurons=3, protocol="option-loglik").validate()
+    with pytest.raises(BiaslabError, match="supports the task protocols 'letter'"):
+        C.CrisprConfig(neurons=3, protocol="generate").validate()
     with pytest.raises(UnknownNameError, match="reduction"):
         C.CrisprConfig(neurons=3, reduce="median").validate()
 

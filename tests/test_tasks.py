@@ -77,8 +77,26 @@ def test_crispr_attribution_under_cloze(tiny_lm):
     # the records CRISPR's search and evaluation score agree with the attribution pass's own option log-probs
     recs = score_mc(tiny_lm, items, [0, 1], protocol="cloze")
     assert st.dev_accuracy == pytest.approx(sum(r["correct"] for r in recs) / len(recs))
-    with pytest.raises(BiaslabError, match="'letter' or 'cloze'"):
-        C.CrisprConfig(protocol="option-loglik", neurons=3).validate()
+    with pytest.raises(BiaslabError, match="'letter', 'cloze', 'option-loglik'"):
+        C.CrisprConfig(protocol="greedy", neurons=3).validate()
+
+
+def test_crispr_attribution_under_option_loglik(tiny_lm):
+    """Options whose first words coincide (as in BBQ) are attributed as whole continuations: the biased option
+    is the most probable wrong one by the engine's option log-likelihoods, and the scores are finite."""
+    items = [MCItem(id=f"b{k}", options=("The old man", "The young man", "Can't be determined"), gold=k % 3,
+                    context=f"An old man and a young man met {k}.", question="Who forgot?") for k in range(5)]
+    cfg = C.CrisprConfig(protocol="option-loglik", neurons=3, instructions=2).validate()
+    sc, st = C.bias_scores(tiny_lm, items, [0, 1], cfg)
+    assert st.n_instances == 10 and all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in sc.values())
+    recs = score_mc(tiny_lm, items, [0, 1], protocol="option-loglik")
+    assert st.dev_accuracy == pytest.approx(sum(r["correct"] for r in recs) / len(recs))
+    wrong = [max((c for c in range(3) if c != r["gold"]), key=lambda c: (r["logprobs"][c], -c)) for r in recs]
+    assert dict(st.biased_option_counts) == {c: wrong.count(c) for c in set(wrong)}
+    # batching does not change the scores
+    sc2, _ = C.bias_scores(tiny_lm, items, [0, 1], C.CrisprConfig(protocol="option-loglik", neurons=3, instructions=2,
+                                                                  token_budget=60).validate())
+    assert all(torch.allclose(sc[n], sc2[n], atol=1e-5) for n in sc)
 
 
 @pytest.mark.integration

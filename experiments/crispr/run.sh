@@ -34,3 +34,15 @@ nice -n 10 .venv/bin/python experiments/crispr/extend_test.py --run runs/crispr-
 #    on 600 test items never scored before (the test split minus step 6's 600-item sample; seed 1)
 nice -n 10 .venv/bin/python experiments/crispr/extend_test.py --run experiments/crispr/bbq_age --fresh 600 --limit 600 \
     --control-seeds 3 --threads 2
+# 8. (session 4, 2026-12-01; plan fixed before any of its test items was scored) BBQ Age under the new option-loglik
+#    attribution (CRISPR on whole option texts: the released code's "argmax of option sequence probability" mode).
+#    Why: under letter the model answers "B" ~90 % and has no BBQ skill to keep; under option-loglik it picks a
+#    named person in ambiguous contexts (ambiguous accuracy ~0.10, disambiguated ~0.45 on the bench's 200 items), the
+#    bias CRISPR's "most probable wrong option" targets. CPU budget: 3 instructions, 20 dev instances, search of
+#    n in [0, 500] on 60 dev items per step plus n = 1..4 (--search-small, a named deviation), 300 test items,
+#    3 control seeds, retention at 20 items. Success (issue 3): accuracy Δ CI and CRISPR − control CI exclude 0,
+#    instruction std not grown; retention within CI width.
+nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task bbq:Age --protocol option-loglik \
+    --instructions 3 --search --search-dev-limit 60 --search-small 4 --test-limit 300 --control-seeds 3 \
+    --retention-limit 20 --out runs/crispr-optll-bbq-age
+.venv/bin/python experiments/crispr/collect.py

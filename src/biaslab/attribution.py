@@ -13,6 +13,11 @@ target token y_r, the objective is ``log P(y_r | prompt_r)`` (``objective="logpr
 ``P(y_r | prompt_r)`` (``objective="prob"``), soft-maxed over the full vocabulary. Rows never interact, so the
 gradient of the row sum gives every row's own gradient: different targets per row cost nothing extra.
 
+Continuation mode (``AttributionPass(..., continuation=[c_r])``): the last c_r tokens of row r are a scored
+continuation (a multiple-choice option's text) and the objective is ``log P(continuation_r | context_r)`` =
+the sum over its tokens (or that sequence's probability), the answer positions being the c_r positions that
+predict them.
+
 Per-position attribution ``A[r, t, i] = h[r, t, i] · ∂F_r/∂h[r, t, i]`` is reduced over a span of positions:
 ``span="all"`` (every real prompt token, the answer position included; default), ``"prompt"`` (every real
 token except the answer position) or ``"answer"`` (the answer position only), by ``reduce="max"`` (default,
@@ -115,11 +120,13 @@ class _SiteHooks:
         self.handles.clear()
 
 
-def span_mask(mask: torch.Tensor, answer_cols: torch.Tensor, span: str) -> torch.Tensor:
-    """Boolean (B, T) mask of the positions that enter the reduction."""
+def span_mask(mask: torch.Tensor, answer_cols: torch.Tensor, span: str, answer_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B, T) mask of the positions that enter the reduction. The answer positions are
+    ``(answer_rows[k], answer_cols[k])`` (default: one per row, ``answer_cols[r]`` for row r)."""
     m = mask.bool().clone()
     ans = torch.zeros_like(m)
-    ans[torch.arange(m.shape[0], device=m.device), answer_cols] = True
+    rows = torch.arange(m.shape[0], device=m.device) if answer_rows is None else answer_rows
+    ans[rows, answer_cols] = True
     if span == "all":
         return m
     if span == "answer":
@@ -151,12 +158,21 @@ class AttributionPass:
     """
 
     def __init__(self, lm, sites: list[Site], seqs: list[list[int]], *, span: str = "all", reduce: str = "max",
-                 gates: dict[str, float] | None = None):
+                 gates: dict[str, float] | None = None, continuation: Sequence[int] | None = None):
         check_options(span=span, reduce=reduce)
         if not seqs or any(len(s) == 0 for s in seqs):
             raise BiaslabError("attribution needs at least one non-empty token sequence")
+        if continuation is not None:
+            continuation = list(continuation)
+            if len(continuation) != len(seqs):
+                raise BiaslabError(f"{len(seqs)} sequences but {len(continuation)} continuation lengths")
+            bad = [k for k, (c, s) in enumerate(zip(continuation, seqs)) if not 1 <= c < len(s)]
+            if bad:
+                raise BiaslabError(f"continuation length of row {bad[0]} is {continuation[bad[0]]}; it must be ≥ 1 and "
+                                   f"shorter than the sequence ({len(seqs[bad[0]])} tokens): a context must precede it")
         self.lm, self.sites, self.seqs = lm, sites, seqs
         self.span, self.reduce, self.gates = span, reduce, gates
+        self.continuation = continuation
         self._n_backward = 0
 
     def __enter__(self):
@@ -167,14 +183,31 @@ class AttributionPass:
         try:
             with self.hooks:
                 ids, mask, pos, offs = lm.pad(self.seqs, side="right")
-                self.rows = torch.arange(len(self.seqs), device=ids.device)
-                self.cols = torch.tensor([offs[k] + len(s) - 1 for k, s in enumerate(self.seqs)], device=ids.device)
+                if self.continuation is None:
+                    self.rows = torch.arange(len(self.seqs), device=ids.device)
+                    self.cols = torch.tensor([offs[k] + len(s) - 1 for k, s in enumerate(self.seqs)], device=ids.device)
+                else:  # the positions that predict each continuation token: len − c − 1 … len − 2
+                    rows, cols, nxt = [], [], []
+                    for k, (s, c) in enumerate(zip(self.seqs, self.continuation)):
+                        for t in range(len(s) - c - 1, len(s) - 1):
+                            rows.append(k)
+                            cols.append(offs[k] + t)
+                            nxt.append(s[t + 1])
+                    self.rows = torch.tensor(rows, device=ids.device)
+                    self.cols = torch.tensor(cols, device=ids.device)
+                    self._next = torch.tensor(nxt, device=ids.device)
                 logits = lm.logits_at(ids, mask, pos, self.rows, self.cols)
         except BaseException:
             self._ctx.__exit__(None, None, None)
             raise
         self.logprobs = torch.log_softmax(logits, dim=-1)
-        self.pmask = span_mask(mask, self.cols, self.span)
+        if self.continuation is None:
+            self.pmask = span_mask(mask, self.cols, self.span)
+        else:
+            tok = self.logprobs[torch.arange(len(self._next), device=self._next.device), self._next]
+            self.continuation_logprob = torch.zeros(len(self.seqs), dtype=tok.dtype, device=tok.device).index_add(
+                0, self.rows, tok)
+            self.pmask = span_mask(mask, self.cols, self.span, answer_rows=self.rows)
         return self
 
     def __exit__(self, *exc):
@@ -182,9 +215,16 @@ class AttributionPass:
         self.logprobs = None
         self._ctx.__exit__(*exc)
 
-    def objective(self, targets: Sequence[int], objective: str = "logprob") -> torch.Tensor:
-        """(B,) log P(target_r) or P(target_r) at each row's answer position (graph-connected)."""
+    def objective(self, targets: Sequence[int] | None = None, objective: str = "logprob") -> torch.Tensor:
+        """(B,) log P(target_r) or P(target_r) at each row's answer position (graph-connected). In continuation
+        mode (``continuation=`` given) ``targets`` must be None: the objective is the log-probability of each row's
+        continuation (the sum over its tokens), or its probability."""
         check_options(objective=objective)
+        if self.continuation is not None:
+            if targets is not None:
+                raise BiaslabError("in continuation mode the targets are the sequences' own continuation tokens")
+            lp = self.continuation_logprob
+            return lp if objective == "logprob" else lp.exp()
         t = torch.as_tensor(list(targets), device=self.logprobs.device)
         lp = self.logprobs[self.rows, t]
         return lp if objective == "logprob" else lp.exp()

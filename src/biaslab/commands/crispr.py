@@ -27,7 +27,9 @@ def crispr(
     protocol: Optional[str] = typer.Option(None, "--protocol",
                                            help="letter (default; options listed with letters, chat template) | cloze "
                                                 "(plain-text completion prompt, options' first words scored; e.g. SST-2 "
-                                                "'Review: … Sentiment:')"),
+                                                "'Review: … Sentiment:') | option-loglik (options' texts "
+                                                "scored as continuations, chat template; for options whose first words "
+                                                "coincide, e.g. BBQ)"),
     search_small: int = typer.Option(0, "--search-small",
                                      help="also try every n in 1..K on dev (a deviation: guards the golden-section "
                                           "search against plateaus that hide a peak at small n)"),

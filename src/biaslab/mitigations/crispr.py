@@ -47,14 +47,14 @@ from .. import attribution as attr
 from ..errors import BiaslabError, UnknownNameError
 from ..patches import NeuronMaskPatch
 from ..progress import progress_bar
-from ..tasks import (INSTRUCTIONS, LETTERS, PROTOCOL_LAYOUTS, MCItem, answer_token_ids, prompt_text, protocol_context,
-                     protocol_id, score_mc)
+from ..tasks import (INSTRUCTIONS, LETTERS, PROTOCOL_LAYOUTS, MCItem, answer_targets, answer_token_ids, prompt_text,
+                     protocol_context, protocol_id, score_mc)
 
 GOLDEN_RATIO = (5 ** 0.5 - 1) / 2
 METHOD_ID = "crispr.v1"
 CONVENTIONS = {"logprob": "logp-alpha", "prob": "p-alpha"}
 SEARCH_OBJECTIVES = ("accuracy", "accuracy+goldprob")
-ATTRIBUTION_PROTOCOLS = ("letter", "cloze")   # one answer position per prompt (tasks.py)
+ATTRIBUTION_PROTOCOLS = ("letter", "cloze", "option-loglik")   # tasks.py; option-loglik: whole option texts
 # prompt layout of biaslab.tasks.render_mc's letter protocol (v2: instruction after the item, commit 9ea39bb); part of
 # every attribution cache key (the config in the key names the protocol), so runs made with another layout are never reused
 PROMPT_LAYOUT = PROTOCOL_LAYOUTS["letter"]
@@ -92,8 +92,8 @@ class CrisprConfig:
         if not 1 <= self.instructions <= len(INSTRUCTIONS):
             raise BiaslabError(f"--instructions must be between 1 and {len(INSTRUCTIONS)}, got {self.instructions}")
         if self.protocol not in ATTRIBUTION_PROTOCOLS:
-            raise BiaslabError("CRISPR attribution needs a single answer token per option: use the protocol "
-                               f"{' or '.join(map(repr, ATTRIBUTION_PROTOCOLS))} (got {self.protocol!r})")
+            raise BiaslabError("CRISPR attribution supports the task protocols "
+                               f"{', '.join(map(repr, ATTRIBUTION_PROTOCOLS))} (got {self.protocol!r})")
         attr.check_options(span=self.span, reduce=self.reduce, objective=self.objective)
         if self.reduce == "sum":
             raise BiaslabError("CRISPR reduces token positions by 'max' (paper) or 'mean' (ablation), not 'sum'")
@@ -191,36 +191,26 @@ class AttributionStats:
 
 def bias_scores(lm, items: Sequence[MCItem], instructions: Sequence[int], cfg: CrisprConfig, *,
                 sites=None, desc: str = "CRISPR attribution") -> tuple[dict[str, torch.Tensor], AttributionStats]:
-    """CRISPR bias scores {site: (n_units,)} over ``items`` × ``instructions`` (mean over instructions)."""
+    """CRISPR bias scores {site: (n_units,)} over ``items`` × ``instructions`` (mean over instructions).
+
+    Under ``letter`` / ``cloze`` an option is one answer token at the prompt's last position; under
+    ``option-loglik`` it is the option's text, P(option) is the probability of that whole continuation (the
+    released code's "argmax of option sequence probability" scoring mode), and the attribution pass runs on
+    prompt + option, one pass for the biased option and one for the gold one."""
     site_list = attr.resolve_sites(lm, sites or cfg.sites)
     total = {s.name: torch.zeros(s.n_units, dtype=torch.float64) for s in site_list}
     st = AttributionStats()
     conf_sum, correct = 0.0, 0
+    batch_fn = _continuation_batches if cfg.protocol == "option-loglik" else _answer_token_batches
     with progress_bar(len(items) * len(instructions), desc) as advance:
         for i in instructions:
             per_instr = {s.name: torch.zeros(s.n_units, dtype=torch.float64) for s in site_list}
-            with protocol_context(lm, cfg.protocol):
-                seqs = [lm.encode(prompt_text(lm, it, i, protocol=cfg.protocol)) for it in items]
-                cands = [answer_token_ids(lm, it, cfg.protocol) for it in items]
-            for batch in attr.token_batches(lm, seqs, cfg.token_budget):
-                with attr.AttributionPass(lm, site_list, [seqs[j] for j in batch], span=cfg.span, reduce=cfg.reduce) as ap:
-                    with torch.no_grad():
-                        opt_lp = [ap.logprobs[k, cands[j]].detach() for k, j in enumerate(batch)]
-                    yhat, alpha = [], []
-                    for k, j in enumerate(batch):
-                        gold = items[j].gold
-                        wrong = [c for c in range(len(cands[j])) if c != gold]
-                        y = max(wrong, key=lambda c: (float(opt_lp[k][c]), -c))
-                        yhat.append(y)
-                        alpha.append(float(opt_lp[k][y].exp()))
-                        st.biased_option_counts[y] += 1
-                        correct += int(max(range(len(cands[j])), key=lambda c: (float(opt_lp[k][c]), -c)) == gold)
-                    conf_sum += sum(alpha)
-                    w = torch.tensor(alpha if cfg.confusion_weighting else [1.0] * len(batch), dtype=torch.float64)[:, None]
-                    a_bias = ap.attribute(ap.objective([cands[j][y] for j, y in zip(batch, yhat)], cfg.objective),
-                                          retain_graph=cfg.skill_disentanglement)
-                    a_skill = (ap.attribute(ap.objective([cands[j][items[j].gold] for j in batch], cfg.objective),
-                                            retain_graph=False) if cfg.skill_disentanglement else None)
+            for batch, yhat, alpha, pred, a_bias, a_skill in batch_fn(lm, site_list, items, i, cfg):
+                for k, j in enumerate(batch):
+                    st.biased_option_counts[yhat[k]] += 1
+                    correct += int(pred[k] == items[j].gold)
+                conf_sum += sum(alpha)
+                w = torch.tensor(alpha if cfg.confusion_weighting else [1.0] * len(batch), dtype=torch.float64)[:, None]
                 for n in per_instr:
                     b = a_bias[n].double()
                     if a_skill is not None:
@@ -235,6 +225,57 @@ def bias_scores(lm, items: Sequence[MCItem], instructions: Sequence[int], cfg: C
     st.mean_confusion = conf_sum / max(1, st.n_instances)
     st.dev_accuracy = correct / max(1, st.n_instances)
     return {n: v.float() for n, v in total.items()}, st
+
+
+def _biased_option(scores: Sequence[float], gold: int) -> tuple[int, int]:
+    """(most probable wrong option, predicted option) from per-option scores; ties go to the lower index."""
+    wrong = [c for c in range(len(scores)) if c != gold]
+    return (max(wrong, key=lambda c: (scores[c], -c)), max(range(len(scores)), key=lambda c: (scores[c], -c)))
+
+
+def _answer_token_batches(lm, site_list, items, i: int, cfg: CrisprConfig):
+    """Attribution batches under a single-answer-token protocol: one pass per batch; the biased and the gold
+    objectives are two backward passes through it."""
+    with protocol_context(lm, cfg.protocol):
+        seqs = [lm.encode(prompt_text(lm, it, i, protocol=cfg.protocol)) for it in items]
+        cands = [answer_token_ids(lm, it, cfg.protocol) for it in items]
+    for batch in attr.token_batches(lm, seqs, cfg.token_budget):
+        with attr.AttributionPass(lm, site_list, [seqs[j] for j in batch], span=cfg.span, reduce=cfg.reduce) as ap:
+            with torch.no_grad():
+                opt_lp = [ap.logprobs[k, cands[j]].detach() for k, j in enumerate(batch)]
+            yhat, pred = zip(*(_biased_option([float(x) for x in opt_lp[k]], items[j].gold) for k, j in enumerate(batch)))
+            alpha = [float(opt_lp[k][y].exp()) for k, y in enumerate(yhat)]
+            a_bias = ap.attribute(ap.objective([cands[j][y] for j, y in zip(batch, yhat)], cfg.objective),
+                                  retain_graph=cfg.skill_disentanglement)
+            a_skill = (ap.attribute(ap.objective([cands[j][items[j].gold] for j in batch], cfg.objective),
+                                    retain_graph=False) if cfg.skill_disentanglement else None)
+        yield batch, list(yhat), alpha, list(pred), a_bias, a_skill
+
+
+def _continuation_batches(lm, site_list, items, i: int, cfg: CrisprConfig):
+    """Attribution batches under ``option-loglik``: every option's log-likelihood from the scoring engine (no
+    gradient), then prompt + biased option and prompt + gold option through their own attribution passes."""
+    prompts = [prompt_text(lm, it, i, protocol=cfg.protocol) for it in items]
+    targets = [answer_targets(lm, it, cfg.protocol) for it in items]
+    reqs = [(p, t) for p, ts in zip(prompts, targets) for t in ts]
+    ll = iter(lm.loglikelihood(reqs, desc="option log-likelihoods"))
+    scores = [[next(ll).logprob for _ in ts] for ts in targets]
+    choice = [_biased_option(sc, it.gold) for sc, it in zip(scores, items)]
+    split = lambda j, c: lm.split_context(prompts[j], targets[j][c])  # noqa: E731
+    lengths = [max(sum(map(len, split(j, y))), sum(map(len, split(j, items[j].gold)))) for j, (y, _) in enumerate(choice)]
+    for batch in attr.token_batches(lm, [[0] * n for n in lengths], cfg.token_budget):
+        yhat = [choice[j][0] for j in batch]
+        alpha = [math.exp(scores[j][y]) for j, y in zip(batch, yhat)]
+
+        def attribute(options):
+            parts = [split(j, c) for j, c in zip(batch, options)]
+            with attr.AttributionPass(lm, site_list, [a + b for a, b in parts], span=cfg.span, reduce=cfg.reduce,
+                                      continuation=[len(b) for _, b in parts]) as ap:
+                return ap.attribute(ap.objective(None, cfg.objective), retain_graph=False)
+
+        a_bias = attribute(yhat)
+        a_skill = attribute([items[j].gold for j in batch]) if cfg.skill_disentanglement else None
+        yield batch, yhat, alpha, [choice[j][1] for j in batch], a_bias, a_skill
 
 
 def trial_scores(lm, dev: Sequence[MCItem], cfg: CrisprConfig) -> tuple[dict[str, torch.Tensor], list[dict]]:
