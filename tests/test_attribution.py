@@ -1,6 +1,8 @@
 """Attribution engine: activation × gradient vs finite differences, IG completeness, padding independence."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -33,16 +35,23 @@ def _targets(lm):
     return [lm.candidate_token_id(c) for c in ("A", "B", "C")]
 
 
-def _perturbed_objective(lm, site, seqs, targets, r, t, i, delta):
+@contextmanager
+def _bumped(site, r, t, i, delta):
+    """Within the block, the site's activation at (row r, position t, unit i) is raised by ``delta``."""
     def pre(module, args):
         x = args[0].clone()
         x[r, t, i] += delta
         return (x,) + tuple(args[1:])
     h = site.module.register_forward_pre_hook(pre)
     try:
-        return float(A.objective_values(lm, seqs, targets)[r])
+        yield
     finally:
         h.remove()
+
+
+def _perturbed_objective(lm, site, seqs, targets, r, t, i, delta):
+    with _bumped(site, r, t, i, delta):
+        return float(A.objective_values(lm, seqs, targets)[r])
 
 
 def test_activation_x_gradient_matches_finite_difference(lm64):
@@ -166,16 +175,8 @@ def test_continuation_mode_objective_is_the_continuation_loglik_and_matches_fini
     i = int(per[r, t].abs().argmax())
 
     def perturbed(delta):
-        def pre(module, args):
-            x = args[0].clone()
-            x[r, t, i] += delta
-            return (x,) + tuple(args[1:])
-        hd = site.module.register_forward_pre_hook(pre)
-        try:
-            with torch.no_grad(), A.AttributionPass(lm64, sites, seqs, continuation=cont) as p2:
-                return float(p2.objective()[r].detach())
-        finally:
-            hd.remove()
+        with _bumped(site, r, t, i, delta), A.AttributionPass(lm64, sites, seqs, continuation=cont) as p2:
+            return float(p2.objective()[r].detach())
 
     eps = 1e-2
     fd = (perturbed(eps) - perturbed(-eps)) / (2 * eps) * float(h[r, t, i])
