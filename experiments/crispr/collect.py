@@ -19,6 +19,16 @@ RUNS = {"sst2": Path("runs/crispr-v2-sst2"), "bbq_age": Path("runs/crispr-v2-bbq
 LETTERS = "ABCDEFGH"
 
 
+
+def std_table(metrics: dict, f) -> list[str]:
+    """Markdown rows: each metric's before / after with the std over instructions and the per-instruction values."""
+    rows = ["| metric | before ± std (per instr.) | after ± std (per instr.) |", "|---|---|---|"]
+    for name, m in metrics.items():
+        rows.append(f"| {name} | {f(m['before'])} ± {f(m['std_before'])} "
+                    f"({', '.join(f(x) for x in m['per_instruction_before'])}) | {f(m['after'])} ± "
+                    f"{f(m['std_after'])} ({', '.join(f(x) for x in m['per_instruction_after'])}) |")
+    return rows
+
 def f(v, d=3):
     return "n/a" if v is None else f"{v:.{d}f}"
 
@@ -199,7 +209,14 @@ def main() -> None:
         r = json.loads(p.read_text())
         out.setdefault("extended", {})[p.stem] = r
         cl = r["constant_letter_check"]
-        if r.get("variant"):
+        if r.get("variant") and r["instructions"] != r.get("fit_instructions", r["instructions"]):
+            md += [f"## Ablation variant `{r['variant']}` under {len(r['instructions'])} instructions: {r['task']}, the "
+                   f"same {r['n_test_items']} fresh test items", "",
+                   "Planned after the confirmatory test above and before scoring (session 4, `run_sst2_cloze.sh` step "
+                   f"10): the variant's units, fitted under instructions {r['fit_instructions']}, scored under "
+                   f"instructions {r['instructions']}; before / after only, descriptive (no success rule set).", "",
+                   *std_table(r["metrics"], f), ""]
+        elif r.get("variant"):
             md += [f"## CONFIRMATORY test of the ablation variant `{r['variant']}` on fresh items: {r['task']}, "
                    f"{r['n_neurons']} units {r['units']}, {r['n_test_items']} held-out test items never scored before", "",
                    "Pre-specified before scoring (session 4, `run_sst2_cloze.sh` step 9): the variant was picked after "
@@ -208,12 +225,7 @@ def main() -> None:
                    "re-fitted; random controls of the same site counts excluding those units. Success = the 95 % CIs "
                    "of after − before and of variant − control both exclude 0, and the std over instructions does "
                    "not grow.", "",
-                   "| metric | before ± std (per instr.) | after ± std (per instr.) |", "|---|---|---|"]
-            for name, m in r["metrics"].items():
-                md.append(f"| {name} | {f(m['before'])} ± {f(m['std_before'])} "
-                          f"({', '.join(f(x) for x in m['per_instruction_before'])}) | {f(m['after'])} ± "
-                          f"{f(m['std_after'])} ({', '.join(f(x) for x in m['per_instruction_after'])}) |")
-            md.append("")
+                   *std_table(r["metrics"], f), ""]
         elif r.get("confirmatory_fresh_items"):
             md += [f"## CONFIRMATORY replication on fresh test items: {r['task']} patch ({r['n_neurons']} neurons), "
                    f"{r['n_test_items']} held-out test items never scored before", "",
