@@ -15,7 +15,8 @@ from biaslab.runs import read_records
 HERE = Path(__file__).resolve().parent
 RUNS = {"sst2": Path("runs/crispr-v2-sst2"), "bbq_age": Path("runs/crispr-v2-bbq-age"),
         "sst2_cloze": Path("runs/crispr-cloze-sst2"), "sst2_cloze_10instr": Path("runs/crispr-cloze-sst2-10instr"),
-        "sst2_cloze_10instr_n1": Path("runs/crispr-cloze-sst2-10instr-n1")}
+        "sst2_cloze_10instr_n1": Path("runs/crispr-cloze-sst2-10instr-n1"),
+        "bbq_age_optll": Path("runs/crispr-optll-bbq-age")}
 LETTERS = "ABCDEFGH"
 
 
@@ -56,6 +57,21 @@ def constant_letter_check(before: list[dict], after: list[dict], names=LETTERS) 
     b = stats.paired_bootstrap(const[maj], after, acc, n_boot=1000, seed=0)
     return {"constant_accuracy": {k: acc(v) for k, v in const.items()}, "majority_letter": maj,
             "delta": b["delta"], "delta_ci95": b["delta_ci95"], "p": b["p"]}
+
+
+def unknown_check(recs: dict[str, list[dict]]) -> dict | None:
+    """BBQ diagnostic: each condition's share of "unknown" answers, the accuracy of answering "unknown" to every
+    item, and a paired bootstrap of CRISPR's accuracy minus that constant answer (None for tasks without an
+    "unknown" option)."""
+    from biaslab import stats
+
+    if not recs["before"] or "unknown" not in recs["before"][0]:
+        return None
+    const = [{**r, "pred": r["unknown"], "correct": int(r["gold"] == r["unknown"])} for r in recs["before"]]
+    acc = lambda rs: sum(r["correct"] for r in rs) / len(rs)  # noqa: E731
+    b = stats.paired_bootstrap(const, recs["after"], acc, n_boot=1000, seed=0)
+    return {"unknown_share": {k: sum(r["pred"] == r["unknown"] for r in v) / len(v) for k, v in recs.items()},
+            "always_unknown_accuracy": acc(const), "delta": b["delta"], "delta_ci95": b["delta_ci95"]}
 
 
 def criteria(s: dict) -> dict:
@@ -114,6 +130,11 @@ def run_section(s: dict, entry: dict) -> list[str]:
            + f". CRISPR's most frequent answer is {letter_diag['majority_letter']} (chosen from its predictions, "
            f"not from the gold labels); CRISPR − always-{letter_diag['majority_letter']}: "
            f"{f(letter_diag['delta'])} {ci(letter_diag['delta_ci95'])}.", ""]
+    u = entry.get("unknown_check")
+    if u:
+        md += ["BBQ: share of \"unknown\" answers: " + ", ".join(f"{k} {v:.2f}" for k, v in u["unknown_share"].items())
+               + f". Answering \"unknown\" to every item scores {f(u['always_unknown_accuracy'])}; CRISPR − "
+               f"always-unknown: {f(u['delta'])} {ci(u['delta_ci95'])}.", ""]
     if srch.get("dev_accuracy"):
         pts = ", ".join(f"{k}: {f(v, 4)}" for k, v in sorted(srch["dev_accuracy"].items(), key=lambda kv: int(kv[0])))
         what = ("dev accuracy + mean gold probability / (K + 1), K dev records"
@@ -189,6 +210,8 @@ def main() -> None:
         out["runs"][key].update(n_neurons=s["patch"]["n_neurons"], neurons_per_layer=s["patch"]["neurons_per_layer"],
                                 answer_letter_shares=shares, constant_letter_check=letter_diag,
                                 criteria=criteria(s))
+        if unknown_check(recs):
+            out["runs"][key]["unknown_check"] = unknown_check(recs)
         grid = HERE / key / "dev_grid.json"
         if grid.is_file():  # dev-only check of small n the golden-section search skipped (sst2_dev_grid.py)
             out["runs"][key]["dev_grid"] = json.loads(grid.read_text())
