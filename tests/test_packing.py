@@ -169,6 +169,8 @@ def test_tree_attention_support_and_the_context_manager():
 
     model, tok = make_tiny_llama(seed=3)
     assert tree_attention_supported(model)
+    assert LanguageModel(model, tok, spec="tiny").describe()["scoring_mode"] == "tree"  # recorded in run manifests
+    assert LanguageModel(model, tok, spec="tiny", packing=False).describe()["scoring_mode"] == "padded"
     with pytest.raises(ZeroDivisionError):
         with use_tree_attention(model):
             assert model.config._attn_implementation == TREE_ATTENTION

@@ -85,9 +85,12 @@ class LanguageModel:
         return self.model.config
 
     def describe(self) -> dict:
+        """Provenance for run manifests; ``scoring_mode`` says how sequences were batched (numbers agree across
+        modes to float noise)."""
         return {"spec": self.spec, "fingerprint": self.fingerprint, "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "chat_template": self.use_chat_template,
-                "architecture": (self.config.architectures or [type(self.model).__name__])[0]}
+                "architecture": (self.config.architectures or [type(self.model).__name__])[0],
+                "scoring_mode": self.scoring_mode()}
 
     def render(self, user: str, *, system: str | None = None, assistant_prefix: str = "") -> str:
         """The prompt text the model sees: the chat template (with generation prompt) when on, else ``user``."""
