@@ -46,3 +46,15 @@ nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task
     --instructions 3 --search --search-dev-limit 60 --search-small 4 --test-limit 300 --control-seeds 3 \
     --retention-limit 20 --out runs/crispr-optll-bbq-age
 .venv/bin/python experiments/crispr/collect.py
+# 9. (session 4; decided after step 8's collapse, before any test item was scored for it) the best NON-collapsed n
+#    on dev: every n >= 191 the search tried answers "unknown" to everything (dev accuracy 0.50-0.51 = always-
+#    unknown), so the candidates are the other n it evaluated on the same 60 dev items, n = 1..4; the best is n = 3
+#    (dev 0.283 vs 0.222 unpruned). A post-hoc, dev-only rule — a secondary result; step 8 stays the pre-specified
+#    one. Same attribution (cache) and unpatched 'before' records, copied; same test items, controls and checks.
+mkdir -p runs/crispr-optll-bbq-age-n3
+cp runs/crispr-optll-bbq-age/attribution.safetensors runs/crispr-optll-bbq-age-n3/
+cp -r runs/crispr-optll-bbq-age/before runs/crispr-optll-bbq-age-n3/
+nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task bbq:Age --protocol option-loglik \
+    --instructions 3 --neurons 3 --test-limit 300 --control-seeds 3 --retention-limit 20 \
+    --out runs/crispr-optll-bbq-age-n3
+.venv/bin/python experiments/crispr/collect.py
