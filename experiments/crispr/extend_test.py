@@ -61,8 +61,6 @@ def main() -> None:
     if args.units_from:
         file, _, variant = args.units_from.rpartition(":")
         recorded = json.loads(Path(file).read_text())
-        if recorded.get("main_run", "").rstrip("/").split("/")[-1] != run.name.removeprefix("confirm_"):
-            print(f"note: {file} was computed on {recorded.get('main_run')}, confirming on {run}")
         if variant not in recorded.get("variants", {}):
             raise SystemExit(f"{file}: no variant {variant!r}; it has {sorted(recorded.get('variants', {}))}")
         v = recorded["variants"][variant]

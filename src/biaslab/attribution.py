@@ -41,6 +41,7 @@ from contextlib import contextmanager
 import torch
 
 from .errors import BiaslabError, UnknownNameError
+from .models.packing import batch_rows
 from .models.sites import Site, find_sites
 
 SPANS = ("all", "prompt", "answer")
@@ -244,19 +245,9 @@ class AttributionPass:
 
 
 def token_batches(lm, seqs: list[list[int]], token_budget: int = 1024, max_batch: int = 16) -> list[list[int]]:
-    """Indices of ``seqs`` packed longest-first so that batch_size × max_len ≤ token_budget."""
-    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
-    out, cur, cur_max = [], [], 0
-    for i in order:
-        new_max = max(cur_max, len(seqs[i]))
-        if cur and (new_max * (len(cur) + 1) > token_budget or len(cur) >= max_batch):
-            out.append(cur)
-            cur, new_max = [], len(seqs[i])
-        cur.append(i)
-        cur_max = new_max
-    if cur:
-        out.append(cur)
-    return out
+    """Indices of ``seqs`` packed longest-first so that batch_size × max_len ≤ token_budget (the engine's
+    :func:`~biaslab.models.packing.batch_rows` on the sequences' lengths)."""
+    return batch_rows([len(s) for s in seqs], token_budget, max_batch)
 
 
 def activation_x_gradient(lm, seqs: list[list[int]], targets: Sequence[int], *, sites: str | Sequence[Site] = "ffn",

@@ -261,16 +261,19 @@ def _continuation_batches(lm, site_list, items, i: int, cfg: CrisprConfig):
     ll = iter(lm.loglikelihood(reqs, desc="option log-likelihoods"))
     scores = [[next(ll).logprob for _ in ts] for ts in targets]
     choice = [_biased_option(sc, it.gold) for sc, it in zip(scores, items)]
-    split = lambda j, c: lm.split_context(prompts[j], targets[j][c])  # noqa: E731
-    lengths = [max(sum(map(len, split(j, y))), sum(map(len, split(j, items[j].gold)))) for j, (y, _) in enumerate(choice)]
-    for batch in attr.token_batches(lm, [[0] * n for n in lengths], cfg.token_budget):
+    # (context, continuation) token ids of each item's biased and gold options, tokenised once
+    parts = {(j, c): lm.split_context(prompts[j], targets[j][c])
+             for j, (y, _) in enumerate(choice) for c in {y, items[j].gold}}
+    longer = [max((parts[j, y][0] + parts[j, y][1], parts[j, it.gold][0] + parts[j, it.gold][1]), key=len)
+              for j, ((y, _), it) in enumerate(zip(choice, items))]
+    for batch in attr.token_batches(lm, longer, cfg.token_budget):
         yhat = [choice[j][0] for j in batch]
         alpha = [math.exp(scores[j][y]) for j, y in zip(batch, yhat)]
 
         def attribute(options):
-            parts = [split(j, c) for j, c in zip(batch, options)]
-            with attr.AttributionPass(lm, site_list, [a + b for a, b in parts], span=cfg.span, reduce=cfg.reduce,
-                                      continuation=[len(b) for _, b in parts]) as ap:
+            pp = [parts[j, c] for j, c in zip(batch, options)]
+            with attr.AttributionPass(lm, site_list, [a + b for a, b in pp], span=cfg.span, reduce=cfg.reduce,
+                                      continuation=[len(b) for _, b in pp]) as ap:
                 return ap.attribute(ap.objective(None, cfg.objective), retain_graph=False)
 
         a_bias = attribute(yhat)

@@ -212,12 +212,19 @@ class LanguageModel:
                       else batch_rows(lengths, self.token_budget, self.max_batch))
             for batch in groups:
                 rows = [layout.rows[b] for b in batch]
-                if mode == "tree":
+                if mode == "tree":  # one flat sequence; the plan travels as a forward kwarg
                     ids, pos, offsets, plan = tree_plan(rows, self.dtype, self.device)
-                    node = lambda k, n: (0, offsets[k] + n)  # noqa: E731 - one flat sequence
-                else:
+                    node = lambda k, n: (0, offsets[k] + n)  # noqa: E731
+
+                    def forward(r, c):
+                        with use_tree_attention(self.model):
+                            return self.logits_at(ids, None, pos, r, c, **{PLAN_KWARG: plan})
+                else:  # one row per trie under its dense 4-D mask
                     ids, mask, pos = row_tensors(rows, self.pad_id, self.dtype, self.device)
-                    node = lambda k, n: (k, n)  # noqa: E731 - one row per trie
+                    node = lambda k, n: (k, n)  # noqa: E731
+
+                    def forward(r, c):
+                        return self.logits_at(ids, mask, pos, r, c)
                 where: dict[tuple[int, int], int] = {}
                 members = []
                 for k, r in enumerate(rows):
@@ -226,12 +233,7 @@ class LanguageModel:
                         for t in wanted[i]:
                             where.setdefault(node(k, layout.nodes_of[i][t]), len(where))
                 rc = torch.tensor(list(where), dtype=torch.long, device=ids.device).reshape(-1, 2)
-                if mode == "tree":
-                    with use_tree_attention(self.model):
-                        logits = self.logits_at(ids, None, pos, rc[:, 0], rc[:, 1], **{PLAN_KWARG: plan})
-                else:
-                    logits = self.logits_at(ids, mask, pos, rc[:, 0], rc[:, 1])
-                lp = torch.log_softmax(logits, dim=-1)
+                lp = torch.log_softmax(forward(rc[:, 0], rc[:, 1]), dim=-1)
                 for k, r in enumerate(rows):
                     for i in r.members:
                         cols = [where[node(k, layout.nodes_of[i][t])] for t in wanted[i]]

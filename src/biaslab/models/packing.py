@@ -309,13 +309,20 @@ def _no_mask(*args, **kwargs):
     return None  # tree attention builds its own masks from the plan
 
 
+_registered = False
+
+
 def register_tree_attention() -> None:
-    """Register :func:`tree_attention` (and a mask function that builds no dense mask) with transformers; idempotent."""
+    """Register :func:`tree_attention` (and a mask function that builds no dense mask) with transformers, once."""
+    global _registered
+    if _registered:
+        return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(TREE_ATTENTION, tree_attention)
     AttentionMaskInterface.register(TREE_ATTENTION, _no_mask)
+    _registered = True
 
 
 def tree_attention_supported(model) -> bool:
