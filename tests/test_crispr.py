@@ -313,6 +313,32 @@ def test_search_objective_is_accuracy_with_a_lexicographic_gold_prob_tie_break()
         C.CrisprConfig(search=True, search_objective="nope").validate()
 
 
+def test_condition_hmean_scores_the_always_unknown_collapse_zero():
+    lg = math.log
+
+    def rec(instr, cond, correct):
+        r = _rec(instr, 0, [lg(0.9), lg(0.1)] if correct else [lg(0.1), lg(0.9)])
+        return {**r, "context_condition": cond}
+
+    # instruction 0: ambig 1/2 right, disambig 2/2 right → hmean 2·0.5·1/(1.5) = 2/3
+    # instruction 1: ambig 2/2, disambig 1/2 → 2/3 as well; mean 2/3
+    recs = [rec(0, "ambig", 1), rec(0, "ambig", 0), rec(0, "disambig", 1), rec(0, "disambig", 1),
+            rec(1, "ambig", 1), rec(1, "ambig", 1), rec(1, "disambig", 1), rec(1, "disambig", 0)]
+    assert C.search_objective_value(recs, "condition-hmean") == pytest.approx(2 / 3)
+    # the collapse: every ambiguous item right ("unknown"), every disambiguated one wrong → 0, although its
+    # plain accuracy (0.5) beats a model with ambig 1/4 and disambig 3/4 right (hmean 0.375, accuracy 0.5)
+    collapse = [rec(0, "ambig", 1)] * 4 + [rec(0, "disambig", 0)] * 4
+    mixed = [rec(0, "ambig", k < 1) for k in range(4)] + [rec(0, "disambig", k < 3) for k in range(4)]
+    assert C.search_objective_value(collapse, "condition-hmean") == 0.0
+    assert C.search_objective_value(mixed, "condition-hmean") == pytest.approx(2 * 0.25 * 0.75 / 1.0)
+    assert C.accuracy_mean(collapse) == C.accuracy_mean(mixed) == 0.5
+    with pytest.raises(BiaslabError, match="ambiguous and disambiguated"):
+        C.search_objective_value([rec(0, "ambig", 1)], "condition-hmean")
+    with pytest.raises(BiaslabError, match="condition-hmean needs BBQ items"):
+        C.fit_details(None, _items(12), C.CrisprConfig(search=True, instructions=1, dev_size=4,
+                                                       search_objective="condition-hmean"))
+
+
 def test_search_with_gold_prob_tie_break_records_the_objective(tiny_lm):
     items = _items(40)
     cfg = C.CrisprConfig(search=True, search_max=8, instructions=1, dev_size=4, search_objective="accuracy+goldprob")

@@ -58,3 +58,16 @@ nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task
     --instructions 3 --neurons 3 --test-limit 300 --control-seeds 3 --retention-limit 20 \
     --out runs/crispr-optll-bbq-age-n3
 .venv/bin/python experiments/crispr/collect.py
+# 10. (session 5, 2026-12-01; plan fixed before this run) the dev objective made to refuse step 8's collapse:
+#     --search-objective condition-hmean = harmonic mean of dev accuracy on ambiguous and on disambiguated items
+#     (answering "unknown" to everything scores 0 on it). A named deviation, designed after step 8's dev collapse
+#     (no test item was looked at to design it). Same attribution (cache) and unpatched 'before' records as step 8,
+#     same search settings (60 dev items per step, n in [0, 500] plus n = 1..4), same 300 test items, 3 control
+#     seeds; success criteria as in step 8.
+mkdir -p runs/crispr-optll-bbq-age-hmean
+cp runs/crispr-optll-bbq-age/attribution.safetensors runs/crispr-optll-bbq-age-hmean/
+cp -r runs/crispr-optll-bbq-age/before runs/crispr-optll-bbq-age-hmean/
+nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task bbq:Age --protocol option-loglik \
+    --instructions 3 --search --search-dev-limit 60 --search-small 4 --search-objective condition-hmean \
+    --test-limit 300 --control-seeds 3 --retention-limit 20 --out runs/crispr-optll-bbq-age-hmean
+.venv/bin/python experiments/crispr/collect.py

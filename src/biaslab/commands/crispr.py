@@ -23,7 +23,9 @@ def crispr(
                                                    help="dev items scored per search step (default: the whole dev split)"),
     search_objective: str = typer.Option("accuracy", "--search-objective",
                                          help="dev objective of the search: accuracy (released code) | accuracy+goldprob "
-                                              "(accuracy, ties broken by the mean gold-option probability; a deviation)"),
+                                              "(accuracy, ties broken by the mean gold-option probability; a deviation) | "
+                                              "condition-hmean (BBQ: harmonic mean of ambiguous and disambiguated "
+                                              "accuracy, so 'unknown' to everything scores 0; a deviation)"),
     protocol: Optional[str] = typer.Option(None, "--protocol",
                                            help="letter (default; options listed with letters, chat template) | cloze "
                                                 "(plain-text completion prompt, options' first words scored; e.g. SST-2 "

@@ -53,7 +53,7 @@ from ..tasks import (INSTRUCTIONS, LETTERS, PROTOCOL_LAYOUTS, MCItem, answer_tar
 GOLDEN_RATIO = (5 ** 0.5 - 1) / 2
 METHOD_ID = "crispr.v1"
 CONVENTIONS = {"logprob": "logp-alpha", "prob": "p-alpha"}
-SEARCH_OBJECTIVES = ("accuracy", "accuracy+goldprob")
+SEARCH_OBJECTIVES = ("accuracy", "accuracy+goldprob", "condition-hmean")
 ATTRIBUTION_PROTOCOLS = ("letter", "cloze", "option-loglik")   # tasks.py; option-loglik: whole option texts
 # prompt layout of biaslab.tasks.render_mc's letter protocol (v2: instruction after the item, commit 9ea39bb); part of
 # every attribution cache key (the config in the key names the protocol), so runs made with another layout are never reused
@@ -81,6 +81,7 @@ class CrisprConfig:
     search_tol: int = 4
     search_dev_limit: int | None = None   # dev items scored per search step (None: the whole dev split)
     search_objective: str = "accuracy"    # accuracy (released code) | accuracy+goldprob (tie-break, a deviation)
+                                          # | condition-hmean (BBQ: harmonic mean of ambig/disambig accuracy, a deviation)
     search_small: int = 0                 # also try every n in 1..K on dev (a deviation; guards against plateaus)
     token_budget: int = 1024
 
@@ -387,6 +388,32 @@ def gold_prob_mean(records: Sequence[dict]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def condition_hmean(records: Sequence[dict]) -> float:
+    """Mean over instructions of the harmonic mean of the accuracies on BBQ's ambiguous and disambiguated items
+    (a named deviation from the released code's dev accuracy, for the ``condition-hmean`` search objective).
+
+    On BBQ the gold answer of every ambiguous item is "unknown" and of no disambiguated item, so answering
+    "unknown" to everything scores accuracy ≈ 0.5 — the collapse that pruning hundreds of neurons produces
+    (experiments/crispr/results.md, BBQ-Age option-loglik). The harmonic mean of the two conditions' accuracies
+    is 0 for that collapse and rewards fixing ambiguous answers only while disambiguated answers stay right."""
+    by: dict = defaultdict(lambda: {"ambig": [], "disambig": []})
+    for r in records:
+        cond = r.get("context_condition")
+        if cond in ("ambig", "disambig"):
+            by[r.get("instruction", 0)][cond].append(r["correct"])
+    vals = []
+    for k, d in sorted(by.items()):
+        if not d["ambig"] or not d["disambig"]:
+            continue
+        a, b = sum(d["ambig"]) / len(d["ambig"]), sum(d["disambig"]) / len(d["disambig"])
+        vals.append(0.0 if a + b == 0 else 2 * a * b / (a + b))
+    if not vals:
+        raise BiaslabError("search objective condition-hmean needs BBQ items with both ambiguous and disambiguated "
+                           "contexts (records with context_condition 'ambig' and 'disambig'); these records have "
+                           f"{sorted({str(r.get('context_condition')) for r in records})}")
+    return sum(vals) / len(vals)
+
+
 def search_objective_value(records: Sequence[dict], objective: str = "accuracy") -> float:
     """The dev objective the n search maximises.
 
@@ -398,6 +425,8 @@ def search_objective_value(records: Sequence[dict], objective: str = "accuracy")
     is flat in n)."""
     if objective not in SEARCH_OBJECTIVES:
         raise UnknownNameError("search objective", objective, SEARCH_OBJECTIVES)
+    if objective == "condition-hmean":
+        return condition_hmean(records)
     acc = accuracy_mean(records)
     if objective == "accuracy":
         return acc
@@ -414,6 +443,8 @@ def make_patch(lm, units: dict[str, list[int]], cfg: CrisprConfig, *, provenance
                              "instance aggregate = mean (paper's sum / N)"]
               + (["n search: dev accuracy with ties broken by the mean option-normalised gold probability"]
                  if cfg.search and cfg.search_objective == "accuracy+goldprob" else [])
+              + (["n search: harmonic mean of dev accuracy on ambiguous and on disambiguated BBQ items"]
+                 if cfg.search and cfg.search_objective == "condition-hmean" else [])
               + ([f"n search also tries every n in 1..{cfg.search_small} on dev"]
                  if cfg.search and cfg.search_small else []), **(extra or {})}
     return NeuronMaskPatch.from_units(lm, units, sites=cfg.sites, params=params, provenance=provenance)
@@ -438,6 +469,12 @@ def fit_details(lm, items: Sequence[MCItem], cfg: CrisprConfig | None = None, *,
     Test items are never seen. ``scores`` / ``search_cache`` let a resumed run skip finished work."""
     cfg = (cfg or CrisprConfig(neurons=10)).validate()
     check_task_items(items, task)
+    if cfg.search and cfg.search_objective == "condition-hmean":
+        conds = {it.meta.get("context_condition") for it in items}
+        if not {"ambig", "disambig"} <= conds:
+            raise BiaslabError(f"--search-objective condition-hmean needs BBQ items with both ambiguous and "
+                               f"disambiguated contexts; task {task!r} has context_condition values "
+                               f"{sorted(map(str, conds))}")
     dev, test = split_dev_test(items, dev_fraction=cfg.dev_fraction, seed=cfg.split_seed)
     if scores is None:
         scores, trials_info = trial_scores(lm, dev, cfg)
