@@ -190,6 +190,48 @@ def test_losses_decrease_on_tiny_model(tiny_lm, mode):
         assert torch.equal(_logits(tiny_lm), before)
 
 
+def test_js_divergence_by_hand():
+    lp = torch.log(torch.tensor([[0.75, 0.25], [0.5, 0.5]]))
+    lq = torch.log(torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
+    # m = (0.5, 0.5): KL(p||m) = 0.75 ln 1.5 + 0.25 ln 0.5 = 0.130812 = KL(q||m); identical rows → 0
+    assert F.js_divergence(lp, lq).tolist() == pytest.approx([0.75 * math.log(1.5) + 0.25 * math.log(0.5), 0.0], abs=1e-6)
+
+
+def test_pair_logprobs_first_row_is_the_prompt_end_distribution(tiny_lm):
+    p = PAIRS[1]
+    mean, first = F.pair_logprobs(tiny_lm, [p.prompt_1, p.prompt_2], [p.object] * 2, with_first=True)
+    assert torch.allclose(mean, F.pair_logprobs(tiny_lm, [p.prompt_1, p.prompt_2], [p.object] * 2))
+    for k, prompt in enumerate((p.prompt_1, p.prompt_2)):
+        ctx, cont = tiny_lm.split_context(prompt, " " + p.object)
+        with torch.no_grad():
+            out = tiny_lm.model(torch.tensor([ctx])).logits[0, -1].float()
+        assert torch.allclose(first[k].float(), torch.log_softmax(out, -1), atol=1e-4)
+        assert first[k, cont[0]].item() == pytest.approx(torch.log_softmax(out, -1)[cont[0]].item(), abs=1e-4)
+
+
+def test_gap_js_loss_decreases_and_is_recorded(tiny_lm):
+    cfg = F.FastConfig(steps=8, lr=2e-2, width=16, batch_pairs=4, alpha=0.0, beta=0.0, seed=0, fairness="gap+js",
+                       js_weight=10.0)
+    res = F.train(tiny_lm, PAIRS, 1, cfg)
+    js = [h["JS"] for h in res.history]
+    assert js[0] > 0 and sum(js[-2:]) / 2 < js[0]
+    assert all(h["L_e"] >= 10.0 * h["JS"] - 1e-6 for h in res.history)  # L_e = gap² + 10·JS
+    assert "JS(" in F.choices(cfg)["L_e"] and "JS(" not in F.choices(F.FastConfig())["L_e"]
+    with pytest.raises(BiaslabError, match="fairness loss"):
+        F.FastConfig(fairness="kl")
+
+
+def test_ftl_keeps_the_checkpoint_closest_to_the_target_on_dev(tiny_lm):
+    cfg = F.FastConfig(steps=6, ftl_lr=1e-2, ftl_eval_every=2, batch_pairs=2, alpha=0.0, beta=0.0, seed=0)
+    res = F.train(tiny_lm, PAIRS, 1, cfg, mode="ftl", dev_pairs=PAIRS[:2], match_dev_ss=50.0, match_dev_gap=0.0)
+    scored = [h for h in res.history if "dev_ss" in h]
+    assert [h["step"] for h in scored] == [2, 4, 6]
+    best = min(scored, key=lambda h: (abs(h["dev_ss"] - 50.0), h["dev_mean_abs_gap"], h["step"]))
+    assert (res.chosen_step, res.dev_ss, res.dev_gap, res.lr) == (best["step"], best["dev_ss"], best["dev_mean_abs_gap"], 1e-2)
+    with F.ftl_applied(tiny_lm, 1, res.mlp_state):  # the kept state is that checkpoint's
+        assert F.dev_stats(tiny_lm, PAIRS[:2])["mean_abs_gap"] == pytest.approx(best["dev_mean_abs_gap"], abs=1e-5)
+
+
 def test_training_is_deterministic(tiny_lm):
     cfg = F.FastConfig(steps=3, lr=1e-2, width=8, batch_pairs=2, alpha=0.0, beta=0.0, seed=0)
     a = F.train(tiny_lm, PAIRS, 0, cfg)
@@ -267,3 +309,18 @@ def test_mitigate_fast_end_to_end_tiny(tiny_lm, tmp_path):
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["status"] == "finished" and "FAST-style" in man["choices"]["implementation"]
     assert load_patch(tmp_path / "run" / "patch.safetensors").params["layer"] == s["layer"]["used"]
+
+
+def test_mitigate_fast_baselines_try_every_ftl_learning_rate(tiny_lm, tmp_path):
+    from biaslab.commands.fast import mitigate_fast
+
+    s = mitigate_fast(tiny_lm, "stereoset:religion", out=tmp_path / "run", steps=2, limit=4, retention_limit=0,
+                      n_trace=2, n_noise=1, n_boot=20, fairness="gap+js", js_weight=5.0, ftl_lrs=(1e-4, 1e-2))
+    ftl = s["baselines"]["ft_l"]
+    assert [c["lr"] for c in ftl["candidates"]] == [1e-4, 1e-2] and ftl["chosen_lr"] in (1e-4, 1e-2)
+    assert set(s["baselines"]) == {"ft_l", "stamp_no_retention"} and "rs" in ftl["metrics"]
+    assert s["patch"]["params"]["fairness"] == "gap+js" and s["patch"]["params"]["js_weight"] == 5.0
+    hist = json.loads((tmp_path / "run" / "training_history.json").read_text())
+    assert "JS" in hist["fast"][0] and any(k.startswith("ft_l (lr") for k in hist)
+    with pytest.raises(BiaslabError, match="--ftl-lr"):
+        mitigate_fast(tiny_lm, "stereoset:religion", out=tmp_path / "x", ftl_lrs=(0.0,))

@@ -12,6 +12,8 @@ Run (CPU, 1 thread):
   nice -n 10 .venv/bin/python experiments/fast/diagnose.py split
   nice -n 10 .venv/bin/python experiments/fast/diagnose.py trace gender 32
   nice -n 10 .venv/bin/python experiments/fast/diagnose.py train gender 120 40 0:3e-3 15:3e-3 15:1e-2
+  nice -n 10 .venv/bin/python experiments/fast/diagnose.py train race 60 20 0:3e-3 0:3e-3:gap+js:10 ftl:0:1e-3
+  (setting = LAYER:LR[:FAIRNESS[:JS_WEIGHT]] for the stamp, ftl:LAYER:LR for FT-L)
 No test-split item is used after `split` (which only reports the base model's SS on it).
 """
 from __future__ import annotations
@@ -106,14 +108,21 @@ def part_train(lm, F, bt, steps, every, settings):
         win = hist[max(0, len(hist) - every):]
         return {"step": step, "L_e_batches": sum(h["L_e"] for h in win) / len(win) if win else None,
                 "L_s1": win[-1]["L_s1"] if win else None, "L_s2": win[-1]["L_s2"] if win else None,
+                "JS": sum(h["JS"] for h in win) / len(win) if win and "JS" in win[-1] else None,
                 "train_ss": _ss(g_tr), "train_mean_abs_gap": sum(map(abs, g_tr)) / len(g_tr),
                 "train_mean_sq_gap": sum(x * x for x in g_tr) / len(g_tr),
                 "dev_ss": _ss(g_dev), "dev_mean_abs_gap": sum(map(abs, g_dev)) / len(g_dev)}
 
     for s in settings:
-        layer, lr = s.split(":")
-        layer, lr = int(layer), float(lr)
-        cfg = F.FastConfig(layer=layer, lr=lr, steps=every)
+        # LAYER:LR[:FAIRNESS[:JS_WEIGHT]] trains the stamp; ftl:LAYER:LR fine-tunes the layer's MLP (FT-L)
+        parts = s.split(":")
+        mode = "ftl" if parts[0] == "ftl" else "stamp"
+        parts = parts[1:] if mode == "ftl" else parts
+        layer, lr = int(parts[0]), float(parts[1])
+        fairness = parts[2] if len(parts) > 2 else "gap"
+        js_weight = float(parts[3]) if len(parts) > 3 else F.FastConfig.js_weight
+        cfg = F.FastConfig(layer=layer, lr=lr, steps=every, fairness=fairness, js_weight=js_weight,
+                           ftl_lr=lr)
         # train in chunks of `every` steps by continuing the same stamp: one run of `steps` steps with a hook
         # that snapshots; simplest exact way: re-run train with increasing steps is wasteful, so train once and
         # evaluate through a callback on the history length.
@@ -126,8 +135,10 @@ def part_train(lm, F, bt, steps, every, settings):
             hist_holder.append(rec)
             if rec["step"] % every == 0:
                 curve.append(snapshot(rec["step"], hist_holder))
-        F.train(lm, sp["train"], layer, cfg, kl_sets=kl_sets, desc=f"{bt} L{layer} lr{lr}", on_step=on_step)
-        res[s] = {"layer": layer, "lr": lr, "steps": steps, "seconds": round(time.time() - t, 1), "curve": curve}
+        F.train(lm, sp["train"], layer, cfg, mode=mode, kl_sets=kl_sets, desc=f"{bt} {s}", on_step=on_step)
+        res[s] = {"layer": layer, "lr": lr, "steps": steps, "mode": mode, "fairness": fairness,
+                  "js_weight": js_weight if fairness != "gap" else None,
+                  "seconds": round(time.time() - t, 1), "curve": curve}
         print(json.dumps(res[s]), flush=True)
     return {"n_train_eval": len(train_eval), "n_dev": len(sp["dev"]), "runs": res}
 
@@ -154,12 +165,14 @@ def markdown(d):
         out.append("")
     for bt, tr in d.get("train", {}).items():
         out += [f"## Stamp training curves, {bt} (train SS on {tr['n_train_eval']} training pairs, dev on {tr['n_dev']})", "",
-                "| layer | lr | step | L_e (batches) | L_s1 | L_s2 | train SS | train mean \\|gap\\| | dev SS | dev mean \\|gap\\| |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "| edit | layer | lr | step | L_e (batches) | JS (batches) | L_s1 | L_s2 | train SS | train mean \\|gap\\| | dev SS | dev mean \\|gap\\| |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s, r in tr["runs"].items():
             for c in r["curve"]:
                 f = lambda v, n=3: "–" if v is None else f"{v:.{n}f}"  # noqa: E731
-                out.append(f"| {r['layer']} | {r['lr']:g} | {c['step']} | {f(c['L_e_batches'])} | {f(c['L_s1'], 4)} | "
+                edit = ("FT-L" if r.get("mode") == "ftl" else "stamp, L_e " + r.get("fairness", "gap")
+                        + (f" (JS × {r['js_weight']:g})" if r.get("js_weight") is not None else ""))
+                out.append(f"| {edit} | {r['layer']} | {r['lr']:g} | {c['step']} | {f(c['L_e_batches'])} | {f(c.get('JS'), 4)} | {f(c['L_s1'], 4)} | "
                            f"{f(c['L_s2'], 4)} | {c['train_ss']:.1f} | {c['train_mean_abs_gap']:.3f} | {c['dev_ss']:.1f} | "
                            f"{c['dev_mean_abs_gap']:.3f} |")
         out.append("")

@@ -123,10 +123,13 @@ def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender",
                   stamp_width: int = 64, activation: str = "relu", steps: int = 60, lr: float = 3e-3,
                   alpha: float = 1.0, beta: float = 1.0, limit: int | None = None, retention_limit: int | None = 60,
                   n_trace: int = 24, n_noise: int = 3, baselines: bool = True, seed: int = 0, n_boot: int = 1000,
+                  fairness: str = "gap", js_weight: float = 10.0, ftl_lrs: tuple = (1e-4, 1e-3),
                   force: bool = False) -> dict:
     """Run FAST end to end and write OUT/{patch.safetensors, summary.json, manifest.json, report.html,
     before/, after/, baselines/}. Returns the summary dict."""
+    import math
     import random
+    from dataclasses import replace as dc_replace
 
     from ..data import data_path, sha256_file
     from ..mitigations import fast as F
@@ -146,8 +149,11 @@ def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender",
     lm = model if isinstance(model, LanguageModel) else load_model(model)
     if layer is not None:
         check_layer(lm.model, layer)
+    if not ftl_lrs or any(x <= 0 for x in ftl_lrs):
+        raise BiaslabError(f"--ftl-lr needs one or more positive learning rates, got {list(ftl_lrs)}")
     cfg = F.FastConfig(layer=layer, width=stamp_width, activation=activation, alpha=alpha, beta=beta, steps=steps,
-                       lr=lr, seed=seed)
+                       lr=lr, seed=seed, fairness=fairness, js_weight=js_weight,
+                       ftl_lrs=tuple(float(x) for x in ftl_lrs))
     args = {"model": lm.spec, "fingerprint": lm.fingerprint, "task": task, "bias_types": list(bias_types),
             "limit": limit, "retention_limit": retention_limit, "n_trace": n_trace, "n_noise": n_noise,
             "baselines": baselines, "n_boot": n_boot, "config": cfg.to_json()}
@@ -197,7 +203,8 @@ def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender",
     timings["train_fast"] = t.elapsed()
     patch = F.StampPatch.from_stamp(
         lm, res.stamp, layer=use_layer, activation=activation,
-        params={"alpha": alpha, "beta": beta, "steps": steps, "lr": lr, "task": task, "seed": seed},
+        params={"alpha": alpha, "beta": beta, "steps": steps, "lr": lr, "task": task, "seed": seed,
+                "fairness": fairness, **({"js_weight": js_weight} if fairness != "gap" else {})},
         provenance={"method": F.METHOD_VERSION, "decisive_layer": decisive, "layer_given": layer,
                     "train_pairs": len(split["train"]), "choices": F.choices(cfg)})
     patch.save(out / "patch.safetensors")
@@ -240,17 +247,27 @@ def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender",
         timings["baseline_stamp_no_retention"] = t.elapsed()
 
         t = Timer()
-        r1 = F.train(lm, split["train"], use_layer, cfg, mode="ftl", dev_pairs=split["dev"],
-                     match_dev_ss=res.dev_ss, desc="FT-L", kl_sets=kl_sets)
+        tried = [F.train(lm, split["train"], use_layer, dc_replace(cfg, ftl_lr=float(x)), mode="ftl",
+                         dev_pairs=split["dev"], match_dev_ss=res.dev_ss, match_dev_gap=dev_after["mean_abs_gap"],
+                         desc=f"FT-L lr {x:g}", kl_sets=kl_sets) for x in cfg.ftl_lrs]
+        r1 = min(tried, key=lambda r: r.match_key or (math.inf,))
         with F.ftl_applied(lm, use_layer, r1.mlp_state):
             a1 = evaluate(lm, sets, retention_limit=retention_limit, seed=seed, original=before)
         _write_state(out / "baselines" / "ft_l", a1, n_boot=n_boot, seed=seed)
         summary["baselines"]["ft_l"] = {
             "description": f"fine-tune layer {use_layer}'s MLP weights with the same data and losses (Adam, lr "
-                           f"{cfg.ftl_lr}); checkpoint with dev SS closest to FAST's dev SS "
-                           f"({res.dev_ss:.1f}) kept", "chosen_step": r1.chosen_step, "dev_ss": r1.dev_ss,
+                           f"{' or '.join(f'{x:g}' for x in cfg.ftl_lrs)}); of all learning rates and checkpoints, "
+                           f"the one with dev SS closest to FAST's dev SS ({res.dev_ss:.1f}; ties: dev mean |gap| "
+                           f"closest to FAST's {dev_after['mean_abs_gap']:.3f}) kept: lr {r1.lr:g}, step "
+                           f"{r1.chosen_step}", "chosen_step": r1.chosen_step, "chosen_lr": r1.lr,
+            "dev_ss": r1.dev_ss, "dev_mean_abs_gap": r1.dev_gap,
+            "candidates": [{"lr": r.lr, "chosen_step": r.chosen_step, "dev_ss": r.dev_ss, "dev_mean_abs_gap": r.dev_gap}
+                           for r in tried],
             "metrics": compare(before, a1, n_boot=n_boot, seed=seed)}
         histories["ft_l"] = r1.history
+        for r in tried:
+            if r is not r1:
+                histories[f"ft_l (lr {r.lr:g}, not kept)"] = r.history
         timings["baseline_ft_l"] = t.elapsed()
 
     atomic_write_json(out / "training_history.json", histories)
@@ -323,6 +340,13 @@ def fast_command(
     retention_limit: int = typer.Option(60, "--retention-limit", help="retention items (windows + facts); 0 = skip"),
     n_trace: int = typer.Option(24, "--n-trace", help="training pairs used for causal tracing"),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="also run FT-L and the α=β=0 stamp"),
+    fairness: str = typer.Option("gap", "--fairness",
+                                 help="L_e: gap (the paper: squared log-prob gap of o) | gap+js (+ JS divergence "
+                                      "of the two prompts' next-token distributions; a deviation)"),
+    js_weight: float = typer.Option(10.0, "--js-weight", help="weight of the JS part under --fairness gap+js"),
+    ftl_lr: Optional[list[float]] = typer.Option(None, "--ftl-lr",
+                                                 help="FT-L learning rate(s), repeatable (default 1e-4 and 1e-3; "
+                                                      "the dev match to FAST picks one)"),
     seed: int = typer.Option(0, "--seed"),
     n_boot: int = typer.Option(1000, "--n-boot"),
     force: bool = typer.Option(False, "--force", help="overwrite a run made with different arguments"),
@@ -330,7 +354,8 @@ def fast_command(
     """FAST-style fairness stamp: tracing, training, before/after BiaScope audit, patch, summary, report."""
     s = mitigate_fast(model, task, out=out, layer=layer, stamp_width=stamp_width, activation=activation, steps=steps,
                       lr=lr, alpha=alpha, beta=beta, limit=limit, retention_limit=retention_limit or 0,
-                      n_trace=n_trace, baselines=baselines, seed=seed, n_boot=n_boot, force=force)
+                      n_trace=n_trace, baselines=baselines, seed=seed, n_boot=n_boot, fairness=fairness,
+                      js_weight=js_weight, ftl_lrs=tuple(ftl_lr) if ftl_lr else (1e-4, 1e-3), force=force)
     from rich.table import Table
 
     t = Table(title=f"FAST — {task} (stamp at layer {s['layer']['used']})")

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..errors import BiaslabError, DataError
+from ..errors import BiaslabError, DataError, UnknownNameError
 from ..patches import Patch
 from ..progress import progress_bar
 
@@ -49,6 +49,7 @@ BIAS_TYPES = ("gender", "race", "religion")
 # StereoSet domain -> CrowS-Pairs bias types of the same kind (cross-dataset PS)
 CROWS_TYPES = {"gender": ("gender",), "race": ("race-color", "nationality"), "religion": ("religion",)}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+FAIRNESS_LOSSES = ("gap", "gap+js")  # L_e variants (FastConfig.fairness)
 
 # ---------------------------------------------------------------------------------------------- counterparts
 # Race / religion: each StereoSet target -> one fixed contrasting group of the same grammatical form
@@ -523,9 +524,18 @@ class FastConfig:
     text_tokens: int = 32
     n_subject_prompts: int = 48
     n_text: int = 32
-    ftl_lr: float = 1e-4
+    fairness: str = "gap"             # gap (the paper's L_e) | gap+js (+ JS of the next-token distributions)
+    js_weight: float = 10.0           # weight of the JS part under fairness="gap+js"
+    ftl_lr: float = 1e-4              # the learning rate of one FT-L run (train(mode="ftl"))
+    ftl_lrs: tuple = (1e-4, 1e-3)     # `biaslab mitigate fast` tries each; the match to FAST on dev picks one
     ftl_eval_every: int = 10
     seed: int = 0
+
+    def __post_init__(self):
+        if self.fairness not in FAIRNESS_LOSSES:
+            raise UnknownNameError("FAST fairness loss", self.fairness, FAIRNESS_LOSSES)
+        if self.js_weight < 0:
+            raise BiaslabError(f"js_weight must be ≥ 0, got {self.js_weight}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -604,8 +614,10 @@ class _TextSet:
         return (orig.exp() * (orig - cur)).sum(-1).mean()
 
 
-def pair_logprobs(lm, prompts: list[str], objects: list[str]) -> torch.Tensor:
-    """Differentiable mean log P(object tokens | prompt), tokenised exactly as ``lm.loglikelihood`` does."""
+def pair_logprobs(lm, prompts: list[str], objects: list[str], *, with_first: bool = False):
+    """Differentiable mean log P(object tokens | prompt), tokenised exactly as ``lm.loglikelihood`` does.
+    ``with_first``: also return the full next-token log-distribution at each prompt's end (the position that
+    predicts the object's first token), shape (len(prompts), vocab)."""
     pieces = [lm.split_context(p, " " + o) for p, o in zip(prompts, objects)]
     seqs = [(c + x)[:-1] for c, x in pieces]
     ids, mask, pos, offs = lm.pad(seqs, side="right")
@@ -623,7 +635,35 @@ def pair_logprobs(lm, prompts: list[str], objects: list[str]) -> torch.Tensor:
     owner_t = torch.tensor(owner, device=dev)
     sums = torch.zeros(len(pieces), device=dev, dtype=tok.dtype).index_add(0, owner_t, tok)
     counts = torch.zeros(len(pieces), device=dev, dtype=tok.dtype).index_add(0, owner_t, torch.ones_like(tok))
-    return sums / counts
+    if not with_first:
+        return sums / counts
+    first = [owner.index(k) for k in range(len(pieces))]  # rows are piece by piece, object token by token
+    return sums / counts, lp[torch.tensor(first, device=dev)]
+
+
+def js_divergence(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Row-wise Jensen-Shannon divergence (nats, ≤ ln 2) between two batches of log-distributions."""
+    lm_ = torch.logsumexp(torch.stack([lp, lq]), 0) - math.log(2.0)
+    return 0.5 * ((lp.exp() * (lp - lm_)).sum(-1) + (lq.exp() * (lq - lm_)).sum(-1))
+
+
+def fairness_loss(lm, pairs: list[KnowledgePair], cfg: "FastConfig") -> tuple[torch.Tensor, torch.Tensor]:
+    """L_e of a batch of pairs, and the Jensen-Shannon part alone (0 under ``fairness="gap"``).
+
+    ``gap`` (the paper's L_e): mean over pairs of (mean-token log P(o|s1,r) − mean-token log P(o|s2,r))².
+    ``gap+js`` (a named deviation): the same plus ``js_weight`` × the JS divergence between the two prompts' whole
+    next-token distributions at the object position — "indifferent between s1 and s2 for this r" for every
+    candidate object, not only the stereotype filler o, so the stamp is taught what the group term must not change
+    rather than one object's offset."""
+    n = len(pairs)
+    prompts = [p.prompt_1 for p in pairs] + [p.prompt_2 for p in pairs]
+    objects = [p.object for p in pairs] * 2
+    if cfg.fairness == "gap":
+        lps = pair_logprobs(lm, prompts, objects)
+        return ((lps[:n] - lps[n:]) ** 2).mean(), torch.zeros(())
+    lps, first = pair_logprobs(lm, prompts, objects, with_first=True)
+    js = js_divergence(first[:n].float(), first[n:].float()).mean()
+    return ((lps[:n] - lps[n:]) ** 2).mean() + cfg.js_weight * js, js
 
 
 def pair_preference_ss(lm, pairs: list[KnowledgePair]) -> float:
@@ -658,6 +698,9 @@ class TrainResult:
     mlp_state: dict | None = None     # FT-L: the chosen checkpoint's MLP weights
     chosen_step: int | None = None
     dev_ss: float | None = None
+    dev_gap: float | None = None      # dev mean |log P(o|s1,r) − log P(o|s2,r)| of the kept state (FT-L)
+    match_key: tuple | None = None    # FT-L: (|dev SS − target|, |dev gap − target|, step) of the kept checkpoint
+    lr: float | None = None
 
 
 def make_kl_sets(lm, pairs: list[KnowledgePair], cfg: FastConfig) -> dict:
@@ -669,12 +712,13 @@ def make_kl_sets(lm, pairs: list[KnowledgePair], cfg: FastConfig) -> dict:
 
 def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: str = "stamp",
           alpha: float | None = None, beta: float | None = None, dev_pairs: list[KnowledgePair] | None = None,
-          match_dev_ss: float | None = None, desc: str | None = None, kl_sets: dict | None = None,
-          on_step=None) -> TrainResult:
-    """Train the stamp (``mode="stamp"``) or the layer's MLP weights (``mode="ftl"``) with
-    L = L_e + α·L_s1 + β·L_s2. For FT-L with ``match_dev_ss``, checkpoints every ``ftl_eval_every`` steps are
-    scored on ``dev_pairs`` and the one whose dev SS is closest to ``match_dev_ss`` is kept. ``on_step(rec)``
-    is called after every step with the edit in place (diagnostics)."""
+          match_dev_ss: float | None = None, match_dev_gap: float | None = None, desc: str | None = None,
+          kl_sets: dict | None = None, on_step=None) -> TrainResult:
+    """Train the stamp (``mode="stamp"``) or the layer's MLP weights (``mode="ftl"``, learning rate
+    ``cfg.ftl_lr``) with L = L_e + α·L_s1 + β·L_s2. For FT-L with ``match_dev_ss``, checkpoints every
+    ``ftl_eval_every`` steps are scored on ``dev_pairs`` and the one whose dev SS is closest to ``match_dev_ss``
+    is kept, ties (dev SS moves in steps of 100/n) broken by the dev mean |gap| closest to ``match_dev_gap``, then
+    by the earlier step. ``on_step(rec)`` is called after every step with the edit in place (diagnostics)."""
     from ..tracing import check_layer, layer_modules
 
     if not pairs:
@@ -720,8 +764,7 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
                 with torch.enable_grad():
                     batch = rng.sample(range(len(pairs)), min(cfg.batch_pairs, len(pairs)))
                     bp = [pairs[i] for i in batch]
-                    lps = pair_logprobs(lm, [p.prompt_1 for p in bp] + [p.prompt_2 for p in bp], [p.object for p in bp] * 2)
-                    le = ((lps[:len(bp)] - lps[len(bp):]) ** 2).mean()
+                    le, js = fairness_loss(lm, bp, cfg)
                     ls1 = subj.kl(rng.sample(range(len(subj.seqs)), min(cfg.batch_subject, len(subj.seqs)))) if subj else torch.zeros(())
                     ls2 = text.kl(rng.sample(range(len(text.seqs)), min(cfg.batch_text, len(text.seqs)))) if text else torch.zeros(())
                     loss = le + alpha * ls1 + beta * ls2
@@ -730,10 +773,14 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
                     opt.step()
                 rec = {"step": step, "loss": loss.item(), "L_e": le.item(), "L_s1": float(ls1.detach()),
                        "L_s2": float(ls2.detach())}
+                if cfg.fairness != "gap":
+                    rec["JS"] = float(js.detach())
                 if mode == "ftl" and match_dev_ss is not None and dev_pairs and (step % cfg.ftl_eval_every == 0 or step == cfg.steps):
-                    rec["dev_ss"] = pair_preference_ss(lm, dev_pairs)
-                    checkpoints.append((abs(rec["dev_ss"] - match_dev_ss), step, rec["dev_ss"],
-                                        {k: v.detach().clone() for k, v in mlp.state_dict().items()}))
+                    st = dev_stats(lm, dev_pairs)
+                    rec["dev_ss"], rec["dev_mean_abs_gap"] = st["ss"], st["mean_abs_gap"]
+                    key = (abs(st["ss"] - match_dev_ss),
+                           0.0 if match_dev_gap is None else abs(st["mean_abs_gap"] - match_dev_gap), step)
+                    checkpoints.append((key, st, {k: v.detach().clone() for k, v in mlp.state_dict().items()}))
                 res.history.append(rec)
                 if on_step is not None:
                     on_step(rec)
@@ -744,12 +791,16 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
             if dev_pairs:
                 res.dev_ss = pair_preference_ss(lm, dev_pairs)
         else:
+            res.lr = lr
             if checkpoints:
-                _, res.chosen_step, res.dev_ss, state = min(checkpoints, key=lambda c: (c[0], c[1]))
+                res.match_key, st, state = min(checkpoints, key=lambda c: c[0])
+                res.chosen_step, res.dev_ss, res.dev_gap = res.match_key[2], st["ss"], st["mean_abs_gap"]
             else:
                 state = {k: v.detach().clone() for k, v in mlp.state_dict().items()}
                 res.chosen_step = cfg.steps
-                res.dev_ss = pair_preference_ss(lm, dev_pairs) if dev_pairs else None
+                if dev_pairs:
+                    st = dev_stats(lm, dev_pairs)
+                    res.dev_ss, res.dev_gap = st["ss"], st["mean_abs_gap"]
             res.mlp_state = state
     finally:
         if handle is not None:
@@ -800,12 +851,17 @@ def choices(cfg: FastConfig) -> dict:
                    "probability), decisive = argmax of the single-layer MLP curve unless --layer is given",
         "stamp": f"d -> {cfg.width} -> d, {cfg.activation}, input = the MLP's input, output added to the MLP's "
                  "output at every position; second layer zero-initialised",
-        "L_e": "mean over pairs of (mean-token log P(o|s1,r) - mean-token log P(o|s2,r))^2",
+        "L_e": "mean over pairs of (mean-token log P(o|s1,r) - mean-token log P(o|s2,r))^2"
+               + ("" if cfg.fairness == "gap" else
+                  f" + {cfg.js_weight:g} x JS(P(.|s1,r) || P(.|s2,r)) of the whole next-token distribution at the "
+                  "object position (a deviation: fairness=gap+js)"),
         "L_s1": f"KL(orig || stamped) at all positions of {len(SUBJECT_TEMPLATES)} lexical templates filled with "
                 "the training pairs' group terms",
         "L_s2": "KL(orig || stamped) at all positions of WikiText-2 validation windows",
-        "optimizer": f"Adam, lr {cfg.lr} (FT-L {cfg.ftl_lr}), {cfg.steps} steps",
-        "ftl_matching": "FT-L checkpoint whose dev-split SS is closest to FAST's dev SS",
+        "optimizer": f"Adam, lr {cfg.lr} (FT-L: each of {', '.join(f'{x:g}' for x in cfg.ftl_lrs)}), {cfg.steps} steps",
+        "ftl_matching": "over FT-L's learning rates and its checkpoints every "
+                        f"{cfg.ftl_eval_every} steps, the one whose dev-split SS is closest to FAST's dev SS, ties "
+                        "broken by the dev mean |gap| closest to FAST's, then the earlier step",
         "config": cfg.to_json(),
     }
 
