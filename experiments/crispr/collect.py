@@ -16,7 +16,8 @@ HERE = Path(__file__).resolve().parent
 RUNS = {"sst2": Path("runs/crispr-v2-sst2"), "bbq_age": Path("runs/crispr-v2-bbq-age"),
         "sst2_cloze": Path("runs/crispr-cloze-sst2"), "sst2_cloze_10instr": Path("runs/crispr-cloze-sst2-10instr"),
         "sst2_cloze_10instr_n1": Path("runs/crispr-cloze-sst2-10instr-n1"),
-        "bbq_age_optll": Path("runs/crispr-optll-bbq-age"), "bbq_age_optll_n3": Path("runs/crispr-optll-bbq-age-n3")}
+        "bbq_age_optll": Path("runs/crispr-optll-bbq-age"), "bbq_age_optll_n3": Path("runs/crispr-optll-bbq-age-n3"),
+        "bbq_age_optll_hmean": Path("runs/crispr-optll-bbq-age-hmean")}
 LETTERS = "ABCDEFGH"
 
 
@@ -137,8 +138,9 @@ def run_section(s: dict, entry: dict) -> list[str]:
                f"always-unknown: {f(u['delta'])} {ci(u['delta_ci95'])}.", ""]
     if srch.get("dev_accuracy"):
         pts = ", ".join(f"{k}: {f(v, 4)}" for k, v in sorted(srch["dev_accuracy"].items(), key=lambda kv: int(kv[0])))
-        what = ("dev accuracy + mean gold probability / (K + 1), K dev records"
-                if srch.get("objective") == "accuracy+goldprob" else "dev accuracy")
+        what = {"accuracy+goldprob": "dev accuracy + mean gold probability / (K + 1), K dev records",
+                "condition-hmean": "harmonic mean of dev accuracy on ambiguous and on disambiguated items"
+                }.get(srch.get("objective"), "dev accuracy")
         md += [f"Dev search (n: dev objective = {what}): {pts}", ""]
     g = entry.get("dev_grid")
     if g:  # dev-only check of small n the golden-section search skipped (sst2_dev_grid.py)
