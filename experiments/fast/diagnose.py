@@ -13,12 +13,13 @@ Run (CPU, 1 thread):
   nice -n 10 .venv/bin/python experiments/fast/diagnose.py trace gender 32
   nice -n 10 .venv/bin/python experiments/fast/diagnose.py train gender 120 40 0:3e-3 15:3e-3 15:1e-2
   nice -n 10 .venv/bin/python experiments/fast/diagnose.py train race 60 20 0:3e-3 0:3e-3:gap+js:10 ftl:0:1e-3
-  (setting = LAYER:LR[:FAIRNESS[:JS_WEIGHT]] for the stamp, ftl:LAYER:LR for FT-L)
+  (setting = LAYER:LR[:FAIRNESS[:JS_WEIGHT[:ALPHA=BETA]]] for the stamp, ftl:LAYER:LR for FT-L)
 No test-split item is used after `split` (which only reports the base model's SS on it).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -101,28 +102,42 @@ def part_train(lm, F, bt, steps, every, settings):
     res = {}
     base_cfg = F.FastConfig()
     kl_sets = F.make_kl_sets(lm, sp["train"], base_cfg)
+    # dev retention: WikiText-2 *validation* windows that L_s2 never trains on (the same seeded order as
+    # make_kl_sets, after its n_text windows); the test windows stay for the reported perplexity
+    dev_wiki = F.wiki_windows(lm, n=2 * base_cfg.n_text, tokens=base_cfg.text_tokens, seed=base_cfg.seed)[base_cfg.n_text:]
+
+    def dev_nll():
+        sc = lm.loglikelihood([("", " " + w) for w in dev_wiki], desc="dev wiki")
+        return sum(x.logprob for x in sc) / sum(x.n_tokens for x in sc)
+
+    nll0 = dev_nll()
 
     def snapshot(step, hist):
         with torch.no_grad():
             g_tr, g_dev = gaps(lm, train_eval), gaps(lm, sp["dev"])
+            subj = kl_sets["subject"]
+            kl_subj = float(subj.kl(list(range(len(subj.seqs)))))
+            dppl = 100.0 * (math.exp(-(dev_nll() - nll0)) - 1.0)
         win = hist[max(0, len(hist) - every):]
         return {"step": step, "L_e_batches": sum(h["L_e"] for h in win) / len(win) if win else None,
                 "L_s1": win[-1]["L_s1"] if win else None, "L_s2": win[-1]["L_s2"] if win else None,
                 "JS": sum(h["JS"] for h in win) / len(win) if win and "JS" in win[-1] else None,
                 "train_ss": _ss(g_tr), "train_mean_abs_gap": sum(map(abs, g_tr)) / len(g_tr),
                 "train_mean_sq_gap": sum(x * x for x in g_tr) / len(g_tr),
-                "dev_ss": _ss(g_dev), "dev_mean_abs_gap": sum(map(abs, g_dev)) / len(g_dev)}
+                "dev_ss": _ss(g_dev), "dev_mean_abs_gap": sum(map(abs, g_dev)) / len(g_dev),
+                "kl_subject_all": kl_subj, "dev_wiki_ppl_change_pct": dppl}
 
     for s in settings:
-        # LAYER:LR[:FAIRNESS[:JS_WEIGHT]] trains the stamp; ftl:LAYER:LR fine-tunes the layer's MLP (FT-L)
+        # LAYER:LR[:FAIRNESS[:JS_WEIGHT[:ALPHA=BETA]]] trains the stamp; ftl:LAYER:LR fine-tunes the MLP (FT-L)
         parts = s.split(":")
         mode = "ftl" if parts[0] == "ftl" else "stamp"
         parts = parts[1:] if mode == "ftl" else parts
         layer, lr = int(parts[0]), float(parts[1])
         fairness = parts[2] if len(parts) > 2 else "gap"
         js_weight = float(parts[3]) if len(parts) > 3 else F.FastConfig.js_weight
+        ab = float(parts[4]) if len(parts) > 4 else 1.0  # α = β
         cfg = F.FastConfig(layer=layer, lr=lr, steps=every, fairness=fairness, js_weight=js_weight,
-                           ftl_lr=lr)
+                           ftl_lr=lr, alpha=ab, beta=ab)
         # train in chunks of `every` steps by continuing the same stamp: one run of `steps` steps with a hook
         # that snapshots; simplest exact way: re-run train with increasing steps is wasteful, so train once and
         # evaluate through a callback on the history length.
@@ -137,7 +152,7 @@ def part_train(lm, F, bt, steps, every, settings):
                 curve.append(snapshot(rec["step"], hist_holder))
         F.train(lm, sp["train"], layer, cfg, mode=mode, kl_sets=kl_sets, desc=f"{bt} {s}", on_step=on_step)
         res[s] = {"layer": layer, "lr": lr, "steps": steps, "mode": mode, "fairness": fairness,
-                  "js_weight": js_weight if fairness != "gap" else None,
+                  "js_weight": js_weight if fairness != "gap" else None, "alpha_beta": ab,
                   "seconds": round(time.time() - t, 1), "curve": curve}
         print(json.dumps(res[s]), flush=True)
     return {"n_train_eval": len(train_eval), "n_dev": len(sp["dev"]), "runs": res}
@@ -165,16 +180,17 @@ def markdown(d):
         out.append("")
     for bt, tr in d.get("train", {}).items():
         out += [f"## Stamp training curves, {bt} (train SS on {tr['n_train_eval']} training pairs, dev on {tr['n_dev']})", "",
-                "| edit | layer | lr | step | L_e (batches) | JS (batches) | L_s1 | L_s2 | train SS | train mean \\|gap\\| | dev SS | dev mean \\|gap\\| |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| edit | layer | lr | step | L_e (batches) | JS (batches) | L_s1 | L_s2 | train SS | train mean \\|gap\\| | dev SS | dev mean \\|gap\\| | KL subject (all) | dev wiki ppl Δ% |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s, r in tr["runs"].items():
             for c in r["curve"]:
                 f = lambda v, n=3: "–" if v is None else f"{v:.{n}f}"  # noqa: E731
                 edit = ("FT-L" if r.get("mode") == "ftl" else "stamp, L_e " + r.get("fairness", "gap")
-                        + (f" (JS × {r['js_weight']:g})" if r.get("js_weight") is not None else ""))
+                        + (f" (JS × {r['js_weight']:g})" if r.get("js_weight") is not None else "")
+                        + (f", α = β = {r['alpha_beta']:g}" if r.get("alpha_beta", 1.0) != 1.0 else ""))
                 out.append(f"| {edit} | {r['layer']} | {r['lr']:g} | {c['step']} | {f(c['L_e_batches'])} | {f(c.get('JS'), 4)} | {f(c['L_s1'], 4)} | "
                            f"{f(c['L_s2'], 4)} | {c['train_ss']:.1f} | {c['train_mean_abs_gap']:.3f} | {c['dev_ss']:.1f} | "
-                           f"{c['dev_mean_abs_gap']:.3f} |")
+                           f"{c['dev_mean_abs_gap']:.3f} | {f(c.get('kl_subject_all'), 4)} | {f(c.get('dev_wiki_ppl_change_pct'), 2)} |")
         out.append("")
     return "\n".join(out) + "\n"
 

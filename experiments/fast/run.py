@@ -9,7 +9,15 @@ Nothing is tuned on the held-out split: steps and lr were chosen on the gender d
 hyper-parameters are the defaults of biaslab.mitigations.fast.FastConfig, and FT-L's checkpoint is matched on
 dev SS.
 
-Run (CPU, ~1 thread):  nice -n 10 .venv/bin/python experiments/fast/run.py
+Variants (``--variant``; each writes its own results file and run directories):
+  gap  the paper's L_e (squared gap of the stereotype object), sessions 2-3: results.json / results.md,
+       runs/<task>/ (FT-L at lr 1e-4 only, as it was run)
+  js   L_e + JS divergence of the whole next-token distributions (``--fairness gap+js``, a named deviation),
+       JS weight and α = β chosen on the race dev split (diagnose.py train race ...; see SETTINGS_JS), every
+       held-out pair evaluated (no --limit), FT-L at lr 1e-4 and 1e-3: results_js.json / results_js.md,
+       runs/<task>_js/
+
+Run (CPU, ~1 thread):  nice -n 10 .venv/bin/python experiments/fast/run.py [--variant gap|js] [TASK ...]
 """
 from __future__ import annotations
 
@@ -26,7 +34,19 @@ TASKS = ("stereoset:gender", "stereoset:race")
 # steps / lr chosen on the gender dev split (experiments/fast/diagnose.md: dev mean |gap| 1.44 -> 0.96 nats after
 # 60 steps at lr 3e-3, 0.92 after 90; lr 1e-2 reached only 1.04 after 60; a stamp at layer 8 only 1.06 after 90);
 # the layer is the tracing default (argmax of the single-layer MLP curve). limit 60 = the whole gender test split.
-SETTINGS = dict(steps=60, lr=3e-3, limit=60, retention_limit=20, n_trace=12, n_noise=2, n_boot=1000, seed=0)
+SETTINGS = dict(steps=60, lr=3e-3, limit=60, retention_limit=20, n_trace=12, n_noise=2, n_boot=1000, seed=0,
+                ftl_lrs=(1e-4,))
+# js variant (session 5): JS weight and α = β chosen on the race dev split by the rule fixed before the dev runs —
+# the smallest dev |SS − 50| whose dev WikiText perplexity change (validation windows L_s2 never trains on) is
+# ≤ +5 %, ties (within one dev pair) broken by the smaller KL on the subject templates (diagnose.md). Gender uses
+# the same settings (its dev split, 18 pairs, is too small to select on).
+# Race dev, 60 steps (diagnose.md): gap 69.8 (ppl +1.4 %); gap+js ×10 61.6 (+2.5 %); ×30 54.7 (+8.2 %, over);
+# ×50 53.5 (+11.7 %, over); ×50 with α = β = 3 57.0 (+1.2 %, KL 0.0635); ×50, α = β = 5 59.3; ×100, α = β = 5 57.0
+# (+0.5 %, KL 0.0639) → ×50, α = β = 3. FT-L also at lr 3e-3: at 1e-3 it reached only dev SS 61.6-62.8 in 60 steps,
+# short of FAST's dev SS, so a larger rate gives it the chance to match.
+SETTINGS_JS = dict(steps=60, lr=3e-3, fairness="gap+js", js_weight=50.0, alpha=3.0, beta=3.0, limit=None,
+                   retention_limit=40, n_trace=12, n_noise=2, n_boot=1000, seed=0, ftl_lrs=(1e-4, 1e-3, 3e-3))
+VARIANTS = {"gap": (SETTINGS, "results", ""), "js": (SETTINGS_JS, "results_js", "_js")}
 
 
 def main() -> None:
@@ -35,20 +55,32 @@ def main() -> None:
     from biaslab.models import load_model
     from biaslab.runs import atomic_write_json, atomic_write_text
 
+    args = sys.argv[1:]
+    variant = "gap"
+    if args[:1] == ["--variant"]:
+        variant, args = args[1], args[2:]
+    settings, stem, suffix = VARIANTS[variant]
+    if any(v is None for v in settings.values()):
+        raise SystemExit(f"variant {variant}: settings not chosen yet: {settings}")
     lm = load_model("smollm2-135m-instruct")
-    tasks = sys.argv[1:] or TASKS
-    results = {"model": lm.spec, "fingerprint": lm.fingerprint, "settings": SETTINGS, "tasks": {}}
+    tasks = args or TASKS
+    results = {"model": lm.spec, "fingerprint": lm.fingerprint, "variant": variant, "settings": settings, "tasks": {}}
     t0 = time.time()
+    path = HERE / f"{stem}.json"
+
+    def save():  # merge with tasks another process of the same variant and settings wrote (one process per task)
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        if old.get("settings") == json.loads(json.dumps(settings)) and old.get("variant") == variant:
+            results["tasks"] = {**{k: v for k, v in old.get("tasks", {}).items() if k not in tasks}, **results["tasks"]}
+        atomic_write_json(path, results)
+        atomic_write_text(HERE / f"{stem}.md", markdown(results))
+
     for task in tasks:
-        name = task.split(":")[-1]
-        s = mitigate_fast(lm, task, out=HERE / "runs" / name, force=True, **SETTINGS)
-        results["tasks"][task] = {k: s[k] for k in ("layer", "metrics", "baselines", "dev_ss", "pairs", "timings_s")}
-        results["wall_s"] = round(time.time() - t0, 1)
-        atomic_write_json(HERE / "results.json", results)  # after every task, so a partial run still reports
-        atomic_write_text(HERE / "results.md", markdown(results))
-    results["wall_s"] = round(time.time() - t0, 1)
-    atomic_write_json(HERE / "results.json", results)
-    atomic_write_text(HERE / "results.md", markdown(results))
+        name = task.split(":")[-1] + suffix
+        s = mitigate_fast(lm, task, out=HERE / "runs" / name, force=True, **settings)
+        results["tasks"][task] = {k: s[k] for k in ("layer", "metrics", "baselines", "dev_ss", "dev", "pairs", "timings_s")}
+        results["tasks"][task]["wall_s"] = round(time.time() - t0, 1)
+        save()  # after every task, so a partial run still reports
     print(markdown(results))
 
 
@@ -73,15 +105,26 @@ def markdown(res: dict) -> str:
                 f"{_f(g('ps', 'before'))} → {_f(g('ps'))} | {_f(g('ps_crows', 'before'))} → {_f(g('ps_crows'))} | "
                 f"{_f(g('rs'))} | {_f(g('lms', 'delta'))} | {_f(g('icat', 'delta'))} | "
                 f"{_f(None if rel is None else 100 * rel, 2)} | {_f(g('knowledge_accuracy', 'delta'), 3)} |")
-    out = ["# FAST-style fairness stamp on smollm2-135m-instruct (held-out pairs)", "",
-           f"Settings: `{json.dumps(res['settings'])}`; wall time {res.get('wall_s')} s (shared 2-core CPU).", "",
+    title = ("FAST-style fairness stamp on smollm2-135m-instruct (held-out pairs)" if res.get("variant", "gap") == "gap"
+             else "FAST-style fairness stamp, L_e + JS (`--fairness gap+js`), on smollm2-135m-instruct (held-out pairs)")
+    out = [f"# {title}", "",
+           f"Settings: `{json.dumps(res['settings'])}`; wall time per task (s, shared 2-core CPU): "
+           f"{ {t: r.get('wall_s', res.get('wall_s')) for t, r in res['tasks'].items()} }.", "",
            *rows, "",
            "SS/PS: % of pairs preferring the stereotyped group (50 ideal). RS: % of hand-written commonsense pairs "
            "whose preference is unchanged (original = 100). LMS/ICAT: StereoSet held-out clusters. Perplexity: "
            "WikiText-2 test windows (retention benchmark). FT-L is matched to FAST on *dev* SS.", ""]
     for task, r in res["tasks"].items():
-        out.append(f"- {task}: pairs {r['pairs']['split']}, skipped {r['pairs']['skipped']}, "
-                   f"dev SS {r['dev_ss']}")
+        out.append(f"- {task}: pairs {r['pairs']['split']}, evaluation sets {r['pairs'].get('eval_sizes')}, skipped "
+                   f"{r['pairs']['skipped']}, dev SS {r['dev_ss']}"
+                   + (f", dev mean |gap| {r['dev']['before']['mean_abs_gap']:.3f} → {r['dev']['after']['mean_abs_gap']:.3f}"
+                      if r.get("dev") else ""))
+        ftl = r["baselines"].get("ft_l")
+        if ftl and ftl.get("candidates"):
+            out.append(f"  - FT-L kept: lr {ftl['chosen_lr']:g}, step {ftl['chosen_step']} (dev SS {ftl['dev_ss']:.1f}, "
+                       f"dev mean |gap| {ftl['dev_mean_abs_gap']:.3f}); tried: " + "; ".join(
+                           f"lr {c['lr']:g}: step {c['chosen_step']}, dev SS {c['dev_ss']:.1f}, |gap| {c['dev_mean_abs_gap']:.3f}"
+                           for c in ftl["candidates"]))
     return "\n".join(out) + "\n"
 
 
