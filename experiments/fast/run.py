@@ -60,7 +60,7 @@ def main() -> None:
     if args[:1] == ["--variant"]:
         variant, args = args[1], args[2:]
     settings, stem, suffix = VARIANTS[variant]
-    if any(v is None for v in settings.values()):
+    if any(settings.get(k, 0) is None for k in ("js_weight", "alpha", "beta")):
         raise SystemExit(f"variant {variant}: settings not chosen yet: {settings}")
     lm = load_model("smollm2-135m-instruct")
     tasks = args or TASKS
