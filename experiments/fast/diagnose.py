@@ -13,7 +13,7 @@ Run (CPU, 1 thread):
   nice -n 10 .venv/bin/python experiments/fast/diagnose.py trace gender 32
   nice -n 10 .venv/bin/python experiments/fast/diagnose.py train gender 120 40 0:3e-3 15:3e-3 15:1e-2
   nice -n 10 .venv/bin/python experiments/fast/diagnose.py train race 60 20 0:3e-3 0:3e-3:gap+js:10 ftl:0:1e-3
-  (setting = LAYER:LR[:FAIRNESS[:JS_WEIGHT[:ALPHA=BETA]]] for the stamp, ftl:LAYER:LR for FT-L)
+  (setting = LAYER:LR[:FAIRNESS[:JS_WEIGHT[:ALPHA=BETA[:L_S2_WINDOW_TOKENS]]]] for the stamp, ftl:LAYER:LR for FT-L)
 No test-split item is used after `split` (which only reports the base model's SS on it).
 """
 from __future__ import annotations
@@ -111,6 +111,18 @@ def part_train(lm, F, bt, steps, every, settings):
         return sum(x.logprob for x in sc) / sum(x.n_tokens for x in sc)
 
     nll0 = dev_nll()
+    # dev retention under the retention benchmark's own protocol (128-word windows given 64 words of context),
+    # on the WikiText-2 *validation* split (the benchmark scores test), 20 seeded windows
+    from biaslab.benchmarks.retention import wikitext_windows
+    from biaslab.data import data_path
+
+    ret_wins = random.Random("dev-ret").sample(wikitext_windows(data_path("wikitext2", "valid.raw.txt")), 20)
+
+    def dev_ret_nll():
+        sc = lm.loglikelihood([(w["context"], w["text"]) for w in ret_wins], desc="dev retention windows")
+        return sum(x.logprob for x in sc) / sum(x.n_tokens for x in sc)
+
+    ret0 = dev_ret_nll()
 
     def snapshot(step, hist):
         with torch.no_grad():
@@ -118,6 +130,7 @@ def part_train(lm, F, bt, steps, every, settings):
             subj = kl_sets["subject"]
             kl_subj = float(subj.kl(list(range(len(subj.seqs)))))
             dppl = 100.0 * (math.exp(-(dev_nll() - nll0)) - 1.0)
+            dret = 100.0 * (math.exp(-(dev_ret_nll() - ret0)) - 1.0)
         win = hist[max(0, len(hist) - every):]
         return {"step": step, "L_e_batches": sum(h["L_e"] for h in win) / len(win) if win else None,
                 "L_s1": win[-1]["L_s1"] if win else None, "L_s2": win[-1]["L_s2"] if win else None,
@@ -125,7 +138,7 @@ def part_train(lm, F, bt, steps, every, settings):
                 "train_ss": _ss(g_tr), "train_mean_abs_gap": sum(map(abs, g_tr)) / len(g_tr),
                 "train_mean_sq_gap": sum(x * x for x in g_tr) / len(g_tr),
                 "dev_ss": _ss(g_dev), "dev_mean_abs_gap": sum(map(abs, g_dev)) / len(g_dev),
-                "kl_subject_all": kl_subj, "dev_wiki_ppl_change_pct": dppl}
+                "kl_subject_all": kl_subj, "dev_wiki_ppl_change_pct": dppl, "dev_retention_ppl_change_pct": dret}
 
     for s in settings:
         # LAYER:LR[:FAIRNESS[:JS_WEIGHT[:ALPHA=BETA]]] trains the stamp; ftl:LAYER:LR fine-tunes the MLP (FT-L)
@@ -136,8 +149,10 @@ def part_train(lm, F, bt, steps, every, settings):
         fairness = parts[2] if len(parts) > 2 else "gap"
         js_weight = float(parts[3]) if len(parts) > 3 else F.FastConfig.js_weight
         ab = float(parts[4]) if len(parts) > 4 else 1.0  # α = β
+        text_tokens = int(parts[5]) if len(parts) > 5 else F.FastConfig.text_tokens  # L_s2 window length
         cfg = F.FastConfig(layer=layer, lr=lr, steps=every, fairness=fairness, js_weight=js_weight,
-                           ftl_lr=lr, alpha=ab, beta=ab)
+                           ftl_lr=lr, alpha=ab, beta=ab, text_tokens=text_tokens)
+        sets = kl_sets if text_tokens == base_cfg.text_tokens else F.make_kl_sets(lm, sp["train"], cfg)
         # train in chunks of `every` steps by continuing the same stamp: one run of `steps` steps with a hook
         # that snapshots; simplest exact way: re-run train with increasing steps is wasteful, so train once and
         # evaluate through a callback on the history length.
@@ -150,9 +165,9 @@ def part_train(lm, F, bt, steps, every, settings):
             hist_holder.append(rec)
             if rec["step"] % every == 0:
                 curve.append(snapshot(rec["step"], hist_holder))
-        F.train(lm, sp["train"], layer, cfg, mode=mode, kl_sets=kl_sets, desc=f"{bt} {s}", on_step=on_step)
+        F.train(lm, sp["train"], layer, cfg, mode=mode, kl_sets=sets, desc=f"{bt} {s}", on_step=on_step)
         res[s] = {"layer": layer, "lr": lr, "steps": steps, "mode": mode, "fairness": fairness,
-                  "js_weight": js_weight if fairness != "gap" else None, "alpha_beta": ab,
+                  "js_weight": js_weight if fairness != "gap" else None, "alpha_beta": ab, "text_tokens": text_tokens,
                   "seconds": round(time.time() - t, 1), "curve": curve}
         print(json.dumps(res[s]), flush=True)
     return {"n_train_eval": len(train_eval), "n_dev": len(sp["dev"]), "runs": res}
@@ -180,17 +195,18 @@ def markdown(d):
         out.append("")
     for bt, tr in d.get("train", {}).items():
         out += [f"## Stamp training curves, {bt} (train SS on {tr['n_train_eval']} training pairs, dev on {tr['n_dev']})", "",
-                "| edit | layer | lr | step | L_e (batches) | JS (batches) | L_s1 | L_s2 | train SS | train mean \\|gap\\| | dev SS | dev mean \\|gap\\| | KL subject (all) | dev wiki ppl Δ% |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| edit | layer | lr | step | L_e (batches) | JS (batches) | L_s1 | L_s2 | train SS | train mean \\|gap\\| | dev SS | dev mean \\|gap\\| | KL subject (all) | dev wiki ppl Δ% (32-token windows) | dev ppl Δ% (retention protocol, validation) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s, r in tr["runs"].items():
             for c in r["curve"]:
                 f = lambda v, n=3: "–" if v is None else f"{v:.{n}f}"  # noqa: E731
                 edit = ("FT-L" if r.get("mode") == "ftl" else "stamp, L_e " + r.get("fairness", "gap")
                         + (f" (JS × {r['js_weight']:g})" if r.get("js_weight") is not None else "")
-                        + (f", α = β = {r['alpha_beta']:g}" if r.get("alpha_beta", 1.0) != 1.0 else ""))
+                        + (f", α = β = {r['alpha_beta']:g}" if r.get("alpha_beta", 1.0) != 1.0 else "")
+                        + (f", L_s2 windows {r['text_tokens']} tokens" if r.get("text_tokens", 32) != 32 else ""))
                 out.append(f"| {edit} | {r['layer']} | {r['lr']:g} | {c['step']} | {f(c['L_e_batches'])} | {f(c.get('JS'), 4)} | {f(c['L_s1'], 4)} | "
                            f"{f(c['L_s2'], 4)} | {c['train_ss']:.1f} | {c['train_mean_abs_gap']:.3f} | {c['dev_ss']:.1f} | "
-                           f"{c['dev_mean_abs_gap']:.3f} | {f(c.get('kl_subject_all'), 4)} | {f(c.get('dev_wiki_ppl_change_pct'), 2)} |")
+                           f"{c['dev_mean_abs_gap']:.3f} | {f(c.get('kl_subject_all'), 4)} | {f(c.get('dev_wiki_ppl_change_pct'), 2)} | {f(c.get('dev_retention_ppl_change_pct'), 2)} |")
         out.append("")
     return "\n".join(out) + "\n"
 
@@ -211,6 +227,7 @@ def main():
     elif part == "train":
         bt, steps, every = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
         new = part_train(lm, F, bt, steps, every, sys.argv[5:])
+        d = _load()  # re-read: another diagnose process may have saved its runs meanwhile
         old = d.setdefault("train", {}).get(bt, {})
         new["runs"] = {**old.get("runs", {}), **new["runs"]}  # runs of earlier invocations are kept
         d["train"][bt] = new

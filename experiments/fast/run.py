@@ -17,7 +17,12 @@ Variants (``--variant``; each writes its own results file and run directories):
        held-out pair evaluated (no --limit), FT-L at lr 1e-4 and 1e-3: results_js.json / results_js.md,
        runs/<task>_js/
 
-Run (CPU, ~1 thread):  nice -n 10 .venv/bin/python experiments/fast/run.py [--variant gap|js] [TASK ...]
+  js128 the js variant with L_s2 on 128-token windows and α = β = 5, re-selected on race dev after the js run's
+       held-out perplexity exceeded the budget its (then too short) dev proxy had kept (see SETTINGS_JS128):
+       results_js128.json / results_js128.md, runs/<task>_js128/
+
+Run (CPU, ~1 thread; one process per task may run side by side, results merge):
+  nice -n 10 .venv/bin/python experiments/fast/run.py [--variant gap|js|js128] [TASK ...]
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ TASKS = ("stereoset:gender", "stereoset:race")
 # 60 steps at lr 3e-3, 0.92 after 90; lr 1e-2 reached only 1.04 after 60; a stamp at layer 8 only 1.06 after 90);
 # the layer is the tracing default (argmax of the single-layer MLP curve). limit 60 = the whole gender test split.
 SETTINGS = dict(steps=60, lr=3e-3, limit=60, retention_limit=20, n_trace=12, n_noise=2, n_boot=1000, seed=0,
-                ftl_lrs=(1e-4,))
+                ftl_lrs=(1e-4,), text_tokens=32)
 # js variant (session 5): JS weight and α = β chosen on the race dev split by the rule fixed before the dev runs —
 # the smallest dev |SS − 50| whose dev WikiText perplexity change (validation windows L_s2 never trains on) is
 # ≤ +5 %, ties (within one dev pair) broken by the smaller KL on the subject templates (diagnose.md). Gender uses
@@ -45,8 +50,19 @@ SETTINGS = dict(steps=60, lr=3e-3, limit=60, retention_limit=20, n_trace=12, n_n
 # (+0.5 %, KL 0.0639) → ×50, α = β = 3. FT-L also at lr 3e-3: at 1e-3 it reached only dev SS 61.6-62.8 in 60 steps,
 # short of FAST's dev SS, so a larger rate gives it the chance to match.
 SETTINGS_JS = dict(steps=60, lr=3e-3, fairness="gap+js", js_weight=50.0, alpha=3.0, beta=3.0, limit=None,
-                   retention_limit=40, n_trace=12, n_noise=2, n_boot=1000, seed=0, ftl_lrs=(1e-4, 1e-3, 3e-3))
-VARIANTS = {"gap": (SETTINGS, "results", ""), "js": (SETTINGS_JS, "results_js", "_js")}
+                   retention_limit=40, n_trace=12, n_noise=2, n_boot=1000, seed=0, ftl_lrs=(1e-4, 1e-3, 3e-3),
+                   text_tokens=32)
+# js128 variant (session 5, after the js run's held-out perplexity, +10.5 %, exceeded the budget its dev proxy
+# said it kept, +1.2 %): the proxy was 32-token WikiText windows, while the retention benchmark scores 128-word
+# windows given 64 words of context, and L_s2 itself trained on 32-token windows only. Both fixed: L_s2 on
+# 128-token windows; dev retention = the benchmark's own protocol on 20 *validation* windows. Re-selected on race
+# dev with the same rule (smallest dev |SS − 50| with dev perplexity ≤ +5 %, ties by subject KL): ×50, α = β = 3
+# (the js choice) now measures +5.7 % (infeasible); 128-token windows: ×50, α = β = 3 55.8 (+2.9 %); ×50, α = β = 5
+# 54.7 (+1.8 %); ×50, α = β = 10 60.5 (+1.5 %); ×30, α = β = 3 58.1 (+3.1 %); ×100, α = β = 10 60.5 (+1.6 %)
+# → ×50, α = β = 5, 128-token windows. The held-out pairs are the same as the js run's: a second look at them.
+SETTINGS_JS128 = {**SETTINGS_JS, "alpha": 5.0, "beta": 5.0, "text_tokens": 128}
+VARIANTS = {"gap": (SETTINGS, "results", ""), "js": (SETTINGS_JS, "results_js", "_js"),
+            "js128": (SETTINGS_JS128, "results_js128", "_js128")}
 
 
 def main() -> None:

@@ -124,7 +124,7 @@ def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender",
                   alpha: float = 1.0, beta: float = 1.0, limit: int | None = None, retention_limit: int | None = 60,
                   n_trace: int = 24, n_noise: int = 3, baselines: bool = True, seed: int = 0, n_boot: int = 1000,
                   fairness: str = "gap", js_weight: float = 10.0, ftl_lrs: tuple = (1e-4, 1e-3),
-                  force: bool = False) -> dict:
+                  text_tokens: int = 128, force: bool = False) -> dict:
     """Run FAST end to end and write OUT/{patch.safetensors, summary.json, manifest.json, report.html,
     before/, after/, baselines/}. Returns the summary dict."""
     import math
@@ -149,11 +149,13 @@ def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender",
     lm = model if isinstance(model, LanguageModel) else load_model(model)
     if layer is not None:
         check_layer(lm.model, layer)
+    if text_tokens < 2:
+        raise BiaslabError(f"--text-tokens must be at least 2, got {text_tokens}")
     if not ftl_lrs or any(x <= 0 for x in ftl_lrs):
         raise BiaslabError(f"--ftl-lr needs one or more positive learning rates, got {list(ftl_lrs)}")
     cfg = F.FastConfig(layer=layer, width=stamp_width, activation=activation, alpha=alpha, beta=beta, steps=steps,
                        lr=lr, seed=seed, fairness=fairness, js_weight=js_weight,
-                       ftl_lrs=tuple(float(x) for x in ftl_lrs))
+                       ftl_lrs=tuple(float(x) for x in ftl_lrs), text_tokens=text_tokens)
     args = {"model": lm.spec, "fingerprint": lm.fingerprint, "task": task, "bias_types": list(bias_types),
             "limit": limit, "retention_limit": retention_limit, "n_trace": n_trace, "n_noise": n_noise,
             "baselines": baselines, "n_boot": n_boot, "config": cfg.to_json()}
@@ -344,6 +346,7 @@ def fast_command(
                                  help="L_e: gap (the paper: squared log-prob gap of o) | gap+js (+ JS divergence "
                                       "of the two prompts' next-token distributions; a deviation)"),
     js_weight: float = typer.Option(10.0, "--js-weight", help="weight of the JS part under --fairness gap+js"),
+    text_tokens: int = typer.Option(128, "--text-tokens", help="length (tokens) of the WikiText windows of L_s2"),
     ftl_lr: Optional[list[float]] = typer.Option(None, "--ftl-lr",
                                                  help="FT-L learning rate(s), repeatable (default 1e-4 and 1e-3; "
                                                       "the dev match to FAST picks one)"),
@@ -355,7 +358,8 @@ def fast_command(
     s = mitigate_fast(model, task, out=out, layer=layer, stamp_width=stamp_width, activation=activation, steps=steps,
                       lr=lr, alpha=alpha, beta=beta, limit=limit, retention_limit=retention_limit or 0,
                       n_trace=n_trace, baselines=baselines, seed=seed, n_boot=n_boot, fairness=fairness,
-                      js_weight=js_weight, ftl_lrs=tuple(ftl_lr) if ftl_lr else (1e-4, 1e-3), force=force)
+                      js_weight=js_weight, ftl_lrs=tuple(ftl_lr) if ftl_lr else (1e-4, 1e-3),
+                      text_tokens=text_tokens, force=force)
     from rich.table import Table
 
     t = Table(title=f"FAST — {task} (stamp at layer {s['layer']['used']})")

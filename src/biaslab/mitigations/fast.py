@@ -521,7 +521,7 @@ class FastConfig:
     batch_pairs: int = 8
     batch_subject: int = 2
     batch_text: int = 1
-    text_tokens: int = 32
+    text_tokens: int = 128            # L_s2 window length: 32 left long contexts unconstrained (diagnose.md)
     n_subject_prompts: int = 48
     n_text: int = 32
     fairness: str = "gap"             # gap (the paper's L_e) | gap+js (+ JS of the next-token distributions)
