@@ -71,3 +71,16 @@ nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task
     --instructions 3 --search --search-dev-limit 60 --search-small 4 --search-objective condition-hmean \
     --test-limit 300 --control-seeds 3 --retention-limit 20 --out runs/crispr-optll-bbq-age-hmean
 .venv/bin/python experiments/crispr/collect.py
+# 11. (session 5; planned after step 10's result, before this run) step 10's dev objective was still rising at
+#     n = 4, the largest small n it evaluated (the golden-section probes started at 191, inside the collapse), so
+#     this run evaluates every n in 1..32 on the same 60 dev items (--search-small 32; step 10's dev values are
+#     reused from its search.json) and takes the best on dev. Same attribution, 'before' records, test items,
+#     controls and criteria as step 10. A follow-up on the same test items: secondary to step 10.
+mkdir -p runs/crispr-optll-bbq-age-hmean32
+cp runs/crispr-optll-bbq-age-hmean/attribution.safetensors runs/crispr-optll-bbq-age-hmean/search.json \
+    runs/crispr-optll-bbq-age-hmean32/
+cp -r runs/crispr-optll-bbq-age-hmean/before runs/crispr-optll-bbq-age-hmean32/
+nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task bbq:Age --protocol option-loglik \
+    --instructions 3 --search --search-dev-limit 60 --search-small 32 --search-objective condition-hmean \
+    --test-limit 300 --control-seeds 3 --retention-limit 20 --out runs/crispr-optll-bbq-age-hmean32
+.venv/bin/python experiments/crispr/collect.py
