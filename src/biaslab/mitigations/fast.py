@@ -874,5 +874,7 @@ def fit(lm, data: dict, config: FastConfig | dict | None = None) -> StampPatch:
         raise BiaslabError("fast.fit needs a layer (run causal tracing first, or pass one)")
     res = train(lm, data["train"], layer, cfg)
     return StampPatch.from_stamp(lm, res.stamp, layer=layer, activation=cfg.activation,
-                                 params={"alpha": cfg.alpha, "beta": cfg.beta, "steps": cfg.steps, "lr": cfg.lr},
+                                 params={"alpha": cfg.alpha, "beta": cfg.beta, "steps": cfg.steps, "lr": cfg.lr,
+                                         "fairness": cfg.fairness,
+                                         **({"js_weight": cfg.js_weight} if cfg.fairness != "gap" else {})},
                                  provenance={"method": METHOD_VERSION, "choices": choices(cfg)})
