@@ -621,9 +621,10 @@ def pair_logprobs(lm, prompts: list[str], objects: list[str], *, with_first: boo
     pieces = [lm.split_context(p, " " + o) for p, o in zip(prompts, objects)]
     seqs = [(c + x)[:-1] for c, x in pieces]
     ids, mask, pos, offs = lm.pad(seqs, side="right")
-    rows, cols, tgt, owner = [], [], [], []
+    rows, cols, tgt, owner, first = [], [], [], [], []
     for k, (c, x) in enumerate(pieces):
         end = offs[k] + len(seqs[k])
+        first.append(len(rows))  # the row predicting piece k's first object token
         for j in range(len(x)):
             rows.append(k)
             cols.append(end - len(x) + j)
@@ -637,7 +638,6 @@ def pair_logprobs(lm, prompts: list[str], objects: list[str], *, with_first: boo
     counts = torch.zeros(len(pieces), device=dev, dtype=tok.dtype).index_add(0, owner_t, torch.ones_like(tok))
     if not with_first:
         return sums / counts
-    first = [owner.index(k) for k in range(len(pieces))]  # rows are piece by piece, object token by token
     return sums / counts, lp[torch.tensor(first, device=dev)]
 
 
@@ -659,23 +659,16 @@ def fairness_loss(lm, pairs: list[KnowledgePair], cfg: "FastConfig") -> tuple[to
     prompts = [p.prompt_1 for p in pairs] + [p.prompt_2 for p in pairs]
     objects = [p.object for p in pairs] * 2
     if cfg.fairness == "gap":
-        lps = pair_logprobs(lm, prompts, objects)
-        return ((lps[:n] - lps[n:]) ** 2).mean(), torch.zeros(())
-    lps, first = pair_logprobs(lm, prompts, objects, with_first=True)
-    js = js_divergence(first[:n].float(), first[n:].float()).mean()
+        lps, js = pair_logprobs(lm, prompts, objects), torch.zeros(())
+    else:
+        lps, first = pair_logprobs(lm, prompts, objects, with_first=True)
+        js = js_divergence(first[:n].float(), first[n:].float()).mean()
     return ((lps[:n] - lps[n:]) ** 2).mean() + cfg.js_weight * js, js
 
 
 def pair_preference_ss(lm, pairs: list[KnowledgePair]) -> float:
-    """Quick SS (0-100) of pairs (no bootstrap): used on the dev split during training."""
-    if not pairs:
-        return math.nan
-    sc = lm.loglikelihood([(p.prompt_1, " " + p.object) for p in pairs] + [(p.prompt_2, " " + p.object) for p in pairs],
-                          desc="dev SS")
-    n = len(pairs)
-    wins = sum(1.0 if sc[i].logprob > sc[n + i].logprob else 0.5 if sc[i].logprob == sc[n + i].logprob else 0.0
-               for i in range(n))
-    return 100.0 * wins / n
+    """Quick SS (0-100) of pairs (no bootstrap; NaN for no pairs): used on the dev split during training."""
+    return dev_stats(lm, pairs)["ss"] if pairs else math.nan
 
 
 def dev_stats(lm, pairs: list[KnowledgePair]) -> dict:
