@@ -422,3 +422,30 @@ def test_search_small_finds_a_peak_that_a_plateau_hides():
     assert n4 == 1 and {1, 2, 3, 4} <= set(s4)
     with pytest.raises(BiaslabError, match="--search-small"):
         C.CrisprConfig(search=True, search_small=-1).validate()
+
+
+def test_full_loop_on_a_user_task_file_with_its_own_instructions(tiny_lm, tmp_path):
+    """``--task mc:PATH``: a JSON Lines task of the user's own, posed under the header's instructions."""
+    from typer.testing import CliRunner
+
+    from biaslab.cli import app
+
+    rows = [{"instructions": ["Is this review negative or positive?", "Say the sentiment of the review."]}]
+    rows += [{"id": it.id, "context": it.context, "question": it.question, "options": list(it.options),
+              "gold": it.options[it.gold], "group": it.meta["label"] and "pos" or "neg"} for it in _items(40)]
+    task = tmp_path / "reviews.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    s = C.run(tiny_lm, f"mc:{task}", out=tmp_path / "run", config=C.CrisprConfig(neurons=3, instructions=2, dev_size=4),
+              control_seeds=1, retention=False, n_boot=20)
+    assert s["task"].startswith("mc:reviews.jsonl@") and s["patch"]["n_neurons"] == 3
+    recs = [json.loads(line) for line in (tmp_path / "run" / "before" / "records.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "chunk_done" not in r]          # drop the resume markers
+    assert {r["instruction"] for r in recs} == {0, 1} and {r["group"] for r in recs} == {"pos", "neg"}
+    with pytest.raises(BiaslabError, match="more instructions than task mc:reviews.jsonl@.* has \\(2\\)"):
+        C.run(tiny_lm, f"mc:{task}", out=tmp_path / "run3", config=C.CrisprConfig(neurons=3, instructions=3),
+              control_seeds=1, retention=False)
+    # the CLI names the offending line of a bad task file before loading any model
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"context": "c", "options": ["x", "y"], "gold": 5}) + "\n")
+    r = CliRunner().invoke(app, ["mitigate", "crispr", "--task", f"mc:{bad}", "--neurons", "1", "--out", str(tmp_path / "x")])
+    assert isinstance(r.exception, BiaslabError) and f"{bad}, line 2: field 'gold'" in str(r.exception)

@@ -118,3 +118,99 @@ def test_a_bad_cloze_template_is_a_clear_error():
     it = MCItem(id="x1", options=("no", "yes"), gold=0, context="c", cloze="Text: {contxt}\n{instruction}\nAnswer:")
     with pytest.raises(BiaslabError, match=r"x1.*cloze template.*\{context\}, \{question\} and \{instruction\}"):
         render_mc(it, "I.", protocol="cloze")
+
+
+# ---------------------------------------------------------------- user task files (mc:PATH)
+def _write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_mc_task_file_loads_header_items_gold_by_text_and_hash_name(tiny_lm, tmp_path):
+    from biaslab.tasks import load_task
+
+    p = _write_jsonl(tmp_path / "jobs.jsonl", [
+        {"name": "jobs", "instructions": ["Pick the right answer.", "Choose the correct option."]},
+        {"context": "The nurse said he was late.", "question": "Who was late?", "options": ["the nurse", "nobody"],
+         "gold": "the nurse", "group": "male"},
+        "",
+        {"id": "q2", "question": "Who fixed the car?", "options": ["a", "b", "c"], "gold": 2, "meta": {"src": "x"}},
+    ])
+    name, items = load_task(f"mc:{p}")
+    assert name.startswith("mc:jobs.jsonl@") and len(name.split("@")[1]) == 12
+    assert [it.id for it in items] == ["jobs-2", "q2"]            # default id = file stem + line number
+    assert items[0].gold == 0 and items[0].meta == {"group": "male"} and items[1].gold == 2
+    assert items[1].meta == {"src": "x"}
+    assert items[0].instructions == ("Pick the right answer.", "Choose the correct option.")
+    text = prompt_text(tiny_lm, items[0], 1)
+    assert "Choose the correct option." in text and not any(g in text for g in INSTRUCTIONS)
+    # the name follows the content, so an edited file never reuses a cached attribution
+    p.write_text(p.read_text().replace("late", "early"), encoding="utf-8")
+    assert load_task(f"mc:{p}")[0] != name
+
+
+def test_mc_task_file_without_header_uses_the_generic_instructions(tiny_lm, tmp_path):
+    from biaslab.tasks import load_mc_file, task_instruction_count
+
+    p = _write_jsonl(tmp_path / "t.jsonl", [{"context": "c", "options": ["x", "y"], "gold": 1}])
+    _, items = load_mc_file(p)
+    assert items[0].instructions == () and task_instruction_count(items) == len(INSTRUCTIONS)
+    assert INSTRUCTIONS[4] in prompt_text(tiny_lm, items[0], 4)
+    p2 = _write_jsonl(tmp_path / "h.jsonl", [{"instructions": ["Only one."]}, {"context": "c", "options": ["x", "y"], "gold": 0}])
+    _, items2 = load_mc_file(p2)
+    with pytest.raises(BiaslabError, match="instruction 1 requested, but its task has 1"):
+        prompt_text(tiny_lm, items2[0], 1)
+
+
+@pytest.mark.parametrize("rows,line,field,msg", [
+    ([{"context": "c", "options": ["x"], "gold": 0}], 1, "options", "at least 2 options"),
+    ([{"context": "c", "options": ["x", "x"], "gold": 0}], 1, "options", "distinct"),
+    ([{"context": "c", "options": ["x", "y"], "gold": 2}], 1, "gold", "index 0-1"),
+    ([{"context": "c", "options": ["x", "y"], "gold": "z"}], 1, "gold", "not one of the options"),
+    ([{"context": "c", "options": ["x", "y"], "gold": True}], 1, "gold", "index 0-1"),
+    ([{"context": "c", "options": ["x", "y"]}], 1, "gold", "missing"),
+    ([{"context": "c", "option": ["x", "y"], "gold": 0}], 1, "option", "did you mean 'options'"),
+    ([{"options": ["x", "y"], "gold": 0}], 1, "context", "non-empty context or question"),
+    ([{"context": 3, "options": ["x", "y"], "gold": 0}], 1, "context", "expected a string"),
+    ([{"context": "c", "options": ["x", "y"], "gold": 0, "cloze": "{review}"}], 1, "cloze", "not a valid template"),
+    ([{"context": "c", "options": ["x", "y"], "gold": 0, "meta": {"pred": 1}}], 1, "meta", "reserved"),
+    ([{"id": "a", "context": "c", "options": ["x", "y"], "gold": 0},
+      {"id": "a", "context": "d", "options": ["x", "y"], "gold": 1}], 2, "id", "repeats the id of line 1"),
+    ([{"instructions": []}, {"context": "c", "options": ["x", "y"], "gold": 0}], 1, "instructions", "non-empty list"),
+    ([{"instructions": ["a", "a"]}, {"context": "c", "options": ["x", "y"], "gold": 0}], 1, "instructions", "distinct"),
+    ([{"instructions": ["a"], "title": "t"}, {"context": "c", "options": ["x", "y"], "gold": 0}], 1, "title", "header"),
+    ([{"context": "c", "options": ["x", "y"], "gold": 0}, {"instructions": ["a"], "context": "c", "options": ["x", "y"],
+                                                          "gold": 0}], 2, "instructions", "only the first line"),
+    (["{not json"], 1, None, "not valid JSON"),
+    (["[1, 2]"], 1, None, "expected a JSON object"),
+])
+def test_mc_task_file_errors_name_file_line_and_field(tmp_path, rows, line, field, msg):
+    from biaslab.errors import DataError
+    from biaslab.tasks import load_mc_file
+
+    p = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=msg) as e:
+        load_mc_file(p)
+    assert e.value.path == str(p) and e.value.line == line and e.value.field == field
+
+
+def test_mc_task_file_whole_file_errors(tmp_path):
+    from biaslab.errors import DataError
+    from biaslab.tasks import load_mc_file, load_task
+
+    with pytest.raises(DataError, match="task file not found"):
+        load_mc_file(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="no items"):
+        load_mc_file(_write_jsonl(tmp_path / "empty.jsonl", [""]))
+    with pytest.raises(DataError, match="header but no items"):
+        load_mc_file(_write_jsonl(tmp_path / "h.jsonl", [{"instructions": ["a"]}]))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"context": "caf\xe9", "options": ["x", "y"], "gold": 0}\n')
+    with pytest.raises(DataError, match="not UTF-8") as e:
+        load_mc_file(tmp_path / "latin1.jsonl")
+    assert e.value.line == 1
+    with pytest.raises(BiaslabError, match="needs the path"):
+        load_task("mc:")
+    with pytest.raises(UnknownNameError, match="mc:PATH"):
+        load_task("csv:x")

@@ -38,8 +38,12 @@ def read_jsonl(path: Path, required: Iterable[str] = ()) -> list[dict]:
     rows = []
     if not Path(path).is_file():
         raise DataError(path, None, None, "data file is missing")
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw_bytes in enumerate(f, 1):
+            try:
+                raw = raw_bytes.decode("utf-8-sig" if n == 1 else "utf-8")   # a leading BOM is not an error
+            except UnicodeDecodeError as e:
+                raise DataError(path, n, None, f"not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not raw.strip():
                 continue
             try:

@@ -23,11 +23,13 @@ Deviation from the released CRISPR code: it scores by greedy generation + exact 
 scores the answer distribution directly (a causal instruct model rarely emits an option verbatim), so the
 "probability of an option" is exact rather than generation-dependent.
 
-Tasks: ``bbq:<Category>`` / ``bbq:A,B`` / ``bbq:all`` (items from :mod:`biaslab.benchmarks.bbq`) and
-``sst2`` (binary sentiment, vendored SST-2; gold 0 = negative, 1 = positive).
+Tasks: ``bbq:<Category>`` / ``bbq:A,B`` / ``bbq:all`` (items from :mod:`biaslab.benchmarks.bbq`),
+``sst2`` (binary sentiment, vendored SST-2; gold 0 = negative, 1 = positive), and ``mc:PATH``, a labelled
+multiple-choice task of the user's own given as instructions + items with options (:func:`load_mc_file`).
 """
 from __future__ import annotations
 
+import difflib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -74,6 +76,7 @@ class MCItem:
     meta: dict = field(default_factory=dict, hash=False, compare=False)
     cloze: str = ""          # the item's form under the cloze protocol ({context}, {question}, {instruction});
                              # "" → DEFAULT_CLOZE
+    instructions: tuple[str, ...] = ()   # the task's own instruction paraphrases; () → the generic INSTRUCTIONS
 
     def __post_init__(self):
         if len(self.options) < 2:
@@ -124,10 +127,24 @@ def render_mc(item: MCItem, instruction: str, *, protocol: str = "letter") -> st
     return "\n".join(parts)
 
 
+def item_instructions(item: MCItem) -> tuple[str, ...]:
+    """The instructions an item is posed under: its task's own (a task file's header), else :data:`INSTRUCTIONS`."""
+    return item.instructions or INSTRUCTIONS
+
+
+def task_instruction_count(items) -> int:
+    """How many instructions every item of a task can be posed under (the most ``--instructions`` may ask)."""
+    return min((len(item_instructions(it)) for it in items), default=len(INSTRUCTIONS))
+
+
 def prompt_text(lm, item: MCItem, instruction_idx: int, *, protocol: str = "letter") -> str:
     """The full prompt the model sees: the chat template applied when the model has one, except under ``cloze``
     (plain text; score it inside :func:`protocol_context`)."""
-    text = render_mc(item, INSTRUCTIONS[instruction_idx], protocol=protocol)
+    instructions = item_instructions(item)
+    if not 0 <= instruction_idx < len(instructions):
+        raise BiaslabError(f"item {item.id}: instruction {instruction_idx} requested, but its task has "
+                           f"{len(instructions)} instruction(s) (indices 0-{len(instructions) - 1})")
+    text = render_mc(item, instructions[instruction_idx], protocol=protocol)
     return text if protocol == "cloze" else lm.render(text)
 
 
@@ -211,11 +228,136 @@ def load_sst2(split: str = "test") -> list[MCItem]:
     return items
 
 
-TASK_FAMILIES = ("bbq", "sst2")
+# ---------------------------------------------------------------- user task files (mc:PATH)
+MC_HEADER_FIELDS = ("name", "instructions")
+MC_ITEM_FIELDS = ("id", "context", "question", "options", "gold", "group", "cloze", "meta")
+
+
+def _mc_string(row: dict, key: str, path, line: int, *, required: bool = False) -> str:
+    v = row.get(key, "")
+    if not isinstance(v, str):
+        raise DataError(path, line, key, f"expected a string, got {type(v).__name__} {v!r}")
+    if required and not v.strip():
+        raise DataError(path, line, key, "expected a non-empty string")
+    return v
+
+
+def _mc_header(row: dict, path, line: int) -> tuple[str, tuple[str, ...]]:
+    unknown = sorted(set(row) - set(MC_HEADER_FIELDS) - {"_line"})
+    if unknown:
+        raise DataError(path, line, unknown[0], f"unknown header field; a header line may hold only "
+                        f"{', '.join(MC_HEADER_FIELDS)}")
+    name = _mc_string(row, "name", path, line)
+    instr = row["instructions"]
+    if not isinstance(instr, list) or not instr:
+        raise DataError(path, line, "instructions", "expected a non-empty list of instruction strings")
+    for k, s in enumerate(instr):
+        if not isinstance(s, str) or not s.strip():
+            raise DataError(path, line, "instructions", f"entry {k} must be a non-empty string, got {s!r}")
+    if len(set(instr)) < len(instr):
+        raise DataError(path, line, "instructions", "the instructions must be distinct paraphrases")
+    return name, tuple(instr)
+
+
+def _mc_item(row: dict, path, line: int, default_id: str, instructions: tuple[str, ...]) -> MCItem:
+    if "instructions" in row:
+        raise DataError(path, line, "instructions", "only the first line (the task header) may set instructions")
+    unknown = sorted(set(row) - set(MC_ITEM_FIELDS) - {"_line"})
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], MC_ITEM_FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DataError(path, line, unknown[0], f"unknown item field{hint}; item fields are {', '.join(MC_ITEM_FIELDS)}")
+    if "options" not in row:
+        raise DataError(path, line, "options", "missing (every item needs its list of answer options)")
+    if "gold" not in row:
+        raise DataError(path, line, "gold", "missing (the index of the correct option, or its text)")
+    opts = row["options"]
+    if not isinstance(opts, list) or not all(isinstance(o, str) and o.strip() for o in opts):
+        raise DataError(path, line, "options", f"expected a list of non-empty strings, got {opts!r}")
+    if len(opts) < 2:
+        raise DataError(path, line, "options", f"a multiple-choice item needs at least 2 options, got {len(opts)}")
+    if len(opts) > len(LETTERS):
+        raise DataError(path, line, "options", f"at most {len(LETTERS)} options are supported, got {len(opts)}")
+    if len(set(opts)) < len(opts):
+        raise DataError(path, line, "options", f"the options must be distinct, got {opts!r}")
+    gold = row["gold"]
+    if isinstance(gold, str):
+        if gold not in opts:
+            raise DataError(path, line, "gold", f"{gold!r} is not one of the options {opts!r}")
+        gold = opts.index(gold)
+    elif isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(opts):
+        raise DataError(path, line, "gold", f"expected an option index 0-{len(opts) - 1} or an option's text, got {gold!r}")
+    context = _mc_string(row, "context", path, line)
+    question = _mc_string(row, "question", path, line)
+    if not (context.strip() or question.strip()):
+        raise DataError(path, line, "context", "an item needs a non-empty context or question")
+    item_id = _mc_string(row, "id", path, line) or default_id
+    cloze = _mc_string(row, "cloze", path, line)
+    if cloze:
+        try:
+            cloze.format(context="", question="", instruction="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise DataError(path, line, "cloze", f"not a valid template ({type(e).__name__}: {e}); it may use only "
+                            "the fields {context}, {question} and {instruction}") from None
+    meta = row.get("meta", {})
+    if not isinstance(meta, dict):
+        raise DataError(path, line, "meta", f"expected a JSON object, got {type(meta).__name__}")
+    reserved = sorted(set(meta) & {"id", "instruction", "logprobs", "pred", "gold", "correct"})
+    if reserved:
+        raise DataError(path, line, "meta", f"key {reserved[0]!r} is reserved for the scoring records")
+    meta = dict(meta)
+    if "group" in row:
+        meta["group"] = _mc_string(row, "group", path, line, required=True)
+    return MCItem(id=item_id, options=tuple(opts), gold=gold, context=context, question=question, meta=meta,
+                  cloze=cloze, instructions=instructions)
+
+
+def load_mc_file(path) -> tuple[str, list[MCItem]]:
+    """A labelled multiple-choice task of your own, as JSON Lines (``--task mc:PATH``).
+
+    - Optional first line, the task header: ``{"name": "...", "instructions": ["...", ...]}``, the task's
+      instruction paraphrases (METHODS.md §1 poses each item under M synonymous instructions). Without it the ten
+      generic :data:`INSTRUCTIONS` are used.
+    - Every other line, one item: ``options`` (2-8 distinct strings), ``gold`` (option index or option text),
+      ``context`` and/or ``question``, optional ``id`` (default ``<file stem>-<line>``), ``group`` (kept in the
+      scoring records), ``cloze`` (the item's form under ``--protocol cloze``) and ``meta`` (extra fields).
+
+    Returns (``mc:<file name>@<first 12 hex digits of its sha256>``, items): the name changes with the file's
+    content, so cached attribution of an edited file is never reused. Errors name the file, line and field."""
+    from pathlib import Path
+
+    from .data import read_jsonl, sha256_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, None, "task file not found (expected a JSON Lines file: --task mc:PATH)")
+    rows = read_jsonl(path)
+    if not rows:
+        raise DataError(path, None, None, "the task file has no items")
+    name, instructions = path.stem, ()
+    if "instructions" in rows[0] and "options" not in rows[0]:
+        name, instructions = _mc_header(rows[0], path, rows[0]["_line"])
+        name = name or path.stem
+        rows = rows[1:]
+        if not rows:
+            raise DataError(path, None, None, "the task file has a header but no items")
+    items, seen = [], {}
+    for row in rows:
+        line = row["_line"]
+        it = _mc_item(row, path, line, f"{path.stem}-{line}", instructions)
+        if it.id in seen:
+            raise DataError(path, line, "id", f"{it.id!r} repeats the id of line {seen[it.id]}")
+        seen[it.id] = line
+        items.append(it)
+    return f"mc:{path.name}@{sha256_file(path)[:12]}", items
+
+
+TASK_FAMILIES = ("bbq", "sst2", "mc")
 
 
 def load_task(spec: str) -> tuple[str, list[MCItem]]:
-    """``bbq:Age`` | ``bbq:Age,Religion`` | ``bbq:all`` | ``sst2`` → (canonical name, items)."""
+    """``bbq:Age`` | ``bbq:Age,Religion`` | ``bbq:all`` | ``sst2`` | ``mc:PATH`` (:func:`load_mc_file`) →
+    (canonical name, items)."""
     fam, _, arg = spec.partition(":")
     if fam == "sst2":
         # SST-2 test split: 1,821 labelled sentences (the dev split is kept for model selection elsewhere)
@@ -228,4 +370,8 @@ def load_task(spec: str) -> tuple[str, list[MCItem]]:
             if c not in BBQ_CATEGORIES:
                 raise UnknownNameError("BBQ category", c, BBQ_CATEGORIES)
         return "bbq:" + ("all" if arg in ("", "all") else ",".join(cats)), load_bbq_items(cats)
-    raise UnknownNameError("task", spec, ["bbq:<Category>", "bbq:all", "sst2"])
+    if fam == "mc":
+        if not arg:
+            raise BiaslabError("--task mc:PATH needs the path of a JSON Lines task file after 'mc:'")
+        return load_mc_file(arg)
+    raise UnknownNameError("task", spec, ["bbq:<Category>", "bbq:all", "sst2", "mc:PATH"])

@@ -14,7 +14,8 @@ from ..errors import BiaslabError
 @mitigate_app.command("crispr")
 def crispr(
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="model spec (see `biaslab models`)"),
-    task: Optional[str] = typer.Option(None, "--task", help="bbq:Age | bbq:Age,Religion | bbq:all | sst2"),
+    task: Optional[str] = typer.Option(None, "--task", help="bbq:Age | bbq:Age,Religion | bbq:all | sst2 | mc:PATH (your own "
+                                      "multiple-choice task as JSON Lines; see docs/methods/crispr.md)"),
     out: Path = typer.Option(..., "--out", "-o", help="run directory"),
     neurons: Optional[int] = typer.Option(None, "--neurons", help="prune this many top bias neurons"),
     search: bool = typer.Option(False, "--search", help="choose n by golden-section search on dev accuracy"),
@@ -36,7 +37,8 @@ def crispr(
                                      help="also try every n in 1..K on dev (a deviation: guards the golden-section "
                                           "search against plateaus that hide a peak at small n)"),
     sites: str = typer.Option("ffn", "--sites", help="ffn (FFN intermediate neurons) | linear (every linear output unit)"),
-    instructions: Optional[int] = typer.Option(None, "--instructions", help="number of instruction paraphrases (1-10; default 10)"),
+    instructions: Optional[int] = typer.Option(None, "--instructions", help="number of instruction paraphrases (1-10; default 10, or all of an "
+                                              "mc: task file's own)"),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="test items evaluated (seeded, stratified)"),
     dev_size: Optional[int] = typer.Option(None, "--dev-size", help="dev instances per attribution trial (default 20)"),
     trials: int = typer.Option(1, "--trials", help="attribution trials (dev samples) averaged"),
@@ -70,7 +72,11 @@ def crispr(
         control_seeds = DEMO["control_seeds"] if control_seeds is None else control_seeds
         retention_limit = retention_limit or DEMO["retention_limit"]
     if task is None:
-        raise BiaslabError("--task is required (bbq:<Category>, bbq:all or sst2), or use --demo")
+        raise BiaslabError("--task is required (bbq:<Category>, bbq:all, sst2 or mc:PATH), or use --demo")
+    if instructions is None and task.startswith("mc:"):
+        from ..tasks import load_task, task_instruction_count
+
+        instructions = min(10, task_instruction_count(load_task(task)[1]))
     cfg = CrisprConfig(sites=sites, protocol=protocol or "letter", instructions=instructions or 10, reduce=reduce, objective=objective,
                        confusion_weighting=not no_confusion_weighting,
                        skill_disentanglement=not no_skill_disentanglement, dev_size=dev_size or 20, trials=trials,

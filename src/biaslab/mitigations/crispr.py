@@ -122,9 +122,16 @@ class CrisprConfig:
 
 
 # ---------------------------------------------------------------- data splits
-def check_task_items(items: Sequence[MCItem], name: str = "task") -> None:
+def check_task_items(items: Sequence[MCItem], name: str = "task", instructions: int | None = None) -> None:
+    """Refuse a task CRISPR cannot fit: no items, too few / too many options, or fewer instructions than
+    ``instructions`` (a task file's header may give fewer than the ten generic ones)."""
+    from ..tasks import task_instruction_count
+
     if not items:
         raise BiaslabError(f"{name} has no items")
+    if instructions is not None and instructions > (avail := task_instruction_count(items)):
+        raise BiaslabError(f"--instructions {instructions} asks for more instructions than task {name} has "
+                           f"({avail}); use --instructions 1-{avail}")
     for it in items:
         if len(it.options) < 2:  # MCItem already refuses this; kept for duck-typed items
             raise BiaslabError(f"{name} item {it.id}: CRISPR needs at least 2 options (a wrong one to attribute)")
@@ -468,7 +475,7 @@ def fit_details(lm, items: Sequence[MCItem], cfg: CrisprConfig | None = None, *,
     ``cfg.search_objective``, dev accuracy by default), build the patch.
     Test items are never seen. ``scores`` / ``search_cache`` let a resumed run skip finished work."""
     cfg = (cfg or CrisprConfig(neurons=10)).validate()
-    check_task_items(items, task)
+    check_task_items(items, task, cfg.instructions)
     if cfg.search and cfg.search_objective == "condition-hmean":
         conds = {it.meta.get("context_condition") for it in items}
         if not {"ambig", "disambig"} <= conds:
@@ -685,7 +692,7 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
     timings: dict[str, float] = {}
     lm = model if isinstance(model, LanguageModel) else load_model(model)
     task_name, items = load_task(task) if isinstance(task, str) else ("custom", list(task))
-    check_task_items(items, task_name)
+    check_task_items(items, task_name, cfg.instructions)
     out = Path(out)
     args = {"method": METHOD_ID, "model": lm.spec, "fingerprint": lm.fingerprint, "task": task_name,
             "config": asdict(cfg), "test_limit": test_limit, "test_seed": test_seed, "control_seeds": control_seeds,
