@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from biaslab.errors import BiaslabError
+from biaslab.errors import BiaslabError, UnknownNameError
 from biaslab.metrics import biascope as B
 from biaslab.mitigations import fast as F
 from biaslab.models.lm import ContinuationScore
@@ -76,14 +76,33 @@ def test_vendored_biascope_sets():
 
 
 # ------------------------------------------------------------------------------------------- stamp
-def test_fresh_stamp_leaves_logits_unchanged(tiny_lm):
+@pytest.mark.parametrize("init", F.STAMP_INITS)
+def test_fresh_stamp_leaves_logits_unchanged(tiny_lm, init):
     before = _logits(tiny_lm)
-    stamp = F.StampFFN(tiny_lm.model.config.hidden_size, 8, "gelu")
+    stamp = F.StampFFN(tiny_lm.model.config.hidden_size, 8, "gelu", init)
     h = F.attach_stamp(tiny_lm, 1, stamp)
     try:
         assert torch.equal(_logits(tiny_lm), before)
     finally:
         h.remove()
+
+
+def test_stamp_initialisations_differ_only_in_the_first_layer():
+    torch.manual_seed(0)
+    d, w = 64, 256
+    st = {init: F.StampFFN(d, w, "relu", init) for init in F.STAMP_INITS}
+    for s in st.values():
+        assert not s.w2.weight.any() and not s.w2.bias.any()
+    # pytorch: nn.Linear's Kaiming-uniform, |w| <= 1/sqrt(d), bias drawn too; xavier: |w| <= sqrt(6/(d+w)), bias 0;
+    # normal: std 0.02, bias 0
+    assert st["pytorch"].w1.weight.abs().max() <= 1 / d ** 0.5 and st["pytorch"].w1.bias.any()
+    assert st["xavier"].w1.weight.abs().max() <= (6 / (d + w)) ** 0.5 and not st["xavier"].w1.bias.any()
+    assert st["xavier"].w1.weight.abs().max() > 1 / d ** 0.5
+    assert abs(st["normal"].w1.weight.std().item() - 0.02) < 0.002 and not st["normal"].w1.bias.any()
+    with pytest.raises(UnknownNameError, match="stamp initialisation 'kaiming'.*normal, pytorch, xavier"):
+        F.StampFFN(d, w, "relu", "kaiming")
+    with pytest.raises(UnknownNameError, match="stamp initialisation"):
+        F.FastConfig(init="zeros")
 
 
 def test_bad_layer_names_valid_range(tiny_lm):

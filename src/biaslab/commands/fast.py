@@ -120,7 +120,8 @@ def compare(before: dict, after: dict, *, n_boot: int, seed: int) -> dict:
 
 # ------------------------------------------------------------------------------------------- the pipeline
 def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender", *, out, layer: int | None = None,
-                  stamp_width: int = 64, activation: str = "relu", steps: int = 60, lr: float = 3e-3,
+                  stamp_width: int = 64, activation: str = "relu", stamp_init: str = "pytorch", steps: int = 60,
+                  lr: float = 3e-3,
                   alpha: float = 1.0, beta: float = 1.0, limit: int | None = None, retention_limit: int | None = 60,
                   n_trace: int = 24, n_noise: int = 3, baselines: bool = True, seed: int = 0, n_boot: int = 1000,
                   fairness: str = "gap", js_weight: float = 10.0, ftl_lrs: tuple = (1e-4, 1e-3),
@@ -145,6 +146,8 @@ def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender",
         raise BiaslabError(f"--stamp-width must be positive, got {stamp_width}")
     if activation not in F.ACTIVATIONS:
         raise UnknownNameError("stamp activation", activation, F.ACTIVATIONS)
+    if stamp_init not in F.STAMP_INITS:
+        raise UnknownNameError("stamp initialisation", stamp_init, F.STAMP_INITS)
     bias_types = parse_task(task)
     lm = model if isinstance(model, LanguageModel) else load_model(model)
     if layer is not None:
@@ -153,7 +156,8 @@ def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender",
         raise BiaslabError(f"--text-tokens must be at least 2, got {text_tokens}")
     if not ftl_lrs or any(x <= 0 for x in ftl_lrs):
         raise BiaslabError(f"--ftl-lr needs one or more positive learning rates, got {list(ftl_lrs)}")
-    cfg = F.FastConfig(layer=layer, width=stamp_width, activation=activation, alpha=alpha, beta=beta, steps=steps,
+    cfg = F.FastConfig(layer=layer, width=stamp_width, activation=activation, init=stamp_init, alpha=alpha, beta=beta,
+                       steps=steps,
                        lr=lr, seed=seed, fairness=fairness, js_weight=js_weight,
                        ftl_lrs=tuple(float(x) for x in ftl_lrs), text_tokens=text_tokens)
     args = {"model": lm.spec, "fingerprint": lm.fingerprint, "task": task, "bias_types": list(bias_types),
@@ -334,6 +338,9 @@ def fast_command(
     layer: Optional[int] = typer.Option(None, "--layer", help="stamp layer (default: decisive layer from causal tracing)"),
     stamp_width: int = typer.Option(64, "--stamp-width", help="hidden width of the stamp FFN"),
     activation: str = typer.Option("relu", "--activation", help="stamp activation: relu|gelu|silu|tanh"),
+    stamp_init: str = typer.Option("pytorch", "--stamp-init",
+                                   help="first-layer initialisation: pytorch (nn.Linear's) | xavier | normal (std "
+                                        "0.02); the second layer starts at 0, so the stamped model starts identical"),
     steps: int = typer.Option(60, "--steps", help="training steps (default chosen on dev)"),
     lr: float = typer.Option(3e-3, "--lr"),
     alpha: float = typer.Option(1.0, "--alpha", help="weight of the same-subject KL term L_s1"),
@@ -355,7 +362,8 @@ def fast_command(
     force: bool = typer.Option(False, "--force", help="overwrite a run made with different arguments"),
 ):
     """FAST-style fairness stamp: tracing, training, before/after BiaScope audit, patch, summary, report."""
-    s = mitigate_fast(model, task, out=out, layer=layer, stamp_width=stamp_width, activation=activation, steps=steps,
+    s = mitigate_fast(model, task, out=out, layer=layer, stamp_width=stamp_width, activation=activation,
+                      stamp_init=stamp_init, steps=steps,
                       lr=lr, alpha=alpha, beta=beta, limit=limit, retention_limit=retention_limit or 0,
                       n_trace=n_trace, baselines=baselines, seed=seed, n_boot=n_boot, fairness=fairness,
                       js_weight=js_weight, ftl_lrs=tuple(ftl_lr) if ftl_lr else (1e-4, 1e-3),

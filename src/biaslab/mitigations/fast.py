@@ -49,6 +49,10 @@ BIAS_TYPES = ("gender", "race", "religion")
 # StereoSet domain -> CrowS-Pairs bias types of the same kind (cross-dataset PS)
 CROWS_TYPES = {"gender": ("gender",), "race": ("race-color", "nationality"), "religion": ("religion",)}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+# initialisation of the stamp's first layer; the second layer always starts at zero, which is what makes the
+# freshly stamped model identical to the original (so the choice changes training, never the starting point)
+STAMP_INITS = ("pytorch", "xavier", "normal")   # nn.Linear's own (Kaiming-uniform) | Xavier-uniform, bias 0 |
+                                                # N(0, 0.02²), bias 0 (GPT-style)
 FAIRNESS_LOSSES = ("gap", "gap+js")  # L_e variants (FastConfig.fairness)
 
 # ---------------------------------------------------------------------------------------------- counterparts
@@ -439,15 +443,24 @@ def load_commonsense(bias_types=None) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- the stamp
 class StampFFN(nn.Module):
-    """d → width → d, ``act`` in between; the second layer (weight and bias) starts at zero."""
+    """d → width → d, ``act`` in between; the first layer initialised by ``init`` (:data:`STAMP_INITS`), the
+    second layer (weight and bias) at zero, so the stamp's output is 0 until it is trained."""
 
-    def __init__(self, d: int, width: int, activation: str = "relu"):
+    def __init__(self, d: int, width: int, activation: str = "relu", init: str = "pytorch"):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise BiaslabError(f"unknown stamp activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
+            raise UnknownNameError("stamp activation", activation, ACTIVATIONS)
+        if init not in STAMP_INITS:
+            raise UnknownNameError("stamp initialisation", init, STAMP_INITS)
         if width <= 0:
             raise BiaslabError(f"--stamp-width must be positive, got {width}")
         self.w1 = nn.Linear(d, width)
+        if init == "xavier":
+            nn.init.xavier_uniform_(self.w1.weight)
+            nn.init.zeros_(self.w1.bias)
+        elif init == "normal":
+            nn.init.normal_(self.w1.weight, std=0.02)
+            nn.init.zeros_(self.w1.bias)
         self.act = ACTIVATIONS[activation]()
         self.w2 = nn.Linear(width, d)
         nn.init.zeros_(self.w2.weight)
@@ -514,6 +527,7 @@ class FastConfig:
     layer: int | None = None          # None: decisive layer from causal tracing
     width: int = 64
     activation: str = "relu"
+    init: str = "pytorch"             # first-layer initialisation (STAMP_INITS); the second layer starts at 0
     alpha: float = 1.0                # weight of L_s1 (same-subject KL)
     beta: float = 1.0                 # weight of L_s2 (unrelated-text KL)
     steps: int = 60                   # chosen on the gender dev split (experiments/fast/diagnose.md)
@@ -532,6 +546,8 @@ class FastConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.init not in STAMP_INITS:
+            raise UnknownNameError("stamp initialisation", self.init, STAMP_INITS)
         if self.fairness not in FAIRNESS_LOSSES:
             raise UnknownNameError("FAST fairness loss", self.fairness, FAIRNESS_LOSSES)
         if self.js_weight < 0:
@@ -734,7 +750,7 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
     handle, stamp, saved = None, None, None
     if mode == "stamp":
         d = model.get_input_embeddings().weight.shape[1]
-        stamp = StampFFN(d, cfg.width, cfg.activation).to(device=lm.device, dtype=lm.dtype)
+        stamp = StampFFN(d, cfg.width, cfg.activation, cfg.init).to(device=lm.device, dtype=lm.dtype)
         handle = attach_stamp(lm, layer, stamp)
         params = list(stamp.parameters())
         lr = cfg.lr
@@ -843,7 +859,7 @@ def choices(cfg: FastConfig) -> dict:
                    "layer at the last subject token, mean log-prob of the whole object (not ROME's first-token "
                    "probability), decisive = argmax of the single-layer MLP curve unless --layer is given",
         "stamp": f"d -> {cfg.width} -> d, {cfg.activation}, input = the MLP's input, output added to the MLP's "
-                 "output at every position; second layer zero-initialised",
+                 f"output at every position; first layer initialised '{cfg.init}', second layer zero-initialised",
         "L_e": "mean over pairs of (mean-token log P(o|s1,r) - mean-token log P(o|s2,r))^2"
                + ("" if cfg.fairness == "gap" else
                   f" + {cfg.js_weight:g} x JS(P(.|s1,r) || P(.|s2,r)) of the whole next-token distribution at the "
