@@ -259,6 +259,9 @@ def test_cli_errors_are_clear():
     assert isinstance(r.exception, BiaslabError) and "exclusive" in str(r.exception)
     r = CliRunner().invoke(app, ["mitigate", "crispr", "--out", "/tmp/x", "--neurons", "3"])
     assert isinstance(r.exception, BiaslabError) and "--task" in str(r.exception)
+    r = CliRunner().invoke(app, ["mitigate", "crispr", "--task", "sst2", "--neurons", "3", "--span", "answers",
+                                 "--out", "/tmp/x"])
+    assert isinstance(r.exception, UnknownNameError) and "attribution span 'answers'. Did you mean 'answer'" in str(r.exception)
 
 
 @pytest.mark.integration

@@ -44,6 +44,8 @@ def crispr(
     trials: int = typer.Option(1, "--trials", help="attribution trials (dev samples) averaged"),
     control_seeds: Optional[int] = typer.Option(None, "--control-seeds", help="random-pruning control seeds (default 3)"),
     reduce: str = typer.Option("max", "--reduce", help="token reduction: max (paper) | mean (ablation)"),
+    span: str = typer.Option("all", "--span", help="positions reduced over: all (prompt and answer positions; "
+                                                   "default) | prompt (without the answer positions) | answer"),
     no_confusion_weighting: bool = typer.Option(False, "--no-confusion-weighting", help="ablation: α ≡ 1"),
     no_skill_disentanglement: bool = typer.Option(False, "--no-skill-disentanglement", help="ablation: B = A(ŷ)"),
     objective: str = typer.Option("logprob", "--objective",
@@ -77,7 +79,7 @@ def crispr(
         from ..tasks import load_task, task_instruction_count
 
         instructions = min(10, task_instruction_count(load_task(task)[1]))
-    cfg = CrisprConfig(sites=sites, protocol=protocol or "letter", instructions=instructions or 10, reduce=reduce, objective=objective,
+    cfg = CrisprConfig(sites=sites, protocol=protocol or "letter", instructions=instructions or 10, reduce=reduce, span=span, objective=objective,
                        confusion_weighting=not no_confusion_weighting,
                        skill_disentanglement=not no_skill_disentanglement, dev_size=dev_size or 20, trials=trials,
                        neurons=neurons, search=search, search_max=search_max, search_dev_limit=search_dev_limit,
