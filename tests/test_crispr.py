@@ -444,6 +444,14 @@ def test_full_loop_on_a_user_task_file_with_its_own_instructions(tiny_lm, tmp_pa
     recs = [json.loads(line) for line in (tmp_path / "run" / "before" / "records.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "chunk_done" not in r]          # drop the resume markers
     assert {r["instruction"] for r in recs} == {0, 1} and {r["group"] for r in recs} == {"pos", "neg"}
+    m = s["metrics"]
+    assert {"accuracy", "accuracy[neg]", "accuracy[pos]", "group_accuracy_gap"} <= set(m)
+    for side in ("before", "after"):
+        assert m["group_accuracy_gap"][side] == pytest.approx(abs(m["accuracy[pos]"][side] - m["accuracy[neg]"][side]))
+    # by hand, from the records: each group's accuracy is the mean over instructions of its share correct
+    per_instr = [sum(r["correct"] for r in recs if r["group"] == "pos" and r["instruction"] == i)
+                 / sum(r["group"] == "pos" and r["instruction"] == i for r in recs) for i in (0, 1)]
+    assert m["accuracy[pos]"]["before"] == pytest.approx(sum(per_instr) / 2)
     with pytest.raises(BiaslabError, match="more instructions than task mc:reviews.jsonl@.* has \\(2\\)"):
         C.run(tiny_lm, f"mc:{task}", out=tmp_path / "run3", config=C.CrisprConfig(neurons=3, instructions=3),
               control_seeds=1, retention=False)

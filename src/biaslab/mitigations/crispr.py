@@ -559,8 +559,24 @@ def _recall(k):
     return f
 
 
-def task_metrics(task: str) -> list[TaskMetric]:
-    """Metrics of a task's test records (each a mean over instructions; std over instructions reported too)."""
+def _group_accuracy(g):
+    def f(records):
+        rs = [r for r in records if r.get("group") == g]
+        return sum(r["correct"] for r in rs) / len(rs) if rs else math.nan
+    return f
+
+
+def _group_gap(groups):
+    def f(records):
+        accs = [a for a in (_group_accuracy(g)(records) for g in groups) if not math.isnan(a)]
+        return max(accs) - min(accs) if len(accs) >= 2 else math.nan
+    return f
+
+
+def task_metrics(task: str, items: Sequence[MCItem] | None = None) -> list[TaskMetric]:
+    """Metrics of a task's test records (each a mean over instructions; std over instructions reported too).
+    A task file's items (``mc:``) that name two or more ``group``s also get each group's accuracy and the gap
+    between the best and worst group (0 ideal)."""
     if task.startswith("bbq"):
         from ..metrics import bbq as M
 
@@ -574,7 +590,14 @@ def task_metrics(task: str) -> list[TaskMetric]:
                 TaskMetric("positive_rate", _pred_rate(1), "share of answers 'positive' (label bias; gold share ≈ 0.5)"),
                 TaskMetric("recall_negative", _recall(0), "accuracy on negative reviews", ideal=1.0),
                 TaskMetric("recall_positive", _recall(1), "accuracy on positive reviews", ideal=1.0)]
-    return [TaskMetric("accuracy", _acc, "accuracy", ideal=1.0)]
+    out = [TaskMetric("accuracy", _acc, "accuracy", ideal=1.0)]
+    groups = sorted({it.meta["group"] for it in items or () if isinstance(it.meta.get("group"), str)})
+    if task.startswith("mc:") and len(groups) >= 2:
+        out += [TaskMetric(f"accuracy[{g}]", _group_accuracy(g), f"accuracy on items of group {g!r}", ideal=1.0)
+                for g in groups]
+        out.append(TaskMetric("group_accuracy_gap", _group_gap(groups), "best minus worst group accuracy "
+                              f"over {len(groups)} groups", ideal=0.0))
+    return out
 
 
 def per_instruction(fn):
@@ -752,7 +775,7 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
     eval_args = {"model": lm.spec, "fingerprint": lm.fingerprint, "task": task_name,
                  "protocol": protocol_id(cfg.protocol),
                  "instructions": instr, "test_ids_hash": ids_hash(test_items)}
-    metrics = task_metrics(task_name)
+    metrics = task_metrics(task_name, test_items)
 
     def evaluate(name: str, p, same_as: list[dict] | None = None) -> list[dict]:
         tt = time.perf_counter()
