@@ -139,7 +139,7 @@ def test_mc_task_file_loads_header_items_gold_by_text_and_hash_name(tiny_lm, tmp
         {"id": "q2", "question": "Who fixed the car?", "options": ["a", "b", "c"], "gold": 2, "meta": {"src": "x"}},
     ])
     name, items = load_task(f"mc:{p}")
-    assert name.startswith("mc:jobs.jsonl@") and len(name.split("@")[1]) == 12
+    assert name.startswith("mc:jobs@") and len(name.split("@")[1]) == 12   # the header's name
     assert [it.id for it in items] == ["jobs-2", "q2"]            # default id = file stem + line number
     assert items[0].gold == 0 and items[0].meta == {"group": "male"} and items[1].gold == 2
     assert items[1].meta == {"src": "x"}
@@ -176,6 +176,7 @@ def test_mc_task_file_without_header_uses_the_generic_instructions(tiny_lm, tmp_
     ([{"context": 3, "options": ["x", "y"], "gold": 0}], 1, "context", "expected a string"),
     ([{"context": "c", "options": ["x", "y"], "gold": 0, "cloze": "{review}"}], 1, "cloze", "not a valid template"),
     ([{"context": "c", "options": ["x", "y"], "gold": 0, "meta": {"pred": 1}}], 1, "meta", "reserved"),
+    ([{"context": "c", "options": ["x", "y"], "gold": 0, "meta": {"control_seed": 1}}], 1, "meta", "reserved"),
     ([{"id": "a", "context": "c", "options": ["x", "y"], "gold": 0},
       {"id": "a", "context": "d", "options": ["x", "y"], "gold": 1}], 2, "id", "repeats the id of line 1"),
     ([{"instructions": []}, {"context": "c", "options": ["x", "y"], "gold": 0}], 1, "instructions", "non-empty list"),

@@ -231,6 +231,9 @@ def load_sst2(split: str = "test") -> list[MCItem]:
 # ---------------------------------------------------------------- user task files (mc:PATH)
 MC_HEADER_FIELDS = ("name", "instructions")
 MC_ITEM_FIELDS = ("id", "context", "question", "options", "gold", "group", "cloze", "meta")
+# keys of the scoring records (score_mc) and of the run files (chunks, controls) that an item's meta may not shadow
+RECORD_FIELDS = frozenset({"id", "instruction", "logprobs", "pred", "gold", "correct", "benchmark", "chunk",
+                           "chunk_done", "control_seed"})
 
 
 def _mc_string(row: dict, key: str, path, line: int, *, required: bool = False) -> str:
@@ -302,7 +305,7 @@ def _mc_item(row: dict, path, line: int, default_id: str, instructions: tuple[st
     meta = row.get("meta", {})
     if not isinstance(meta, dict):
         raise DataError(path, line, "meta", f"expected a JSON object, got {type(meta).__name__}")
-    reserved = sorted(set(meta) & {"id", "instruction", "logprobs", "pred", "gold", "correct"})
+    reserved = sorted(set(meta) & RECORD_FIELDS)
     if reserved:
         raise DataError(path, line, "meta", f"key {reserved[0]!r} is reserved for the scoring records")
     meta = dict(meta)
@@ -322,8 +325,9 @@ def load_mc_file(path) -> tuple[str, list[MCItem]]:
       ``context`` and/or ``question``, optional ``id`` (default ``<file stem>-<line>``), ``group`` (kept in the
       scoring records), ``cloze`` (the item's form under ``--protocol cloze``) and ``meta`` (extra fields).
 
-    Returns (``mc:<file name>@<first 12 hex digits of its sha256>``, items): the name changes with the file's
-    content, so cached attribution of an edited file is never reused. Errors name the file, line and field."""
+    Returns (``mc:<header name, else the file name>@<first 12 hex digits of the file's sha256>``, items): the
+    name changes with the file's content, so cached attribution of an edited file is never reused. Errors name
+    the file, line and field."""
     from pathlib import Path
 
     from .data import read_jsonl, sha256_file
@@ -334,10 +338,9 @@ def load_mc_file(path) -> tuple[str, list[MCItem]]:
     rows = read_jsonl(path)
     if not rows:
         raise DataError(path, None, None, "the task file has no items")
-    name, instructions = path.stem, ()
+    name, instructions = "", ()
     if "instructions" in rows[0] and "options" not in rows[0]:
         name, instructions = _mc_header(rows[0], path, rows[0]["_line"])
-        name = name or path.stem
         rows = rows[1:]
         if not rows:
             raise DataError(path, None, None, "the task file has a header but no items")
@@ -349,7 +352,7 @@ def load_mc_file(path) -> tuple[str, list[MCItem]]:
             raise DataError(path, line, "id", f"{it.id!r} repeats the id of line {seen[it.id]}")
         seen[it.id] = line
         items.append(it)
-    return f"mc:{path.name}@{sha256_file(path)[:12]}", items
+    return f"mc:{name.strip() or path.name}@{sha256_file(path)[:12]}", items
 
 
 TASK_FAMILIES = ("bbq", "sst2", "mc")
