@@ -460,3 +460,18 @@ def test_full_loop_on_a_user_task_file_with_its_own_instructions(tiny_lm, tmp_pa
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"context": "c", "options": ["x", "y"], "gold": 5}) + "\n")
     r = CliRunner().invoke(app, ["mitigate", "crispr", "--task", f"mc:{bad}", "--neurons", "1", "--out", str(tmp_path / "x")])
     assert isinstance(r.exception, BiaslabError) and f"{bad}, line 2: field 'gold'" in str(r.exception)
+
+
+def test_cli_summary_prints_data_named_metrics_literally(monkeypatch):
+    """Group names come from the user's file: ``accuracy[neg]`` must not be read as rich markup (and vanish)."""
+    from rich.console import Console
+
+    from biaslab.commands import crispr as cmd
+
+    con = Console(record=True, width=200)
+    monkeypatch.setattr(cmd, "console", con)
+    m = {"before": 0.5, "after": 0.6, "delta": 0.1, "delta_ci95": [0.0, 0.2], "std_before": 0.0, "std_after": 0.0}
+    cmd._print_summary({"task": "mc:[bold]x@abc", "patch": {"n_neurons": 2}, "evaluation": {"n_test_items": 10},
+                        "metrics": {"accuracy[neg]": m, "accuracy[bold]": m}, "control": {}, "retention": {}})
+    text = con.export_text()
+    assert "accuracy[neg]" in text and "accuracy[bold]" in text and "mc:[bold]x@abc" in text

@@ -93,6 +93,7 @@ def crispr(
 
 
 def _print_summary(summary: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     def f(v):
@@ -101,13 +102,14 @@ def _print_summary(summary: dict) -> None:
     def ci(c):
         return f"[{f(c[0])}, {f(c[1])}]" if c else "–"
 
-    t = Table(title=f"CRISPR on {summary['task']}: {summary['patch']['n_neurons']} neurons pruned "
+    # names come from the data (a task file's name and groups): escaped, or rich reads "accuracy[neg]" as markup
+    t = Table(title=f"CRISPR on {escape(summary['task'])}: {summary['patch']['n_neurons']} neurons pruned "
                     f"({summary['evaluation']['n_test_items']} test items)")
     for c in ("metric", "before", "after", "Δ (95% CI)", "control", "CRISPR−control (95% CI)"):
         t.add_column(c)
     for name, m in summary["metrics"].items():
         c = summary["control"].get("metrics", {}).get(name, {})
-        t.add_row(name, f"{f(m['before'])} ± {f(m.get('std_before'))}", f"{f(m['after'])} ± {f(m.get('std_after'))}",
+        t.add_row(escape(name), f"{f(m['before'])} ± {f(m.get('std_before'))}", f"{f(m['after'])} ± {f(m.get('std_after'))}",
                   f"{f(m['delta'])} {ci(m.get('delta_ci95'))}", f(c.get("value")),
                   f"{f(c.get('crispr_minus_control'))} {ci(c.get('crispr_minus_control_ci95'))}")
     console.print(t)
