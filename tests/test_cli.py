@@ -18,6 +18,9 @@ def run(*args):
     (["audit", "--model", "smollm2-135m-instruc", "--bench", "crows", "--out", "/tmp/x-never"], "Did you mean 'smollm2-135m-instruct'"),
     (["audit", "--bench", "crows", "--protocol", "crows", "--out", "/tmp/x-never"], "BENCH=VALUE"),
     (["export", "--patch", "/nonexistent.safetensors", "--out", "/tmp/x-never"], "patch file not found"),
+    # user input quoted in a message is printed as given, never read as rich markup
+    (["mitigate", "crispr", "--task", "mc:/tmp/x-never/[bold]tasks.jsonl", "--neurons", "1", "--out", "/tmp/x-never"],
+     "/tmp/x-never/[bold]tasks.jsonl: task file not found"),
 ])
 def test_cli_errors_are_one_clear_line(args, expect):
     code, out = run(*args)

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import BiaslabError
@@ -133,7 +134,8 @@ def main() -> None:
     except BiaslabError as e:
         if os.environ.get("BIASLAB_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # the message may quote user input (paths, field values): escaped, so "[...]" in it is printed, not parsed
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; finished work is kept in the run directory, rerun the same command to resume")
@@ -141,4 +143,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m biaslab.cli`: run the importable module's app, on which the command modules (which import
+    # biaslab.cli) registered `mitigate crispr` etc.; this __main__ copy's own app never gets them
+    from biaslab.cli import main as _main
+
+    _main()
