@@ -347,3 +347,27 @@ def test_mitigate_fast_baselines_try_every_ftl_learning_rate(tiny_lm, tmp_path):
         mitigate_fast(tiny_lm, "stereoset:religion", out=tmp_path / "x", ftl_lrs=(0.0,))
     with pytest.raises(BiaslabError, match="--text-tokens"):
         mitigate_fast(tiny_lm, "stereoset:religion", out=tmp_path / "x", text_tokens=1)
+
+
+def test_perplexity_relative_change_and_its_ci():
+    """compare(): ppl_after/ppl_before − 1 with the CI of the paired log-perplexity bootstrap. When every window's
+    NLL per token rises by the same c, every resample's ratio is exactly e^c, so the CI collapses onto the point."""
+    from biaslab.commands.fast import compare
+
+    def recs(nll_per_tok, toks):
+        return [{"id": f"w{k}", "part": "wikitext", "nll": n * t, "n_tokens": t, "n_words": t}
+                for k, (n, t) in enumerate(zip(nll_per_tok, toks))]
+
+    toks = [10, 20, 30, 40]
+    before = {"retention": recs([3.0, 3.5, 2.5, 3.2], toks)}
+    after = {"retention": recs([3.1, 3.6, 2.6, 3.3], toks)}
+    ppl = compare(before, after, n_boot=200, seed=0)["perplexity"]
+    assert ppl["relative_change"] == pytest.approx(math.exp(0.1) - 1)
+    assert ppl["relative_change_ci95"] == pytest.approx([math.exp(0.1) - 1] * 2)
+    # unequal changes: a proper interval around the point
+    after2 = {"retention": recs([3.0, 3.9, 2.5, 3.2], toks)}
+    ppl2 = compare(before, after2, n_boot=200, seed=0)["perplexity"]
+    want = math.exp((0.4 * 20) / 100) - 1
+    assert ppl2["relative_change"] == pytest.approx(want)
+    lo, hi = ppl2["relative_change_ci95"]
+    assert lo <= want <= hi and lo < hi and lo >= 0

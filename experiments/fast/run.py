@@ -104,6 +104,11 @@ def _f(v, d=1):
     return "n/a" if v is None else f"{v:.{d}f}"
 
 
+def _pct_ci(ci) -> str:
+    """' [lo, hi]' in percent, or '' for runs made before the summary recorded the relative change's CI."""
+    return f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else ""
+
+
 def markdown(res: dict) -> str:
     rows = ["| task | layer | method | \\|SS−50\\| before → after | mean \\|gap\\| (nats) | PS (wrappers) | PS (CrowS) | RS | "
             "LMS Δ | ICAT Δ | perplexity Δ% | knowledge Δ |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -120,7 +125,8 @@ def markdown(res: dict) -> str:
                 f"{_f(g('ss_mean_abs_gap', 'before'), 2)} → {_f(g('ss_mean_abs_gap'), 2)} | "
                 f"{_f(g('ps', 'before'))} → {_f(g('ps'))} | {_f(g('ps_crows', 'before'))} → {_f(g('ps_crows'))} | "
                 f"{_f(g('rs'))} | {_f(g('lms', 'delta'))} | {_f(g('icat', 'delta'))} | "
-                f"{_f(None if rel is None else 100 * rel, 2)} | {_f(g('knowledge_accuracy', 'delta'), 3)} |")
+                f"{_f(None if rel is None else 100 * rel, 2)}{_pct_ci(ppl.get('relative_change_ci95'))} | "
+                f"{_f(g('knowledge_accuracy', 'delta'), 3)} |")
     title = ("FAST-style fairness stamp on smollm2-135m-instruct (held-out pairs)" if res.get("variant", "gap") == "gap"
              else "FAST-style fairness stamp, L_e + JS (`--fairness gap+js`), on smollm2-135m-instruct (held-out pairs)")
     out = [f"# {title}", "",

@@ -3,6 +3,7 @@ biaslab.mitigations.fast for every choice the paper left open). Python equivalen
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -114,7 +115,19 @@ def compare(before: dict, after: dict, *, n_boot: int, seed: int) -> dict:
         fn = {m.name: m.fn for m in bench.metric_defs(proto)}[metric]
         out[name] = stats.paired_bootstrap(before[set_name], after[set_name], fn, n_boot=n_boot, seed=seed)
     if "perplexity" in out and out["perplexity"]["before"]:
-        out["perplexity"]["relative_change"] = out["perplexity"]["delta"] / out["perplexity"]["before"]
+        ppl = out["perplexity"]
+        ppl["relative_change"] = ppl["delta"] / ppl["before"]
+        # CI of ppl_after / ppl_before − 1: the paired bootstrap of log perplexity, mapped through exp(·) − 1
+        # (monotone, so its percentile interval is exactly the ratio's)
+        from ..metrics.retention import perplexity
+
+        def log_ppl(recs):
+            v = perplexity(recs)
+            return math.log(v) if v and not math.isnan(v) else math.nan
+
+        r = stats.paired_bootstrap(before["retention"], after["retention"], log_ppl, n_boot=n_boot, seed=seed)
+        ci = r.get("delta_ci95")
+        ppl["relative_change_ci95"] = [math.expm1(ci[0]), math.expm1(ci[1])] if ci else None
     return clean_nan(out)
 
 
@@ -302,8 +315,13 @@ def write_report(path, summary: dict, tr, histories: dict, layer: int) -> Path:
     from ..tracing import plot_trace
 
     def rows_of(metrics):
-        return [[k, fmt(v.get("before")), fmt(v.get("after")), fmt(v.get("delta")), fmt_ci(v.get("delta_ci95"))]
-                for k, v in metrics.items()]
+        rows = []
+        for k, v in metrics.items():
+            rows.append([k, fmt(v.get("before")), fmt(v.get("after")), fmt(v.get("delta")), fmt_ci(v.get("delta_ci95"))])
+            if k == "perplexity" and v.get("relative_change") is not None:
+                rows.append(["perplexity, relative change", "", "", fmt(v["relative_change"]),
+                             fmt_ci(v.get("relative_change_ci95"))])
+        return rows
 
     heads = ["metric", "before", "after", "delta", "delta 95% CI (paired bootstrap)"]
     sections = [("FAST stamp: before → after (held-out)", table(heads, rows_of(summary["metrics"])) +
@@ -377,5 +395,8 @@ def fast_command(
         ci = v.get("delta_ci95")
         f = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
         t.add_row(k, f(v.get("before")), f(v.get("after")), f(v.get("delta")), f"[{f(ci[0])}, {f(ci[1])}]" if ci else "–")
+        if k == "perplexity" and v.get("relative_change") is not None:
+            rc = v.get("relative_change_ci95")
+            t.add_row("perplexity, relative", "", "", f(v["relative_change"]), f"[{f(rc[0])}, {f(rc[1])}]" if rc else "–")
     console.print(t)
     console.print(f"patch, summary and report in {out}")
