@@ -1,5 +1,5 @@
 # biaslab — two commands do everything on a fresh machine:
-#   make demo   set up, then run the main job (CRISPR audit -> mitigate -> re-audit) on the embedded default model
+#   make demo   set up, then run the main job (CRISPR audit -> mitigate -> re-audit -> ship) on the embedded default model
 #   make test   set up, then run the test suite
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   ?= .venv
@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, transformers, biaslab; print('biaslab setup ok: torch', torch.__version__, '| transformers', transformers.__version__)"
 	touch $@
 
+# audit -> mitigate -> re-audit (+ random control, retention), then ship: the patch baked into a plain Hugging Face
+# model directory, reloaded with transformers alone and checked against the patched model's logits
 demo: setup
 	$(VENV)/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task sst2 --demo --out $(DEMO_OUT)
+	$(VENV)/bin/biaslab export --model smollm2-135m-instruct --patch $(DEMO_OUT)/patch.safetensors --out $(DEMO_OUT)/model
 
 audit-demo: setup
 	$(VENV)/bin/biaslab audit --model smollm2-135m-instruct --bench all --limit 40 --out runs/audit-demo

@@ -99,6 +99,29 @@ def test_patch_save_load_and_export_gives_patched_logits(tiny_lm, tmp_path):
         exported = plain(input_ids=ids).logits
     assert torch.allclose(exported, patched, atol=1e-5)
     assert not torch.allclose(exported, _logits(tiny_lm), atol=1e-5)
+    chk = json.loads((tmp_path / "exported" / "biaslab_patch.json").read_text())["export_check"]
+    assert chk["max_abs_logit_diff"] <= 1e-5 and chk["atol"] == p.EXPORT_ATOL
+
+
+def test_export_check_refuses_a_directory_that_does_not_reproduce_the_patch(tiny_lm, tmp_path, monkeypatch):
+    """A broken bake (here: the unpatched weights written) fails the reload check; nothing is left behind."""
+    sites = find_sites(tiny_lm.model, "ffn")
+    p = NeuronMaskPatch.from_units(tiny_lm, {sites[1].name: list(range(16))}, sites="ffn")
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+
+    def unpatched_copy(lm):
+        import copy
+
+        m = copy.deepcopy(lm.model)
+        m.load_state_dict(before)
+        return m
+    monkeypatch.setattr(p, "_export_model", unpatched_copy)
+    with pytest.raises(BiaslabError, match="export check failed"):
+        p.export(tiny_lm, tmp_path / "bad")
+    assert list(tmp_path.iterdir()) == []              # neither the target nor the temporary directory
+    assert all(torch.equal(v, before[k]) for k, v in tiny_lm.model.state_dict().items())   # patch undone
+    p.export(tiny_lm, tmp_path / "unchecked", verify=False)   # --no-verify skips the check (and records none)
+    assert "export_check" not in json.loads((tmp_path / "unchecked" / "biaslab_patch.json").read_text())
 
 
 def test_patch_for_another_base_is_refused_naming_both_fingerprints(tiny_lm):

@@ -106,15 +106,24 @@ def export(
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m"),
     patch: Path = typer.Option(..., "--patch"),
     out: Path = typer.Option(..., "--out", "-o"),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="load the written directory back with transformers alone and compare its logits "
+                                     "with the patched model's (default on; needs memory for a second copy)"),
 ):
     """Bake a patch into a plain Hugging Face model directory (loads with transformers alone)."""
+    import json
+
     from .models import load_model
     from .patches import load_patch
 
     p = load_patch(patch)
     lm = load_model(model)
-    path = p.export(lm, out)
+    path = p.export(lm, out, verify=verify)
     console.print(f"exported {p.kind} patch onto {model} → {path}")
+    if verify:
+        chk = json.loads((path / "biaslab_patch.json").read_text())["export_check"]
+        console.print(f"verified: reloaded with {chk['loaded_with']}, max |logit difference| from the patched model "
+                      f"{chk['max_abs_logit_diff']:.2g} (allowed {chk['atol']:g})", highlight=False)
 
 
 # Method commands live in biaslab/commands/<name>.py (each registers itself on mitigate_app / probe_app / app);

@@ -64,24 +64,60 @@ class Patch:
     def _apply(self, lm):  # returns an undo callable
         raise NotImplementedError
 
-    def export(self, lm, out_dir) -> Path:
-        """Bake into a plain Hugging Face model directory (loads with transformers alone)."""
+    EXPORT_PROBE = "The doctor told the nurse that the results would be ready by Friday."
+    EXPORT_ATOL = 1e-3    # |logit| difference allowed between the exported directory and the patched model
+
+    def export(self, lm, out_dir, *, verify: bool = True) -> Path:
+        """Bake into a plain Hugging Face model directory (loads with transformers alone).
+
+        With ``verify`` (default) the written directory is loaded back with transformers alone (the model's own
+        class, no biaslab hooks) and its logits on :attr:`EXPORT_PROBE` are compared with the patched model's;
+        a difference above :attr:`EXPORT_ATOL` is an error and nothing is written to ``out_dir``. The check is
+        recorded in ``biaslab_patch.json`` (``export_check``)."""
+        import shutil
+
         if not self.exportable:
             raise BiaslabError(f"a {self.kind} patch cannot be exported to a plain model directory")
         self.check_base(lm)
         out = Path(out_dir)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        with self.applied(lm):
-            model = self._export_model(lm)
-            model.save_pretrained(tmp)
-            lm.tokenizer.save_pretrained(tmp)
-            (tmp / "biaslab_patch.json").write_text(json.dumps(self.describe(), indent=2))
+        info = self.describe()
+        try:
+            with self.applied(lm):
+                model = self._export_model(lm)
+                model.save_pretrained(tmp)
+                lm.tokenizer.save_pretrained(tmp)
+                if verify:
+                    info["export_check"] = self._verify_export(lm, tmp)
+            (tmp / "biaslab_patch.json").write_text(json.dumps(info, indent=2))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         os.replace(tmp, out)
         return out
+
+    def _verify_export(self, lm, path: Path) -> dict:
+        """Max |logit| difference on the probe between ``path`` loaded by transformers and the patched ``lm``."""
+        ids = torch.tensor([lm.encode(self.EXPORT_PROBE)], device=lm.device)
+
+        def logits(model):
+            kw = {"decoder_input_ids": ids[:, :1]} if getattr(model.config, "is_encoder_decoder", False) else {}
+            with torch.no_grad():
+                return model(input_ids=ids, **kw).logits.float()
+
+        want = logits(lm.model)
+        plain = type(lm.model).from_pretrained(path, torch_dtype=lm.model.dtype).to(lm.device).eval()
+        try:
+            diff = float((logits(plain) - want).abs().max())
+        finally:
+            del plain
+        if not diff <= self.EXPORT_ATOL:
+            raise BiaslabError(f"export check failed: the exported model's logits differ from the patched model's by "
+                               f"{diff:.3g} (allowed {self.EXPORT_ATOL:g}) on the probe sentence; nothing was written")
+        return {"probe": self.EXPORT_PROBE, "max_abs_logit_diff": diff, "atol": self.EXPORT_ATOL,
+                "loaded_with": f"transformers {type(lm.model).__name__}.from_pretrained"}
 
     def _export_model(self, lm):
         return lm.model
