@@ -18,7 +18,8 @@ RUNS = {"sst2": Path("runs/crispr-v2-sst2"), "bbq_age": Path("runs/crispr-v2-bbq
         "sst2_cloze_10instr_n1": Path("runs/crispr-cloze-sst2-10instr-n1"),
         "bbq_age_optll": Path("runs/crispr-optll-bbq-age"), "bbq_age_optll_n3": Path("runs/crispr-optll-bbq-age-n3"),
         "bbq_age_optll_hmean": Path("runs/crispr-optll-bbq-age-hmean"),
-        "bbq_age_optll_hmean32": Path("runs/crispr-optll-bbq-age-hmean32")}
+        "bbq_age_optll_hmean32": Path("runs/crispr-optll-bbq-age-hmean32"),
+        "bbq_gender_optll_hmean32": Path("runs/crispr-optll-bbq-gender-hmean32")}
 LETTERS = "ABCDEFGH"
 
 

@@ -84,3 +84,19 @@ nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task
     --instructions 3 --search --search-dev-limit 60 --search-small 32 --search-objective condition-hmean \
     --test-limit 300 --control-seeds 3 --retention-limit 20 --out runs/crispr-optll-bbq-age-hmean32
 .venv/bin/python experiments/crispr/collect.py
+# 12. (session 6, 2026-12-02; plan fixed and committed before any Gender_identity item was scored) a second BBQ
+#     category, fresh: no Gender_identity item has been attributed, searched or tested by any earlier step. The
+#     category was chosen a priori (gender is the bias type the other methods here edit; no dev or test number of
+#     any category but Age had been looked at). Settings are step 11's, unchanged (the configuration with the
+#     largest accuracy gain on Age; its Age failure modes are what this run checks for): option-loglik, 3
+#     instructions, 20 dev instances for attribution, condition-hmean on 60 dev items per step with every n in
+#     1..32 plus the golden-section search of [0, 500], 300 test items, 3 control seeds, retention at 20 items.
+#     Success = issue 3's BBQ criteria as in step 8: the 95 % CIs of after - before and of CRISPR - control both
+#     exclude 0, the std over instructions does not grow, and retention (CrowS, StereoSet LMS, perplexity,
+#     knowledge) moves by no more than the unpatched model's CI width. Also reported, as for Age: accuracy on
+#     ambiguous and disambiguated items, the share of "unknown" answers, and CRISPR - always-A.
+nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task bbq:Gender_identity \
+    --protocol option-loglik --instructions 3 --search --search-dev-limit 60 --search-small 32 \
+    --search-objective condition-hmean --test-limit 300 --control-seeds 3 --retention-limit 20 \
+    --out runs/crispr-optll-bbq-gender-hmean32
+.venv/bin/python experiments/crispr/collect.py
