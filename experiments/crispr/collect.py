@@ -150,7 +150,7 @@ def run_section(s: dict, entry: dict) -> list[str]:
                + ", ".join(f"n={n}: accuracy {f(v['accuracy'])}, gold prob {f(v['gold_prob'], 4)}, answers {v['answers']}"
                            for n, v in g["grid"].items()) + f"; best n on dev: {g['best_n_on_dev']}.", ""]
     md += [f"Bias neurons per layer: {s['patch']['neurons_per_layer']}", "",
-           f"Timings (s, one thread on the shared 2-core machine): {s.get('timings_s')}", ""]
+           f"Timings (s, on the shared 2-core machine with one or two threads, see run.sh): {s.get('timings_s')}", ""]
     if s.get("notes"):
         md += ["Notes: " + " ".join(s["notes"]), ""]
     return md

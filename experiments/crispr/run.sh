@@ -95,6 +95,7 @@ nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task
 #     exclude 0, the std over instructions does not grow, and retention (CrowS, StereoSet LMS, perplexity,
 #     knowledge) moves by no more than the unpatched model's CI width. Also reported, as for Age: accuracy on
 #     ambiguous and disambiguated items, the share of "unknown" answers, and CRISPR - always-A.
+# (run with OMP_NUM_THREADS=2 BIASLAB_THREADS=2: 24 min)
 nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task bbq:Gender_identity \
     --protocol option-loglik --instructions 3 --search --search-dev-limit 60 --search-small 32 \
     --search-objective condition-hmean --test-limit 300 --control-seeds 3 --retention-limit 20 \
