@@ -475,6 +475,10 @@ def test_full_loop_on_a_user_task_file_with_its_own_instructions(tiny_lm, tmp_pa
     per_instr = [sum(r["correct"] for r in recs if r["group"] == "pos" and r["instruction"] == i)
                  / sum(r["group"] == "pos" and r["instruction"] == i for r in recs) for i in (0, 1)]
     assert m["accuracy[pos]"]["before"] == pytest.approx(sum(per_instr) / 2)
+    with pytest.raises(BiaslabError, match="positive number of instructions"):
+        C.CrisprConfig(neurons=3, instructions=0).validate()
+    with pytest.raises(BiaslabError, match="more instructions than task custom has \\(10\\)"):
+        C.check_task_items(_items(4), "custom", 11)              # the ten generic instructions
     with pytest.raises(BiaslabError, match="more instructions than task mc:reviews.jsonl@.* has \\(2\\)"):
         C.run(tiny_lm, f"mc:{task}", out=tmp_path / "run3", config=C.CrisprConfig(neurons=3, instructions=3),
               control_seeds=1, retention=False)

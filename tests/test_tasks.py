@@ -162,6 +162,12 @@ def test_mc_task_file_without_header_uses_the_generic_instructions(tiny_lm, tmp_
     _, items2 = load_mc_file(p2)
     with pytest.raises(BiaslabError, match="instruction 1 requested, but its task has 1"):
         prompt_text(tiny_lm, items2[0], 1)
+    # more than the ten generic instructions: all of them usable
+    many = [f"Instruction number {k}." for k in range(12)]
+    _, items3 = load_mc_file(_write_jsonl(tmp_path / "m.jsonl", [{"instructions": many},
+                                                                 {"context": "c", "options": ["x", "y"], "gold": 0}]))
+    assert task_instruction_count(items3) == 12 and "Instruction number 11." in prompt_text(tiny_lm, items3[0], 11)
+    C.check_task_items(items3, "m", 12)
 
 
 @pytest.mark.parametrize("rows,line,field,msg", [

@@ -37,8 +37,8 @@ def crispr(
                                      help="also try every n in 1..K on dev (a deviation: guards the golden-section "
                                           "search against plateaus that hide a peak at small n)"),
     sites: str = typer.Option("ffn", "--sites", help="ffn (FFN intermediate neurons) | linear (every linear output unit)"),
-    instructions: Optional[int] = typer.Option(None, "--instructions", help="number of instruction paraphrases (1-10; default 10, or all of an "
-                                              "mc: task file's own)"),
+    instructions: Optional[int] = typer.Option(None, "--instructions", help="number of instruction paraphrases used (default: all 10 "
+                                              "generic ones, or all of an mc: task file's own)"),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="test items evaluated (seeded, stratified)"),
     dev_size: Optional[int] = typer.Option(None, "--dev-size", help="dev instances per attribution trial (default 20)"),
     trials: int = typer.Option(1, "--trials", help="attribution trials (dev samples) averaged"),
@@ -78,7 +78,7 @@ def crispr(
     if instructions is None and task.startswith("mc:"):
         from ..tasks import load_task, task_instruction_count
 
-        instructions = min(10, task_instruction_count(load_task(task)[1]))
+        instructions = task_instruction_count(load_task(task)[1])
     cfg = CrisprConfig(sites=sites, protocol=protocol or "letter", instructions=instructions or 10, reduce=reduce, span=span, objective=objective,
                        confusion_weighting=not no_confusion_weighting,
                        skill_disentanglement=not no_skill_disentanglement, dev_size=dev_size or 20, trials=trials,
