@@ -335,11 +335,12 @@ def test_mitigate_fast_baselines_try_every_ftl_learning_rate(tiny_lm, tmp_path):
 
     s = mitigate_fast(tiny_lm, "stereoset:religion", out=tmp_path / "run", steps=2, limit=4, retention_limit=0,
                       n_trace=2, n_noise=1, n_boot=20, fairness="gap+js", js_weight=5.0, ftl_lrs=(1e-4, 1e-2),
-                      text_tokens=8)
+                      text_tokens=8, stamp_init="xavier")
     ftl = s["baselines"]["ft_l"]
     assert [c["lr"] for c in ftl["candidates"]] == [1e-4, 1e-2] and ftl["chosen_lr"] in (1e-4, 1e-2)
     assert set(s["baselines"]) == {"ft_l", "stamp_no_retention"} and "rs" in ftl["metrics"]
     assert s["patch"]["params"]["fairness"] == "gap+js" and s["patch"]["params"]["js_weight"] == 5.0
+    assert s["patch"]["params"]["init"] == "xavier" and s["choices"]["config"]["init"] == "xavier"
     hist = json.loads((tmp_path / "run" / "training_history.json").read_text())
     assert "JS" in hist["fast"][0] and any(k.startswith("ft_l (lr") for k in hist)
     assert s["choices"]["config"]["text_tokens"] == 8

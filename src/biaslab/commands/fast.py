@@ -223,7 +223,7 @@ def mitigate_fast(model="smollm2-135m-instruct", task: str = "stereoset:gender",
     patch = F.StampPatch.from_stamp(
         lm, res.stamp, layer=use_layer, activation=activation,
         params={"alpha": alpha, "beta": beta, "steps": steps, "lr": lr, "task": task, "seed": seed,
-                "fairness": fairness, **({"js_weight": js_weight} if fairness != "gap" else {})},
+                "fairness": fairness, "init": stamp_init, **({"js_weight": js_weight} if fairness != "gap" else {})},
         provenance={"method": F.METHOD_VERSION, "decisive_layer": decisive, "layer_given": layer,
                     "train_pairs": len(split["train"]), "choices": F.choices(cfg)})
     patch.save(out / "patch.safetensors")

@@ -884,6 +884,6 @@ def fit(lm, data: dict, config: FastConfig | dict | None = None) -> StampPatch:
     res = train(lm, data["train"], layer, cfg)
     return StampPatch.from_stamp(lm, res.stamp, layer=layer, activation=cfg.activation,
                                  params={"alpha": cfg.alpha, "beta": cfg.beta, "steps": cfg.steps, "lr": cfg.lr,
-                                         "fairness": cfg.fairness,
+                                         "fairness": cfg.fairness, "init": cfg.init,
                                          **({"js_weight": cfg.js_weight} if cfg.fairness != "gap" else {})},
                                  provenance={"method": METHOD_VERSION, "choices": choices(cfg)})
