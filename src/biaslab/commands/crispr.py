@@ -75,11 +75,8 @@ def crispr(
         retention_limit = retention_limit or DEMO["retention_limit"]
     if task is None:
         raise BiaslabError("--task is required (bbq:<Category>, bbq:all, sst2 or mc:PATH), or use --demo")
-    if instructions is None and task.startswith("mc:"):
-        from ..tasks import load_task, task_instruction_count
-
-        instructions = task_instruction_count(load_task(task)[1])
-    cfg = CrisprConfig(sites=sites, protocol=protocol or "letter", instructions=instructions or 10, reduce=reduce, span=span, objective=objective,
+    # instructions=None: all the task's own (resolved once the task is loaded, in run())
+    cfg = CrisprConfig(sites=sites, protocol=protocol or "letter", instructions=instructions, reduce=reduce, span=span, objective=objective,
                        confusion_weighting=not no_confusion_weighting,
                        skill_disentanglement=not no_skill_disentanglement, dev_size=dev_size or 20, trials=trials,
                        neurons=neurons, search=search, search_max=search_max, search_dev_limit=search_dev_limit,

@@ -63,7 +63,7 @@ PROMPT_LAYOUT = PROTOCOL_LAYOUTS["letter"]
 @dataclass
 class CrisprConfig:
     sites: str = "ffn"                    # "ffn" | "linear"
-    instructions: int = 10                # the first M of the ten instructions
+    instructions: int | None = 10         # the first M instructions; None → all the task's (resolve_instructions)
     protocol: str = "letter"              # attribution needs one answer position: letter | cloze (tasks.py)
     span: str = "all"                     # positions reduced over: all | prompt | answer
     reduce: str = "max"                   # max (paper) | mean (ablation)
@@ -91,7 +91,8 @@ class CrisprConfig:
         if self.sites not in SITE_KINDS:
             raise UnknownNameError("site kind", self.sites, SITE_KINDS)
         # the upper bound is the task's own count (ten generic ones, or a task file's header): check_task_items
-        if isinstance(self.instructions, bool) or not isinstance(self.instructions, int) or self.instructions < 1:
+        if self.instructions is not None and (isinstance(self.instructions, bool) or not isinstance(self.instructions, int)
+                                              or self.instructions < 1):
             raise BiaslabError(f"--instructions must be a positive number of instructions, got {self.instructions!r}")
         if self.protocol not in ATTRIBUTION_PROTOCOLS:
             raise BiaslabError("CRISPR attribution supports the task protocols "
@@ -120,6 +121,15 @@ class CrisprConfig:
     @property
     def convention(self) -> str:
         return CONVENTIONS[self.objective]
+
+
+def resolve_instructions(cfg: CrisprConfig, items: Sequence[MCItem]) -> CrisprConfig:
+    """``cfg`` with ``instructions=None`` replaced by the task's own count (ten generic ones, or a task file's)."""
+    from dataclasses import replace
+
+    from ..tasks import task_instruction_count
+
+    return cfg if cfg.instructions is not None else replace(cfg, instructions=task_instruction_count(items))
 
 
 # ---------------------------------------------------------------- data splits
@@ -475,7 +485,7 @@ def fit_details(lm, items: Sequence[MCItem], cfg: CrisprConfig | None = None, *,
     """Split, attribute on dev samples, choose n (fixed or golden-section search on the dev objective
     ``cfg.search_objective``, dev accuracy by default), build the patch.
     Test items are never seen. ``scores`` / ``search_cache`` let a resumed run skip finished work."""
-    cfg = (cfg or CrisprConfig(neurons=10)).validate()
+    cfg = resolve_instructions((cfg or CrisprConfig(neurons=10)).validate(), items)
     check_task_items(items, task, cfg.instructions)
     if cfg.search and cfg.search_objective == "condition-hmean":
         conds = {it.meta.get("context_condition") for it in items}
@@ -714,9 +724,11 @@ def run(model="smollm2-135m-instruct", task: str = "sst2", *, out, config: Crisp
         raise BiaslabError(f"--test-limit must be positive, got {test_limit}")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    lm = model if isinstance(model, LanguageModel) else load_model(model)
+    # the task first: a bad task file is reported before a model is loaded
     task_name, items = load_task(task) if isinstance(task, str) else ("custom", list(task))
+    cfg = resolve_instructions(cfg, items)
     check_task_items(items, task_name, cfg.instructions)
+    lm = model if isinstance(model, LanguageModel) else load_model(model)
     out = Path(out)
     args = {"method": METHOD_ID, "model": lm.spec, "fingerprint": lm.fingerprint, "task": task_name,
             "config": asdict(cfg), "test_limit": test_limit, "test_seed": test_seed, "control_seeds": control_seeds,
