@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 # audit -> mitigate -> re-audit (+ random control, retention), then ship: the patch baked into a plain Hugging Face
 # model directory, reloaded with transformers alone and checked against the patched model's logits
 demo: setup
-	$(VENV)/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task sst2 --demo --out $(DEMO_OUT)
+	$(VENV)/bin/biaslab mitigate crispr --model smollm2-135m-instruct --config demo --out $(DEMO_OUT)
 	$(VENV)/bin/biaslab export --model smollm2-135m-instruct --patch $(DEMO_OUT)/patch.safetensors --out $(DEMO_OUT)/model
 
 audit-demo: setup

@@ -55,7 +55,7 @@ def main() -> None:
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
 
     from biaslab import attribution as A
-    from biaslab.mitigations import crispr as C
+    from biaslab.methods import crispr as C
     from biaslab.models import load_model
     from biaslab.tasks import answer_targets, prompt_text, load_sst2
 

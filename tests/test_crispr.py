@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from biaslab.errors import BiaslabError, PatchMismatchError, UnknownNameError
-from biaslab.mitigations import MITIGATIONS
-from biaslab.mitigations import crispr as C
+from biaslab.evaluation import run_mitigation
+from biaslab.methods import crispr as C
 from biaslab.models import LanguageModel
 from biaslab.models.sites import find_sites
 from biaslab.patches import NeuronMaskPatch, load_patch
@@ -222,8 +222,7 @@ def test_bias_scores_aggregation_options(tiny_lm):
 
 def test_fit_registry_and_provenance(tiny_lm):
     items = _items(40)
-    fit = MITIGATIONS.get("crispr")
-    p = fit(tiny_lm, items, {"neurons": 7, "instructions": 1, "dev_size": 4})
+    p = C.fit(tiny_lm, items, {"neurons": 7, "instructions": 1, "dev_size": 4})
     assert isinstance(p, NeuronMaskPatch) and p.n_neurons == 7
     assert p.params["convention"] == "logp-alpha" and p.params["chosen_n"] == 7
     dev, test = C.split_dev_test(items)
@@ -234,7 +233,7 @@ def test_fit_registry_and_provenance(tiny_lm):
 def test_search_uses_dev_only(tiny_lm):
     items = _items(40)
     seen = []
-    import biaslab.mitigations.crispr as mod
+    import biaslab.methods.crispr.fitting as mod
 
     orig = mod.score_mc
 
@@ -251,26 +250,34 @@ def test_search_uses_dev_only(tiny_lm):
     assert 0 in res.search and res.n in res.search and res.search[res.n] == max(res.search.values())
 
 
+def _run(lm, task, out, cfg, **kw):
+    return run_mitigation("crispr", lm, task, cfg, out=out, **kw)
+
+
 def test_full_loop_on_tiny_model(tiny_lm, tmp_path):
     out = tmp_path / "run"
-    cfg = C.CrisprConfig(neurons=6, instructions=2, dev_size=4)
-    s = C.run(tiny_lm, _items(40), out=out, config=cfg, control_seeds=2, retention=False, n_boot=50)
-    assert s["method"] == "crispr.v1" and s["patch"]["n_neurons"] == 6
+    cfg = C.CrisprConfig(neurons=6, instructions=2, dev_size=4, control_seeds=2, retention=False)
+    s = _run(tiny_lm, _items(40), out, cfg, n_boot=50)
+    assert (s["method"], s["method_version"]) == ("crispr", "crispr.v1") and s["details"]["n_neurons"] == 6
     acc = s["metrics"]["accuracy"]
-    assert set(acc) >= {"before", "after", "delta", "delta_ci95", "std_before", "std_after"}
-    assert acc["delta"] == pytest.approx(acc["after"] - acc["before"])
-    assert len(s["control"]["metrics"]["accuracy"]["per_seed"]) == 2
+    assert set(acc) >= {"before", "after", "delta", "delta_ci95", "std_before", "std_after", "direction"}
+    assert acc["delta"] == pytest.approx(acc["after"] - acc["before"]) and acc["direction"] == "higher"
+    ctl = s["controls"]["random"]
+    assert ctl["members"] == ["seed0", "seed1"] and len(ctl["metrics"]["accuracy"]["per_member"]) == 2
     for f in ("patch.safetensors", "summary.json", "report.html", "before/records.jsonl", "after/results.json",
-              "control/seed1/results.json", "attribution.safetensors"):
+              "controls/random/seed1/results.json", "controls/random/seed1/patch.safetensors",
+              "fit/attribution.safetensors", "fit/fit.json", "items.json"):
         assert (out / f).is_file(), f
+    assert json.loads((out / "items.json").read_text())["test"] == [it.id for it in C.sample_items(
+        C.split_dev_test(_items(40))[1], None, 0)]
     assert json.loads((out / "summary.json").read_text())["metrics"]["accuracy"]["before"] == acc["before"]
     assert load_patch(out / "patch.safetensors").n_neurons == 6
-    # a rerun resumes (same numbers) and a changed run is refused
-    s2 = C.run(tiny_lm, _items(40), out=out, config=cfg, control_seeds=2, retention=False, n_boot=50)
-    assert s2["metrics"] == s["metrics"]
+    # a rerun resumes (same numbers, the fit is not redone) and a changed run is refused
+    s2 = _run(tiny_lm, _items(40), out, cfg, n_boot=50)
+    assert s2["metrics"] == s["metrics"] and s2["controls"] == s["controls"]
     with pytest.raises(BiaslabError, match="different arguments"):
-        C.run(tiny_lm, _items(40), out=out, config=C.CrisprConfig(neurons=7, instructions=2, dev_size=4),
-              control_seeds=2, retention=False, n_boot=50)
+        _run(tiny_lm, _items(40), out, C.CrisprConfig(neurons=7, instructions=2, dev_size=4, control_seeds=2,
+                                                      retention=False), n_boot=50)
 
 
 def test_cli_errors_are_clear():
@@ -289,7 +296,7 @@ def test_cli_errors_are_clear():
 
 @pytest.mark.integration
 def test_real_model_attribution_shapes(real_lm):
-    from biaslab.tasks import load_task
+    from biaslab.task_specs import load_task
 
     _, items = load_task("sst2")
     sc, st = C.bias_scores(real_lm, items[:2], [0], C.CrisprConfig(neurons=5, instructions=1))
@@ -297,12 +304,14 @@ def test_real_model_attribution_shapes(real_lm):
     assert st.n_instances == 2
 
 
-def test_retention_report_on_tiny_model(tiny_lm, tmp_path):
+def test_retention_comparison_on_tiny_model(tiny_lm, tmp_path):
+    from biaslab.evaluation.compare import retention_comparison
+
     p = NeuronMaskPatch.from_units(tiny_lm, {find_sites(tiny_lm.model)[0].name: list(range(10))}, sites="ffn")
-    r = C.retention_report(tiny_lm, p, ["crows"], limit=6, out=tmp_path / "ret", n_boot=20)
+    r = retention_comparison(tiny_lm, p, ["crows"], limit=6, seed=0, out=tmp_path / "ret", n_boot=20)
     m = r["crows"]["metrics"]["stereotype_score"]
-    assert set(m) >= {"before", "after", "delta", "delta_ci95", "before_ci_width", "within_ci_width"}
-    assert m["delta"] == pytest.approx(m["after"] - m["before"])
+    assert set(m) >= {"before", "after", "delta", "delta_ci95", "before_ci_width", "within_ci_width", "direction"}
+    assert m["delta"] == pytest.approx(m["after"] - m["before"]) and (m["direction"], m["ideal"]) == ("ideal", 50.0)
     assert (tmp_path / "ret" / "after" / "results.json").is_file()
 
 
@@ -376,52 +385,56 @@ def test_search_with_gold_prob_tie_break_records_the_objective(tiny_lm):
     assert res.patch.params["search_objective"] == "accuracy+goldprob"
 
 
-def test_empty_patch_reuses_the_unpatched_records(tiny_lm, tmp_path):
-    import biaslab.mitigations.crispr as mod
+def test_empty_patch_reuses_the_unpatched_records(tiny_lm, tmp_path, monkeypatch):
+    import biaslab.tasks as tasks_mod
 
     calls = []
-    orig = mod.score_mc
+    orig = tasks_mod.score_mc
 
     def spy(lm, its, *a, **k):
         calls.append(k.get("desc"))
         return orig(lm, its, *a, **k)
-    mod.score_mc = spy
-    try:
-        s = C.run(tiny_lm, _items(40), out=tmp_path / "run", config=C.CrisprConfig(neurons=0, instructions=2, dev_size=4),
-                  control_seeds=2, retention=False, n_boot=50)
-    finally:
-        mod.score_mc = orig
-    assert s["patch"]["n_neurons"] == 0 and set(calls) == {"before"}  # after and controls are not re-scored
+    monkeypatch.setattr(tasks_mod, "score_mc", spy)
+    cfg = C.CrisprConfig(neurons=0, instructions=2, dev_size=4, control_seeds=2, retention=False)
+    s = _run(tiny_lm, _items(40), tmp_path / "run", cfg, n_boot=50)
+    assert s["details"]["n_neurons"] == 0 and s["patch"]["identity"]
+    assert calls == ["test", "test"]  # the before state's two chunks only: after and controls are not re-scored
     assert s["metrics"]["accuracy"]["delta"] == 0 and s["metrics"]["accuracy"]["after"] == s["metrics"]["accuracy"]["before"]
-    assert s["control"]["metrics"]["accuracy"]["crispr_minus_control"] == 0
-    assert any("not re-scored" in n for n in s["notes"])
+    assert s["controls"]["random"]["metrics"]["accuracy"]["method_minus_control"] == 0
+    assert any("instead of scoring them again" in n for n in s["notes"])
     # resuming the finished run does not duplicate the reused records
-    s2 = C.run(tiny_lm, _items(40), out=tmp_path / "run", config=C.CrisprConfig(neurons=0, instructions=2, dev_size=4),
-               control_seeds=2, retention=False, n_boot=50)
+    s2 = _run(tiny_lm, _items(40), tmp_path / "run", cfg, n_boot=50)
     assert s2["metrics"]["accuracy"]["after"] == s["metrics"]["accuracy"]["after"]
     n_after = sum(1 for line in (tmp_path / "run" / "after" / "records.jsonl").read_text().splitlines() if '"pred"' in line)
     assert n_after == 36 * 2  # 36 test items × 2 instructions, once
 
 
-def test_demo_preset_uses_cloze_on_sst2_only(monkeypatch):
+def test_demo_preset_is_a_shipped_config_file(monkeypatch):
     from typer.testing import CliRunner
 
+    import biaslab.evaluation.runner as runner
     from biaslab.cli import app
+    from biaslab.evaluation.config import load_config
 
     seen = {}
 
-    def fake_run(model, task, *, out, config, **kw):
-        seen[task] = config.validate()
+    def fake_run(method, model, task, config, **kw):
+        seen[task] = (config, kw)
         raise BiaslabError("stop here")
-    monkeypatch.setattr(C, "run", fake_run)
-    CliRunner().invoke(app, ["mitigate", "crispr", "--demo", "--out", "/tmp/x"])
-    CliRunner().invoke(app, ["mitigate", "crispr", "--demo", "--task", "bbq:Age", "--out", "/tmp/x"])
+    monkeypatch.setattr(runner, "run_mitigation", fake_run)
+    CliRunner().invoke(app, ["mitigate", "crispr", "--config", "demo", "--out", "/tmp/x"])
+    d, kw = seen["sst2"]
+    assert (d.protocol, d.instructions, d.search_max, d.search_dev_limit, kw["limit"]) == ("cloze", 3, 16, 60, 100)
+    # command line > file > defaults
+    CliRunner().invoke(app, ["mitigate", "crispr", "--config", "demo", "--task", "bbq:Age", "--protocol", "letter",
+                             "--limit", "7", "--out", "/tmp/x"])
+    d, kw = seen["bbq:Age"]
+    assert (d.protocol, d.search, d.instructions, kw["limit"]) == ("letter", True, 3, 7)
     CliRunner().invoke(app, ["mitigate", "crispr", "--task", "sst2", "--neurons", "2", "--out", "/tmp/x"])
-    assert seen["sst2"].protocol == "letter"  # the last call: no --demo → the default protocol
-    assert seen["bbq:Age"].protocol == "letter" and seen["bbq:Age"].search
-    CliRunner().invoke(app, ["mitigate", "crispr", "--demo", "--out", "/tmp/x"])
-    d = seen["sst2"]
-    assert (d.protocol, d.instructions, d.search_max, d.search_dev_limit) == ("cloze", 3, 16, 60)
+    assert seen["sst2"][0].protocol == "letter" and seen["sst2"][1]["limit"] is None  # no file: the defaults
+    # Python users load the same preset
+    fields, run = load_config(C.CrisprConfig, "demo", method_name="crispr")
+    assert fields["protocol"] == "cloze" and run == {"task": "sst2", "limit": 100}
 
 
 def test_random_control_never_draws_crisprs_units():
@@ -461,9 +474,9 @@ def test_full_loop_on_a_user_task_file_with_its_own_instructions(tiny_lm, tmp_pa
               "gold": it.options[it.gold], "group": it.meta["label"] and "pos" or "neg"} for it in _items(40)]
     task = tmp_path / "reviews.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    s = C.run(tiny_lm, f"mc:{task}", out=tmp_path / "run", config=C.CrisprConfig(neurons=3, instructions=2, dev_size=4),
-              control_seeds=1, retention=False, n_boot=20)
-    assert s["task"].startswith("mc:reviews.jsonl@") and s["patch"]["n_neurons"] == 3
+    s = _run(tiny_lm, f"mc:{task}", tmp_path / "run", C.CrisprConfig(neurons=3, instructions=2, dev_size=4,
+                                                                     control_seeds=1, retention=False), n_boot=20)
+    assert s["task"].startswith("mc:reviews.jsonl@") and s["details"]["n_neurons"] == 3
     recs = [json.loads(line) for line in (tmp_path / "run" / "before" / "records.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "chunk_done" not in r]          # drop the resume markers
     assert {r["instruction"] for r in recs} == {0, 1} and {r["group"] for r in recs} == {"pos", "neg"}
@@ -480,8 +493,7 @@ def test_full_loop_on_a_user_task_file_with_its_own_instructions(tiny_lm, tmp_pa
     with pytest.raises(BiaslabError, match="more instructions than task custom has \\(10\\)"):
         C.check_task_items(_items(4), "custom", 11)              # the ten generic instructions
     with pytest.raises(BiaslabError, match="more instructions than task mc:reviews.jsonl@.* has \\(2\\)"):
-        C.run(tiny_lm, f"mc:{task}", out=tmp_path / "run3", config=C.CrisprConfig(neurons=3, instructions=3),
-              control_seeds=1, retention=False)
+        _run(tiny_lm, f"mc:{task}", tmp_path / "run3", C.CrisprConfig(neurons=3, instructions=3, retention=False))
     # the CLI names the offending line of a bad task file before loading any model
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"context": "c", "options": ["x", "y"], "gold": 5}) + "\n")
@@ -489,16 +501,18 @@ def test_full_loop_on_a_user_task_file_with_its_own_instructions(tiny_lm, tmp_pa
     assert isinstance(r.exception, BiaslabError) and f"{bad}, line 2: field 'gold'" in str(r.exception)
 
 
-def test_cli_summary_prints_data_named_metrics_literally(monkeypatch):
+def test_cli_summary_prints_data_named_metrics_literally():
     """Group names come from the user's file: ``accuracy[neg]`` must not be read as rich markup (and vanish)."""
     from rich.console import Console
 
-    from biaslab.commands import crispr as cmd
+    from biaslab.evaluation.report import summary_tables
 
     con = Console(record=True, width=200)
-    monkeypatch.setattr(cmd, "console", con)
-    m = {"before": 0.5, "after": 0.6, "delta": 0.1, "delta_ci95": [0.0, 0.2], "std_before": 0.0, "std_after": 0.0}
-    cmd._print_summary({"task": "mc:[bold]x@abc", "patch": {"n_neurons": 2}, "evaluation": {"n_test_items": 10},
-                        "metrics": {"accuracy[neg]": m, "accuracy[bold]": m}, "control": {}, "retention": {}})
+    m = {"set": "test", "before": 0.5, "after": 0.6, "delta": 0.1, "delta_ci95": [0.0, 0.2], "std_before": 0.0,
+         "std_after": 0.0}
+    summary = {"method": "crispr", "task": "mc:[bold]x@abc", "evaluation": {"sets": {"test": {"n_items": 10}}},
+               "metrics": {"accuracy[neg]": m, "accuracy[bold]": m}, "controls": {}, "retention": None}
+    for t in summary_tables(summary, "2 neurons [red]pruned"):
+        con.print(t)
     text = con.export_text()
-    assert "accuracy[neg]" in text and "accuracy[bold]" in text and "mc:[bold]x@abc" in text
+    assert "accuracy[neg]" in text and "accuracy[bold]" in text and "mc:[bold]x@abc" in text and "[red]" in text

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from biaslab.errors import BiaslabError, UnknownNameError
-from biaslab.metrics import biascope as B
-from biaslab.mitigations import fast as F
+from biaslab.methods.fast import biascope as B
+from biaslab.methods import fast as F
 from biaslab.models.lm import ContinuationScore
 from biaslab.tracing import TraceItem, check_layer, layer_modules, trace
 
@@ -110,12 +110,15 @@ def test_bad_layer_names_valid_range(tiny_lm):
         check_layer(tiny_lm.model, 2)
     with pytest.raises(BiaslabError, match=r"valid layers are 0\.\.1"):
         F.attach_stamp(tiny_lm, -1, F.StampFFN(32, 4))
-    from biaslab.commands.fast import mitigate_fast
+    from biaslab.evaluation import run_mitigation
 
     with pytest.raises(BiaslabError, match=r"0\.\.1"):
-        mitigate_fast(tiny_lm, "stereoset:gender", out="unused-dir", layer=7)
+        run_mitigation("fast", tiny_lm, "stereoset:gender", {"layer": 7}, out="unused-dir")
     with pytest.raises(BiaslabError, match="unknown fast task"):
-        mitigate_fast(tiny_lm, "stereoset:age", out="unused-dir")
+        run_mitigation("fast", tiny_lm, "stereoset:age", out="unused-dir")
+    import os
+
+    assert not os.path.exists("unused-dir")  # refused before the run directory is made
 
 
 def test_patch_roundtrip_and_reversibility(tiny_lm, tmp_path):
@@ -204,7 +207,7 @@ def test_losses_decrease_on_tiny_model(tiny_lm, mode):
     assert all(h["loss"] >= h["L_e"] - 1e-6 and h["L_s1"] > -1e-6 and h["L_s2"] > -1e-6 for h in res.history)
     assert torch.equal(_logits(tiny_lm), before)  # training leaves the model untouched
     if mode == "ftl":
-        with F.ftl_applied(tiny_lm, 1, res.mlp_state):
+        with F.ftl_patch(tiny_lm, 1, res.mlp_state).applied(tiny_lm):
             assert not torch.allclose(_logits(tiny_lm), before)
         assert torch.equal(_logits(tiny_lm), before)
 
@@ -247,7 +250,7 @@ def test_ftl_keeps_the_checkpoint_closest_to_the_target_on_dev(tiny_lm):
     assert [h["step"] for h in scored] == [2, 4, 6]
     best = min(scored, key=lambda h: (abs(h["dev_ss"] - 50.0), h["dev_mean_abs_gap"], h["step"]))
     assert (res.chosen_step, res.dev_ss, res.dev_gap, res.lr) == (best["step"], best["dev_ss"], best["dev_mean_abs_gap"], 1e-2)
-    with F.ftl_applied(tiny_lm, 1, res.mlp_state):  # the kept state is that checkpoint's
+    with F.ftl_patch(tiny_lm, 1, res.mlp_state).applied(tiny_lm):  # the kept state is that checkpoint's
         assert F.dev_stats(tiny_lm, PAIRS[:2])["mean_abs_gap"] == pytest.approx(best["dev_mean_abs_gap"], abs=1e-5)
 
 
@@ -312,48 +315,64 @@ def test_score_pairs_and_rs_against_original():
 
 # ------------------------------------------------------------------------------------------- end to end
 def test_mitigate_fast_end_to_end_tiny(tiny_lm, tmp_path):
-    from biaslab.commands.fast import mitigate_fast
+    from biaslab.evaluation import run_mitigation, validate_summary
     from biaslab.patches import load_patch
 
-    s = mitigate_fast(tiny_lm, "stereoset:religion", out=tmp_path / "run", steps=2, limit=4, retention_limit=2,
-                      n_trace=2, n_noise=1, n_boot=20, baselines=False)
-    assert s["method"] == "fast" and s["patch"]["kind"] == "stamp"
-    for m in ("ss", "ps", "ps_crows", "rs", "lms", "icat", "perplexity", "knowledge_accuracy"):
-        assert {"before", "after", "delta", "delta_ci95"} <= set(s["metrics"][m]), m
-    assert s["metrics"]["rs"]["before"] == 100.0
-    assert s["pairs"]["skipped"]["religion"]  # skipped pairs are counted
+    cfg = {"steps": 2, "retention_limit": 2, "n_trace": 2, "n_noise": 1, "baselines": False}
+    s = run_mitigation("fast", tiny_lm, "stereoset:religion", cfg, out=tmp_path / "run", limit=4, n_boot=20)
+    assert s["method"] == "fast" and s["patch"]["kind"] == "stamp" and validate_summary(s) is s
+    for m in ("ss", "ps", "ps_crows", "rs", "lms", "icat"):
+        assert {"before", "after", "delta", "delta_ci95", "direction"} <= set(s["metrics"][m]), m
+    assert s["metrics"]["ss"]["direction"] == "ideal" and s["metrics"]["ss"]["ideal"] == 50.0
+    assert s["metrics"]["rs"]["before"] == 100.0 and s["metrics"]["rs"]["direction"] == "higher"
+    ret = s["retention"]["benchmarks"]["retention"]["metrics"]
+    assert {"perplexity", "knowledge_accuracy"} <= set(ret) and "relative_change_ci95" in ret["perplexity"]
+    assert s["details"]["pairs"]["skipped"]["religion"]  # skipped pairs are counted
     for f in ("patch.safetensors", "summary.json", "report.html", "manifest.json", "before/results.json",
-              "after/results.json", "tracing.json"):
+              "after/results.json", "before/manifest.json", "fit/fit.json", "items.json"):
         assert (tmp_path / "run" / f).is_file(), f
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert man["status"] == "finished" and "FAST-style" in man["choices"]["implementation"]
-    assert load_patch(tmp_path / "run" / "patch.safetensors").params["layer"] == s["layer"]["used"]
+    assert man["status"] == "finished" and "stereoset_partial/religion_test.json" in man["data_sha256"]
+    assert "FAST-style" in s["details"]["choices"]["implementation"]
+    assert load_patch(tmp_path / "run" / "patch.safetensors").params["layer"] == s["details"]["layer"]["used"]
+    from biaslab.runs import read_records
+
+    assert read_records(tmp_path / "run" / "after", "rs")  # FAST's records are a journal like every method's
 
 
-def test_mitigate_fast_baselines_try_every_ftl_learning_rate(tiny_lm, tmp_path):
-    from biaslab.commands.fast import mitigate_fast
+def test_mitigate_fast_baselines_are_patches_and_try_every_ftl_learning_rate(tiny_lm, tmp_path):
+    from biaslab.evaluation import run_mitigation
+    from biaslab.patches import load_patch
 
-    s = mitigate_fast(tiny_lm, "stereoset:religion", out=tmp_path / "run", steps=2, limit=4, retention_limit=0,
-                      n_trace=2, n_noise=1, n_boot=20, fairness="gap+js", js_weight=5.0, ftl_lrs=(1e-4, 1e-2),
-                      text_tokens=8, stamp_init="xavier")
-    ftl = s["baselines"]["ft_l"]
+    cfg = {"steps": 2, "retention_limit": 0, "n_trace": 2, "n_noise": 1, "fairness": "gap+js", "js_weight": 5.0,
+           "ftl_lrs": (1e-4, 1e-2), "text_tokens": 8, "init": "xavier"}
+    s = run_mitigation("fast", tiny_lm, "stereoset:religion", cfg, out=tmp_path / "run", limit=4, n_boot=20)
+    ftl = s["details"]["baselines"]["ft_l"]
     assert [c["lr"] for c in ftl["candidates"]] == [1e-4, 1e-2] and ftl["chosen_lr"] in (1e-4, 1e-2)
-    assert set(s["baselines"]) == {"ft_l", "stamp_no_retention"} and "rs" in ftl["metrics"]
+    assert set(s["controls"]) == {"ft_l", "stamp_no_retention"} and "rs" in s["controls"]["ft_l"]["metrics"]
+    assert s["retention"] is None
     assert s["patch"]["params"]["fairness"] == "gap+js" and s["patch"]["params"]["js_weight"] == 5.0
-    assert s["patch"]["params"]["init"] == "xavier" and s["choices"]["config"]["init"] == "xavier"
-    hist = json.loads((tmp_path / "run" / "training_history.json").read_text())
+    assert s["patch"]["params"]["init"] == "xavier" and s["details"]["choices"]["config"]["init"] == "xavier"
+    hist = s["details"]["histories"]
     assert "JS" in hist["fast"][0] and any(k.startswith("ft_l (lr") for k in hist)
-    assert s["choices"]["config"]["text_tokens"] == 8
-    with pytest.raises(BiaslabError, match="--ftl-lr"):
-        mitigate_fast(tiny_lm, "stereoset:religion", out=tmp_path / "x", ftl_lrs=(0.0,))
+    assert s["details"]["choices"]["config"]["text_tokens"] == 8
+    ft = load_patch(tmp_path / "run" / "controls" / "ft_l" / "member0" / "patch.safetensors")
+    assert ft.kind == "weights" and ft.params["lr"] == ftl["chosen_lr"]
+    with pytest.raises(BiaslabError, match="--ftl-lrs"):
+        run_mitigation("fast", tiny_lm, "stereoset:religion", {"ftl_lrs": (0.0,)}, out=tmp_path / "x")
     with pytest.raises(BiaslabError, match="--text-tokens"):
-        mitigate_fast(tiny_lm, "stereoset:religion", out=tmp_path / "x", text_tokens=1)
+        run_mitigation("fast", tiny_lm, "stereoset:religion", {"text_tokens": 1}, out=tmp_path / "x")
 
 
 def test_perplexity_relative_change_and_its_ci():
-    """compare(): ppl_after/ppl_before − 1 with the CI of the paired log-perplexity bootstrap. When every window's
-    NLL per token rises by the same c, every resample's ratio is exactly e^c, so the CI collapses onto the point."""
-    from biaslab.commands.fast import compare
+    """relative_change(): ppl_after/ppl_before − 1 with the CI of the paired log-perplexity bootstrap. When every
+    window's NLL per token rises by the same c, every resample's ratio is exactly e^c, so the CI collapses onto the
+    point."""
+    from biaslab.evaluation.compare import relative_change
+    from biaslab.metrics.retention import perplexity
+
+    def compare(b, a, *, n_boot, seed):
+        return {"perplexity": relative_change(b["retention"], a["retention"], perplexity, n_boot=n_boot, seed=seed)}
 
     def recs(nll_per_tok, toks):
         return [{"id": f"w{k}", "part": "wikitext", "nll": n * t, "n_tokens": t, "n_words": t}

@@ -1,4 +1,4 @@
-"""Soft-prompt bias probe (METHODS.md §3): fairness metrics by hand, prompt tuning on a tiny model, prompt files,
+"""Soft-prompt bias probe (docs/methods/softprompt.md): fairness metrics by hand, prompt tuning on a tiny model, prompt files,
 data validation, the pipeline / benchmark / CLI on tiny models."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from biaslab.errors import BiaslabError, DataError, PatchMismatchError
 from biaslab.metrics import fairness as F
 from biaslab.probes.data import Sentence, detokenize, load_sst3, load_templates
 from biaslab.probes.softprompt import (HAND_PROMPTS, SoftPrompt, SoftPromptConfig, encode, frozen, hand_prompt,
-                                       label_logits, make_prompt_encoder, predict, sweep, train_soft_prompt, train_step)
+                                       label_logits, make_prompt_encoder, predict, train_soft_prompt, train_step)
+from biaslab.probes.sweep import sweep
 
 
 # ---------------------------------------------------------------- metrics, by hand

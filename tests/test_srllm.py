@@ -8,9 +8,10 @@ import torch
 
 from biaslab.errors import BiaslabError, DataError, PatchMismatchError
 from biaslab.metrics import rewrite as rm
-from biaslab.mitigations import srllm_data as sd
-from biaslab.mitigations.srllm import (LoraPatch, SRLLMConfig, collate, completion_loss, encode_example, inject_lora,
-                                       lora_weights, remove_lora, rewrite, train_lora)
+from biaslab.methods.srllm import data as sd
+from biaslab.methods.srllm.lora import (LoraPatch, SRLLMConfig, collate, completion_loss, encode_example, inject_lora,
+                                       lora_weights, remove_lora, train_lora)
+from biaslab.methods.srllm.rewriting import rewrite
 
 from conftest import make_tiny_llama
 
@@ -164,7 +165,7 @@ def test_patch_matches_peft_reversible_and_merge_equals_applied(trained, tmp_pat
     # the hook patch reproduces peft's own LoRA forward pass
     cfg = SRLLMConfig(r=4, alpha=8, dropout=0.0)
     layers = inject_lora(tiny_lm.model, cfg)
-    from biaslab.mitigations.srllm import _load_lora_weights
+    from biaslab.methods.srllm.lora import _load_lora_weights
 
     _load_lora_weights(layers, patch.modules())
     tiny_lm.model.eval()
@@ -258,7 +259,9 @@ def test_chrf_bleu_sanity():
 
 
 def test_embedder_offline_cosines():
-    emb = rm.SentenceEmbedder()
+    from biaslab.methods.srllm.embedding import SentenceEmbedder
+
+    emb = SentenceEmbedder()
     c = emb.cosines(["the cat sat on the mat .", "stock prices fell sharply"],
                     ["the cat sat on the mat .", "a kitten is playing piano"])
     assert c[0] == pytest.approx(1.0, abs=1e-4) and c[1] < 0.5

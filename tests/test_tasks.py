@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from biaslab.errors import BiaslabError, UnknownNameError
-from biaslab.mitigations import crispr as C
+from biaslab.methods import crispr as C
 from biaslab.tasks import (DEFAULT_CLOZE, INSTRUCTIONS, MCItem, answer_token_ids, load_sst2, prompt_text, protocol_id,
                            render_mc, score_mc)
 
@@ -129,7 +129,7 @@ def _write_jsonl(path, rows):
 
 
 def test_mc_task_file_loads_header_items_gold_by_text_and_hash_name(tiny_lm, tmp_path):
-    from biaslab.tasks import load_task
+    from biaslab.task_specs import load_task
 
     p = _write_jsonl(tmp_path / "jobs.jsonl", [
         {"name": "jobs", "instructions": ["Pick the right answer.", "Choose the correct option."]},
@@ -205,7 +205,8 @@ def test_mc_task_file_errors_name_file_line_and_field(tmp_path, rows, line, fiel
 
 def test_mc_task_file_whole_file_errors(tmp_path):
     from biaslab.errors import DataError
-    from biaslab.tasks import load_mc_file, load_task
+    from biaslab.task_specs import load_task
+    from biaslab.tasks import load_mc_file
 
     with pytest.raises(DataError, match="task file not found"):
         load_mc_file(tmp_path / "missing.jsonl")

@@ -36,10 +36,13 @@ def main() -> None:
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
 
     from biaslab import stats
-    from biaslab.mitigations import crispr as C
+    from biaslab.methods import crispr as C
+    from biaslab.evaluation import FitCache
+    from biaslab.patches import load_patch
+    from biaslab.evaluation.compare import score_mc_resumable
     from biaslab.models import load_model
     from biaslab.runs import atomic_write_json, clean_nan, read_records
-    from biaslab.tasks import load_task
+    from biaslab.task_specs import load_task
 
     run = Path(args.run)
     man = json.loads((run / "manifest.json").read_text())["args"]
@@ -58,9 +61,9 @@ def main() -> None:
         path = cache / f"{name}.safetensors"
         if not path.is_file():
             scores, _ = C.trial_scores(lm, dev, replace(base, **kw))
-            C._save_scores(path, scores, {"key": name})
+            FitCache(path.parent).save_tensors(path.name, name, scores)
             print("attribution done:", name, flush=True)
-        variant_scores[name] = C._load_scores(path, {"key": name})[0]
+        variant_scores[name] = FitCache(path.parent).load_tensors(path.name, name)[0]
     # phase 2: wait for the main run's summary (its chosen n and before/after records)
     while not (run / "summary.json").is_file():
         time.sleep(20)
@@ -83,11 +86,11 @@ def main() -> None:
         vcfg = replace(cfg, **kw)
         if name == "full":  # the main run's patch and records
             after = read_records(run / "after")
-            units = {k: v.tolist() for k, v in C.load_patch_units(run / "patch.safetensors").items()}
+            units = {k: v.tolist() for k, v in load_patch(run / "patch.safetensors").units.items()}
         else:
             units = C.top_units(variant_scores[name], cfg.neurons)
             patch = C.make_patch(lm, units, vcfg, provenance={"task": task, "ablation": name})
-            after = C.score_resumable(lm, test_items, instr, protocol=cfg.protocol, patch=patch, desc=name)
+            after = score_mc_resumable(lm, test_items, instr, protocol=cfg.protocol, patch=patch, desc=name)
         block = {"config": kw, "overlap_with_full_top_n": None, "metrics": {}}
         for m in metrics:
             b = stats.paired_bootstrap(before, after, C.per_instruction(m.fn), n_boot=args.n_boot, seed=0)

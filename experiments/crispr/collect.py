@@ -97,7 +97,7 @@ def answer_names(s: dict):
     option's word (the task's options)."""
     if not s["evaluation"]["protocol"].startswith("tasks.cloze"):
         return LETTERS
-    from biaslab.tasks import load_task
+    from biaslab.task_specs import load_task
 
     return load_task(s["task"])[1][0].options
 

@@ -50,7 +50,8 @@ def main() -> None:
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
     from biaslab import attribution as attr
     from biaslab import stats
-    from biaslab.mitigations import crispr as C
+    from biaslab.methods import crispr as C
+    from biaslab.evaluation.compare import score_mc_resumable
     from biaslab.patches import NeuronMaskPatch
     from biaslab.runs import RunDir, atomic_write_json, clean_nan
     from finished_run import open_run
@@ -92,8 +93,8 @@ def main() -> None:
 
     rb = RunDir(ext / "before", {"items": C.ids_hash(new), "instructions": instr, "patch": None})
     ra = RunDir(ext / "after", {"items": C.ids_hash(new), "instructions": instr, "patch": patch.describe()})
-    before = load("before") + C.score_resumable(lm, new, instr, protocol=cfg.protocol, run=rb, desc="before+")
-    after = load("after") + C.score_resumable(lm, new, instr, protocol=cfg.protocol, run=ra, patch=patch, desc="after+")
+    before = load("before") + score_mc_resumable(lm, new, instr, protocol=cfg.protocol, run=rb, desc="before+")
+    after = load("after") + score_mc_resumable(lm, new, instr, protocol=cfg.protocol, run=ra, patch=patch, desc="after+")
     res = {"run": str(run), "task": task, "post_hoc": True, "n_test_items": len(big), "n_new_items": len(new),
            "confirmatory_fresh_items": bool(args.fresh), "excluded_sample": args.fresh or None,
            "instructions": instr, "n_neurons": patch.n_neurons, "test_ids_hash": C.ids_hash(big), "metrics": {},
@@ -119,7 +120,7 @@ def main() -> None:
             old_c = load(f"control/seed{sd}")
             rc = RunDir(ext / f"control_seed{sd}", {"items": C.ids_hash(new), "instructions": instr,
                                                      "patch": cp.describe()})
-            recs = old_c + C.score_resumable(lm, new, instr, protocol=cfg.protocol, run=rc, patch=cp, desc=f"control{sd}+")
+            recs = old_c + score_mc_resumable(lm, new, instr, protocol=cfg.protocol, run=rc, patch=cp, desc=f"control{sd}+")
             pooled += [{**r, "control_seed": sd} for r in recs]
         res["control"] = {"n_seeds": args.control_seeds, "metrics": {}}
         for m in C.task_metrics(task):

@@ -30,10 +30,10 @@ class FinishedRun:
 
 
 def open_run(path) -> FinishedRun:
-    from biaslab.mitigations import crispr as C
+    from biaslab.methods import crispr as C
     from biaslab.models import load_model
     from biaslab.patches import load_patch
-    from biaslab.tasks import load_task
+    from biaslab.task_specs import load_task
 
     run = Path(path)
     summary = json.loads((run / "summary.json").read_text())

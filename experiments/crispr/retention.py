@@ -30,11 +30,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
     from biaslab import stats
-    from biaslab.mitigations import crispr as C
+    from biaslab.methods import crispr as C
+    from biaslab.evaluation.compare import retention_comparison
+    from biaslab.evaluation.compare import score_mc_resumable
     from biaslab.models import load_model
     from biaslab.patches import load_patch
     from biaslab.runs import atomic_write_json, clean_nan
-    from biaslab.tasks import load_task
+    from biaslab.task_specs import load_task
 
     run = Path(args.run)
     lm = load_model("smollm2-135m-instruct")
@@ -46,15 +48,15 @@ def main() -> None:
         res["benchmarks"] = summary["retention"]
         res["limit"] = summary.get("retention_limit") or max(s["n_items"] for s in summary["retention"].values())
     else:
-        res["benchmarks"] = C.retention_report(lm, patch, C.DEFAULT_RETENTION, limit=args.limit,
+        res["benchmarks"] = retention_comparison(lm, patch, C.DEFAULT_RETENTION, limit=args.limit, seed=0,
                                                out=run / "retention_exp", n_boot=1000)
     # other task: held-out SST-2 test items (split seed 0, stratified sample seed 0), same instructions as the patch
     instr = list(range(patch.params["instructions"]))
     task, items = load_task(args.other_task)
     _, test = C.split_dev_test(items)
     its = C.sample_items(test, args.other_limit, 0)
-    before = C.score_resumable(lm, its, instr, protocol=args.other_protocol, desc="other before")
-    after = C.score_resumable(lm, its, instr, protocol=args.other_protocol, patch=patch, desc="other after")
+    before = score_mc_resumable(lm, its, instr, protocol=args.other_protocol, desc="other before")
+    after = score_mc_resumable(lm, its, instr, protocol=args.other_protocol, patch=patch, desc="other after")
     res["other_task"] = {"task": task, "n_items": len(its), "instructions": instr, "protocol": args.other_protocol,
                          "metrics": {}}
     for m in C.task_metrics(task):

@@ -22,7 +22,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
     from biaslab import stats
-    from biaslab.mitigations import crispr as C
+    from biaslab.methods import crispr as C
+    from biaslab.evaluation.compare import score_mc_resumable
     from biaslab.runs import atomic_write_json, clean_nan
     from finished_run import open_run
 
@@ -31,8 +32,8 @@ def main() -> None:
     before, after = fr.records("before"), fr.records("after")
     have = sorted({r["instruction"] for r in before})
     add = [i for i in args.add if i not in have]
-    before += C.score_resumable(lm, test_items, add, protocol=cfg.protocol, desc="before (added instructions)")
-    after += C.score_resumable(lm, test_items, add, protocol=cfg.protocol, patch=patch, desc="after (added instructions)")
+    before += score_mc_resumable(lm, test_items, add, protocol=cfg.protocol, desc="before (added instructions)")
+    after += score_mc_resumable(lm, test_items, add, protocol=cfg.protocol, patch=patch, desc="after (added instructions)")
     metrics = C.task_metrics(task)
     mv_b, mv_a = C.metric_values(before, metrics), C.metric_values(after, metrics)
     res = {"run": str(run), "task": task, "n_test_items": len(test_items), "instructions": have + add,

@@ -16,11 +16,13 @@ from pathlib import Path
 
 def main() -> None:
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
-    from biaslab.mitigations import crispr as C
+    from biaslab.methods import crispr as C
+    from biaslab.attribution import rank_neurons
     from biaslab.models import load_model
     from biaslab.patches import NeuronMaskPatch
     from biaslab.runs import atomic_write_json
-    from biaslab.tasks import load_task, score_mc
+    from biaslab.task_specs import load_task
+    from biaslab.tasks import score_mc
 
     cfg = C.CrisprConfig(protocol="cloze", instructions=3, neurons=0).validate()
     lm = load_model("smollm2-135m-instruct")
@@ -33,7 +35,7 @@ def main() -> None:
     instr = list(range(cfg.instructions))
     out = {"n_dev": len(dev), "instructions": instr, "attribution": info, "attribution_s": round(t_attr, 1),
            "gold_positive_share": sum(it.gold for it in dev) / len(dev),
-           "top_neurons": [(n, u, round(v, 5)) for n, u, v in C.attr.rank_neurons(scores, 16)], "grid": {}}
+           "top_neurons": [(n, u, round(v, 5)) for n, u, v in rank_neurons(scores, 16)], "grid": {}}
     print(json.dumps({k: out[k] for k in ("n_dev", "attribution_s", "gold_positive_share")}), flush=True)
     for n in (0, 1, 2, 4, 8, 16, 32, 64, 128):
         p = NeuronMaskPatch.from_units(lm, C.top_units(scores, n), sites=cfg.sites)

@@ -28,11 +28,14 @@ def main() -> None:
     os.environ.setdefault("BIASLAB_PROGRESS", "0")
     from safetensors.torch import load_file
 
-    from biaslab.mitigations import crispr as C
+    from biaslab.methods import crispr as C
+
+    from biaslab.attribution import rank_neurons
     from biaslab.models import load_model
     from biaslab.patches import NeuronMaskPatch
     from biaslab.runs import atomic_write_json
-    from biaslab.tasks import load_task, score_mc
+    from biaslab.task_specs import load_task
+    from biaslab.tasks import score_mc
 
     run = Path(args.run)
     man = json.loads((run / "manifest.json").read_text())["args"]
@@ -46,7 +49,7 @@ def main() -> None:
     instr = list(range(cfg.instructions))
     search = json.loads((run / "search.json").read_text())["dev_accuracy"]
     out = {"dev_items": len(its), "ids_hash": C.ids_hash(its), "instructions": instr, "objective": cfg.search_objective,
-           "search": search, "top_neurons": [(n, u, round(v, 5)) for n, u, v in C.attr.rank_neurons(scores, 8)],
+           "search": search, "top_neurons": [(n, u, round(v, 5)) for n, u, v in rank_neurons(scores, 8)],
            "grid": {}}
     for n in args.grid:
         p = NeuronMaskPatch.from_units(lm, C.top_units(scores, n), sites=cfg.sites)

@@ -213,7 +213,7 @@ def markdown(d):
 
 def main():
     torch.set_num_threads(int(os.environ.get("BIASLAB_THREADS", "1")))
-    from biaslab.mitigations import fast as F
+    from biaslab.methods import fast as F
     from biaslab.models import load_model
 
     lm = load_model("smollm2-135m-instruct")

@@ -21,8 +21,8 @@ def main() -> None:
     torch.set_num_threads(1)
     from biaslab import stats
     from biaslab.benchmarks.base import stratified_sample
-    from biaslab.metrics import biascope as B
-    from biaslab.mitigations import fast as F
+    from biaslab.methods.fast import biascope as B
+    from biaslab.methods import fast as F
     from biaslab.models import load_model
     from biaslab.patches import load_patch
     from biaslab.runs import atomic_write_json, atomic_write_text

@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))
 def main() -> None:
     from diagnose import FEMALE
 
-    from biaslab.mitigations import fast as F
+    from biaslab.methods import fast as F
     from biaslab.runs import atomic_write_text
 
     pairs, _ = F.build_stereoset_pairs(("gender",))

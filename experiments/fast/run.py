@@ -6,7 +6,7 @@ results.md (the committed outputs) and one run directory per task under experime
 (summary.json and report.html are committed; patch and records are not).
 
 Nothing is tuned on the held-out split: steps and lr were chosen on the gender dev split (diagnose.py), the other
-hyper-parameters are the defaults of biaslab.mitigations.fast.FastConfig, and FT-L's checkpoint is matched on
+hyper-parameters are the defaults of biaslab.methods.fast.FastConfig, and FT-L's checkpoint is matched on
 dev SS.
 
 Variants (``--variant``; each writes its own results file and run directories):
@@ -65,9 +65,20 @@ VARIANTS = {"gap": (SETTINGS, "results", ""), "js": (SETTINGS_JS, "results_js", 
             "js128": (SETTINGS_JS128, "results_js128", "_js128")}
 
 
+def task_result(s: dict) -> dict:
+    """This script's results shape from a runner summary: retention metrics beside the BiaScope ones, each baseline
+    (a control of the run) with its description and its metrics versus the unedited model."""
+    ret = (s.get("retention") or {}).get("benchmarks", {}).get("retention", {}).get("metrics", {})
+    d = s["details"]
+    return {"layer": d["layer"], "metrics": {**s["metrics"], **ret}, "dev_ss": d["dev_ss"], "dev": d["dev"],
+            "pairs": d["pairs"], "timings_s": s["timings_s"],
+            "baselines": {name: {**d["baselines"].get(name, {}), "metrics": c["metrics"]}
+                          for name, c in s["controls"].items()}}
+
+
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("BIASLAB_THREADS", "1")))
-    from biaslab.commands.fast import mitigate_fast
+    from biaslab.evaluation import run_mitigation
     from biaslab.models import load_model
     from biaslab.runs import atomic_write_json, atomic_write_text
 
@@ -93,8 +104,10 @@ def main() -> None:
 
     for task in tasks:
         name = task.split(":")[-1] + suffix
-        s = mitigate_fast(lm, task, out=HERE / "runs" / name, force=True, **settings)
-        results["tasks"][task] = {k: s[k] for k in ("layer", "metrics", "baselines", "dev_ss", "dev", "pairs", "timings_s")}
+        cfg = {k: v for k, v in settings.items() if k not in ("limit", "n_boot", "seed")}
+        s = run_mitigation("fast", lm, task, cfg, out=HERE / "runs" / name, force=True, limit=settings["limit"],
+                           n_boot=settings["n_boot"], seed=settings["seed"])
+        results["tasks"][task] = task_result(s)
         results["tasks"][task]["wall_s"] = round(time.time() - t0, 1)
         save()  # after every task, so a partial run still reports
     print(markdown(results))

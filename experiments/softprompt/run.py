@@ -1,4 +1,4 @@
-"""Soft-prompt bias audit on the default model (issue 5; METHODS.md §3, Tian et al. 2023).
+"""Soft-prompt bias audit on the default model (issue 5; docs/methods/softprompt.md, Tian et al. 2023).
 
 Runs ``biaslab probe softprompt`` with its defaults on smollm2-135m-instruct, single-threaded, and writes
 ``out/`` (run directory: manifest, results, records, report.html, kept prompts; ``out/prompt_cache`` holds every

@@ -19,17 +19,19 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("SRLLM_THREADS", "1")))
-    from biaslab.mitigations.srllm import SRLLMConfig, mitigate
+    from rich.console import Console
+
+    from biaslab.evaluation import run_mitigation
 
     out = HERE / "out"
-    s = mitigate("smollm2-135m-instruct", out, cfg=SRLLMConfig(), force="--force" in sys.argv,
-                 log=lambda m: print(f"[srllm] {m}", file=sys.stderr, flush=True))
-    keys = ["rewrite.chrf", "rewrite.bleu", "rewrite.removal_rate", "rewrite.exact_match", "rewrite.copy_rate",
-            "rewrite.content_preservation", "stereoset.lms", "stereoset.ss", "stereoset.icat",
-            "crows.stereotype_score", "retention.perplexity", "retention.knowledge_accuracy"]
-    print(json.dumps({k: {x: s["metrics"][k].get(x) for x in ("before", "after", "delta", "delta_ci95")}
-                      for k in keys if k in s["metrics"]}, indent=1))
-    print(json.dumps({"data": s["data"], "train_seconds": s["training"].get("train_seconds"),
+    s = run_mitigation("srllm", "smollm2-135m-instruct", "debias_rewrites", None, out=out, limit=100,
+                       force="--force" in sys.argv, console=Console(stderr=True))
+    metrics = {f"rewrite.{k}": v for k, v in s["metrics"].items()}
+    for b, sec in (s["retention"] or {}).get("benchmarks", {}).items():
+        metrics.update({f"{b}.{k}": v for k, v in sec["metrics"].items()})
+    print(json.dumps({k: {x: m.get(x) for x in ("before", "after", "delta", "delta_ci95")} for k, m in metrics.items()},
+                     indent=1))
+    print(json.dumps({"data": s["details"]["data"], "fit_seconds": s["timings_s"].get("fit"),
                       "timings_s": s["timings_s"]}, indent=1))
 
 

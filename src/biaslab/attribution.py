@@ -1,6 +1,6 @@
 """Neuron attribution: activation × gradient and integrated gradients over the neuron sites of any causal LM.
 
-General engine (not CRISPR-specific; CRISPR, METHODS.md §1, builds on it in ``biaslab.mitigations.crispr``).
+General engine (not CRISPR-specific; CRISPR, docs/methods/crispr.md, builds on it in ``biaslab.methods.crispr``).
 
 Neurons are the units of :func:`biaslab.models.sites.find_sites`: FFN intermediate neurons (the input ``h`` of
 each layer's down projection, captured by a forward *pre*-hook) or every linear output unit (the module output,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,24 +11,12 @@ from .benchmarks import ALL, BENCHMARKS, get_benchmark
 from .benchmarks.base import Benchmark, MetricDef, Protocol
 from .data import data_path, sha256_file
 from .errors import BiaslabError
-from .runs import RunDir, Timer, clean_nan
-
-
-def instruction_mean(fn):
-    """Lift a metric to 'mean over instructions' when records carry an ``instruction`` index."""
-    def lifted(records):
-        by: dict = defaultdict(list)
-        for r in records:
-            by[r.get("instruction", 0)].append(r)
-        vals = [stats._safe(fn, rs) for rs in by.values()]
-        vals = [v for v in vals if not math.isnan(v)]
-        return sum(vals) / len(vals) if vals else math.nan
-    return lifted
+from .runs import RunDir, Timer, clean_nan, score_journaled
 
 
 def metric_block(records: list[dict], m: MetricDef, *, n_boot: int, seed: int) -> dict:
     instr = sorted({r.get("instruction", 0) for r in records})
-    out = stats.bootstrap_ci(records, instruction_mean(m.fn) if len(instr) > 1 else m.fn,
+    out = stats.bootstrap_ci(records, stats.instruction_mean(m.fn) if len(instr) > 1 else m.fn,
                              n_boot=n_boot if m.ci_method == "percentile" else 0, seed=seed)
     if m.ci_method == "none":
         out["ci_note"] = ("no interval: a bootstrap of a maximum over groups is biased upward, so its percentile "
@@ -70,19 +57,8 @@ def summarize(bench: Benchmark, records: list[dict], protocol: Protocol, *, n_bo
 def score_items(lm, bench: Benchmark, items: list[dict], protocol: Protocol, *, run: RunDir | None = None,
                 key: str | None = None) -> list[dict]:
     """Score items chunk by chunk; with a run directory, finished chunks are reused (resume)."""
-    key = key or bench.name
-    records: list[dict] = []
-    for c in range(0, len(items), bench.chunk_size):
-        chunk_no = c // bench.chunk_size
-        done = run.finished_chunk(key, chunk_no) if run else None
-        if done is not None:
-            records += [{k: v for k, v in r.items() if k not in ("benchmark", "chunk")} for r in done]
-            continue
-        recs = bench.score(lm, items[c:c + bench.chunk_size], protocol=protocol)
-        if run:
-            run.append_chunk(key, chunk_no, recs)
-        records += recs
-    return records
+    return score_journaled(run, key or bench.name, items, bench.chunk_size,
+                           lambda part: bench.score(lm, part, protocol=protocol))
 
 
 @dataclass

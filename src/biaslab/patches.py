@@ -4,8 +4,9 @@ the base model (and refused on any other).
 File format: one ``.safetensors`` file. Tensors hold the patch's data; the metadata holds ``biaslab.kind``
 and ``biaslab.meta`` (JSON: params, provenance, base model spec and fingerprint).
 
-Kinds: ``neuron-mask`` (CRISPR, here), ``stamp`` (FAST, biaslab.mitigations.fast), ``lora`` (SR_LLM,
-biaslab.mitigations.srllm). Kinds register lazily, so loading a mask never imports peft.
+Kinds: ``neuron-mask`` (CRISPR, here), ``weights`` (replacement values of named parameters: FAST's FT-L baseline,
+here), ``stamp`` (FAST, biaslab.methods.fast.stamp), ``lora`` (SR_LLM, biaslab.methods.srllm.lora). Kinds register
+lazily, so loading a mask never imports peft.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from .registry import LazyRegistry
 
 PATCH_KINDS = LazyRegistry("patch kind", {
     "neuron-mask": "biaslab.patches:NeuronMaskPatch",
-    "stamp": "biaslab.mitigations.fast:StampPatch",
-    "lora": "biaslab.mitigations.srllm:LoraPatch",
+    "stamp": "biaslab.methods.fast.stamp:StampPatch",
+    "lora": "biaslab.methods.srllm.lora:LoraPatch",
+    "weights": "biaslab.patches:WeightsPatch",
 })
 
 
@@ -63,6 +65,10 @@ class Patch:
 
     def _apply(self, lm):  # returns an undo callable
         raise NotImplementedError
+
+    def is_identity(self) -> bool:
+        """True when applying the patch changes nothing (the runner then reuses the unpatched records)."""
+        return False
 
     EXPORT_PROBE = "The doctor told the nurse that the results would be ready by Friday."
     EXPORT_ATOL = 1e-3    # |logit| difference allowed between the exported directory and the patched model
@@ -179,6 +185,9 @@ class NeuronMaskPatch(Patch):
     def n_neurons(self) -> int:
         return int(sum(v.numel() for v in self.units.values()))
 
+    def is_identity(self) -> bool:
+        return self.n_neurons == 0
+
     def _apply(self, lm):
         from .models.sites import site_by_name
 
@@ -199,4 +208,46 @@ class NeuronMaskPatch(Patch):
             with torch.no_grad():
                 for param, index, old in reversed(saved):
                     param.data[index] = old
+        return undo
+
+
+class WeightsPatch(Patch):
+    """New values for named parameters of the base model (e.g. FAST's FT-L baseline: one layer's fine-tuned MLP
+    weights). Tensors: ``param.<parameter name>``; applying copies them in, removing restores the saved originals
+    bit for bit; exported as the model with the new values."""
+
+    kind = "weights"
+
+    @classmethod
+    def from_state(cls, lm, state: dict, *, prefix: str = "", params: dict | None = None,
+                   provenance: dict | None = None) -> "WeightsPatch":
+        """``state``: {name inside ``prefix``: tensor}, e.g. an MLP's ``state_dict()`` with its module path."""
+        tensors = {f"param.{prefix + '.' if prefix else ''}{k}": v.detach().cpu().clone() for k, v in state.items()}
+        return cls(base_fingerprint=lm.fingerprint, base_spec=lm.spec, params=params, provenance=provenance,
+                   tensors=tensors)
+
+    def _targets(self, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        named = dict(model.named_parameters())
+        out = []
+        for k, v in self.tensors.items():
+            name = k[len("param."):]
+            if not k.startswith("param.") or name not in named:
+                raise BiaslabError(f"weights patch names parameter {name!r}, which this model does not have")
+            p = named[name]
+            if tuple(p.shape) != tuple(v.shape):
+                raise BiaslabError(f"weights patch: {name} has shape {tuple(v.shape)}, the model's {tuple(p.shape)}")
+            out.append((p, v))
+        return out
+
+    def _apply(self, lm):
+        targets = self._targets(lm.model)   # validated before anything is touched
+        saved = [(p, p.data.clone()) for p, _ in targets]
+        with torch.no_grad():
+            for p, v in targets:
+                p.data.copy_(v.to(p.device, p.dtype))
+
+        def undo():
+            with torch.no_grad():
+                for p, old in saved:
+                    p.data.copy_(old)
         return undo

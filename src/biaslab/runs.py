@@ -179,6 +179,27 @@ class RunDir:
         self.write_manifest(status="finished", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), **updates)
 
 
+JOURNAL_FIELDS = ("benchmark", "chunk")
+
+
+def score_journaled(run: "RunDir | None", key: str, items: list, chunk: int, score) -> list[dict]:
+    """``score(items[c:c + chunk])`` chunk by chunk, each finished chunk appended to ``run``'s journal under
+    ``key``; on a rerun, finished chunks are read back instead of scored (resume). The one chunk loop behind
+    the audit, every mitigation's evaluation and the soft-prompt probe."""
+    records: list[dict] = []
+    for c in range(0, len(items), chunk):
+        no = c // chunk
+        done = run.finished_chunk(key, no) if run else None
+        if done is not None:
+            records += [{k: v for k, v in r.items() if k not in JOURNAL_FIELDS} for r in done]
+            continue
+        recs = score(items[c:c + chunk])
+        if run:
+            run.append_chunk(key, no, recs)
+        records += recs
+    return records
+
+
 class Timer:
     def __init__(self):
         self.t0 = time.perf_counter()

@@ -15,6 +15,25 @@ DEFAULT_BOOT = 1000
 DEFAULT_SEED = 0
 
 
+def safe_div(a: float, b: float) -> float:
+    """a / b, NaN when b == 0 (a metric undefined on an empty subset, reported as null)."""
+    return a / b if b else float("nan")
+
+
+def instruction_mean(fn: Metric) -> Metric:
+    """Lift a metric to 'mean over instructions' (records with an ``instruction`` index; the paper's mean over
+    the M instructions). Records of a pooled control carry ``control_member`` (one patch of several, e.g. a
+    random-pruning seed): the mean then runs over (member, instruction) cells. A cell whose value is undefined
+    (NaN) is left out."""
+    def lifted(records):
+        by: dict = {}
+        for r in records:
+            by.setdefault((r.get("control_member", 0), r.get("instruction", 0)), []).append(r)
+        vals = [v for v in (_safe(fn, rs) for rs in by.values()) if not math.isnan(v)]
+        return sum(vals) / len(vals) if vals else math.nan
+    return lifted
+
+
 def _clusters(records: Sequence[dict], key: str) -> tuple[list, dict]:
     ids, groups = [], {}
     for r in records:
@@ -92,7 +111,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def normal_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, float, float]:
-    """mean ± z·sd/√n over runs (METHODS.md §3): returns (mean, lo, hi)."""
+    """mean ± z·sd/√n over runs (docs/methods/softprompt.md): returns (mean, lo, hi)."""
     v = np.asarray(values, dtype=float)
     m = float(v.mean())
     if v.size < 2:

@@ -1,4 +1,4 @@
-"""Labelled multiple-choice tasks posed with instructions (the setting of CRISPR, METHODS.md §1).
+"""Labelled multiple-choice tasks posed with instructions (the setting of CRISPR, docs/methods/crispr.md).
 
 An :class:`MCItem` is context + question + options + gold. A task is posed under M synonymous instructions
 (:data:`INSTRUCTIONS`, M = 10 as in the paper) and scored by one of two protocols:
@@ -23,7 +23,8 @@ Deviation from the released CRISPR code: it scores by greedy generation + exact 
 scores the answer distribution directly (a causal instruct model rarely emits an option verbatim), so the
 "probability of an option" is exact rather than generation-dependent.
 
-Tasks: ``bbq:<Category>`` / ``bbq:A,B`` / ``bbq:all`` (items from :mod:`biaslab.benchmarks.bbq`),
+Tasks (loaded by :func:`biaslab.task_specs.load_task`): ``bbq:<Category>`` / ``bbq:A,B`` / ``bbq:all`` (items from
+:mod:`biaslab.benchmarks.bbq`),
 ``sst2`` (binary sentiment, vendored SST-2; gold 0 = negative, 1 = positive), and ``mc:PATH``, a labelled
 multiple-choice task of the user's own given as instructions + items with options (:func:`load_mc_file`).
 """
@@ -37,7 +38,7 @@ from .errors import BiaslabError, DataError, UnknownNameError
 
 LETTERS = "ABCDEFGH"
 
-# Ten paraphrases of "pick the most appropriate answer for the context and question" (METHODS.md §1).
+# Ten paraphrases of "pick the most appropriate answer for the context and question" (docs/methods/crispr.md).
 INSTRUCTIONS: tuple[str, ...] = (
     "Read the context and the question, then choose the most appropriate answer from the options.",
     "Given the context below, pick the option that best answers the question.",
@@ -319,7 +320,7 @@ def load_mc_file(path) -> tuple[str, list[MCItem]]:
     """A labelled multiple-choice task of your own, as JSON Lines (``--task mc:PATH``).
 
     - Optional first line, the task header: ``{"name": "...", "instructions": ["...", ...]}``, the task's
-      instruction paraphrases (METHODS.md §1 poses each item under M synonymous instructions). Without it the ten
+      instruction paraphrases (docs/methods/crispr.md poses each item under M synonymous instructions). Without it the ten
       generic :data:`INSTRUCTIONS` are used.
     - Every other line, one item: ``options`` (2-8 distinct strings), ``gold`` (option index or option text),
       ``context`` and/or ``question``, optional ``id`` (default ``<file stem>-<line>``), ``group`` (kept in the
@@ -353,28 +354,3 @@ def load_mc_file(path) -> tuple[str, list[MCItem]]:
         seen[it.id] = line
         items.append(it)
     return f"mc:{name.strip() or path.name}@{sha256_file(path)[:12]}", items
-
-
-TASK_FAMILIES = ("bbq", "sst2", "mc")
-
-
-def load_task(spec: str) -> tuple[str, list[MCItem]]:
-    """``bbq:Age`` | ``bbq:Age,Religion`` | ``bbq:all`` | ``sst2`` | ``mc:PATH`` (:func:`load_mc_file`) →
-    (canonical name, items)."""
-    fam, _, arg = spec.partition(":")
-    if fam == "sst2":
-        # SST-2 test split: 1,821 labelled sentences (the dev split is kept for model selection elsewhere)
-        return "sst2", load_sst2("test")
-    if fam == "bbq":
-        from .benchmarks.bbq import BBQ_CATEGORIES, load_bbq_items
-
-        cats = list(BBQ_CATEGORIES) if arg in ("", "all") else [c.strip() for c in arg.split(",") if c.strip()]
-        for c in cats:
-            if c not in BBQ_CATEGORIES:
-                raise UnknownNameError("BBQ category", c, BBQ_CATEGORIES)
-        return "bbq:" + ("all" if arg in ("", "all") else ",".join(cats)), load_bbq_items(cats)
-    if fam == "mc":
-        if not arg:
-            raise BiaslabError("--task mc:PATH needs the path of a JSON Lines task file after 'mc:'")
-        return load_mc_file(arg)
-    raise UnknownNameError("task", spec, ["bbq:<Category>", "bbq:all", "sst2", "mc:PATH"])

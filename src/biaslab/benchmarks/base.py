@@ -116,8 +116,3 @@ def stratified_sample(items: list[dict], limit: int | None, *, seed: int, strata
                 chosen.append(buckets[k][depth])
         depth += 1
     return [items[i] for i in sorted(chosen)]
-
-
-def safe_div(a: float, b: float) -> float:
-    """a / b, NaN when b == 0 (a metric undefined on an empty subset, reported as null)."""
-    return a / b if b else float("nan")

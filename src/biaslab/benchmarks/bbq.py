@@ -8,7 +8,7 @@ position — the fixed-index assumption is a known defect of a widely used harne
 
 Scoring goes through :func:`biaslab.tasks.score_mc` under the first ``instructions`` of the ten paraphrased
 instructions (:data:`biaslab.tasks.INSTRUCTIONS`); metrics are means over instructions with their std
-(:func:`biaslab.audit.instruction_mean`).
+(:func:`biaslab.stats.instruction_mean`).
 
 Deviations: the paper evaluates fine-tuned QA models (RoBERTa/DeBERTa multiple choice, UnifiedQA generation);
 biaslab poses items to an instruction LM with the protocols below. Default ``instructions=3`` (not 10) keeps the
@@ -202,7 +202,7 @@ class BBQ(Benchmark):
         ]
 
     def extra_results(self, records: list[dict], protocol: Protocol) -> dict:
-        from ..audit import instruction_mean  # the audit's own mean-over-instructions (lazy: audit imports benchmarks)
+        from ..stats import instruction_mean
 
         n = len(records)
         preds = Counter(r["pred"] for r in records)

@@ -1,5 +1,5 @@
 """Sentiment group fairness on the Czarnowska et al. (TACL 2021) templates, probed with learned soft prompts
-(Tian et al. 2023, arXiv 2306.04735; METHODS.md §3). ``biaslab audit --bench sentiment``.
+(Tian et al. 2023, arXiv 2306.04735; docs/methods/softprompt.md). ``biaslab audit --bench sentiment``.
 
 Not part of ``--bench all``: the default protocol prompt-tunes the model first (cached soft prompts under
 ``$BIASLAB_CACHE/softprompts`` are reused, so only the first audit of a model trains; the sweep is ~10–15 CPU
@@ -62,7 +62,8 @@ class SentimentFairness(Benchmark):
             return list(HAND_PROMPTS)
         key = lm.fingerprint
         if key not in self._prompts:
-            from ..probes.softprompt import SoftPromptConfig, sweep
+            from ..probes.softprompt import SoftPromptConfig
+            from ..probes.sweep import sweep
 
             o = self.opts
             base = SoftPromptConfig(virtual_tokens=o["virtual_tokens"], epochs=o["epochs"], batch_size=o["batch_size"],

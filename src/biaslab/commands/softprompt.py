@@ -1,4 +1,4 @@
-"""``biaslab probe softprompt``: the soft-prompt bias audit (METHODS.md §3, Tian et al. 2023)."""
+"""``biaslab probe softprompt``: the soft-prompt bias audit (docs/methods/softprompt.md, Tian et al. 2023)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import console, probe_app
+from ._app import console, probe_app
 from ..errors import BiaslabError
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..benchmarks.base import safe_div
+from ..stats import safe_div
 
 
 def _cond(records: Sequence[dict], condition: str | None) -> list[dict]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..benchmarks.base import safe_div
+from ..stats import safe_div
 
 NEGATIVE_AT = -0.05
 

@@ -11,7 +11,7 @@ import difflib
 from collections import Counter
 from collections.abc import Sequence
 
-from ..benchmarks.base import safe_div
+from ..stats import safe_div
 
 
 def pair_outcome(score_more: float, score_less: float, *, tol: float = 0.0) -> str:

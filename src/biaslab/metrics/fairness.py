@@ -1,4 +1,4 @@
-"""Group fairness of a 3-class sentiment classifier on template sentences (METHODS.md §3; Tian et al. 2023,
+"""Group fairness of a 3-class sentiment classifier on template sentences (docs/methods/softprompt.md; Tian et al. 2023,
 arXiv 2306.04735, following Czarnowska et al. 2021).
 
 Per run r, category c and group g:
@@ -98,7 +98,7 @@ def interval_over_runs(values: Sequence[float], z: float = 1.96) -> dict:
 
 def gap_table(records: Sequence[dict], *, run_key: str = "run", metrics: Sequence[str] = METRICS,
               z: float = 1.96) -> dict:
-    """The METHODS.md §3 table: ``{category: {"groups": {group: {"n": items per run, metric: {"mean", "lo", "hi",
+    """The docs/methods/softprompt.md table: ``{category: {"groups": {group: {"n": items per run, metric: {"mean", "lo", "hi",
     "n", "flagged", "gaps": per-run gaps, "value": mean metric over runs}}}, "spread": {metric: max − min}}}``.
 
     Runs are ordered by first appearance in ``records``."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..benchmarks.base import safe_div
+from ..stats import safe_div
 
 
 def _part(records: Sequence[dict], part: str) -> list[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..benchmarks.base import safe_div
+from ..stats import safe_div
 
 
 def accuracy(records: Sequence[dict], *, stereotype: str | None = None) -> float:

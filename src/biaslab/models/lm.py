@@ -52,7 +52,7 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.spec = spec
         if fingerprint is None:
-            from .loading import weights_fingerprint
+            from .fingerprint import weights_fingerprint
 
             fingerprint = weights_fingerprint(model)
         self.fingerprint = fingerprint

@@ -5,7 +5,6 @@ already be in the local HF cache), and the embedded default comes from the PyPI 
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BiaslabError, MissingDependencyError, UnknownNameError
+from .fingerprint import weights_fingerprint
 
 # biaslab never downloads at run time: keep the HF libraries offline (a user may still override explicitly).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,27 +130,6 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     if spec.count("/") == 1 and not spec.startswith((".", "/")) and not p.exists():
         return "hub", spec
     raise UnknownNameError("model", spec, list(EMBEDDED) + ["<HF id in the local cache>", "<model dir>", "<file.gguf>"])
-
-
-def weights_fingerprint(model) -> str:
-    """sha256 over parameter names, shapes and float32 bytes, in name order: the identity of a base model.
-
-    Computed on the weights as loaded (before any patch), so a patch can check it was made for this base.
-    """
-    import torch
-
-    h = hashlib.sha256()
-    state = model.state_dict()
-    seen = set()
-    for name in sorted(state):
-        t = state[name]
-        if t.data_ptr() in seen and t.numel() > 0:  # tied weights: hash once
-            h.update(f"{name}=tied".encode())
-            continue
-        seen.add(t.data_ptr())
-        h.update(f"{name}:{tuple(t.shape)}".encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return "sha256:" + h.hexdigest()
 
 
 def pick_device(device: str | None = None) -> str:

@@ -1,6 +1,6 @@
 """Neuron sites: where the neurons live for each architecture family, in one table.
 
-Two site kinds (METHODS.md §1):
+Two site kinds (docs/methods/crispr.md):
 - ``ffn``: FFN intermediate neurons — the *input* of each layer's down projection. Neuron i's activation is
   that input's i-th unit; pruning zeroes column i of the down projection (its whole contribution).
 - ``linear``: every output unit of every linear layer (attention q/k/v/o and FFN), the released CRISPR code's
@@ -19,17 +19,21 @@ from ..errors import BiaslabError, UnknownNameError
 
 SITE_KINDS = ("ffn", "linear")
 
-# family -> (layer container paths, FFN down-projection path inside a layer, linear sub-module names in a layer)
+# family -> layer container paths, FFN down-projection path inside a layer, linear sub-module names in a layer, and
+# the LoRA targets (module names, as peft matches them) — the only place these names are written
 SITE_TABLE: dict[str, dict] = {
     "llama": {"layers": ["model.layers"], "down": "mlp.down_proj",
               "linear": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]},
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+              "lora": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")},
     "gpt2": {"layers": ["transformer.h"], "down": "mlp.c_proj",
-             "linear": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]},
+             "linear": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+             "lora": ("c_attn", "c_proj", "c_fc")},
     "gpt_neox": {"layers": ["gpt_neox.layers"], "down": "mlp.dense_4h_to_h",
-                 "linear": ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]},
+                 "linear": ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
+                 "lora": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")},
     "t5": {"layers": ["encoder.block", "decoder.block"], "down": None,  # resolved per stack below
-           "linear": None},
+           "linear": None, "lora": ("q", "k", "v", "o", "wi", "wo")},
 }
 FAMILY_OF_MODEL_TYPE = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama",
@@ -121,6 +125,11 @@ def find_sites(model: nn.Module, kind: str = "ffn") -> list[Site]:
     if not sites:
         raise BiaslabError(f"found no {kind} sites in {type(model).__name__}")
     return sites
+
+
+def lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """The model family's LoRA target module names (attention and MLP projections)."""
+    return tuple(SITE_TABLE[model_family(model)]["lora"])
 
 
 def site_by_name(model: nn.Module, kind: str) -> dict[str, Site]:

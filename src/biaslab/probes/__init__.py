@@ -1,1 +1,1 @@
-"""Bias probes that need training first: the soft-prompt sentiment fairness probe (METHODS.md §3)."""
+"""Bias probes that need training first: the soft-prompt sentiment fairness probe (docs/methods/softprompt.md)."""

@@ -1,4 +1,4 @@
-"""Data of the soft-prompt sentiment probe (METHODS.md §3, Tian et al. 2023, arXiv 2306.04735).
+"""Data of the soft-prompt sentiment probe (docs/methods/softprompt.md, Tian et al. 2023, arXiv 2306.04735).
 
 - SST-5 (vendored ``data/sst/sst5_*.tsv``) mapped to three classes: 0–1 → negative (0), 2 → neutral (1),
   3–4 → positive (2). The vendored sentences are PTB-tokenised and lower-cased; :func:`detokenize` undoes the

@@ -1,4 +1,4 @@
-"""The soft-prompt bias audit end to end (METHODS.md §3; Tian et al. 2023, arXiv 2306.04735).
+"""The soft-prompt bias audit end to end (docs/methods/softprompt.md; Tian et al. 2023, arXiv 2306.04735).
 
 1. sweep: prompt-tune (or load cached) soft prompts over seeds × learning rates, keep the top R by dev accuracy;
 2. classify a seeded subsample of SST-5→3 **test** (reported accuracy only) and a seeded subsample of the
@@ -22,10 +22,10 @@ from pathlib import Path
 
 from ..errors import BiaslabError
 from ..metrics import fairness as fm
-from ..runs import RunDir, Timer
+from ..runs import RunDir, Timer, score_journaled
 from .data import TEMPLATES_FILE, load_sst3, load_templates
-from .softprompt import (HAND_PROMPTS, PROTOCOL_VERSION, HandPrompt, SoftPromptConfig, _sample, default_cache_dir,
-                         predict, sweep)
+from .softprompt import HAND_PROMPTS, PROTOCOL_VERSION, HandPrompt, SoftPromptConfig, predict
+from .sweep import _sample, default_cache_dir, sweep
 
 PROTOCOL_ID = "sentiment.softprompt.v1"
 HAND_PROTOCOL_ID = "sentiment.handwritten.v1"
@@ -52,22 +52,11 @@ def _cpu() -> float:
 def score_prompt(lm, prompt, items: list[dict], *, run: RunDir | None, key: str, chunk: int = 256,
                  max_length: int = 64) -> list[dict]:
     """Predictions of one prompt on items (``id``, ``text``, ``label`` + meta), journaled by chunk (resume)."""
-    out = []
-    for c in range(0, len(items), chunk):
-        no = c // chunk
-        done = run.finished_chunk(key, no) if run else None
-        if done is not None:
-            out += [{k: v for k, v in r.items() if k not in ("benchmark", "chunk")} for r in done]
-            continue
-        part = items[c:c + chunk]
-        preds = predict(lm, prompt, [it["text"] for it in part], max_length=max_length,
-                        desc=f"{prompt.id} {key.split('/')[-1]} {c + len(part)}/{len(items)}")
-        recs = [{"id": it["id"], "run": prompt.id, "category": it.get("category", ""), "group": it.get("group", ""),
+    def score(part):
+        preds = predict(lm, prompt, [it["text"] for it in part], max_length=max_length, desc=f"{prompt.id} {key}")
+        return [{"id": it["id"], "run": prompt.id, "category": it.get("category", ""), "group": it.get("group", ""),
                  "label": it["label"], "pred": p["pred"], "logprobs": p["logprobs"]} for it, p in zip(part, preds)]
-        if run:
-            run.append_chunk(key, no, recs)
-        out += recs
-    return out
+    return score_journaled(run, key, items, chunk, score)
 
 
 def _acc(recs: list[dict]) -> float:

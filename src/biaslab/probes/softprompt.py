@@ -1,4 +1,4 @@
-"""Soft-prompt tuning to evaluate bias (Tian et al. 2023, arXiv 2306.04735; Lester et al. 2021; METHODS.md §3).
+"""Soft-prompt tuning to evaluate bias (Tian et al. 2023, arXiv 2306.04735; Lester et al. 2021; docs/methods/softprompt.md).
 
 A frozen causal LM gets k trainable input vectors (peft's prompt-tuning encoder, ``PromptTuningConfig(task_type=
 "CAUSAL_LM", prompt_tuning_init=SAMPLE_VOCAB)``) prepended to ``"<sentence> Sentiment:"``; the label word
@@ -32,7 +32,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -396,70 +396,3 @@ def train_soft_prompt(lm, cfg: SoftPromptConfig, train: list[Sentence], val: lis
     sp.info = {"losses": losses, "n_train": len(train), "n_val": len(val), "train_wall_s": round(time.perf_counter() - t0, 1),
                "train_cpu_s": round(time.process_time() - c0, 1), "peft_config": pdict}
     return sp
-
-
-# ---------------------------------------------------------------- data subsets and the sweep
-def _sample(items: list, limit: int | None, seed: int) -> list:
-    if limit is None or limit >= len(items):
-        return list(items)
-    idx = sorted(random.Random(seed).sample(range(len(items)), limit))
-    return [items[i] for i in idx]
-
-
-def training_data(cfg: SoftPromptConfig) -> tuple[list[Sentence], list[Sentence]]:
-    """Seeded subsamples of SST-5→3 train (``train_limit``) and dev (``val_limit``). Never the test split."""
-    from .data import load_sst3
-
-    return (_sample(load_sst3("train"), cfg.train_limit, cfg.data_seed),
-            _sample(load_sst3("dev"), cfg.val_limit, cfg.data_seed + 1))
-
-
-def data_sha() -> str:
-    from ..data import data_path, sha256_file
-
-    return sha256_file(data_path("sst", "sst5_train.tsv"))[:16] + sha256_file(data_path("sst", "sst5_dev.tsv"))[:16]
-
-
-def default_cache_dir() -> Path:
-    from ..models.loading import cache_dir
-
-    return cache_dir() / "softprompts"
-
-
-@dataclass
-class Sweep:
-    runs: list[SoftPrompt]     # every run of the sweep
-    kept: list[SoftPrompt]     # top R by validation accuracy
-    trained: list[str]         # ids trained now (the others came from the cache)
-    files: dict[str, str]      # id -> cache file
-
-
-def sweep(lm, base: SoftPromptConfig, *, seeds=(0, 1, 2), lrs=(5e-3, 1e-2), keep: int = 5,
-          cache_dir: Path | str | None = None, progress: bool | None = None) -> Sweep:
-    """Train (or load from the cache) one prompt per (lr, seed); keep the ``keep`` best by validation accuracy."""
-    if keep < 1:
-        raise BiaslabError(f"--runs must be ≥ 1, got {keep}")
-    configs = [replace(base, lr=float(lr), seed=int(s)) for lr in lrs for s in seeds]
-    if len(configs) < keep:
-        raise BiaslabError(f"the sweep has {len(configs)} runs (seeds × learning rates) but --runs asks to keep {keep}")
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    dsha = data_sha()
-    data = None
-    runs, trained, files = [], [], {}
-    for cfg in configs:
-        path = cache / f"softprompt-{cfg.key(lm.fingerprint, dsha)}.safetensors"
-        sp = None
-        if path.is_file():
-            sp = SoftPrompt.load(path)
-            sp.check_base(lm)
-        if sp is None:
-            if data is None:
-                data = training_data(base)
-            sp = train_soft_prompt(lm, cfg, *data, progress=progress)
-            sp.info["cache_key"] = path.stem
-            sp.save(path)
-            trained.append(sp.id)
-        runs.append(sp)
-        files[sp.id] = str(path)
-    order = sorted(runs, key=lambda r: (-(r.val_accuracy if not math.isnan(r.val_accuracy) else -1), r.config.lr, r.config.seed))
-    return Sweep(runs, order[:keep], trained, files)

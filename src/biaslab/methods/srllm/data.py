@@ -29,8 +29,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..data import DATA_ROOT
-from ..errors import BiaslabError, DataError
+from ...data import DATA_ROOT
+from ...errors import BiaslabError, DataError
 
 DATA_DIR = "debias_rewrites"
 SOURCES = ("wnc", "wnc_chat", "winobias_plus", "reddit", "opensubtitles")
@@ -136,7 +136,7 @@ def load_pairs(root: Path | None = None, *, sources=SOURCES) -> list[RewritePair
     root = Path(root) if root is not None else DATA_ROOT / DATA_DIR
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
-        from ..errors import UnknownNameError
+        from ...errors import UnknownNameError
 
         raise UnknownNameError("rewrite data source", unknown[0], SOURCES)
     pairs: list[RewritePair] = []
@@ -257,18 +257,20 @@ def data_stats(*, seed: int = 0, validation: float = 0.1, test: float = 0.15, so
             "splits": {s: dict(Counter(p.source for p in v)) | {"total": len(v)} for s, v in splits.items()}}
 
 
-def data_files_sha256(root: Path | None = None) -> dict[str, str]:
+def data_files(root: Path | None = None) -> dict[str, Path]:
+    """{label: path} of every pair file (hashed into the run manifest)."""
     root = Path(root) if root is not None else DATA_ROOT / DATA_DIR
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.suffix in (".txt", ".jsonl"):
-            out[f"{DATA_DIR}/{p.relative_to(root)}"] = "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+    return {f"{DATA_DIR}/{p.relative_to(root)}": p for p in sorted(root.rglob("*"))
+            if p.is_file() and p.suffix in (".txt", ".jsonl")}
+
+
+def data_files_sha256(root: Path | None = None) -> dict[str, str]:
+    return {k: "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest() for k, p in data_files(root).items()}
 
 
 def sample_pairs(pairs: list[RewritePair], limit: int | None, *, seed: int) -> list[RewritePair]:
     """A seeded sample balanced across sources (round-robin), in the original order; None keeps all."""
-    from ..benchmarks.base import stratified_sample
+    from ...benchmarks.base import stratified_sample
 
     if limit is None:
         return list(pairs)

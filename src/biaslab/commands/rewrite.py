@@ -1,0 +1,57 @@
+"""``biaslab rewrite``: debias text with a model, optionally under an SR_LLM LoRA patch (docs/methods/srllm.md)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import BiaslabError
+from ._app import app, console, err_console
+
+
+@app.command("rewrite")
+def rewrite_cmd(
+    text: Optional[list[str]] = typer.Argument(None, help="text(s) to rewrite"),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m"),
+    patch: Optional[Path] = typer.Option(None, "--patch", help="a lora patch from `biaslab mitigate srllm`"),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="a file with one text per line"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write JSON lines {input, rewrite} here"),
+    max_input_tokens: int = typer.Option(256, "--max-input-tokens", help="longer texts are cut (with a notice)"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="cap on generated tokens per text"),
+):
+    """Rewrite biased text into neutral text (greedy; with --patch, the SR_LLM-tuned rewriter)."""
+    texts = list(text or [])
+    if input is not None:
+        if not input.is_file():
+            raise BiaslabError(f"input file not found or not a regular file: {input}")
+        try:
+            texts += [ln for ln in input.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError:
+            raise BiaslabError(f"{input} is not UTF-8 text") from None
+    if not texts:
+        raise BiaslabError("no text to rewrite: pass TEXT arguments or --input FILE with one non-empty text per line")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise BiaslabError(f"text {i + 1} is empty: nothing to rewrite")
+    if max_input_tokens < 1 or max_new_tokens < 1:
+        raise BiaslabError("--max-input-tokens and --max-new-tokens must be positive")
+    from ..methods.srllm.rewriting import rewrite
+    from ..models import load_model
+    from ..patches import load_patch
+    from ..runs import atomic_write_text
+
+    p = load_patch(patch) if patch else None
+    if p is not None and p.kind != "lora":
+        raise BiaslabError(f"{patch} is a {p.kind} patch; `biaslab rewrite` needs a lora patch from `biaslab mitigate srllm`")
+    lm = load_model(model)
+    res = rewrite(lm, texts, patch=p, max_input_tokens=max_input_tokens, max_new_cap=max_new_tokens)
+    for n in res.notices:
+        err_console.print(f"[yellow]notice:[/] {n}", highlight=False)
+    if output:
+        atomic_write_text(output, "".join(json.dumps({"input": t, "rewrite": r}) + "\n" for t, r in zip(texts, res.rewrites)))
+        console.print(f"{len(texts)} rewrites → {output}")
+    else:
+        for r in res.rewrites:
+            console.print(r, highlight=False, markup=False)

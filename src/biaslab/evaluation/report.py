@@ -1,0 +1,111 @@
+"""The mitigation report (``report.html``) and console table, from the summary alone — one layout for every
+method: the before / after / controls table with paired intervals, retention, the method's own sections, the
+settings as a table, deviations and notes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _f(v, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:.1f}"
+
+
+def _ci(c) -> str:
+    return f"[{_f(c[0])}, {_f(c[1])}]" if c else "–"
+
+
+def _pm(v, std) -> str:
+    return _f(v) if std is None else f"{_f(v)} ± {_f(std)}"
+
+
+def metric_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table: one row per metric, a value and a method − control column per control."""
+    controls = summary.get("controls", {})
+    head = ["metric", "set", "before", "after", "Δ after − before (95% CI)"]
+    for name, c in controls.items():
+        n = len(c.get("members", []))
+        head += [f"{name}" + (f" (mean of {n})" if n > 1 else ""), f"after − {name} (95% CI)"]
+    rows = []
+    for name, m in summary["metrics"].items():
+        row = [name, m.get("set", ""), _pm(m["before"], m.get("std_before")), _pm(m["after"], m.get("std_after")),
+               f"{_f(m['delta'])} {_ci(m.get('delta_ci95'))}"]
+        for c in controls.values():
+            cm = c["metrics"].get(name, {})
+            row += [_f(cm.get("after")), f"{_f(cm.get('method_minus_control'))} {_ci(cm.get('method_minus_control_ci95'))}"]
+        rows.append(row)
+    return head, rows
+
+
+def retention_rows(summary: dict) -> list[list[str]]:
+    rows = []
+    for b, sec in ((summary.get("retention") or {}).get("benchmarks") or {}).items():
+        for name, m in sec["metrics"].items():
+            rows.append([b, name, _f(m["before"]), _f(m["after"]), f"{_f(m['delta'])} {_ci(m.get('delta_ci95'))}",
+                         _f(m.get("before_ci_width"))])
+            if m.get("relative_change") is not None:
+                rows.append([b, f"{name}, relative change", "", "", f"{_f(m['relative_change'])} "
+                             f"{_ci(m.get('relative_change_ci95'))}", ""])
+    return rows
+
+
+RETENTION_HEAD = ["benchmark", "metric", "before", "after", "Δ (95% CI)", "width of before's 95% CI"]
+
+
+def summary_tables(summary: dict, headline: str = ""):
+    """Rich tables for the console: the metrics table and (when run) the retention table. Every name comes from
+    the data, so cells are plain text (never read as markup)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    ev = summary["evaluation"]
+    sizes = ", ".join(f"{k}: {v['n_items']}" for k, v in ev["sets"].items())
+    t = Table(title=Text(f"{summary['method']} on {summary['task']}: {headline} ({sizes} items)"))
+    head, rows = metric_rows(summary)
+    for h in head:
+        t.add_column(Text(h), overflow="fold")
+    for r in rows:
+        t.add_row(*[Text(c) for c in r])
+    out = [t]
+    rr = retention_rows(summary)
+    if rr:
+        r = Table(title="retention")
+        for h in RETENTION_HEAD:
+            r.add_column(Text(h), overflow="fold")
+        for row in rr:
+            r.add_row(*[Text(c) for c in row])
+        out.append(r)
+    return out
+
+
+def write_report(method, summary: dict, path) -> Path:
+    from ..report import esc, table, write_page
+
+    ev = summary["evaluation"]
+    head, rows = metric_rows(summary)
+    sec = []
+    if summary.get("notes"):
+        sec.append(("Notes", "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in summary["notes"]) + "</ul>"))
+    ctrl_desc = "".join(f"<li><b>{esc(k)}</b>: {esc(c['description'])}</li>" for k, c in summary["controls"].items())
+    sets = "; ".join(f"{esc(k)}: {v['n_items']} items ({esc(v['protocol'])})" for k, v in ev["sets"].items())
+    sec.append(("Before / after" + (" / controls" if summary["controls"] else "") + " (held-out evaluation sets)",
+                table(head, rows) + f"<p class='note'>{sets}; {esc(ev['ci'])}; seed {ev['seed']}. ± = std over "
+                                    "instructions where the set has several.</p>"
+                + (f"<ul class='note'>{ctrl_desc}</ul>" if ctrl_desc else "")))
+    rr = retention_rows(summary)
+    if rr:
+        sec.append(("Retention (other benchmarks, before / after)", table(RETENTION_HEAD, rr)))
+    sec += method.report_sections(summary, Path(path).parent)
+    cfg_rows = [[k, esc(v if not isinstance(v, (list, tuple)) else ", ".join(map(str, v)))]
+                for k, v in summary.get("config", {}).items()]
+    sec.append(("Settings", table(["setting", "value"], cfg_rows, raw=True)))
+    if summary.get("deviations"):
+        sec.append(("Deviations from the paper", "<ul>" + "".join(f"<li>{esc(d)}</li>" for d in summary["deviations"])
+                    + "</ul>"))
+    sec.append(("Timings (s)", table(["stage", "seconds"], [[k, v] for k, v in summary.get("timings_s", {}).items()])))
+    return write_page(path, f"biaslab {summary['method']} — {summary['task']}", sec,
+                      subtitle=f"model {summary['model']['spec']} ({summary['model']['fingerprint'][:19]}…), "
+                               f"{summary['method_version']}, summary schema {summary['schema']}")

@@ -1,0 +1,281 @@
+"""The experiment runner: one audit → mitigate → re-audit loop behind every method.
+
+``run_mitigation(method, model, task, config, out=DIR)`` does, the same way for every registered method:
+
+1. validation of the config and the task (before any model loads), the run directory (``manifest.json`` with
+   the model fingerprint, the sha256 of every data file read, the config, seeds, versions, git commit);
+2. the fit, cached: ``patch.safetensors`` + ``fit/fit.json`` (+ the fit's own resumable work under ``fit/``),
+   reused when the same run is started again;
+3. the evaluation sets' item ids (``items.json``), then every state — ``before/``, ``after/``, each control
+   member ``controls/<name>/<member>/`` — scored through its run directory's journal (kill it anywhere, rerun,
+   the same records); a patch that changes nothing (an empty neuron mask) reuses the before records;
+4. paired-bootstrap comparisons (after vs before, after vs each control), the retention audit
+   (``retention/before``, ``retention/after``), the versioned summary (:mod:`biaslab.evaluation.schema`), the
+   report and the console table.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from ..errors import BiaslabError
+from .compare import CI_NOTE, compare_control, compare_metric, retention_comparison, state_metrics
+from .method import FitCache, Method, check_positive
+from .plan import Control, EvalSet, FitResult
+from .schema import SCHEMA_ID, validate_summary
+
+
+def get_method(method) -> Method:
+    from ..methods import METHODS
+
+    return METHODS.get(method)() if isinstance(method, str) else method
+
+
+def ids_hash(ids) -> str:
+    return "sha256:" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_sets(sets: list[EvalSet]) -> None:
+    seen_sets, seen_metrics = set(), set()
+    for s in sets:
+        if s.name in seen_sets:
+            raise BiaslabError(f"two evaluation sets are named {s.name!r}")
+        seen_sets.add(s.name)
+        for m in s.metrics:
+            if m.name in seen_metrics:
+                raise BiaslabError(f"two evaluation sets measure a metric named {m.name!r}")
+            seen_metrics.add(m.name)
+
+
+# ------------------------------------------------------------------------------------------------ fit cache
+def _load_fit(out: Path, key: str, lm) -> FitResult | None:
+    from ..patches import load_patch
+
+    doc = FitCache(out / "fit").load_json("fit.json", key)
+    if doc is None or not (out / "patch.safetensors").is_file():
+        return None
+    extra = {}
+    for name in doc.get("extra_patches", []):
+        f = out / "fit" / f"{name}.safetensors"
+        if not f.is_file():
+            return None
+        extra[name] = load_patch(f)
+    patch = load_patch(out / "patch.safetensors")
+    patch.check_base(lm)
+    return FitResult(patch, doc.get("details", {}), doc.get("notes", []), doc.get("deviations", []), extra)
+
+
+def _save_fit(out: Path, key: str, fit: FitResult) -> None:
+    for name, p in fit.extra_patches.items():
+        p.save(out / "fit" / f"{name}.safetensors")
+    fit.patch.save(out / "patch.safetensors")
+    FitCache(out / "fit").save_json("fit.json", key, {
+        "details": fit.details, "notes": fit.notes, "deviations": fit.deviations,
+        "extra_patches": sorted(fit.extra_patches)})
+
+
+# ------------------------------------------------------------------------------------------------ states
+def score_state(lm, path: Path, state: str, patch, sets: list[EvalSet], *, force: bool,
+                reuse: dict[str, list[dict]] | None = None):
+    """The raw records of every set in one model state (``patch`` applied, or none), through the state's journal.
+    ``reuse``: records taken as they are (a patch that changes nothing), written to the journal, not re-scored.
+    Returns (records by set, the state's RunDir)."""
+    from ..runs import RunDir, score_journaled
+
+    args = {"state": state, "model": lm.spec, "fingerprint": lm.fingerprint,
+            "patch": patch.describe() if patch is not None else None,
+            "sets": {s.name: {"protocol": s.protocol, "ids_hash": ids_hash(s.ids())} for s in sets}}
+    rd = RunDir(path, args, force=force, extra_manifest={"model": lm.describe()})
+    if patch is not None:
+        patch.save(path / "patch.safetensors")
+    out = {}
+    ctx = patch.applied(lm) if patch is not None and reuse is None else contextlib.nullcontext()
+    with ctx:
+        for s in sets:
+            if reuse is not None:
+                out[s.name] = [dict(r) for r in reuse[s.name]]
+                if rd.finished_chunk(s.name, 0) is None:
+                    rd.append_chunk(s.name, 0, out[s.name])
+            else:
+                out[s.name] = score_journaled(rd, s.name, s.items, s.chunk, lambda part, s=s: s.score(lm, part))
+    return out, rd
+
+
+def _referenced(sets, raw: dict, before_raw: dict) -> dict:
+    return {s.name: s.reference(raw[s.name], before_raw[s.name]) if s.reference else raw[s.name] for s in sets}
+
+
+def _state_results(rd, state: str, patch, sets, recs: dict, *, n_boot: int, seed: int) -> None:
+    res = {"state": state, "patch": patch.describe() if patch is not None else None, "sets": {}}
+    for s in sets:
+        sec = {"protocol": s.protocol, "n_items": len({r["id"] for r in recs[s.name]}),
+               "metrics": state_metrics(recs[s.name], s.metrics, n_boot=n_boot, seed=seed)}
+        if s.group_field:
+            groups: dict = {}
+            for r in recs[s.name]:
+                groups.setdefault(str(r.get(s.group_field, "all")), []).append(r)
+            sec["groups"] = {g: {"n_items": len({r["id"] for r in rs}),
+                                 "metrics": state_metrics(rs, s.metrics, n_boot=n_boot, seed=seed)}
+                             for g, rs in sorted(groups.items())}
+        res["sets"][s.name] = sec
+    rd.write_results(res)
+    rd.finish()
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = None, config=None, *, out,
+                   limit: int | None = None, seed: int = 0, n_boot: int = 1000, force: bool = False,
+                   device: str | None = None, dtype: str | None = None, console=None) -> dict:
+    """Fit ``method`` on ``task``, evaluate before / after / controls on its held-out sets, audit retention; write
+    the run directory ``out`` and return the summary (schema :data:`~biaslab.evaluation.schema.SCHEMA_ID`).
+
+    ``config``: the method's config instance, a dict of its fields, a YAML/JSON file or a preset name.
+    ``limit``: evaluated items (seeded, stratified). A rerun of the same call resumes; a directory holding a
+    different run is refused unless ``force``."""
+    from ..data import sha256_file
+    from ..models import LanguageModel, load_model
+    from ..runs import RunDir, atomic_write_json, clean_nan
+
+    m = get_method(method)
+    cfg = config if isinstance(config, m.config_class) else m.make_config(config)
+    cfg = m.validate(cfg)
+    check_positive("--limit", limit)
+    check_positive("--n-boot", n_boot, allow_none=False, allow_zero=True)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise BiaslabError(f"--seed must be an integer, got {seed!r}")
+    if str(out).strip() == "":
+        raise BiaslabError("--out is empty: name a run directory")
+    say = console.print if console is not None else (lambda *a, **k: None)
+    t0, timings = time.perf_counter(), {}
+
+    task_data = m.load_task(task, cfg)           # a bad task file is reported before a model loads
+    cfg = m.prepare(cfg, task_data)
+    lm = model if isinstance(model, LanguageModel) else load_model(model, device=device, dtype=dtype)
+    m.check_model(lm, cfg)
+    out = Path(out)
+    cfg_json = m.config_dict(cfg)
+    args = {"method": m.name, "method_version": m.version, "model": lm.spec, "fingerprint": lm.fingerprint,
+            "task": task_data.name, "config": cfg_json, "limit": limit, "seed": seed, "n_boot": n_boot}
+    data_sha = {label: "sha256:" + sha256_file(Path(p)) for label, p in sorted(task_data.data_files.items())}
+    top = RunDir(out, args, force=force, extra_manifest={"kind": "mitigation", "model": lm.describe(),
+                                                         "data_sha256": data_sha})
+
+    # 1. fit (cached)
+    t = time.perf_counter()
+    fit_key = _key({k: args[k] for k in ("method", "method_version", "fingerprint", "task", "config", "seed")})
+    fit = _load_fit(out, fit_key, lm)
+    if fit is None:
+        say(f"[1/4] fit: {m.name} on {task_data.name}", markup=False, highlight=False)
+        fit = m.fit(lm, task_data, cfg, seed=seed, cache=FitCache(out / "fit"), log=say)
+        _save_fit(out, fit_key, fit)
+    else:
+        say("[1/4] fit: reusing this run's finished fit (patch.safetensors, fit/fit.json)", markup=False)
+    timings["fit"] = round(time.perf_counter() - t, 2)
+    say(f"{m.name}: {m.headline({'patch': _patch_block(fit.patch), 'details': fit.details})}", markup=False,
+        highlight=False)
+
+    # 2. evaluation sets and states
+    t = time.perf_counter()
+    sets = m.evaluation(lm, task_data, cfg, fit, limit=limit, seed=seed)
+    _check_sets(sets)
+    atomic_write_json(out / "items.json", {s.name: s.ids() for s in sets})
+    say(f"[2/4] evaluation: {', '.join(f'{s.name} ({len(s.items)} items)' for s in sets)}", markup=False)
+    raw_before, rd = score_state(lm, out / "before", "before", None, sets, force=force)
+    before = _referenced(sets, raw_before, raw_before)
+    _state_results(rd, "before", None, sets, before, n_boot=n_boot, seed=seed)
+    identity = fit.patch.is_identity()
+    raw_after, rd = score_state(lm, out / "after", "after", fit.patch, sets, force=force,
+                                reuse=raw_before if identity else None)
+    after = _referenced(sets, raw_after, raw_before)
+    _state_results(rd, "after", fit.patch, sets, after, n_boot=n_boot, seed=seed)
+    notes = list(fit.notes)
+    if identity:
+        notes.append("the patch changes nothing: 'after' (and every control that changes nothing) reuses the "
+                     "'before' records instead of scoring them again")
+    timings["evaluation"] = round(time.perf_counter() - t, 2)
+
+    t = time.perf_counter()
+    controls = m.controls(lm, task_data, cfg, fit)
+    ctrl_recs: dict[str, list[dict]] = {}
+    for c in controls:
+        say(f"[3/4] control: {c.name}", markup=False)
+        ctrl_recs[c.name] = _score_control(lm, out, c, sets, raw_before, before, force=force, n_boot=n_boot, seed=seed)
+    timings["controls"] = round(time.perf_counter() - t, 2)
+
+    metrics, ctrl_blocks = {}, {}
+    for s in sets:
+        for spec in s.metrics:
+            metrics[spec.name] = compare_metric(before[s.name], after[s.name], spec, s.name, n_boot=n_boot, seed=seed)
+    for c in controls:
+        ctrl_blocks[c.name] = {"description": c.description, "members": c.labels, "metrics": {
+            spec.name: compare_control(before[s.name], after[s.name], [mr[s.name] for mr in ctrl_recs[c.name]], spec,
+                                       s.name, n_boot=n_boot, seed=seed)
+            for s in sets for spec in s.metrics}}
+
+    # 3. retention
+    retention = None
+    plan = m.retention(cfg)
+    if plan is not None and plan.benchmarks:
+        t = time.perf_counter()
+        say(f"[4/4] retention: {', '.join(plan.benchmarks)} before / after", markup=False)
+        retention = {"limit": plan.limit, "seed": seed, "benchmarks": retention_comparison(
+            lm, fit.patch, plan.benchmarks, limit=plan.limit, seed=seed, n_boot=n_boot, out=out / "retention",
+            force=force)}
+        timings["retention"] = round(time.perf_counter() - t, 2)
+    timings["total"] = round(time.perf_counter() - t0, 2)
+
+    summary = {
+        "schema": SCHEMA_ID, "method": m.name, "method_version": m.version, "task": task_data.name,
+        "model": {"spec": lm.spec, "fingerprint": lm.fingerprint},
+        "patch": _patch_block(fit.patch),
+        "evaluation": {"seed": seed, "limit": limit, "n_boot": n_boot, "ci": CI_NOTE, "sets": {
+            s.name: {"n_items": len(s.items), "protocol": s.protocol, "ids_hash": ids_hash(s.ids()),
+                     "ids_file": "items.json"} for s in sets}},
+        "metrics": metrics, "controls": ctrl_blocks, "retention": retention,
+        "details": fit.details, "deviations": list(fit.deviations), "notes": notes, "config": cfg_json,
+        "timings_s": timings,
+    }
+    summary = validate_summary(clean_nan(json.loads(json.dumps(summary, default=str))))
+    atomic_write_json(out / "summary.json", summary)
+    from .report import write_report
+
+    write_report(m, summary, out / "report.html")
+    top.finish(timings_s=timings)
+    return summary
+
+
+def _patch_block(patch) -> dict:
+    return {**patch.describe(), "file": "patch.safetensors", "identity": patch.is_identity(),
+            "exportable": patch.exportable}
+
+
+def _score_control(lm, out: Path, c: Control, sets, raw_before: dict, before: dict, *, force: bool, n_boot: int,
+                   seed: int) -> list[dict]:
+    """Records of each member of a control (referenced like every state)."""
+    from ..runs import RunDir
+
+    base = out / "controls" / c.name
+    if c.derive is not None:
+        recs = c.derive(before)
+        rd = RunDir(base / c.labels[0], {"state": f"control:{c.name}", "derived_from": "before",
+                                         "sets": {s.name: ids_hash(s.ids()) for s in sets}}, force=force)
+        for s in sets:
+            if rd.finished_chunk(s.name, 0) is None:
+                rd.append_chunk(s.name, 0, recs[s.name])
+        _state_results(rd, f"control:{c.name}", None, sets, recs, n_boot=n_boot, seed=seed)
+        return [recs]
+    members = []
+    for label, p in zip(c.labels, c.members):
+        raw, rd = score_state(lm, base / label, f"control:{c.name}/{label}", p, sets, force=force,
+                              reuse=raw_before if p.is_identity() else None)
+        recs = _referenced(sets, raw, raw_before)
+        _state_results(rd, f"control:{c.name}/{label}", p, sets, recs, n_boot=n_boot, seed=seed)
+        members.append(recs)
+    return members

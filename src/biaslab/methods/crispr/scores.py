@@ -1,0 +1,134 @@
+"""CRISPR attribution (docs/methods/crispr.md, steps 1–4): activation × gradient of the biased and the gold option
+for every neuron at once, confusion-weighted and skill-disentangled, averaged over instances and instructions."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ... import attribution as attr
+from ...progress import progress_bar
+from ...tasks import LETTERS, MCItem, answer_targets, answer_token_ids, prompt_text, protocol_context
+from .config import CrisprConfig
+from .selection import ids_hash, sample_items
+
+@dataclass
+class AttributionStats:
+    n_instances: int = 0
+    biased_option_counts: Counter = field(default_factory=Counter)  # ŷ as option index
+    mean_confusion: float = 0.0
+    dev_accuracy: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"n_instances": self.n_instances, "mean_confusion": self.mean_confusion,
+                "dev_accuracy_letter": self.dev_accuracy,
+                "biased_option_share": {LETTERS[k]: v / max(1, self.n_instances)
+                                        for k, v in sorted(self.biased_option_counts.items())}}
+
+
+def bias_scores(lm, items: Sequence[MCItem], instructions: Sequence[int], cfg: CrisprConfig, *,
+                sites=None, desc: str = "CRISPR attribution") -> tuple[dict[str, torch.Tensor], AttributionStats]:
+    """CRISPR bias scores {site: (n_units,)} over ``items`` × ``instructions`` (mean over instructions).
+
+    Under ``letter`` / ``cloze`` an option is one answer token at the prompt's last position; under
+    ``option-loglik`` it is the option's text, P(option) is the probability of that whole continuation (the
+    released code's "argmax of option sequence probability" scoring mode), and the attribution pass runs on
+    prompt + option, one pass for the biased option and one for the gold one."""
+    site_list = attr.resolve_sites(lm, sites or cfg.sites)
+    total = {s.name: torch.zeros(s.n_units, dtype=torch.float64) for s in site_list}
+    st = AttributionStats()
+    conf_sum, correct = 0.0, 0
+    batch_fn = _continuation_batches if cfg.protocol == "option-loglik" else _answer_token_batches
+    with progress_bar(len(items) * len(instructions), desc) as advance:
+        for i in instructions:
+            per_instr = {s.name: torch.zeros(s.n_units, dtype=torch.float64) for s in site_list}
+            for batch, yhat, alpha, pred, a_bias, a_skill in batch_fn(lm, site_list, items, i, cfg):
+                for k, j in enumerate(batch):
+                    st.biased_option_counts[yhat[k]] += 1
+                    correct += int(pred[k] == items[j].gold)
+                conf_sum += sum(alpha)
+                w = torch.tensor(alpha if cfg.confusion_weighting else [1.0] * len(batch), dtype=torch.float64)[:, None]
+                for n in per_instr:
+                    b = a_bias[n].double()
+                    if a_skill is not None:
+                        b = b - a_skill[n].double().clamp(min=0)
+                    per_instr[n] += (w * b).sum(0)
+                advance(len(batch))
+            for n in total:
+                total[n] += per_instr[n] / len(items)
+    for n in total:
+        total[n] /= len(instructions)
+    st.n_instances = len(items) * len(instructions)
+    st.mean_confusion = conf_sum / max(1, st.n_instances)
+    st.dev_accuracy = correct / max(1, st.n_instances)
+    return {n: v.float() for n, v in total.items()}, st
+
+
+def _biased_option(scores: Sequence[float], gold: int) -> tuple[int, int]:
+    """(most probable wrong option, predicted option) from per-option scores; ties go to the lower index."""
+    wrong = [c for c in range(len(scores)) if c != gold]
+    return (max(wrong, key=lambda c: (scores[c], -c)), max(range(len(scores)), key=lambda c: (scores[c], -c)))
+
+
+def _answer_token_batches(lm, site_list, items, i: int, cfg: CrisprConfig):
+    """Attribution batches under a single-answer-token protocol: one pass per batch; the biased and the gold
+    objectives are two backward passes through it."""
+    with protocol_context(lm, cfg.protocol):
+        seqs = [lm.encode(prompt_text(lm, it, i, protocol=cfg.protocol)) for it in items]
+        cands = [answer_token_ids(lm, it, cfg.protocol) for it in items]
+    for batch in attr.token_batches(lm, seqs, cfg.token_budget):
+        with attr.AttributionPass(lm, site_list, [seqs[j] for j in batch], span=cfg.span, reduce=cfg.reduce) as ap:
+            with torch.no_grad():
+                opt_lp = [ap.logprobs[k, cands[j]].detach() for k, j in enumerate(batch)]
+            yhat, pred = zip(*(_biased_option([float(x) for x in opt_lp[k]], items[j].gold) for k, j in enumerate(batch)))
+            alpha = [float(opt_lp[k][y].exp()) for k, y in enumerate(yhat)]
+            a_bias = ap.attribute(ap.objective([cands[j][y] for j, y in zip(batch, yhat)], cfg.objective),
+                                  retain_graph=cfg.skill_disentanglement)
+            a_skill = (ap.attribute(ap.objective([cands[j][items[j].gold] for j in batch], cfg.objective),
+                                    retain_graph=False) if cfg.skill_disentanglement else None)
+        yield batch, list(yhat), alpha, list(pred), a_bias, a_skill
+
+
+def _continuation_batches(lm, site_list, items, i: int, cfg: CrisprConfig):
+    """Attribution batches under ``option-loglik``: every option's log-likelihood from the scoring engine (no
+    gradient), then prompt + biased option and prompt + gold option through their own attribution passes."""
+    prompts = [prompt_text(lm, it, i, protocol=cfg.protocol) for it in items]
+    targets = [answer_targets(lm, it, cfg.protocol) for it in items]
+    reqs = [(p, t) for p, ts in zip(prompts, targets) for t in ts]
+    ll = iter(lm.loglikelihood(reqs, desc="option log-likelihoods"))
+    scores = [[next(ll).logprob for _ in ts] for ts in targets]
+    choice = [_biased_option(sc, it.gold) for sc, it in zip(scores, items)]
+    # (context, continuation) token ids of each item's biased and gold options, tokenised once
+    parts = {(j, c): lm.split_context(prompts[j], targets[j][c])
+             for j, (y, _) in enumerate(choice) for c in {y, items[j].gold}}
+    longer = [max((parts[j, y][0] + parts[j, y][1], parts[j, it.gold][0] + parts[j, it.gold][1]), key=len)
+              for j, ((y, _), it) in enumerate(zip(choice, items))]
+    for batch in attr.token_batches(lm, longer, cfg.token_budget):
+        yhat = [choice[j][0] for j in batch]
+        alpha = [math.exp(scores[j][y]) for j, y in zip(batch, yhat)]
+
+        def attribute(options):
+            pp = [parts[j, c] for j, c in zip(batch, options)]
+            with attr.AttributionPass(lm, site_list, [a + b for a, b in pp], span=cfg.span, reduce=cfg.reduce,
+                                      continuation=[len(b) for _, b in pp]) as ap:
+                return ap.attribute(ap.objective(None, cfg.objective), retain_graph=False)
+
+        a_bias = attribute(yhat)
+        a_skill = attribute([items[j].gold for j in batch]) if cfg.skill_disentanglement else None
+        yield batch, yhat, alpha, [choice[j][1] for j in batch], a_bias, a_skill
+
+
+def trial_scores(lm, dev: Sequence[MCItem], cfg: CrisprConfig) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Mean of :func:`bias_scores` over ``cfg.trials`` seeded samples of ``cfg.dev_size`` dev items."""
+    instructions = list(range(cfg.instructions))
+    acc, info = None, []
+    for t in range(cfg.trials):
+        sample = sample_items(dev, cfg.dev_size, cfg.trial_seed + t) if cfg.dev_size < len(dev) else list(dev)
+        sc, st = bias_scores(lm, sample, instructions, cfg, desc=f"CRISPR attribution (trial {t + 1}/{cfg.trials})")
+        info.append({"trial": t, "seed": cfg.trial_seed + t, "ids_hash": ids_hash(sample), **st.to_dict()})
+        acc = sc if acc is None else {n: acc[n] + sc[n] for n in acc}
+    return {n: v / cfg.trials for n, v in acc.items()}, info
+

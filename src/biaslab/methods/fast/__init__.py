@@ -1,0 +1,34 @@
+"""FAST — a fairness stamp at the layer causal tracing finds (Chen et al., NAACL Findings 2025; docs/methods/fast.md).
+
+Modules: :mod:`.config` (settings, tasks), :mod:`.pairs` (biased knowledge pairs, split, paraphrases, CrowS
+transfer), :mod:`.stamp` (the stamp and its patch), :mod:`.training` (losses, training, FT-L), :mod:`.biascope`
+(the BiaScope sets and their scorer), :mod:`.method` (the registered method). Names are re-exported lazily.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "config": ("FastConfig", "BIAS_TYPES", "TASKS", "METHOD_VERSION", "STAMP_INITS", "FAIRNESS_LOSSES",
+               "ACTIVATION_NAMES", "CROWS_TYPES", "parse_task"),
+    "pairs": ("KnowledgePair", "swap_group", "stereoset_clusters", "pair_from_cluster", "build_stereoset_pairs",
+              "split_pairs", "paraphrase_prompts", "paraphrase_pair", "crows_pairs", "load_paraphrases",
+              "load_crows_transfer", "load_commonsense", "COUNTERPARTS", "SUBJECT_TEMPLATES", "GENDER_SWAP",
+              "PARAPHRASE_FILE", "CROWS_FILE", "COMMONSENSE_FILE", "BIASCOPE_DIR", "WRAPPERS"),
+    "stamp": ("StampFFN", "StampPatch", "attach_stamp", "ACTIVATIONS"),
+    "training": ("wiki_windows", "subject_prompts", "pair_logprobs", "js_divergence", "fairness_loss",
+                 "pair_preference_ss", "dev_stats", "TrainResult", "make_kl_sets", "train", "ftl_patch", "choices"),
+    "biascope": ("BiaScopeSet", "score_pairs", "attach_original", "PAIR_PROTOCOL", "PS_PROTOCOL", "CROWS_PROTOCOL",
+                 "RS_PROTOCOL"),
+    "method": ("Fast", "build_eval_sets", "split_of", "spec_from_def"),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_WHERE)

@@ -1,0 +1,94 @@
+"""FAST's settings (docs/methods/fast.md): the one source of defaults for the Python API, config files and the
+CLI. None of these were published by the paper; the training defaults were chosen on the dev split
+(experiments/fast/diagnose.md)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ...errors import BiaslabError, UnknownNameError
+
+METHOD_VERSION = "fast-style.v1"
+BIAS_TYPES = ("gender", "race", "religion")
+TASKS = ("stereoset:gender", "stereoset:race", "stereoset:religion", "all")
+# StereoSet domain -> CrowS-Pairs bias types of the same kind (cross-dataset PS)
+CROWS_TYPES = {"gender": ("gender",), "race": ("race-color", "nationality"), "religion": ("religion",)}
+ACTIVATION_NAMES = ("relu", "gelu", "silu", "tanh")
+# initialisation of the stamp's first layer; the second layer always starts at zero, which is what makes the
+# freshly stamped model identical to the original (so the choice changes training, never the starting point)
+STAMP_INITS = ("pytorch", "xavier", "normal")   # nn.Linear's own (Kaiming-uniform) | Xavier-uniform, bias 0 |
+                                                # N(0, 0.02²), bias 0 (GPT-style)
+FAIRNESS_LOSSES = ("gap", "gap+js")  # L_e variants (FastConfig.fairness)
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class FastConfig:
+    """Every FAST setting with its default."""
+    layer: int | None = _opt(None, "stamp layer (default: the decisive layer from causal tracing)")
+    width: int = _opt(64, "hidden width of the stamp FFN")
+    activation: str = _opt("relu", "stamp activation: relu | gelu | silu | tanh")
+    init: str = _opt("pytorch", "first-layer initialisation: pytorch (nn.Linear's) | xavier | normal (std 0.02); "
+                                "the second layer starts at 0, so the stamped model starts identical")
+    alpha: float = _opt(1.0, "weight of the same-subject KL term L_s1")
+    beta: float = _opt(1.0, "weight of the unrelated-text KL term L_s2")
+    steps: int = _opt(60, "training steps (chosen on the gender dev split)")
+    lr: float = _opt(3e-3, "stamp learning rate (Adam)")
+    batch_pairs: int = _opt(8, "biased pairs per step")
+    batch_subject: int = _opt(2, "same-subject prompts per step (L_s1)")
+    batch_text: int = _opt(1, "WikiText windows per step (L_s2)")
+    text_tokens: int = _opt(128, "length (tokens) of the WikiText windows of L_s2")
+    n_subject_prompts: int = _opt(48, "same-subject prompts built for L_s1")
+    n_text: int = _opt(32, "WikiText windows drawn for L_s2")
+    fairness: str = _opt("gap", "L_e: gap (the paper: squared log-prob gap of o) | gap+js (+ JS divergence of the "
+                                "two prompts' next-token distributions; a deviation)")
+    js_weight: float = _opt(10.0, "weight of the JS part under fairness gap+js")
+    ftl_lr: float = _opt(1e-4, "learning rate of one FT-L run (train(mode='ftl'))")
+    ftl_lrs: tuple[float, ...] = _opt((1e-4, 1e-3), "FT-L learning rates tried (comma-separated); the dev match "
+                                                   "to FAST picks one")
+    ftl_eval_every: int = _opt(10, "FT-L checkpoints scored on dev every this many steps")
+    seed: int = _opt(0, "seed of the split, tracing, training and evaluation samples (the run's --seed)")
+    n_trace: int = _opt(24, "training pairs used for causal tracing")
+    n_noise: int = _opt(3, "noise samples per pair in causal tracing")
+    baselines: bool = _opt(True, "also train FT-L and the α=β=0 stamp as controls")
+    retention_limit: int | None = _opt(60, "retention items (WikiText windows + facts); 0 = skip")
+
+    def __post_init__(self):
+        self.ftl_lrs = tuple(float(x) for x in self.ftl_lrs)
+        if self.init not in STAMP_INITS:
+            raise UnknownNameError("stamp initialisation", self.init, STAMP_INITS)
+        if self.activation not in ACTIVATION_NAMES:
+            raise UnknownNameError("stamp activation", self.activation, ACTIVATION_NAMES)
+        if self.fairness not in FAIRNESS_LOSSES:
+            raise UnknownNameError("FAST fairness loss", self.fairness, FAIRNESS_LOSSES)
+        checks = [(self.js_weight >= 0, f"--js-weight must be ≥ 0, got {self.js_weight}"),
+                  (self.steps > 0, f"--steps must be positive, got {self.steps}"),
+                  (self.width > 0, f"--width must be positive, got {self.width}"),
+                  (self.text_tokens >= 2, f"--text-tokens must be at least 2, got {self.text_tokens}"),
+                  (bool(self.ftl_lrs) and all(x > 0 for x in self.ftl_lrs),
+                   f"--ftl-lrs needs one or more positive learning rates, got {list(self.ftl_lrs)}"),
+                  (self.n_trace >= 1 and self.n_noise >= 1, "--n-trace and --n-noise must be at least 1"),
+                  (self.retention_limit is None or self.retention_limit >= 0,
+                   f"--retention-limit must be ≥ 0, got {self.retention_limit}")]
+        for ok, msg in checks:
+            if not ok:
+                raise BiaslabError(msg)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def parse_task(task: str) -> tuple[str, ...]:
+    """``stereoset:gender,stereoset:race`` / ``all`` -> bias types."""
+    out = []
+    for t in [x.strip() for x in (task or "").split(",") if x.strip()]:
+        if t == "all":
+            return BIAS_TYPES
+        if t not in TASKS:
+            raise UnknownNameError("fast task", t, TASKS)
+        out.append(t.split(":", 1)[1])
+    if not out:
+        raise BiaslabError(f"--task is empty; choose from {', '.join(TASKS)}")
+    return tuple(dict.fromkeys(out))

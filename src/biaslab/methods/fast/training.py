@@ -1,0 +1,322 @@
+"""FAST training (docs/methods/fast.md): L = L_e + α·L_s1 + β·L_s2 for the stamp, or for the layer's MLP weights
+(the FT-L baseline, kept at the checkpoint matched to FAST on dev), and the dev diagnostics used to choose."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from ...errors import BiaslabError
+from ...progress import progress_bar
+from .config import METHOD_VERSION, FastConfig
+from .pairs import SUBJECT_TEMPLATES, KnowledgePair
+from .stamp import StampFFN, attach_stamp
+
+def wiki_windows(lm, *, split: str = "valid", n: int, tokens: int, seed: int) -> list[str]:
+    """``n`` WikiText-2 (raw) paragraphs of ≥ ``tokens`` tokens, cut to ``tokens`` tokens, seeded choice."""
+    from ...data import data_path
+
+    path = data_path("wikitext2", f"{split}.raw.txt")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("=")]
+    rng = random.Random(f"wiki:{seed}")
+    rng.shuffle(lines)
+    out = []
+    for ln in lines:
+        ids = lm.tokenizer(ln, add_special_tokens=False).input_ids
+        if len(ids) >= tokens:
+            out.append(lm.tokenizer.decode(ids[:tokens]))
+        if len(out) >= n:
+            break
+    return out
+
+
+def subject_prompts(pairs: list[KnowledgePair], *, n: int, seed: int) -> list[str]:
+    terms = sorted({p.prompt_1[p.span_1[0]:p.span_1[1]].strip() for p in pairs} |
+                   {p.prompt_2[p.span_2[0]:p.span_2[1]].strip() for p in pairs})
+    all_ = [t.format(x=term) for term in terms for t in SUBJECT_TEMPLATES]
+    random.Random(f"subj:{seed}").shuffle(all_)
+    return all_[:n]
+
+
+class _TextSet:
+    """Texts for a KL term, with the original model's LM-head inputs cached at every scored position."""
+
+    def __init__(self, lm, texts: list[str]):
+        self.lm = lm
+        self.seqs = [lm.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        self.seqs = [([lm.prefix_id] + s) if lm.prefix_id is not None else s for s in self.seqs]
+        self.seqs = [s for s in self.seqs if len(s) >= 2]
+        self.cache: list[torch.Tensor] = []
+        head = lm.model.get_output_embeddings()
+        store = []
+        hook = head.register_forward_hook(lambda m, a, o: store.append(a[0].detach()))
+        try:
+            with torch.no_grad():
+                for b in range(0, len(self.seqs), 16):
+                    chunk = self.seqs[b:b + 16]
+                    store.clear()
+                    self._logits(chunk)
+                    h = store[-1]
+                    if h.dim() == 3:  # the head ran on every position (no head split): keep the scored ones
+                        ids, mask, pos, offs = self.lm.pad(chunk, side="right")
+                        h = h[[k for k, s in enumerate(chunk) for _ in s], [offs[k] + j for k, s in enumerate(chunk) for j in range(len(s))]]
+                    k = 0
+                    for s in chunk:  # rows come out text by text, position by position
+                        self.cache.append(h[k:k + len(s)].clone())
+                        k += len(s)
+        finally:
+            hook.remove()
+
+    def _logits(self, seqs):
+        ids, mask, pos, offs = self.lm.pad(seqs, side="right")
+        rows = [k for k, s in enumerate(seqs) for _ in range(len(s))]
+        cols = [offs[k] + j for k, s in enumerate(seqs) for j in range(len(s))]
+        dev = ids.device
+        return self.lm.logits_at(ids, mask, pos, torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
+
+    def kl(self, idx: list[int]) -> torch.Tensor:
+        """Mean over positions of KL(P_orig ‖ P_current) for texts ``idx`` (differentiable)."""
+        seqs = [self.seqs[i] for i in idx]
+        cur = torch.log_softmax(self._logits(seqs), -1)
+        head = self.lm.model.get_output_embeddings()
+        with torch.no_grad():
+            orig = torch.log_softmax(head(torch.cat([self.cache[i] for i in idx])).float(), -1)
+        return (orig.exp() * (orig - cur)).sum(-1).mean()
+
+
+def pair_logprobs(lm, prompts: list[str], objects: list[str], *, with_first: bool = False):
+    """Differentiable mean log P(object tokens | prompt), tokenised exactly as ``lm.loglikelihood`` does.
+    ``with_first``: also return the full next-token log-distribution at each prompt's end (the position that
+    predicts the object's first token), shape (len(prompts), vocab)."""
+    pieces = [lm.split_context(p, " " + o) for p, o in zip(prompts, objects)]
+    seqs = [(c + x)[:-1] for c, x in pieces]
+    ids, mask, pos, offs = lm.pad(seqs, side="right")
+    rows, cols, tgt, owner, first = [], [], [], [], []
+    for k, (c, x) in enumerate(pieces):
+        end = offs[k] + len(seqs[k])
+        first.append(len(rows))  # the row predicting piece k's first object token
+        for j in range(len(x)):
+            rows.append(k)
+            cols.append(end - len(x) + j)
+            tgt.append(x[j])
+            owner.append(k)
+    dev = ids.device
+    lp = torch.log_softmax(lm.logits_at(ids, mask, pos, torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)), -1)
+    tok = lp.gather(1, torch.tensor(tgt, device=dev)[:, None])[:, 0]
+    owner_t = torch.tensor(owner, device=dev)
+    sums = torch.zeros(len(pieces), device=dev, dtype=tok.dtype).index_add(0, owner_t, tok)
+    counts = torch.zeros(len(pieces), device=dev, dtype=tok.dtype).index_add(0, owner_t, torch.ones_like(tok))
+    if not with_first:
+        return sums / counts
+    return sums / counts, lp[torch.tensor(first, device=dev)]
+
+
+def js_divergence(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Row-wise Jensen-Shannon divergence (nats, ≤ ln 2) between two batches of log-distributions."""
+    lm_ = torch.logsumexp(torch.stack([lp, lq]), 0) - math.log(2.0)
+    return 0.5 * ((lp.exp() * (lp - lm_)).sum(-1) + (lq.exp() * (lq - lm_)).sum(-1))
+
+
+def fairness_loss(lm, pairs: list[KnowledgePair], cfg: "FastConfig") -> tuple[torch.Tensor, torch.Tensor]:
+    """L_e of a batch of pairs, and the Jensen-Shannon part alone (0 under ``fairness="gap"``).
+
+    ``gap`` (the paper's L_e): mean over pairs of (mean-token log P(o|s1,r) − mean-token log P(o|s2,r))².
+    ``gap+js`` (a named deviation): the same plus ``js_weight`` × the JS divergence between the two prompts' whole
+    next-token distributions at the object position — "indifferent between s1 and s2 for this r" for every
+    candidate object, not only the stereotype filler o, so the stamp is taught what the group term must not change
+    rather than one object's offset."""
+    n = len(pairs)
+    prompts = [p.prompt_1 for p in pairs] + [p.prompt_2 for p in pairs]
+    objects = [p.object for p in pairs] * 2
+    if cfg.fairness == "gap":
+        lps, js = pair_logprobs(lm, prompts, objects), torch.zeros(())
+    else:
+        lps, first = pair_logprobs(lm, prompts, objects, with_first=True)
+        js = js_divergence(first[:n].float(), first[n:].float()).mean()
+    return ((lps[:n] - lps[n:]) ** 2).mean() + cfg.js_weight * js, js
+
+
+def pair_preference_ss(lm, pairs: list[KnowledgePair]) -> float:
+    """Quick SS (0-100) of pairs (no bootstrap; NaN for no pairs): used on the dev split during training."""
+    return dev_stats(lm, pairs)["ss"] if pairs else math.nan
+
+
+def dev_stats(lm, pairs: list[KnowledgePair]) -> dict:
+    """Dev-split diagnostics used for model selection: SS and the mean |log P(o|s1,r) − log P(o|s2,r)|."""
+    if not pairs:
+        return {"ss": None, "mean_abs_gap": None, "n": 0}
+    sc = lm.loglikelihood([(p.prompt_1, " " + p.object) for p in pairs] + [(p.prompt_2, " " + p.object) for p in pairs],
+                          desc="dev")
+    n = len(pairs)
+    gaps = [sc[i].logprob - sc[n + i].logprob for i in range(n)]
+    ss = 100.0 * sum(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gaps) / n
+    return {"ss": ss, "mean_abs_gap": sum(abs(g) for g in gaps) / n, "n": n}
+
+
+@dataclass
+class TrainResult:
+    mode: str
+    history: list[dict] = field(default_factory=list)
+    stamp: StampFFN | None = None
+    mlp_state: dict | None = None     # FT-L: the chosen checkpoint's MLP weights
+    chosen_step: int | None = None
+    dev_ss: float | None = None
+    dev_gap: float | None = None      # dev mean |log P(o|s1,r) − log P(o|s2,r)| of the kept state (FT-L)
+    match_key: tuple | None = None    # FT-L: (|dev SS − target|, |dev gap − target|, step) of the kept checkpoint
+    lr: float | None = None
+
+
+def make_kl_sets(lm, pairs: list[KnowledgePair], cfg: FastConfig) -> dict:
+    """The L_s1 / L_s2 texts with the *original* model's outputs cached: build them before any edit, and share
+    them between FAST and its baselines."""
+    return {"subject": _TextSet(lm, subject_prompts(pairs, n=cfg.n_subject_prompts, seed=cfg.seed)),
+            "text": _TextSet(lm, wiki_windows(lm, n=cfg.n_text, tokens=cfg.text_tokens, seed=cfg.seed))}
+
+
+def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: str = "stamp",
+          alpha: float | None = None, beta: float | None = None, dev_pairs: list[KnowledgePair] | None = None,
+          match_dev_ss: float | None = None, match_dev_gap: float | None = None, desc: str | None = None,
+          kl_sets: dict | None = None, on_step=None) -> TrainResult:
+    """Train the stamp (``mode="stamp"``) or the layer's MLP weights (``mode="ftl"``, learning rate
+    ``cfg.ftl_lr``) with L = L_e + α·L_s1 + β·L_s2. For FT-L with ``match_dev_ss``, checkpoints every
+    ``ftl_eval_every`` steps are scored on ``dev_pairs`` and the one whose dev SS is closest to ``match_dev_ss``
+    is kept, ties (dev SS moves in steps of 100/n) broken by the dev mean |gap| closest to ``match_dev_gap``, then
+    by the earlier step. ``on_step(rec)`` is called after every step with the edit in place (diagnostics)."""
+    from ...tracing import check_layer, layer_modules
+
+    if not pairs:
+        raise BiaslabError("FAST needs at least one training pair")
+    check_layer(lm.model, layer)
+    alpha = cfg.alpha if alpha is None else alpha
+    beta = cfg.beta if beta is None else beta
+    model = lm.model
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(f"train:{cfg.seed}:{mode}")
+    if kl_sets is None and (alpha or beta):
+        kl_sets = make_kl_sets(lm, pairs, cfg)
+    subj = kl_sets["subject"] if alpha else None
+    text = kl_sets["text"] if beta else None
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    mlp = layer_modules(model)[1][layer]
+    handle, stamp, saved = None, None, None
+    if mode == "stamp":
+        d = model.get_input_embeddings().weight.shape[1]
+        stamp = StampFFN(d, cfg.width, cfg.activation, cfg.init).to(device=lm.device, dtype=lm.dtype)
+        handle = attach_stamp(lm, layer, stamp)
+        params = list(stamp.parameters())
+        lr = cfg.lr
+    elif mode == "ftl":
+        saved = {k: v.detach().clone() for k, v in mlp.state_dict().items()}
+        params = list(mlp.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        lr = cfg.ftl_lr
+    else:
+        raise BiaslabError(f"unknown training mode {mode!r}")
+    opt = torch.optim.Adam(params, lr=lr)
+    res = TrainResult(mode)
+    checkpoints = []
+    was_training = model.training
+    model.eval()  # dropout off; gradients still flow
+    try:
+        with progress_bar(cfg.steps, desc or f"training ({mode})", unit="steps", enabled=lm.progress) as advance:
+            for step in range(1, cfg.steps + 1):
+                with torch.enable_grad():
+                    batch = rng.sample(range(len(pairs)), min(cfg.batch_pairs, len(pairs)))
+                    bp = [pairs[i] for i in batch]
+                    le, js = fairness_loss(lm, bp, cfg)
+                    ls1 = subj.kl(rng.sample(range(len(subj.seqs)), min(cfg.batch_subject, len(subj.seqs)))) if subj else torch.zeros(())
+                    ls2 = text.kl(rng.sample(range(len(text.seqs)), min(cfg.batch_text, len(text.seqs)))) if text else torch.zeros(())
+                    loss = le + alpha * ls1 + beta * ls2
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                rec = {"step": step, "loss": loss.item(), "L_e": le.item(), "L_s1": float(ls1.detach()),
+                       "L_s2": float(ls2.detach())}
+                if cfg.fairness != "gap":
+                    rec["JS"] = float(js.detach())
+                if mode == "ftl" and match_dev_ss is not None and dev_pairs and (step % cfg.ftl_eval_every == 0 or step == cfg.steps):
+                    st = dev_stats(lm, dev_pairs)
+                    rec["dev_ss"], rec["dev_mean_abs_gap"] = st["ss"], st["mean_abs_gap"]
+                    key = (abs(st["ss"] - match_dev_ss),
+                           0.0 if match_dev_gap is None else abs(st["mean_abs_gap"] - match_dev_gap), step)
+                    checkpoints.append((key, st, {k: v.detach().clone() for k, v in mlp.state_dict().items()}))
+                res.history.append(rec)
+                if on_step is not None:
+                    on_step(rec)
+                advance(1, loss=rec["loss"], L_e=rec["L_e"])
+        if mode == "stamp":
+            stamp.eval().requires_grad_(False)
+            res.stamp = stamp
+            if dev_pairs:
+                res.dev_ss = pair_preference_ss(lm, dev_pairs)
+        else:
+            res.lr = lr
+            if checkpoints:
+                res.match_key, st, state = min(checkpoints, key=lambda c: c[0])
+                res.chosen_step, res.dev_ss, res.dev_gap = res.match_key[2], st["ss"], st["mean_abs_gap"]
+            else:
+                state = {k: v.detach().clone() for k, v in mlp.state_dict().items()}
+                res.chosen_step = cfg.steps
+                if dev_pairs:
+                    st = dev_stats(lm, dev_pairs)
+                    res.dev_ss, res.dev_gap = st["ss"], st["mean_abs_gap"]
+            res.mlp_state = state
+    finally:
+        if handle is not None:
+            handle.remove()
+        if saved is not None:
+            with torch.no_grad():
+                mlp.load_state_dict(saved)
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was_training)
+    return res
+
+
+def ftl_patch(lm, layer: int, state: dict, *, params: dict | None = None):
+    """The FT-L result as a patch (kind ``weights``): the layer's MLP parameters replaced by ``state``."""
+    from ...patches import WeightsPatch
+    from ...tracing import layer_modules
+
+    mlp = layer_modules(lm.model)[1][layer]
+    path = next(n for n, mod in lm.model.named_modules() if mod is mlp)
+    return WeightsPatch.from_state(lm, state, prefix=path, params={"method": "ft-l", "layer": layer, **(params or {})})
+
+
+def choices(cfg: FastConfig) -> dict:
+    """Every choice the paper left open, for the manifest / summary."""
+    return {
+        "implementation": f"FAST-style reimplementation ({METHOD_VERSION}); the authors published no code",
+        "pairs": "StereoSet intrasentence (stereoset_partial): prompt = stereotype sentence up to the filler, "
+                 "object = stereotype filler, s2 = fixed counterpart (race/religion: hand-written table; gender: "
+                 "CDA swap of all gendered words in the prompt); clusters whose filler precedes the group term "
+                 "are skipped and counted",
+        "crows_pairs": "evaluation only (authors' request): cross-dataset PS pairs, prompt = sentence up to the "
+                       "last differing word, object = shared rest",
+        "split": "by statement (lower-cased context), seeded, per bias type: train 60 % / dev 10 % / test 30 %",
+        "tracing": "ROME-style Gaussian noise (3 × std of subject-token embeddings) on subject tokens, restore one "
+                   "layer at the last subject token, mean log-prob of the whole object (not ROME's first-token "
+                   "probability), decisive = argmax of the single-layer MLP curve unless --layer is given",
+        "stamp": f"d -> {cfg.width} -> d, {cfg.activation}, input = the MLP's input, output added to the MLP's "
+                 f"output at every position; first layer initialised '{cfg.init}', second layer zero-initialised",
+        "L_e": "mean over pairs of (mean-token log P(o|s1,r) - mean-token log P(o|s2,r))^2"
+               + ("" if cfg.fairness == "gap" else
+                  f" + {cfg.js_weight:g} x JS(P(.|s1,r) || P(.|s2,r)) of the whole next-token distribution at the "
+                  "object position (a deviation: fairness=gap+js)"),
+        "L_s1": f"KL(orig || stamped) at all positions of {len(SUBJECT_TEMPLATES)} lexical templates filled with "
+                "the training pairs' group terms",
+        "L_s2": "KL(orig || stamped) at all positions of WikiText-2 validation windows",
+        "optimizer": f"Adam, lr {cfg.lr} (FT-L: each of {', '.join(f'{x:g}' for x in cfg.ftl_lrs)}), {cfg.steps} steps",
+        "ftl_matching": "over FT-L's learning rates and its checkpoints every "
+                        f"{cfg.ftl_eval_every} steps, the one whose dev-split SS is closest to FAST's dev SS, ties "
+                        "broken by the dev mean |gap| closest to FAST's, then the earlier step",
+        "config": cfg.to_json(),
+    }
+

@@ -1,0 +1,30 @@
+"""SR_LLM — a LoRA instruction-tuned rewriter of biased text (Raza et al. 2024, arXiv 2404.01399;
+docs/methods/srllm.md).
+
+Modules: :mod:`.config` (settings, the prompt), :mod:`.data` (the rewrite pairs and their split), :mod:`.lora` (the
+training format, training and the ``lora`` patch), :mod:`.rewriting` (rewriting and its records), :mod:`.embedding`
+(the sentence embedder of content preservation), :mod:`.method` (the registered method). Names are re-exported
+lazily.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "config": ("SRLLMConfig", "SYSTEM_PROMPT", "INSTRUCTION", "PROTOCOL_ID"),
+    "lora": ("build_prompt", "eos_id", "encode_example", "encode_pairs", "collate", "completion_loss", "inject_lora",
+             "remove_lora", "lora_weights", "validation_loss", "TrainResult", "train_lora", "LoraPatch"),
+    "rewriting": ("RewriteOutput", "rewrite", "evaluate_rewriter", "with_cosines"),
+    "embedding": ("SentenceEmbedder", "embedding_model_dir"),
+    "method": ("SRLLM", "rewrite_metrics", "RETENTION_BENCHES"),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_WHERE)

@@ -1,0 +1,372 @@
+"""SR_LLM (Raza et al. 2024, arXiv 2404.01399; docs/methods/srllm.md): LoRA instruction fine-tuning that teaches a
+model to rewrite biased text into neutral text keeping its information.
+
+Recipe (paper code → biaslab):
+
+- LoRA through peft (``inject_adapter_in_model``) on q/k/v/o and gate/up/down. Paper: Llama-2-7b-chat,
+  QLoRA 4-bit, r = 64, α = 16, dropout 0.2, LR 2e-4 constant, warmup 0.03, batch 4, max length 512, 1 epoch.
+  Here (135M default model, fp32, CPU): r = 16, α = 32, dropout 0.05, LR 5e-4 (constant after 3 % warmup),
+  batch 8, max length 128, 1 epoch; no quantisation.
+- The model's own chat template with a system message and the instruction :data:`INSTRUCTION`.
+- Fixes of the paper code's known defects: loss on the completion only (prompt labels −100), a real EOS
+  learned (the tokenizer's EOS, ``<|im_end|>`` for SmolLM2, appended to every completion), a seeded split.
+- Added: early stopping on validation loss (the paper trains one fixed epoch); the best adapter is kept.
+- Data: the public pairs in ``data/debias_rewrites`` (the paper's own data was never released); see
+  :mod:`biaslab.mitigations.srllm_data`. Examples longer than ``max_length`` tokens are skipped (counted), so no
+  completion is ever cut.
+
+The result is a :class:`LoraPatch` (kind ``lora``): applied by forward hooks adding ``scale·B·A·x`` to the
+target Linear layers (weights untouched, so removal is exact) and exported by merging ``W += scale·B·A``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import BiaslabError
+from ...patches import Patch
+from ...progress import progress_bar
+from .config import INSTRUCTION, PROTOCOL_ID, SYSTEM_PROMPT, SRLLMConfig
+
+# ---------------------------------------------------------------------------------------------- prompts
+def build_prompt(lm, text: str) -> str:
+    """The prompt the rewriter sees: chat template, system message, instruction with the text."""
+    return lm.render(INSTRUCTION.format(text=text), system=SYSTEM_PROMPT)
+
+
+def eos_id(lm) -> int:
+    eid = lm.tokenizer.eos_token_id
+    if eid is None:
+        raise BiaslabError(f"the tokenizer of {lm.spec} has no EOS token; SR_LLM needs one to learn where a rewrite ends")
+    return int(eid)
+
+
+def encode_example(lm, biased: str, neutral: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): prompt tokens carry label −100; the completion is the neutral text + EOS."""
+    prompt = lm.encode(build_prompt(lm, biased))
+    completion = lm.tokenizer(" " + neutral if not lm.use_chat_template else neutral,
+                              add_special_tokens=False).input_ids + [eos_id(lm)]
+    return prompt + completion, [-100] * len(prompt) + completion
+
+
+def encode_pairs(lm, pairs, max_length: int, *, kept_sources: dict | None = None):
+    """Encoded examples no longer than ``max_length`` tokens, and the number skipped as too long
+    (``kept_sources``, when given, is filled with the count of kept examples per source)."""
+    out, skipped = [], 0
+    for p in pairs:
+        ids, labels = encode_example(lm, p.biased, p.neutral)
+        if len(ids) > max_length:
+            skipped += 1
+            continue
+        out.append((ids, labels))
+        if kept_sources is not None:
+            kept_sources[p.source] = kept_sources.get(p.source, 0) + 1
+    return out, skipped
+
+
+def collate(examples, pad_id: int):
+    """Right-padded batch: input_ids, attention_mask, position_ids, labels (−100 on padding)."""
+    width = max(len(ids) for ids, _ in examples)
+    n = len(examples)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for r, (x, y) in enumerate(examples):
+        ids[r, :len(x)] = torch.tensor(x)
+        labels[r, :len(y)] = torch.tensor(y)
+        mask[r, :len(x)] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels}
+
+
+def completion_loss(lm, batch) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over completion tokens only (labels != −100); the LM head runs only at
+    the positions that predict them. Returns (loss, number of target tokens)."""
+    labels = batch["labels"].to(lm.device)
+    target = labels[:, 1:]
+    rows, cols = (target != -100).nonzero(as_tuple=True)  # position t predicts token t+1
+    if rows.numel() == 0:
+        raise BiaslabError("a training batch has no completion tokens")
+    logits = lm.logits_at(batch["input_ids"].to(lm.device), batch["attention_mask"].to(lm.device),
+                          batch["position_ids"].to(lm.device), rows, cols)
+    return F.cross_entropy(logits, target[rows, cols]), int(rows.numel())
+
+
+# ---------------------------------------------------------------------------------------------- peft LoRA
+def inject_lora(model, cfg: SRLLMConfig) -> dict[str, torch.nn.Module]:
+    """Inject peft LoRA layers into ``model`` in place (seeded init); only LoRA weights require grad.
+    Returns {module path: peft LoRA layer}. Undo with :func:`remove_lora`."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    from ...models.sites import lora_targets
+
+    targets = list(cfg.target_modules or lora_targets(model))   # default: the family's, from the sites table
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise BiaslabError(f"LoRA target module(s) {', '.join(missing)} not found in this model; "
+                           f"its Linear layers are named: {', '.join(sorted(names))}")
+    torch.manual_seed(cfg.seed)
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                      bias="none")
+    inject_adapter_in_model(lcfg, model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return layers
+
+
+def remove_lora(model) -> None:
+    """Put every peft LoRA layer's original ``base_layer`` module back (the very same module object)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, mod.get_base_layer())
+    if hasattr(model, "peft_config"):  # set by inject_adapter_in_model
+        del model.peft_config
+
+
+def lora_weights(layers: dict[str, torch.nn.Module]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+            for n, m in layers.items()}
+
+
+def _load_lora_weights(layers, weights) -> None:
+    with torch.no_grad():
+        for n, (a, b) in weights.items():
+            layers[n].lora_A["default"].weight.copy_(a)
+            layers[n].lora_B["default"].weight.copy_(b)
+
+
+def _batches(n: int, batch_size: int, lengths: list[int], rng: random.Random) -> list[list[int]]:
+    """Seeded shuffle, then length-sorted inside windows of 16 batches (less padding), batch order shuffled."""
+    order = list(range(n))
+    rng.shuffle(order)
+    win = batch_size * 16
+    batches = []
+    for w in range(0, n, win):
+        chunk = sorted(order[w:w + win], key=lambda i: lengths[i])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@torch.no_grad()
+def validation_loss(lm, examples, batch_size: int) -> float:
+    total = count = 0.0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    for k in range(0, len(order), batch_size):
+        loss, n = completion_loss(lm, collate([examples[i] for i in order[k:k + batch_size]], lm.pad_id))
+        total += float(loss) * n
+        count += n
+    return total / count if count else math.nan
+
+
+@dataclass
+class TrainResult:
+    patch: "LoraPatch"
+    history: dict = field(default_factory=dict)
+
+
+def train_lora(lm, train_pairs, val_pairs, cfg: SRLLMConfig | None = None, *, progress: bool | None = None,
+               provenance: dict | None = None, max_steps: int | None = None, log=None) -> TrainResult:
+    """Fit a LoRA rewriter on ``train_pairs`` with early stopping on ``val_pairs`` (lists of RewritePair).
+
+    ``lm.model`` is left exactly as it was (adapter removed, requires_grad flags and train/eval mode restored)."""
+    cfg = cfg or SRLLMConfig()
+    if not cfg.target_modules:  # the family's projections, from the sites table
+        from dataclasses import replace
+
+        from ...models.sites import lora_targets
+
+        cfg = replace(cfg, target_modules=lora_targets(lm.model))
+    used_sources: dict = {}
+    train, skipped = encode_pairs(lm, train_pairs, cfg.max_length, kept_sources=used_sources)
+    val, val_skipped = encode_pairs(lm, val_pairs, cfg.max_length)
+    if not train:
+        raise BiaslabError(f"no training example fits in max_length={cfg.max_length} tokens "
+                           f"({skipped} skipped); raise --max-length")
+    model = lm.model
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    rng = random.Random(cfg.seed)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
+    warm = max(1, round(cfg.warmup * total_steps)) if cfg.warmup > 0 else 0
+    history = {"train_loss": [], "val_loss": [], "n_train": len(train), "n_train_skipped_too_long": skipped,
+               "n_val": len(val), "n_val_skipped_too_long": val_skipped, "n_train_by_source": used_sources, "total_steps_planned": total_steps,
+               "train_tokens": 0}
+    t0 = time.perf_counter()
+    layers = inject_lora(model, cfg)
+    try:
+        params = [p for n, p in model.named_parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        best = (math.inf, lora_weights(layers), 0)
+        bad_checks, step, stopped_early = 0, 0, False
+        lengths = [len(x) for x, _ in train]
+
+        def check(step):
+            nonlocal best, bad_checks
+            if not val:
+                return False
+            model.eval()
+            vl = validation_loss(lm, val, cfg.batch_size)
+            model.train()
+            history["val_loss"].append({"step": step, "loss": vl})
+            if vl < best[0] - 1e-4:
+                best, bad_checks = (vl, lora_weights(layers), step), 0
+            else:
+                bad_checks += 1
+            if log:
+                recent = history["train_loss"][-cfg.eval_every:]
+                log(f"step {step}/{total_steps}: train loss {sum(recent) / len(recent):.4f}, validation loss "
+                    f"{vl:.4f} (best {best[0]:.4f} at step {best[2]}), {time.perf_counter() - t0:.0f} s")
+            return bad_checks >= cfg.patience
+
+        with progress_bar(total_steps, "SR_LLM LoRA training", unit="steps", enabled=progress) as advance:
+            model.train()
+            epoch = 0
+            while step < total_steps and not stopped_early:
+                for b in _batches(len(train), cfg.batch_size, lengths, rng):
+                    if step >= total_steps:
+                        break
+                    batch = collate([train[i] for i in b], lm.pad_id)
+                    loss, n_tok = completion_loss(lm, batch)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    history["train_tokens"] += int(batch["attention_mask"].sum())
+                    history["train_loss"].append(float(loss.detach()))
+                    info = {"loss": history["train_loss"][-1]}
+                    if step % cfg.eval_every == 0 or step == total_steps:
+                        stopped_early = check(step) and step < total_steps
+                        if history["val_loss"]:
+                            info["val"] = history["val_loss"][-1]["loss"]
+                    advance(1, **info)
+                    if stopped_early:
+                        break
+                epoch += 1
+        if val:
+            _load_lora_weights(layers, best[1])
+        weights = lora_weights(layers)
+        history.update({"steps": step, "epochs_run": round(step / steps_per_epoch, 3), "stopped_early": stopped_early,
+                        "best_step": best[2] if val else step, "best_val_loss": best[0] if val else None,
+                        "train_seconds": round(time.perf_counter() - t0, 1)})
+    finally:
+        remove_lora(model)
+        for n, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(n, True))
+        model.train(was_training)
+    params_ = {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "target_modules": list(cfg.target_modules),
+               "scale": cfg.scale, "system_prompt": SYSTEM_PROMPT, "instruction": INSTRUCTION, "protocol": PROTOCOL_ID}
+    prov = {"method": "srllm", "paper": "Raza et al. 2024, arXiv 2404.01399", "config": cfg.to_dict(),
+            **{k: v for k, v in history.items() if k not in ("train_loss", "val_loss", "train_seconds")},
+            **(provenance or {})}
+    patch = LoraPatch.from_weights(lm, weights, params=params_, provenance=prov)
+    return TrainResult(patch, history)
+
+
+# ---------------------------------------------------------------------------------------------- the patch
+class LoraPatch(Patch):
+    """SR_LLM's result: LoRA matrices per target Linear layer. Tensors ``lora_A.<module path>`` (r × in) and
+    ``lora_B.<module path>`` (out × r); params hold r, alpha, scale (= alpha / r), dropout and targets.
+
+    Applied with forward hooks adding ``scale · B(A(x))`` to each target layer's output (no weight is touched,
+    so removing the hooks restores the model bit-for-bit); exported by merging ``W += scale · B @ A``."""
+
+    kind = "lora"
+
+    @classmethod
+    def from_weights(cls, lm, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], *, params: dict,
+                     provenance: dict | None = None) -> "LoraPatch":
+        tensors = {}
+        for name, (a, b) in weights.items():
+            tensors[f"lora_A.{name}"] = a.detach().float().cpu()
+            tensors[f"lora_B.{name}"] = b.detach().float().cpu()
+        return cls(base_fingerprint=lm.fingerprint, base_spec=lm.spec, params=params, provenance=provenance,
+                   tensors=tensors)
+
+    @property
+    def scale(self) -> float:
+        if "scale" in self.params:
+            return float(self.params["scale"])
+        return float(self.params["alpha"]) / float(self.params["r"])
+
+    def modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for k, a in self.tensors.items():
+            if k.startswith("lora_A."):
+                name = k[len("lora_A."):]
+                b = self.tensors.get(f"lora_B.{name}")
+                if b is None:
+                    raise BiaslabError(f"corrupt lora patch: lora_A.{name} has no matching lora_B.{name}")
+                out[name] = (a, b)
+        if not out:
+            raise BiaslabError("corrupt lora patch: it holds no lora_A/lora_B tensors")
+        return out
+
+    def _targets(self, model) -> list[tuple[str, torch.nn.Linear, torch.Tensor, torch.Tensor]]:
+        found = []
+        for name, (a, b) in self.modules().items():
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                raise BiaslabError(f"the lora patch targets module {name!r}, which this model does not have") from None
+            if not isinstance(mod, torch.nn.Linear):
+                raise BiaslabError(f"the lora patch targets {name!r}, which is a {type(mod).__name__}, not a Linear layer")
+            if a.shape[1] != mod.in_features or b.shape[0] != mod.out_features or a.shape[0] != b.shape[1]:
+                raise BiaslabError(f"lora patch shapes for {name!r} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not "
+                                   f"fit a Linear {mod.in_features}→{mod.out_features}")
+            w = mod.weight
+            found.append((name, mod, a.to(w.device, w.dtype), b.to(w.device, w.dtype)))
+        return found
+
+    def _apply(self, lm):
+        scale = self.scale
+        handles = []
+        for _, mod, a, b in self._targets(lm.model):
+            def hook(module, args, output, a=a, b=b):
+                return output + scale * F.linear(F.linear(args[0].to(a.dtype), a), b).to(output.dtype)
+            handles.append(mod.register_forward_hook(hook))
+        self._hook_ids = {h.id for h in handles}
+
+        def undo():
+            for h in handles:
+                h.remove()
+        return undo
+
+    def _export_model(self, lm):
+        """A merged copy of the base model: ``W + scale · B @ A`` on each target layer, no hooks."""
+        base = copy.deepcopy(lm.model)
+        for m in base.modules():  # drop the copied adapter hooks; the merge replaces them
+            for hid in getattr(self, "_hook_ids", ()):
+                m._forward_hooks.pop(hid, None)
+        scale = self.scale
+        with torch.no_grad():
+            for _, mod, a, b in self._targets(base):
+                mod.weight += scale * (b.double() @ a.double()).to(mod.weight.dtype)
+        return base
+
+    def merged_model(self, lm):
+        """The merged model as a new module (the base ``lm`` is untouched)."""
+        self.check_base(lm)
+        with self.applied(lm):
+            return self._export_model(lm)
+

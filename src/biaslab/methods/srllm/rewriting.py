@@ -1,0 +1,75 @@
+"""Rewriting with the SR_LLM prompt (greedy, optionally under a LoRA patch) and the per-pair records the rewrite
+metrics (:mod:`biaslab.metrics.rewrite`) are computed from."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ...errors import BiaslabError
+from ...patches import Patch
+from .lora import build_prompt
+
+@dataclass
+class RewriteOutput:
+    rewrites: list[str]
+    notices: list[str]
+    max_new_tokens: list[int]
+
+
+def rewrite(lm, texts: list[str], *, patch: Patch | None = None, max_input_tokens: int = 256,
+            max_new_cap: int = 256, on_long: str = "truncate", desc: str = "rewriting") -> RewriteOutput:
+    """Greedy rewrites of ``texts`` with the SR_LLM prompt (optionally under ``patch``).
+
+    max_new_tokens per text = min(max_new_cap, 1.5 × input tokens + 16). Empty text → error. A text longer than
+    ``max_input_tokens`` is cut to that many tokens with a notice (``on_long="error"`` raises instead)."""
+    if on_long not in ("truncate", "error"):
+        raise BiaslabError(f"on_long must be 'truncate' or 'error', got {on_long!r}")
+    if not texts:
+        raise BiaslabError("no text to rewrite")
+    prepared, notices, limits = [], [], []
+    for i, t in enumerate(texts):
+        if t is None or not str(t).strip():
+            raise BiaslabError(f"text {i + 1} is empty: nothing to rewrite")
+        t = " ".join(str(t).split())
+        ids = lm.tokenizer(t, add_special_tokens=False).input_ids
+        if len(ids) > max_input_tokens:
+            msg = (f"text {i + 1} has {len(ids)} tokens, over the limit of {max_input_tokens} "
+                   "(--max-input-tokens)")
+            if on_long == "error":
+                raise BiaslabError(msg)
+            notices.append(msg + f"; only its first {max_input_tokens} tokens were rewritten")
+            ids = ids[:max_input_tokens]
+            t = lm.tokenizer.decode(ids)
+        prepared.append(t)
+        limits.append(min(max_new_cap, int(1.5 * len(ids)) + 16))
+    out: list[str] = [""] * len(texts)
+    buckets: dict[int, list[int]] = {}
+    for i, lim in enumerate(limits):  # one generate call per 16-token bucket of length limits
+        limits[i] = min(max_new_cap, 16 * math.ceil(lim / 16))
+        buckets.setdefault(limits[i], []).append(i)
+    import contextlib
+
+    ctx = patch.applied(lm) if patch is not None else contextlib.nullcontext()
+    with ctx:
+        for lim, idx in sorted(buckets.items()):
+            gens = lm.generate([build_prompt(lm, prepared[i]) for i in idx], max_new_tokens=lim, desc=desc)
+            for i, g in zip(idx, gens):
+                out[i] = g
+    return RewriteOutput(out, notices, limits)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate_rewriter(lm, pairs, *, patch: Patch | None = None, embedder=None, max_new_cap: int = 192,
+                      desc: str = "rewriting") -> list[dict]:
+    """Per-pair records (id, source, dimension, biased, reference, rewrite, cosine) for the rewrite metrics."""
+    out = rewrite(lm, [p.biased for p in pairs], patch=patch, max_new_cap=max_new_cap, desc=desc)
+    recs = [{"id": p.id, "source": p.source, "dimension": p.dimension, "biased": p.biased, "reference": p.neutral,
+             "rewrite": r} for p, r in zip(pairs, out.rewrites)]
+    return with_cosines(recs, embedder)
+
+
+def with_cosines(recs: list[dict], embedder=None) -> list[dict]:
+    if embedder is not None:
+        for r, c in zip(recs, embedder.cosines([r["biased"] for r in recs], [r["rewrite"] for r in recs])):
+            r["cosine"] = c
+    return recs
