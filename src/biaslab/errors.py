@@ -44,9 +44,3 @@ class PatchMismatchError(BiaslabError):
 
 class MissingDependencyError(BiaslabError):
     """A package or file needed for this operation is not installed; the message says what to install."""
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise a BiaslabError with `message` unless `condition` holds (argument validation)."""
-    if not condition:
-        raise BiaslabError(message)

@@ -31,3 +31,16 @@ class LazyRegistry:
     def register(self, name: str, target: str) -> None:
         self._entries[name] = target
         self._loaded.pop(name, None)
+
+
+def lazy_exports(package: str, exports: dict[str, tuple[str, ...]]):
+    """``(__getattr__, __all__)`` for a package that re-exports names of its submodules on first use (PEP 562), so
+    importing the package (e.g. for the CLI's option list) does not import torch. ``exports``: {submodule: names}."""
+    where = {name: mod for mod, names in exports.items() for name in names}
+
+    def __getattr__(name: str):
+        if name in where:
+            return getattr(importlib.import_module(f"{package}.{where[name]}"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__, sorted(where)

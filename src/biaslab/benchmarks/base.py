@@ -86,11 +86,6 @@ class Benchmark:
     def sample(self, items: list[dict], limit: int | None, seed: int) -> list[dict]:
         return stratified_sample(items, limit, seed=seed, strata=self.strata)
 
-    def info(self) -> dict:
-        return {"name": self.name, "description": self.description, "default_protocol": self.default_protocol,
-                "protocols": [{"name": p.name, "id": p.id, "description": p.description} for p in self.protocols],
-                "options": self.options}
-
 
 def stratified_sample(items: list[dict], limit: int | None, *, seed: int, strata: Sequence[str]) -> list[dict]:
     """Deterministic sample of ``limit`` items balanced across strata (round-robin over strata, seeded shuffle

@@ -18,6 +18,11 @@ from ..errors import BiaslabError
 RUN_KEYS = ("task", "limit", "seed", "n_boot")
 
 
+def option(default, help: str):
+    """A config-class field with its help text (shown by ``biaslab mitigate METHOD --help``)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def preset_dir(method_name: str) -> Path:
     return Path(__file__).resolve().parent.parent / "methods" / method_name / "presets"
 

@@ -7,7 +7,7 @@ importing torch for the CLI's option list.
 """
 from __future__ import annotations
 
-import importlib
+from ...registry import lazy_exports
 
 _EXPORTS = {
     "config": ("CrisprConfig", "DEFAULT_RETENTION", "PROMPT_LAYOUT", "METHOD_ID", "SEARCH_OBJECTIVES", "ATTRIBUTION_PROTOCOLS",
@@ -20,13 +20,4 @@ _EXPORTS = {
     "metrics": ("task_metrics", "per_instruction", "metric_values"),
     "method": ("Crispr",),
 }
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_WHERE)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

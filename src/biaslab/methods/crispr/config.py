@@ -3,9 +3,10 @@ for the Python API, config files and the CLI (``biaslab mitigate crispr --help``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from ...evaluation.config import option
 from ...errors import BiaslabError, UnknownNameError
 from ...tasks import PROTOCOL_LAYOUTS
 
@@ -22,9 +23,6 @@ ATTRIBUTION_PROTOCOLS = ("letter", "cloze", "option-loglik")   # tasks.py; optio
 PROMPT_LAYOUT = PROTOCOL_LAYOUTS["letter"]
 
 
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
 
 DEFAULT_RETENTION = ("crows", "stereoset", "retention")
 
@@ -32,35 +30,35 @@ DEFAULT_RETENTION = ("crows", "stereoset", "retention")
 @dataclass
 class CrisprConfig:
     """Every CRISPR setting with its default (docs/methods/crispr.md explains each)."""
-    sites: str = _opt("ffn", "ffn (FFN intermediate neurons) | linear (every linear output unit, the released code)")
-    instructions: int | None = _opt(None, "instruction paraphrases used (default: all the task's own — the 10 "
+    sites: str = option("ffn", "ffn (FFN intermediate neurons) | linear (every linear output unit, the released code)")
+    instructions: int | None = option(None, "instruction paraphrases used (default: all the task's own — the 10 "
                                           "generic ones, or an mc: task file's)")
-    protocol: str = _opt("letter", "letter (options with letters, chat template) | cloze (plain-text completion, "
+    protocol: str = option("letter", "letter (options with letters, chat template) | cloze (plain-text completion, "
                                    "options' first words) | option-loglik (options' texts as continuations)")
-    span: str = _opt("all", "positions reduced over: all | prompt | answer")
-    reduce: str = _opt("max", "token reduction: max (paper) | mean (ablation)")
-    objective: str = _opt("logprob", "logprob (convention logp-alpha, released code) | prob (p-alpha, paper literal)")
-    confusion_weighting: bool = _opt(True, "weight instances by the confusion score α (ablation: off, α ≡ 1)")
-    skill_disentanglement: bool = _opt(True, "subtract the gold option's attribution (ablation: off, B = A(ŷ))")
-    dev_fraction: float = _opt(0.1, "share of the task's items in the dev split (attribution and search)")
-    split_seed: int = _opt(0, "seed of the dev/test split")
-    dev_size: int = _opt(20, "dev instances sampled per attribution trial")
-    trials: int = _opt(1, "attribution trials (dev samples) averaged")
-    trial_seed: int = _opt(0, "trial t samples its dev instances with seed trial_seed + t")
-    neurons: int | None = _opt(None, "prune this many top bias neurons (or choose n with --search)")
-    search: bool = _opt(False, "choose n by golden-section search on the dev objective")
-    search_max: int = _opt(500, "upper end of the searched interval [0, max]")
-    search_tol: int = _opt(4, "the search shrinks the interval to this width, then tries every n in it")
-    search_dev_limit: int | None = _opt(None, "dev items scored per search step (default: the whole dev split)")
-    search_objective: str = _opt("accuracy", "accuracy (released code) | accuracy+goldprob (ties broken by the gold "
+    span: str = option("all", "positions reduced over: all | prompt | answer")
+    reduce: str = option("max", "token reduction: max (paper) | mean (ablation)")
+    objective: str = option("logprob", "logprob (convention logp-alpha, released code) | prob (p-alpha, paper literal)")
+    confusion_weighting: bool = option(True, "weight instances by the confusion score α (ablation: off, α ≡ 1)")
+    skill_disentanglement: bool = option(True, "subtract the gold option's attribution (ablation: off, B = A(ŷ))")
+    dev_fraction: float = option(0.1, "share of the task's items in the dev split (attribution and search)")
+    split_seed: int = option(0, "seed of the dev/test split")
+    dev_size: int = option(20, "dev instances sampled per attribution trial")
+    trials: int = option(1, "attribution trials (dev samples) averaged")
+    trial_seed: int = option(0, "trial t samples its dev instances with seed trial_seed + t")
+    neurons: int | None = option(None, "prune this many top bias neurons (or choose n with --search)")
+    search: bool = option(False, "choose n by golden-section search on the dev objective")
+    search_max: int = option(500, "upper end of the searched interval [0, max]")
+    search_tol: int = option(4, "the search shrinks the interval to this width, then tries every n in it")
+    search_dev_limit: int | None = option(None, "dev items scored per search step (default: the whole dev split)")
+    search_objective: str = option("accuracy", "accuracy (released code) | accuracy+goldprob (ties broken by the gold "
                                              "probability; a deviation) | condition-hmean (BBQ: harmonic mean of "
                                              "ambiguous and disambiguated accuracy; a deviation)")
-    search_small: int = _opt(0, "also try every n in 1..K on dev (a deviation; guards against plateaus)")
-    token_budget: int = _opt(1024, "tokens per attribution batch")
-    control_seeds: int = _opt(3, "random-pruning control seeds (site-matched, never CRISPR's own units)")
-    retention: bool = _opt(True, "audit the retention benchmarks before / after the patch")
-    retention_benchmarks: tuple[str, ...] = _opt(DEFAULT_RETENTION, "retention benchmarks (comma-separated)")
-    retention_limit: int | None = _opt(50, "items per retention benchmark")
+    search_small: int = option(0, "also try every n in 1..K on dev (a deviation; guards against plateaus)")
+    token_budget: int = option(1024, "tokens per attribution batch")
+    control_seeds: int = option(3, "random-pruning control seeds (site-matched, never CRISPR's own units)")
+    retention: bool = option(True, "audit the retention benchmarks before / after the patch")
+    retention_benchmarks: tuple[str, ...] = option(DEFAULT_RETENTION, "retention benchmarks (comma-separated)")
+    retention_limit: int | None = option(50, "items per retention benchmark")
 
     def validate(self) -> "CrisprConfig":
         from ... import attribution as attr

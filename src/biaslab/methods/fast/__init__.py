@@ -6,7 +6,7 @@ transfer), :mod:`.stamp` (the stamp and its patch), :mod:`.training` (losses, tr
 """
 from __future__ import annotations
 
-import importlib
+from ...registry import lazy_exports
 
 _EXPORTS = {
     "config": ("FastConfig", "BIAS_TYPES", "TASKS", "METHOD_VERSION", "STAMP_INITS", "FAIRNESS_LOSSES",
@@ -22,13 +22,4 @@ _EXPORTS = {
                  "RS_PROTOCOL"),
     "method": ("Fast", "build_eval_sets", "split_of", "spec_from_def"),
 }
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_WHERE)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -3,8 +3,9 @@ CLI. None of these were published by the paper; the training defaults were chose
 (experiments/fast/diagnose.md)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
+from ...evaluation.config import option
 from ...errors import BiaslabError, UnknownNameError
 
 METHOD_VERSION = "fast-style.v1"
@@ -20,40 +21,37 @@ STAMP_INITS = ("pytorch", "xavier", "normal")   # nn.Linear's own (Kaiming-unifo
 FAIRNESS_LOSSES = ("gap", "gap+js")  # L_e variants (FastConfig.fairness)
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class FastConfig:
     """Every FAST setting with its default."""
-    layer: int | None = _opt(None, "stamp layer (default: the decisive layer from causal tracing)")
-    width: int = _opt(64, "hidden width of the stamp FFN")
-    activation: str = _opt("relu", "stamp activation: relu | gelu | silu | tanh")
-    init: str = _opt("pytorch", "first-layer initialisation: pytorch (nn.Linear's) | xavier | normal (std 0.02); "
+    layer: int | None = option(None, "stamp layer (default: the decisive layer from causal tracing)")
+    width: int = option(64, "hidden width of the stamp FFN")
+    activation: str = option("relu", "stamp activation: relu | gelu | silu | tanh")
+    init: str = option("pytorch", "first-layer initialisation: pytorch (nn.Linear's) | xavier | normal (std 0.02); "
                                 "the second layer starts at 0, so the stamped model starts identical")
-    alpha: float = _opt(1.0, "weight of the same-subject KL term L_s1")
-    beta: float = _opt(1.0, "weight of the unrelated-text KL term L_s2")
-    steps: int = _opt(60, "training steps (chosen on the gender dev split)")
-    lr: float = _opt(3e-3, "stamp learning rate (Adam)")
-    batch_pairs: int = _opt(8, "biased pairs per step")
-    batch_subject: int = _opt(2, "same-subject prompts per step (L_s1)")
-    batch_text: int = _opt(1, "WikiText windows per step (L_s2)")
-    text_tokens: int = _opt(128, "length (tokens) of the WikiText windows of L_s2")
-    n_subject_prompts: int = _opt(48, "same-subject prompts built for L_s1")
-    n_text: int = _opt(32, "WikiText windows drawn for L_s2")
-    fairness: str = _opt("gap", "L_e: gap (the paper: squared log-prob gap of o) | gap+js (+ JS divergence of the "
+    alpha: float = option(1.0, "weight of the same-subject KL term L_s1")
+    beta: float = option(1.0, "weight of the unrelated-text KL term L_s2")
+    steps: int = option(60, "training steps (chosen on the gender dev split)")
+    lr: float = option(3e-3, "stamp learning rate (Adam)")
+    batch_pairs: int = option(8, "biased pairs per step")
+    batch_subject: int = option(2, "same-subject prompts per step (L_s1)")
+    batch_text: int = option(1, "WikiText windows per step (L_s2)")
+    text_tokens: int = option(128, "length (tokens) of the WikiText windows of L_s2")
+    n_subject_prompts: int = option(48, "same-subject prompts built for L_s1")
+    n_text: int = option(32, "WikiText windows drawn for L_s2")
+    fairness: str = option("gap", "L_e: gap (the paper: squared log-prob gap of o) | gap+js (+ JS divergence of the "
                                 "two prompts' next-token distributions; a deviation)")
-    js_weight: float = _opt(10.0, "weight of the JS part under fairness gap+js")
-    ftl_lr: float = _opt(1e-4, "learning rate of one FT-L run (train(mode='ftl'))")
-    ftl_lrs: tuple[float, ...] = _opt((1e-4, 1e-3), "FT-L learning rates tried (comma-separated); the dev match "
+    js_weight: float = option(10.0, "weight of the JS part under fairness gap+js")
+    ftl_lr: float = option(1e-4, "learning rate of one FT-L run (train(mode='ftl'))")
+    ftl_lrs: tuple[float, ...] = option((1e-4, 1e-3), "FT-L learning rates tried (comma-separated); the dev match "
                                                    "to FAST picks one")
-    ftl_eval_every: int = _opt(10, "FT-L checkpoints scored on dev every this many steps")
-    seed: int = _opt(0, "seed of the split, tracing, training and evaluation samples (the run's --seed)")
-    n_trace: int = _opt(24, "training pairs used for causal tracing")
-    n_noise: int = _opt(3, "noise samples per pair in causal tracing")
-    baselines: bool = _opt(True, "also train FT-L and the α=β=0 stamp as controls")
-    retention_limit: int | None = _opt(60, "retention items (WikiText windows + facts); 0 = skip")
+    ftl_eval_every: int = option(10, "FT-L checkpoints scored on dev every this many steps")
+    seed: int = option(0, "seed of the split, tracing, training and evaluation samples (the run's --seed)")
+    n_trace: int = option(24, "training pairs used for causal tracing")
+    n_noise: int = option(3, "noise samples per pair in causal tracing")
+    baselines: bool = option(True, "also train FT-L and the α=β=0 stamp as controls")
+    retention_limit: int | None = option(60, "retention items (WikiText windows + facts); 0 = skip")
 
     def __post_init__(self):
         self.ftl_lrs = tuple(float(x) for x in self.ftl_lrs)

@@ -8,7 +8,7 @@ lazily.
 """
 from __future__ import annotations
 
-import importlib
+from ...registry import lazy_exports
 
 _EXPORTS = {
     "config": ("SRLLMConfig", "SYSTEM_PROMPT", "INSTRUCTION", "PROTOCOL_ID"),
@@ -18,13 +18,4 @@ _EXPORTS = {
     "embedding": ("SentenceEmbedder", "embedding_model_dir"),
     "method": ("SRLLM", "rewrite_metrics", "RETENTION_BENCHES"),
 }
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_WHERE)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -2,8 +2,9 @@
 the Python API, config files and the CLI, and the fixed prompt of the rewriting protocol."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
+from ...evaluation.config import option
 from ...errors import BiaslabError
 
 SYSTEM_PROMPT = ("You are a text-debiasing assistant. You rewrite text so that it is free of bias "
@@ -12,33 +13,30 @@ INSTRUCTION = "Rewrite the following text so that it is free of bias while keepi
 PROTOCOL_ID = "srllm.rewrite.v1"   # prompt (system + instruction, chat template) + greedy decoding
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class SRLLMConfig:
     """Every SR_LLM setting with its default (paper values in docs/methods/srllm.md)."""
-    r: int = _opt(16, "LoRA rank")
-    alpha: float = _opt(32.0, "LoRA alpha (scale = alpha / r)")
-    dropout: float = _opt(0.05, "LoRA dropout")
-    target_modules: tuple[str, ...] = _opt((), "Linear module names to adapt (comma-separated; default: the model "
+    r: int = option(16, "LoRA rank")
+    alpha: float = option(32.0, "LoRA alpha (scale = alpha / r)")
+    dropout: float = option(0.05, "LoRA dropout")
+    target_modules: tuple[str, ...] = option((), "Linear module names to adapt (comma-separated; default: the model "
                                                "family's attention and MLP projections from the sites table)")
-    lr: float = _opt(5e-4, "learning rate (constant after warmup)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    warmup: float = _opt(0.03, "warmup share of the steps")
-    epochs: float = _opt(1.0, "passes over the training pairs (early stopping may end sooner)")
-    batch_size: int = _opt(8, "training batch size")
-    max_length: int = _opt(128, "longest training example in tokens (longer are skipped)")
-    eval_every: int = _opt(25, "optimizer steps between validation-loss checks")
-    patience: int = _opt(3, "validation checks without improvement before stopping")
-    grad_clip: float = _opt(1.0, "gradient-norm clip (0: off)")
-    seed: int = _opt(0, "seed of the pair samples, the adapter's init and the batch order (the run's --seed)")
-    train_limit: int | None = _opt(640, "training pairs (seeded, balanced over sources)")
-    val_limit: int | None = _opt(96, "validation pairs for early stopping")
-    split_seed: int = _opt(0, "seed of the train / validation / test split")
-    retention: bool = _opt(True, "audit stereoset, crows and retention without / with the adapter")
-    retention_limit: int | None = _opt(200, "items per retention benchmark")
+    lr: float = option(5e-4, "learning rate (constant after warmup)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup: float = option(0.03, "warmup share of the steps")
+    epochs: float = option(1.0, "passes over the training pairs (early stopping may end sooner)")
+    batch_size: int = option(8, "training batch size")
+    max_length: int = option(128, "longest training example in tokens (longer are skipped)")
+    eval_every: int = option(25, "optimizer steps between validation-loss checks")
+    patience: int = option(3, "validation checks without improvement before stopping")
+    grad_clip: float = option(1.0, "gradient-norm clip (0: off)")
+    seed: int = option(0, "seed of the pair samples, the adapter's init and the batch order (the run's --seed)")
+    train_limit: int | None = option(640, "training pairs (seeded, balanced over sources)")
+    val_limit: int | None = option(96, "validation pairs for early stopping")
+    split_seed: int = option(0, "seed of the train / validation / test split")
+    retention: bool = option(True, "audit stereoset, crows and retention without / with the adapter")
+    retention_limit: int | None = option(200, "items per retention benchmark")
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
