@@ -40,6 +40,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .interventions import Hooks, Intervention
 from .errors import BiaslabError, UnknownNameError
 from .models.packing import batch_rows
 from .models.sites import Site, find_sites
@@ -73,12 +74,11 @@ def _frozen_params_grad_from_embeddings(model):
     for p, _ in saved:
         p.requires_grad_(False)
     emb = model.get_input_embeddings()
-    handle = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     try:
-        with torch.enable_grad():
+        with Hooks([Intervention("attribution:embeddings-require-grad", emb, "replace_output",
+                                 lambda o: o.requires_grad_(True))]), torch.enable_grad():
             yield
     finally:
-        handle.remove()
         for p, flag in saved:
             p.requires_grad_(flag)
 
@@ -92,7 +92,6 @@ class _SiteHooks:
         self.gates = gates or {}
         self.h: dict[str, torch.Tensor] = {}
         self.s: dict[str, torch.Tensor] = {}
-        self.handles = []
 
     def _gate(self, name: str, h: torch.Tensor) -> torch.Tensor:
         g = self.gates.get(name, 1.0)
@@ -102,23 +101,19 @@ class _SiteHooks:
         return s
 
     def __enter__(self):
+        ivs = []
         for site in self.sites:
-            if site.kind == "ffn":
-                def pre(module, args, name=site.name):
-                    return (self._gate(name, args[0]),) + tuple(args[1:])
-                self.handles.append(site.module.register_forward_pre_hook(pre))
-            elif site.kind == "linear":
-                def post(module, args, out, name=site.name):
-                    return self._gate(name, out)
-                self.handles.append(site.module.register_forward_hook(post))
-            else:
+            if site.kind not in ("ffn", "linear"):
                 raise UnknownNameError("site kind", site.kind, ("ffn", "linear"))
+            # ffn: the down projection's input; linear: the layer's output
+            ivs.append(Intervention(f"attribution:{site.name}", site.module,
+                                    "edit_input" if site.kind == "ffn" else "replace_output",
+                                    lambda h, name=site.name: self._gate(name, h)))
+        self.hooks = Hooks(ivs).attach()
         return self
 
     def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        self.hooks.remove()
 
 
 def span_mask(mask: torch.Tensor, answer_cols: torch.Tensor, span: str, answer_rows: torch.Tensor | None = None) -> torch.Tensor:

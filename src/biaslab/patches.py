@@ -189,26 +189,19 @@ class NeuronMaskPatch(Patch):
         return self.n_neurons == 0
 
     def _apply(self, lm):
+        from .interventions import overwrite
         from .models.sites import site_by_name
 
         sites = site_by_name(lm.model, self.params.get("sites", "ffn"))
-        saved = []
-        with torch.no_grad():
-            for name, ix in self.units.items():
-                if name not in sites:
-                    raise BiaslabError(f"patch names site {name!r}, which this model does not have")
-                site = sites[name]
-                if int(ix.max()) >= site.n_units:
-                    raise BiaslabError(f"patch prunes unit {int(ix.max())} of {name}, which has {site.n_units}")
-                for param, index in site.unit_weights(ix.to(site.module.weight.device)):
-                    saved.append((param, index, param.data[index].clone()))
-                    param.data[index] = 0
-
-        def undo():
-            with torch.no_grad():
-                for param, index, old in reversed(saved):
-                    param.data[index] = old
-        return undo
+        changes = []
+        for name, ix in self.units.items():   # every unit is checked before any weight is touched
+            if name not in sites:
+                raise BiaslabError(f"patch names site {name!r}, which this model does not have")
+            site = sites[name]
+            if int(ix.max()) >= site.n_units:
+                raise BiaslabError(f"patch prunes unit {int(ix.max())} of {name}, which has {site.n_units}")
+            changes += [(param, index, 0.0) for param, index in site.unit_weights(ix.to(site.module.weight.device))]
+        return overwrite(changes)
 
 
 class WeightsPatch(Patch):
@@ -240,14 +233,6 @@ class WeightsPatch(Patch):
         return out
 
     def _apply(self, lm):
-        targets = self._targets(lm.model)   # validated before anything is touched
-        saved = [(p, p.data.clone()) for p, _ in targets]
-        with torch.no_grad():
-            for p, v in targets:
-                p.data.copy_(v.to(p.device, p.dtype))
+        from .interventions import overwrite
 
-        def undo():
-            with torch.no_grad():
-                for p, old in saved:
-                    p.data.copy_(old)
-        return undo
+        return overwrite([(p, ..., v) for p, v in self._targets(lm.model)])   # validated before anything is touched

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .interventions import Hooks, Intervention
 from .errors import BiaslabError
 from .progress import progress_bar
 
@@ -110,13 +111,11 @@ def check_layer(model: nn.Module, layer: int) -> int:
     return layer
 
 
-def _replace_rows(output, rows: list[int], pos: int, values: torch.Tensor):
-    """Return ``output`` (tensor or tuple whose first entry is the hidden states) with
-    ``hidden[rows, pos] = values`` (values: (len(rows), d))."""
-    h = output[0] if isinstance(output, tuple) else output
+def _replace_rows(h: torch.Tensor, rows: list[int], pos: int, values: torch.Tensor) -> torch.Tensor:
+    """A copy of the hidden states ``h`` with ``h[rows, pos] = values`` (values: (len(rows), d))."""
     h = h.clone()
     h[rows, pos] = values.to(h.dtype)
-    return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+    return h
 
 
 def subject_token_positions(lm, prompt: str, span: tuple[int, int]) -> tuple[list[int], list[int]]:
@@ -177,17 +176,12 @@ def trace(lm, items: list[TraceItem], *, kinds=("hidden", "mlp"), noise_scale: f
             t = max(spos)
             x = torch.tensor([ids], device=dev)
             # clean run, capturing each layer's output and MLP output at t
-            clean_h, clean_m, handles = [None] * L, [None] * L, []
-            for li in range(L):
-                handles.append(layers[li].register_forward_hook(
-                    lambda m, a, o, li=li: clean_h.__setitem__(li, (o[0] if isinstance(o, tuple) else o)[0, t].clone())))
-                handles.append(mlps[li].register_forward_hook(
-                    lambda m, a, o, li=li: clean_m.__setitem__(li, (o[0] if isinstance(o, tuple) else o)[0, t].clone())))
-            try:
+            clean_h, clean_m = [None] * L, [None] * L
+            capture = [Intervention(f"tracing:capture:{where}{li}", mod[li], "capture_output",
+                                    lambda h, li=li, store=store: store.__setitem__(li, h[0, t].clone()))
+                       for li in range(L) for where, mod, store in (("layer", layers, clean_h), ("mlp", mlps, clean_m))]
+            with Hooks(capture):
                 p_clean[n] = float(object_lp(model(input_ids=x, use_cache=False).logits, n_ctx, cont)[0])
-            finally:
-                for h in handles:
-                    h.remove()
 
             # batch rows: 0 = corrupted only; then one row per (kind, layer)
             plan = [(k, li) for k in kinds for li in range(L)]
@@ -203,26 +197,20 @@ def trace(lm, items: list[TraceItem], *, kinds=("hidden", "mlp"), noise_scale: f
             for _ in range(n_noise):
                 noise = torch.randn((len(spos), emb.weight.shape[1]), generator=gen).to(dev) * sigma
 
-                def emb_hook(m, a, o, noise=noise):
+                def add_noise(o, noise=noise):
                     o = o.clone()
                     o[:, spos] = o[:, spos] + noise.to(o.dtype)
                     return o
 
-                handles = [emb.register_forward_hook(emb_hook)]
+                ivs = [Intervention("tracing:noise", emb, "replace_output", add_noise)]
                 for li in range(L):
-                    if rows_h[li]:
-                        handles.append(layers[li].register_forward_hook(
-                            lambda m, a, o, li=li: _replace_rows(o, rows_h[li], t,
-                                                                 clean_h[li].expand(len(rows_h[li]), -1))))
-                    if rows_m[li]:
-                        handles.append(mlps[li].register_forward_hook(
-                            lambda m, a, o, li=li: _replace_rows(o, rows_m[li], t,
-                                                                 clean_m[li].expand(len(rows_m[li]), -1))))
-                try:
+                    for where, mod, rows, clean in (("layer", layers, rows_h, clean_h), ("mlp", mlps, rows_m, clean_m)):
+                        if rows[li]:
+                            ivs.append(Intervention(f"tracing:restore:{where}{li}", mod[li], "replace_output",
+                                                    lambda h, li=li, rows=rows, clean=clean: _replace_rows(
+                                                        h, rows[li], t, clean[li].expand(len(rows[li]), -1))))
+                with Hooks(ivs):
                     lps = object_lp(model(input_ids=xb, use_cache=False).logits, n_ctx, cont).cpu().numpy()
-                finally:
-                    for h in handles:
-                        h.remove()
                 pc += lps[0]
                 acc += lps[1:] - lps[0]
             p_corr[n] = pc / n_noise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...interventions import Hooks, Intervention
 from ...errors import BiaslabError, UnknownNameError
 from ...patches import Patch
 from .config import STAMP_INITS
@@ -40,18 +41,13 @@ class StampFFN(nn.Module):
 
 
 def attach_stamp(lm, layer: int, stamp: StampFFN):
-    """Register the stamp on the MLP of ``layer``: MLP(x) + stamp(x). Returns the hook handle."""
+    """Register the stamp on the MLP of ``layer``: MLP(x) + stamp(x). Returns the hooks (``.remove()`` undoes)."""
     from ...tracing import check_layer, layer_modules
 
     check_layer(lm.model, layer)
     mlp = layer_modules(lm.model)[1][layer]
 
-    def hook(module, args, output):
-        x = args[0]
-        if isinstance(output, tuple):
-            return (output[0] + stamp(x).to(output[0].dtype),) + tuple(output[1:])
-        return output + stamp(x).to(output.dtype)
-    return mlp.register_forward_hook(hook)
+    return Hooks([Intervention(f"stamp:layer{layer}", mlp, "add_output", lambda x, out: stamp(x))]).attach()
 
 
 class StampPatch(Patch):

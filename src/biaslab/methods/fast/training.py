@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...interventions import Hooks, Intervention
 from ...errors import BiaslabError
 from ...progress import progress_bar
 from .config import METHOD_VERSION, FastConfig
@@ -52,7 +53,7 @@ class _TextSet:
         self.cache: list[torch.Tensor] = []
         head = lm.model.get_output_embeddings()
         store = []
-        hook = head.register_forward_hook(lambda m, a, o: store.append(a[0].detach()))
+        hook = Hooks([Intervention("fast:lm-head-inputs", head, "capture_input", lambda x: store.append(x.detach()))]).attach()
         try:
             with torch.no_grad():
                 for b in range(0, len(self.seqs), 16):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ...interventions import Hooks, Intervention
 from ...errors import BiaslabError
 from ...patches import Patch
 from ...progress import progress_bar
@@ -340,17 +341,11 @@ class LoraPatch(Patch):
 
     def _apply(self, lm):
         scale = self.scale
-        handles = []
-        for _, mod, a, b in self._targets(lm.model):
-            def hook(module, args, output, a=a, b=b):
-                return output + scale * F.linear(F.linear(args[0].to(a.dtype), a), b).to(output.dtype)
-            handles.append(mod.register_forward_hook(hook))
-        self._hook_ids = {h.id for h in handles}
-
-        def undo():
-            for h in handles:
-                h.remove()
-        return undo
+        hooks = Hooks([Intervention(f"lora:{name}", mod, "add_output",
+                                    lambda x, out, a=a, b=b: scale * F.linear(F.linear(x.to(a.dtype), a), b))
+                       for name, mod, a, b in self._targets(lm.model)]).attach()
+        self._hook_ids = hooks.ids()
+        return hooks.remove
 
     def _export_model(self, lm):
         """A merged copy of the base model: ``W + scale · B @ A`` on each target layer, no hooks."""
