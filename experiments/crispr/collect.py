@@ -50,11 +50,10 @@ def constant_letter_check(before: list[dict], after: list[dict], names=LETTERS) 
     """Diagnostic: accuracy of a constant answer per letter on the same test records, and a paired bootstrap of
     CRISPR's accuracy minus the constant answer CRISPR gives most often (picked from its predictions, no labels)."""
     from biaslab import stats
+    from biaslab.methods.crispr.metrics import constant_answer
 
     n_opt = max(len(r["logprobs"]) for r in before)
-    const = {}
-    for k in range(n_opt):
-        const[names[k]] = [{**r, "pred": k, "correct": int(r["gold"] == k)} for r in before]
+    const = {names[k]: constant_answer(before, k) for k in range(n_opt)}
     acc = lambda rs: sum(r["correct"] for r in rs) / len(rs)  # noqa: E731
     maj = names[Counter(r["pred"] for r in after).most_common(1)[0][0]]
     b = stats.paired_bootstrap(const[maj], after, acc, n_boot=1000, seed=0)
@@ -70,7 +69,9 @@ def unknown_check(recs: dict[str, list[dict]]) -> dict | None:
 
     if not recs["before"] or "unknown" not in recs["before"][0]:
         return None
-    const = [{**r, "pred": r["unknown"], "correct": int(r["gold"] == r["unknown"])} for r in recs["before"]]
+    from biaslab.methods.crispr.metrics import constant_answer
+
+    const = constant_answer(recs["before"], "unknown")
     acc = lambda rs: sum(r["correct"] for r in rs) / len(rs)  # noqa: E731
     b = stats.paired_bootstrap(const, recs["after"], acc, n_boot=1000, seed=0)
     return {"unknown_share": {k: sum(r["pred"] == r["unknown"] for r in v) / len(v) for k, v in recs.items()},

@@ -46,12 +46,19 @@ def open_run(path) -> FinishedRun:
         args = {"model": summary["model"]["spec"], "task": summary["task"],
                 "config": {k: v for k, v in patch.params.items() if k in fields},
                 "test_limit": ev["n_test_items"], "test_seed": ev["test_seed"]}
+    if "schema" in summary:  # a run of the runner: its arguments say limit / seed
+        args = {**args, "test_limit": args["limit"], "test_seed": args["seed"]}
     lm = load_model(args["model"])
     lm.progress = False
     task, items = load_task(args["task"])
-    cfg = C.CrisprConfig(**{**args["config"], "search": False, "neurons": 0})
+    fields = set(C.CrisprConfig.__dataclass_fields__)
+    cfg = C.CrisprConfig(**{**{k: v for k, v in args["config"].items() if k in fields}, "search": False, "neurons": 0})
     _, test = C.split_dev_test(items, dev_fraction=cfg.dev_fraction, seed=cfg.split_seed)
-    test_items = C.sample_items(test, args["test_limit"], args["test_seed"])
-    if C.ids_hash(test_items) != summary["evaluation"]["test_ids_hash"]:
-        raise SystemExit(f"{run}: the re-drawn test items differ from the run's (test_ids_hash mismatch)")
+    if (run / "items.json").is_file():  # the runner stores the ids it evaluated: nothing is re-derived
+        by_id = {it.id: it for it in items}
+        test_items = [by_id[i] for i in json.loads((run / "items.json").read_text())["test"]]
+    else:  # a committed folder from before the runner: re-draw the sample and check it against the summary's hash
+        test_items = C.sample_items(test, args["test_limit"], args["test_seed"])
+        if C.ids_hash(test_items) != summary["evaluation"]["test_ids_hash"]:
+            raise SystemExit(f"{run}: the re-drawn test items differ from the run's (test_ids_hash mismatch)")
     return FinishedRun(run, args, summary, lm, patch, task, cfg, test, test_items)

@@ -22,20 +22,25 @@ def _pm(v, std) -> str:
     return _f(v) if std is None else f"{_f(v)} ± {_f(std)}"
 
 
-def metric_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the main table: one row per metric, a value and a method − control column per control."""
+def metric_rows(summary: dict, *, control_values: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table: one row per metric; per control its value (``control_values``) and the
+    method − control difference with its paired interval."""
     controls = summary.get("controls", {})
     head = ["metric", "set", "before", "after", "Δ after − before (95% CI)"]
     for name, c in controls.items():
         n = len(c.get("members", []))
-        head += [f"{name}" + (f" (mean of {n})" if n > 1 else ""), f"after − {name} (95% CI)"]
+        if control_values:
+            head.append(f"{name}" + (f" (mean of {n})" if n > 1 else ""))
+        head.append(f"after − {name} (95% CI)")
     rows = []
     for name, m in summary["metrics"].items():
         row = [name, m.get("set", ""), _pm(m["before"], m.get("std_before")), _pm(m["after"], m.get("std_after")),
                f"{_f(m['delta'])} {_ci(m.get('delta_ci95'))}"]
         for c in controls.values():
             cm = c["metrics"].get(name, {})
-            row += [_f(cm.get("after")), f"{_f(cm.get('method_minus_control'))} {_ci(cm.get('method_minus_control_ci95'))}"]
+            if control_values:
+                row.append(_f(cm.get("after")))
+            row.append(f"{_f(cm.get('method_minus_control'))} {_ci(cm.get('method_minus_control_ci95'))}")
         rows.append(row)
     return head, rows
 
@@ -64,7 +69,7 @@ def summary_tables(summary: dict, headline: str = ""):
     ev = summary["evaluation"]
     sizes = ", ".join(f"{k}: {v['n_items']}" for k, v in ev["sets"].items())
     t = Table(title=Text(f"{summary['method']} on {summary['task']}: {headline} ({sizes} items)"))
-    head, rows = metric_rows(summary)
+    head, rows = metric_rows(summary, control_values=False)   # the controls' own values are in the report
     for h in head:
         t.add_column(Text(h), overflow="fold")
     for r in rows:

@@ -17,7 +17,7 @@ _EXPORTS = {
                   "random_units", "golden_section_search", "choose_n", "accuracy_mean", "gold_prob_mean",
                   "condition_hmean", "search_objective_value"),
     "fitting": ("make_patch", "CrisprFit", "fit_details", "fit"),
-    "metrics": ("task_metrics", "per_instruction", "metric_values"),
+    "metrics": ("task_metrics", "per_instruction", "metric_values", "constant_answer"),
     "method": ("Crispr",),
 }
 __getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -56,6 +56,8 @@ class CrisprConfig:
     search_small: int = option(0, "also try every n in 1..K on dev (a deviation; guards against plateaus)")
     token_budget: int = option(1024, "tokens per attribution batch")
     control_seeds: int = option(3, "random-pruning control seeds (site-matched, never CRISPR's own units)")
+    constant_controls: bool = option(True, "also compare with always giving the same answer (each option letter, and "
+                                           "'unknown' on BBQ)")
     retention: bool = option(True, "audit the retention benchmarks before / after the patch")
     retention_benchmarks: tuple[str, ...] = option(DEFAULT_RETENTION, "retention benchmarks (comma-separated)")
     retention_limit: int | None = option(50, "items per retention benchmark")
@@ -104,7 +106,7 @@ class CrisprConfig:
         return CONVENTIONS[self.objective]
 
 
-RUN_SETTINGS = ("control_seeds", "retention", "retention_benchmarks", "retention_limit")   # evaluation, not fit
+RUN_SETTINGS = ("control_seeds", "constant_controls", "retention", "retention_benchmarks", "retention_limit")   # evaluation, not fit
 
 
 def fit_settings(cfg: CrisprConfig) -> dict:

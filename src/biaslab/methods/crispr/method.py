@@ -113,12 +113,25 @@ class Crispr(Method):
                         item_id=lambda it: it.id)]
 
     def controls(self, lm, task: TaskData, cfg: CrisprConfig, fit: FitResult) -> list[Control]:
+        out = self._random_control(lm, cfg, fit) if cfg.control_seeds else []
+        if cfg.constant_controls:
+            from ...tasks import LETTERS
+            from .metrics import constant_answer
+
+            n_opt = max(len(it.options) for it in task.data)
+            answers = list(range(n_opt)) + (["unknown"] if all("unknown" in it.meta for it in task.data) else [])
+            for a in answers:
+                name = f"always_{'unknown' if a == 'unknown' else LETTERS[a]}"
+                out.append(Control(name, f"always answering {'“unknown”' if a == 'unknown' else 'option ' + LETTERS[a]}"
+                                   " (no model: the before records with a constant answer)",
+                                   derive=lambda before, a=a: {"test": constant_answer(before["test"], a)}))
+        return out
+
+    def _random_control(self, lm, cfg: CrisprConfig, fit: FitResult) -> list[Control]:
         from ... import attribution as attr
         from ...patches import NeuronMaskPatch
         from .selection import random_units
 
-        if cfg.control_seeds == 0:
-            return []
         patch = fit.patch
         counts = {k: int(v.numel()) for k, v in patch.units.items()}
         chosen = {k: v.tolist() for k, v in patch.units.items()}

@@ -87,3 +87,14 @@ def metric_values(records: Sequence[dict], metrics: Sequence[MetricSpec]) -> dic
         per = [_safe(m.fn, [r for r in records if r.get("instruction", 0) == i]) for i in instr]
         out[m.name] = {"value": _safe(m.fn, records), "std_over_instructions": mean_std(per)[1], "per_instruction": per}
     return out
+
+
+def constant_answer(records: Sequence[dict], answer) -> list[dict]:
+    """The records of a model that always gives the same answer: option index ``answer``, or ``"unknown"`` (each
+    BBQ record's own "unknown" option). The constant-answer control: a patch that only moves the answer letter or
+    collapses onto "unknown" is no better than this."""
+    out = []
+    for r in records:
+        k = r["unknown"] if answer == "unknown" else answer
+        out.append({**r, "pred": k, "correct": int(r["gold"] == k)})
+    return out
