@@ -75,14 +75,16 @@ class AuditResult:
 
     def table(self):
         from rich.table import Table
+        from rich.text import Text
 
-        t = Table(title=f"biaslab audit — {self.results['model']['spec']}" + (" + patch" if self.results.get("patch") else ""))
+        # the model spec is user input: plain text, never rich markup
+        t = Table(title=Text(f"biaslab audit — {self.results['model']['spec']}" + (" + patch" if self.results.get("patch") else "")))
         for col in ("benchmark", "protocol", "metric", "value", "95% CI", "± std (instr.)", "n"):
             t.add_column(col, justify="right" if col in ("value", "95% CI", "n", "± std (instr.)") else "left")
         for b, sec in self.results["benchmarks"].items():
             for name, m in sec["metrics"].items():
                 ci = m.get("ci95")
-                t.add_row(b, sec["protocol"], name, _fmt(m.get("value")),
+                t.add_row(Text(b), Text(sec["protocol"]), Text(name), _fmt(m.get("value")),
                           f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–",
                           _fmt(m["std"]) if m.get("std") is not None else "", str(sec["n_items"]))
         return t

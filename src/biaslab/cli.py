@@ -12,9 +12,14 @@ from .commands._app import app, err_console, mitigate_app, probe_app  # noqa: F4
 from .errors import BiaslabError
 
 
+INTERRUPTED = "interrupted; finished work is kept in the run directory: rerun the same command to resume"
+
+
 def main() -> None:
+    """Run the CLI. Every BiaslabError is one line (exit 2); Ctrl-C prints how to resume (exit 130): the app runs
+    in non-standalone mode, because typer's standalone mode turns an interrupt into a silent exit 130."""
     try:
-        app()
+        rv = app(standalone_mode=False)
     except BiaslabError as e:
         if os.environ.get("BIASLAB_DEBUG"):
             raise
@@ -22,8 +27,21 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted; finished work is kept in the run directory, rerun the same command to resume")
+        err_console.print(INTERRUPTED, markup=False, highlight=False)
         sys.exit(130)
+    except Exception as e:  # click's usage errors and aborts, shown as typer shows them
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(e)
+            sys.exit(e.exit_code)
+        if type(e).__name__ == "Abort":
+            err_console.print("Aborted.", markup=False)
+            sys.exit(1)
+        raise
+    if rv == 130:  # typer turned a Ctrl-C inside a command into Exit(130)
+        err_console.print(INTERRUPTED, markup=False, highlight=False)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -53,10 +53,20 @@ class Patch:
                 "a patch only loads onto the exact base model it was made for.")
 
     # ---- apply / remove
+    def validate(self) -> "Patch":
+        """Check the patch's own tensors and params (dtype, rank, ranges, pairing) — without a model. Called when a
+        patch is loaded and before it is applied; a kind overrides it. Returns self."""
+        for k, v in self.tensors.items():
+            if not torch.is_tensor(v):
+                raise BiaslabError(f"{self.kind} patch: {k} is not a tensor")
+        return self
+
     @contextmanager
     def applied(self, lm):
-        """Apply to ``lm`` for the duration of the block; every weight is restored bit-for-bit on exit."""
+        """Apply to ``lm`` for the duration of the block; every weight is restored bit-for-bit on exit. Everything
+        is validated before the model is touched, so a patch that does not fit leaves the model as it was."""
         self.check_base(lm)
+        self.validate()
         undo = self._apply(lm)
         try:
             yield lm
@@ -73,19 +83,31 @@ class Patch:
     EXPORT_PROBE = "The doctor told the nurse that the results would be ready by Friday."
     EXPORT_ATOL = 1e-3    # |logit| difference allowed between the exported directory and the patched model
 
-    def export(self, lm, out_dir, *, verify: bool = True) -> Path:
+    def export(self, lm, out_dir, *, verify: bool = True, force: bool = False) -> Path:
         """Bake into a plain Hugging Face model directory (loads with transformers alone).
 
         With ``verify`` (default) the written directory is loaded back with transformers alone (the model's own
         class, no biaslab hooks) and its logits on :attr:`EXPORT_PROBE` are compared with the patched model's;
         a difference above :attr:`EXPORT_ATOL` is an error and nothing is written to ``out_dir``. The check is
-        recorded in ``biaslab_patch.json`` (``export_check``)."""
+        recorded in ``biaslab_patch.json`` (``export_check``).
+
+        ``out_dir`` must be new, empty, or a previous export of biaslab's own (replaced). A directory biaslab did
+        not create is refused; with ``force`` the export's files are added to it, but never over a file that is
+        already there, and nothing in it is deleted."""
         import shutil
+
+        from .outputs import EXPORT_MARK, check_target
 
         if not self.exportable:
             raise BiaslabError(f"a {self.kind} patch cannot be exported to a plain model directory")
         self.check_base(lm)
-        out = Path(out_dir)
+        out = check_target(out_dir).absolute()
+        existing = sorted(x.name for x in out.iterdir()) if out.is_dir() else []
+        own = (out / EXPORT_MARK).is_file()
+        if existing and not own and not force:
+            raise BiaslabError(f"{out} is not empty and is not a biaslab export (it holds {', '.join(existing[:5])}"
+                               f"{' …' if len(existing) > 5 else ''}); choose a new --out (biaslab never deletes a "
+                               "directory it did not create; --force adds the export's files beside them)")
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         info = self.describe()
         try:
@@ -95,13 +117,26 @@ class Patch:
                 lm.tokenizer.save_pretrained(tmp)
                 if verify:
                     info["export_check"] = self._verify_export(lm, tmp)
-            (tmp / "biaslab_patch.json").write_text(json.dumps(info, indent=2))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            (tmp / EXPORT_MARK).write_text(json.dumps(info, indent=2))
+            if not existing:
+                if out.exists():
+                    out.rmdir()
+                os.replace(tmp, out)
+            elif own:  # a previous export of biaslab's own: replaced whole
+                shutil.rmtree(out)
+                os.replace(tmp, out)
+            else:      # --force into a directory biaslab did not create: add files, overwrite none
+                clash = sorted(x.name for x in tmp.iterdir() if (out / x.name).exists())
+                if clash:
+                    raise BiaslabError(f"{out} already holds {', '.join(clash)}, which the export would overwrite; "
+                                       "choose a new --out")
+                for x in tmp.iterdir():
+                    os.replace(x, out / x.name)
+                tmp.rmdir()
+        except OSError as e:
+            raise BiaslabError(f"cannot write the export to {out}: {e.strerror or e}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)   # nothing half-written is left behind
         return out
 
     def _verify_export(self, lm, path: Path) -> dict:
@@ -159,9 +194,23 @@ def load_patch(path) -> Patch:
     if "biaslab.kind" not in meta:
         raise BiaslabError(f"{path} is a safetensors file but not a biaslab patch (no 'biaslab.kind' metadata)")
     cls = PATCH_KINDS.get(meta["biaslab.kind"])
-    info = json.loads(meta["biaslab.meta"])
-    return cls(base_fingerprint=info["base_fingerprint"], base_spec=info.get("base_spec", ""),
-               params=info.get("params", {}), provenance=info.get("provenance", {}), tensors=tensors)
+    try:
+        info = json.loads(meta.get("biaslab.meta", ""))
+    except ValueError:
+        raise BiaslabError(f"{path}: the patch metadata 'biaslab.meta' is not JSON; the file is damaged") from None
+    if not isinstance(info, dict):
+        raise BiaslabError(f"{path}: the patch metadata 'biaslab.meta' is not a JSON object; the file is damaged")
+    if not isinstance(info.get("base_fingerprint"), str) or not info["base_fingerprint"]:
+        raise BiaslabError(f"{path}: the patch metadata has no 'base_fingerprint' (the base model it was made for); "
+                           "a patch without one is never applied")
+    for key in ("params", "provenance"):
+        if not isinstance(info.get(key, {}), dict):
+            raise BiaslabError(f"{path}: the patch metadata field {key!r} is not an object")
+    try:
+        return cls(base_fingerprint=info["base_fingerprint"], base_spec=str(info.get("base_spec", "")),
+                   params=info.get("params", {}), provenance=info.get("provenance", {}), tensors=tensors).validate()
+    except BiaslabError as e:
+        raise BiaslabError(f"{path}: {e}") from None
 
 
 class NeuronMaskPatch(Patch):
@@ -187,6 +236,21 @@ class NeuronMaskPatch(Patch):
 
     def is_identity(self) -> bool:
         return self.n_neurons == 0
+
+    def validate(self) -> "NeuronMaskPatch":
+        if self.params.get("sites", "ffn") not in ("ffn", "linear"):
+            raise BiaslabError(f"neuron-mask patch: unknown site kind {self.params.get('sites')!r} (ffn or linear)")
+        for k, v in self.tensors.items():
+            if not k.startswith("units."):
+                raise BiaslabError(f"neuron-mask patch: unexpected tensor {k!r} (only units.<site>)")
+            if v.dtype not in (torch.int64, torch.int32) or v.dim() != 1 or v.numel() == 0:
+                raise BiaslabError(f"neuron-mask patch: {k} must be a non-empty 1-D integer tensor of unit indices, "
+                                   f"got dtype {v.dtype}, shape {tuple(v.shape)}")
+            if int(v.min()) < 0:
+                raise BiaslabError(f"neuron-mask patch: {k} holds the negative unit index {int(v.min())}")
+            if v.unique().numel() != v.numel():
+                raise BiaslabError(f"neuron-mask patch: {k} repeats a unit index")
+        return self
 
     def _apply(self, lm):
         from .interventions import overwrite
@@ -218,6 +282,12 @@ class WeightsPatch(Patch):
         tensors = {f"param.{prefix + '.' if prefix else ''}{k}": v.detach().cpu().clone() for k, v in state.items()}
         return cls(base_fingerprint=lm.fingerprint, base_spec=lm.spec, params=params, provenance=provenance,
                    tensors=tensors)
+
+    def validate(self) -> "WeightsPatch":
+        for k, v in self.tensors.items():
+            if not k.startswith("param.") or not v.is_floating_point():
+                raise BiaslabError(f"weights patch: {k!r} must be a floating-point tensor named param.<parameter>")
+        return self
 
     def _targets(self, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
         named = dict(model.named_parameters())

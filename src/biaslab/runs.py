@@ -18,18 +18,31 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from .errors import RunConflictError
+from .errors import BiaslabError
+from .outputs import DirLock, check_target, claim_run_dir, preflight
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename: never half-written; on any failure (a full
+    disk, a read-only directory) the temp file is removed and one clear error names the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise BiaslabError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -85,16 +98,26 @@ def _parse_journal(path: Path) -> tuple[dict[tuple[str, int], list[dict]], list[
     pending: dict[tuple[str, int], list[dict]] = {}
     kept_lines: list[str] = []
     torn = False
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    for raw in lines:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError:
+        raise BiaslabError(f"{path} is not a biaslab journal (not UTF-8 text); move it away or choose another --out") from None
+    last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
+    for i, raw in enumerate(lines):
         if not raw.strip():
             continue
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError:
-            torn = True
-            break  # a torn last line from an interrupted write
+            if i == last:
+                torn = True
+                break  # a torn last line from an interrupted write
+            raise BiaslabError(f"{path}, line {i + 1}: not JSON — the journal was edited or damaged; move the run "
+                               "directory away or choose another --out") from None
+        if not isinstance(obj, dict) or "benchmark" not in obj or not ("chunk_done" in obj or "chunk" in obj):
+            raise BiaslabError(f"{path}, line {i + 1}: not a biaslab journal record (expected an object with "
+                               "'benchmark' and 'chunk'); move the run directory away or choose another --out")
         if "chunk_done" in obj:
             key = (obj["benchmark"], obj["chunk_done"])
             recs = pending.pop(key, [])
@@ -117,27 +140,22 @@ class RunDir:
     """One run directory. ``args`` identifies the run: a rerun must pass equal args to resume."""
 
     def __init__(self, path, args: dict, *, force: bool = False, extra_manifest: dict | None = None):
-        self.path = Path(path)
+        self.path = check_target(path)
         self.args = json.loads(json.dumps(args, default=_json_default))
+        preflight(self.path)  # refuse a foreign directory before writing anything into it
         self.path.mkdir(parents=True, exist_ok=True)
-        mpath = self.path / "manifest.json"
-        if mpath.exists():
-            old = json.loads(mpath.read_text())
-            if old.get("args") != self.args:
-                if not force:
-                    diff = sorted(k for k in set(old.get("args", {})) | set(self.args)
-                                  if old.get("args", {}).get(k) != self.args.get(k))
-                    raise RunConflictError(
-                        f"{self.path} holds a run made with different arguments (differs in: {', '.join(diff)}); "
-                        "choose another --out, or pass --force to overwrite it.")
-                for name in ("records.jsonl", "results.json", "report.html"):
-                    (self.path / name).unlink(missing_ok=True)
+        self.lock = DirLock(self.path).acquire()
+        try:
+            _, old = claim_run_dir(self.path, self.args, force=force)
+        except BaseException:
+            self.lock.release()
+            raise
         self.manifest = {"args": self.args, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          "status": "running", "environment": environment_info(), "timings_s": {}, **(extra_manifest or {})}
-        if mpath.exists():
-            old = json.loads(mpath.read_text())
+        if old is not None:
             self.manifest["created"] = old.get("created", self.manifest["created"])
             self.manifest["timings_s"] = old.get("timings_s", {})
+        self._results: dict | None = None
         self._records: dict[str, dict[int, list[dict]]] = {}
         self._load_journal()
         self.write_manifest()
@@ -165,18 +183,26 @@ class RunDir:
     def append_chunk(self, benchmark: str, chunk: int, records: list[dict]) -> None:
         lines = [json.dumps({**r, "benchmark": benchmark, "chunk": chunk}, default=_json_default) for r in records]
         lines.append(json.dumps({"benchmark": benchmark, "chunk_done": chunk}))
-        with open(self.journal, "a", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.journal, "a", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in lines))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise BiaslabError(f"cannot write {self.journal}: {e.strerror or e}") from None
         self._records.setdefault(benchmark, {})[chunk] = [{**r, "benchmark": benchmark, "chunk": chunk} for r in records]
 
     # ---- results
     def write_results(self, results: dict) -> None:
-        atomic_write_json(self.path / "results.json", clean_nan(results))
+        """results.json, marked ``"complete": false`` until :meth:`finish` (a killed run's file never looks final)."""
+        self._results = results
+        atomic_write_json(self.path / "results.json", clean_nan({**results, "complete": False}))
 
     def finish(self, **updates) -> None:
+        if self._results is not None:
+            atomic_write_json(self.path / "results.json", clean_nan({**self._results, "complete": True}))
         self.write_manifest(status="finished", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), **updates)
+        self.lock.release()
 
 
 JOURNAL_FIELDS = ("benchmark", "chunk")

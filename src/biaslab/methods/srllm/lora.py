@@ -323,6 +323,25 @@ class LoraPatch(Patch):
             raise BiaslabError("corrupt lora patch: it holds no lora_A/lora_B tensors")
         return out
 
+    def validate(self) -> "LoraPatch":
+        mods = self.modules()   # every lora_A has its lora_B
+        for k in self.tensors:
+            if not (k.startswith("lora_A.") or k.startswith("lora_B.")):
+                raise BiaslabError(f"lora patch: unexpected tensor {k!r}")
+            if k.startswith("lora_B.") and k[len("lora_B."):] not in mods:
+                raise BiaslabError(f"corrupt lora patch: {k} has no matching lora_A")
+        for name, (a, b) in mods.items():
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not (a.is_floating_point() and b.is_floating_point()):
+                raise BiaslabError(f"lora patch: {name} needs float A (r × in) and B (out × r), got A {tuple(a.shape)}, "
+                                   f"B {tuple(b.shape)}")
+        try:
+            s = self.scale
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            raise BiaslabError("lora patch: params need 'scale' or 'alpha' and 'r'") from None
+        if not s == s:
+            raise BiaslabError("lora patch: the scale is NaN")
+        return self
+
     def _targets(self, model) -> list[tuple[str, torch.nn.Linear, torch.Tensor, torch.Tensor]]:
         found = []
         for name, (a, b) in self.modules().items():
