@@ -119,9 +119,21 @@ def audit(model="smollm2-135m-instruct", benchmarks="all", *, limit: int | None 
     patch: a Patch or a patch file applied while scoring. With ``out``, writes a resumable run directory."""
     from .models import LanguageModel, load_model
 
-    if limit is not None and limit <= 0:
-        raise BiaslabError(f"--limit must be a positive number of items, got {limit}")
+    from .evaluation.method import check_positive
+    from .outputs import check_target, preflight
+
+    check_positive("--limit", limit)
+    check_positive("--n-boot", n_boot, allow_none=False, allow_zero=True)
     names = parse_benchmarks(benchmarks)
+    if instructions is not None and "bbq" not in names:
+        raise BiaslabError(f"--instructions sets the BBQ instruction paraphrases, but bbq is not being run "
+                           f"({', '.join(names)}); drop --instructions or add bbq to --bench")
+    if out is not None:  # an output directory that cannot be used fails before the model loads
+        preflight(check_target(out))
+    if patch is not None and not hasattr(patch, "applied"):
+        pp = Path(patch)
+        if not pp.is_file():
+            raise BiaslabError(f"--patch {pp}: {'a directory, not a patch file' if pp.is_dir() else 'no such file'}")
     protocols = dict(protocols or {})
     for b in protocols:
         if b not in names:

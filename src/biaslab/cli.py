@@ -27,7 +27,7 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print(INTERRUPTED, markup=False, highlight=False)
+        err_console.print(INTERRUPTED, markup=False, highlight=False, soft_wrap=True)
         sys.exit(130)
     except Exception as e:  # click's usage errors and aborts, shown as typer shows them
         if hasattr(e, "show") and hasattr(e, "exit_code"):
@@ -40,7 +40,7 @@ def main() -> None:
             sys.exit(1)
         raise
     if rv == 130:  # typer turned a Ctrl-C inside a command into Exit(130)
-        err_console.print(INTERRUPTED, markup=False, highlight=False)
+        err_console.print(INTERRUPTED, markup=False, highlight=False, soft_wrap=True)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -52,6 +52,9 @@ def read_jsonl(path: Path, required: Iterable[str] = ()) -> list[dict]:
                 raise DataError(path, n, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(path, n, None, "expected a JSON object")
+            if "_line" in row:
+                raise DataError(path, n, "_line", "this field name is reserved (biaslab records each row's line "
+                                "number in it); rename the field")
             check_fields(row, required, path, n)
             row["_line"] = n
             rows.append(row)

@@ -103,7 +103,7 @@ class Patch:
         self.check_base(lm)
         out = check_target(out_dir).absolute()
         existing = sorted(x.name for x in out.iterdir()) if out.is_dir() else []
-        own = (out / EXPORT_MARK).is_file()
+        own = _own_export(out, existing)
         if existing and not own and not force:
             raise BiaslabError(f"{out} is not empty and is not a biaslab export (it holds {', '.join(existing[:5])}"
                                f"{' …' if len(existing) > 5 else ''}); choose a new --out (biaslab never deletes a "
@@ -117,6 +117,8 @@ class Patch:
                 lm.tokenizer.save_pretrained(tmp)
                 if verify:
                     info["export_check"] = self._verify_export(lm, tmp)
+            info["export_files"] = sorted(x.name for x in tmp.iterdir()) + [EXPORT_MARK]
+            info["export_created_directory"] = not existing   # only then may a later export replace it whole
             (tmp / EXPORT_MARK).write_text(json.dumps(info, indent=2))
             if not existing:
                 if out.exists():
@@ -177,6 +179,20 @@ class Patch:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
         return path
+
+
+def _own_export(out: Path, existing: list[str]) -> bool:
+    """A directory biaslab's export created and that holds nothing but the files that export wrote."""
+    from .outputs import EXPORT_MARK
+
+    if EXPORT_MARK not in existing:
+        return False
+    try:
+        info = json.loads((out / EXPORT_MARK).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (isinstance(info, dict) and info.get("export_created_directory") is True
+            and set(existing) <= set(info.get("export_files") or ()))
 
 
 def load_patch(path) -> Patch:

@@ -23,5 +23,10 @@ def parse_kv(values: list[str] | None, flag: str) -> dict[str, str]:
         if "=" not in v:
             raise BiaslabError(f"{flag} expects BENCH=VALUE, got {v!r}")
         k, _, val = v.partition("=")
-        out[k.strip()] = val.strip()
+        k, val = k.strip(), val.strip()
+        if not k or not val:
+            raise BiaslabError(f"{flag} expects BENCH=VALUE with both parts, got {v!r}")
+        if k in out and out[k] != val:
+            raise BiaslabError(f"{flag} is given twice for {k} ({out[k]!r} and {val!r}); give it once")
+        out[k] = val
     return out

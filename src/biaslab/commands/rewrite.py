@@ -35,6 +35,12 @@ def rewrite_cmd(
     for i, t in enumerate(texts):
         if not t.strip():
             raise BiaslabError(f"text {i + 1} is empty: nothing to rewrite")
+    if output is not None:
+        if output.is_dir():
+            raise BiaslabError(f"--output {output} is a directory; name a file to write the rewrites to")
+        if output.exists():
+            raise BiaslabError(f"--output {output} already exists; biaslab never overwrites a file it did not write — "
+                               "choose a new file name")
     if max_input_tokens < 1 or max_new_tokens < 1:
         raise BiaslabError("--max-input-tokens and --max-new-tokens must be positive")
     from ..methods.srllm.rewriting import rewrite
@@ -48,10 +54,10 @@ def rewrite_cmd(
     lm = load_model(model)
     res = rewrite(lm, texts, patch=p, max_input_tokens=max_input_tokens, max_new_cap=max_new_tokens)
     for n in res.notices:
-        err_console.print(f"[yellow]notice:[/] {n}", highlight=False)
+        err_console.print(f"notice: {n}", highlight=False, markup=False)
     if output:
         atomic_write_text(output, "".join(json.dumps({"input": t, "rewrite": r}) + "\n" for t, r in zip(texts, res.rewrites)))
-        console.print(f"{len(texts)} rewrites → {output}")
+        console.print(f"{len(texts)} rewrites → {output}", markup=False, highlight=False)
     else:
         for r in res.rewrites:
             console.print(r, highlight=False, markup=False)

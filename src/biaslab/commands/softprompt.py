@@ -62,8 +62,8 @@ def softprompt(
     console.print(t)
     console.print(f"flagged (category, group, FPR metric): {len(res['flags']['soft'])}")
     for c, g, m in res["flags"]["soft"]:
-        console.print(f"  {c} / {g} / {m}: gap {res['fairness']['soft'][c]['groups'][g][m]['mean']:+.3f}")
+        console.print(f"  {c} / {g} / {m}: gap {res['fairness']['soft'][c]['groups'][g][m]['mean']:+.3f}", markup=False)
     if res.get("comparison"):
         e = res["comparison"]["hand_ensemble_vs_soft"]
         console.print(f"hand-written prompts as runs: flags kept {e['kept']}, lost {e['lost']}, gained {e['gained']}")
-    console.print(f"CPU {res['cpu_s']['total']} s; run directory: {out}")
+    console.print(f"CPU {res['cpu_s']['total']} s; run directory: {out}", markup=False, highlight=False)

@@ -150,8 +150,9 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     check_positive("--n-boot", n_boot, allow_none=False, allow_zero=True)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise BiaslabError(f"--seed must be an integer, got {seed!r}")
-    if str(out).strip() == "":
-        raise BiaslabError("--out is empty: name a run directory")
+    from ..outputs import check_target, preflight
+
+    preflight(check_target(out))   # a file, or a directory biaslab did not make, fails before the model loads
     say = console.print if console is not None else (lambda *a, **k: None)
     t0, timings = time.perf_counter(), {}
 

@@ -298,7 +298,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
                 f"could not load model {spec!r} from {where} (biaslab never downloads at run time; "
                 f"put the model in a local directory or the HF cache first): {str(e)[:300]}"
             ) from None
-        except (ValueError, RuntimeError, KeyError) as e:  # e.g. a truncated model.safetensors
+        except Exception as e:  # e.g. a truncated model.safetensors (safetensors' own error type)
             raise BiaslabError(f"could not load model {spec!r}: its files are damaged or not a model transformers "
                                f"reads ({type(e).__name__}: {str(e)[:200]})") from None
     meta = json.loads(meta_f.read_text()) if meta_f is not None else {}
