@@ -83,7 +83,7 @@ class Patch:
     EXPORT_PROBE = "The doctor told the nurse that the results would be ready by Friday."
     EXPORT_ATOL = 1e-3    # |logit| difference allowed between the exported directory and the patched model
 
-    def export(self, lm, out_dir, *, verify: bool = True, force: bool = False) -> Path:
+    def export(self, lm, out_dir, *, verify: bool = True, force: bool = False, summary: dict | None = None) -> Path:
         """Bake into a plain Hugging Face model directory (loads with transformers alone).
 
         With ``verify`` (default) the written directory is loaded back with transformers alone (the model's own
@@ -93,7 +93,8 @@ class Patch:
 
         ``out_dir`` must be new, empty, or a previous export of biaslab's own (replaced). A directory biaslab did
         not create is refused; with ``force`` the export's files are added to it, but never over a file that is
-        already there, and nothing in it is deleted."""
+        already there, and nothing in it is deleted. A model card (``README.md``) is written with it; ``summary`` (the
+        run's summary.json) adds the before / after evidence to the card."""
         import shutil
 
         from .outputs import EXPORT_MARK, check_target
@@ -117,6 +118,10 @@ class Patch:
                 lm.tokenizer.save_pretrained(tmp)
                 if verify:
                     info["export_check"] = self._verify_export(lm, tmp)
+            from .signoff.model_card import model_card
+
+            (tmp / "README.md").write_text(model_card(self, summary, export_check=info.get("export_check")),
+                                           encoding="utf-8")
             info["export_files"] = sorted(x.name for x in tmp.iterdir()) + [EXPORT_MARK]
             info["export_created_directory"] = not existing   # only then may a later export replace it whole
             (tmp / EXPORT_MARK).write_text(json.dumps(info, indent=2))

@@ -102,6 +102,27 @@ def paired_bootstrap(before: Sequence[dict], after: Sequence[dict], metric: Metr
     return out
 
 
+def unpaired_bootstrap(a: Sequence[dict], b: Sequence[dict], metric: Metric, *, n_boot: int = DEFAULT_BOOT,
+                       seed: int = DEFAULT_SEED, level: float = 0.95, cluster_key: str = "id") -> dict:
+    """Difference ``metric(b) − metric(a)`` of two independent samples (other items): each side resampled on its
+    own. Returns a, b, delta, delta_ci95."""
+    a_ids, a_groups = _clusters(a, cluster_key)
+    b_ids, b_groups = _clusters(b, cluster_key)
+    va, vb = _safe(metric, a), _safe(metric, b)
+    out = {"before": va, "after": vb, "delta": vb - va, "delta_ci95": None}
+    if not a_ids or not b_ids or n_boot <= 0:
+        return out
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(n_boot)
+    for k in range(n_boot):
+        pa = rng.integers(0, len(a_ids), len(a_ids))
+        pb = rng.integers(0, len(b_ids), len(b_ids))
+        deltas[k] = (_safe(metric, [r for j in pb for r in b_groups[b_ids[j]]])
+                     - _safe(metric, [r for j in pa for r in a_groups[a_ids[j]]]))
+    out["delta_ci95"] = _ci(deltas, level)
+    return out
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0 for one value), ignoring NaN."""
     v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)

@@ -88,6 +88,9 @@ def export(
                                      "with the patched model's (default on; needs memory for a second copy)"),
     force: bool = typer.Option(False, "--force", help="write into an existing directory biaslab did not create "
                                                       "(adding files, overwriting and deleting none)"),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="the run's summary.json for the model card "
+                                                                   "(default: the one beside the patch, if it is this "
+                                                                   "patch's run)"),
 ):
     """Bake a patch into a plain Hugging Face model directory (loads with transformers alone)."""
     import json
@@ -99,10 +102,105 @@ def export(
 
     check_target(out)  # a bad --out fails before the model loads
     p = load_patch(patch)
+    card = _run_summary(summary, patch, p)
     lm = load_model(model)
-    path = p.export(lm, out, verify=verify, force=force)
+    path = p.export(lm, out, verify=verify, force=force, summary=card)
     console.print(f"exported {p.kind} patch onto {model} → {path}", markup=False, highlight=False)
     if verify:
         chk = json.loads((path / "biaslab_patch.json").read_text())["export_check"]
         console.print(f"verified: reloaded with {chk['loaded_with']}, max |logit difference| from the patched model "
                       f"{chk['max_abs_logit_diff']:.2g} (allowed {chk['atol']:g})", highlight=False)
+
+
+def _run_summary(summary: Path | None, patch_file: Path, patch) -> dict | None:
+    """The summary.json that documents ``patch`` (given, or beside the patch file), checked to be about it."""
+    import json
+
+    f = summary or patch_file.parent / "summary.json"
+    if not f.is_file():
+        if summary is not None:
+            raise BiaslabError(f"--summary {summary}: no such file")
+        return None
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise BiaslabError(f"{f} is not readable JSON") from None
+    same = doc.get("patch", {}).get("base_fingerprint") == patch.base_fingerprint and \
+        doc.get("patch", {}).get("params") == json.loads(json.dumps(patch.params))
+    if not same:
+        if summary is not None:
+            raise BiaslabError(f"--summary {summary} describes another patch than {patch_file}")
+        return None
+    return doc
+
+
+@app.command()
+def check(
+    run: Path = typer.Argument(..., help="a finished run directory (an audit or a mitigation)"),
+    policy: str = typer.Option("default", "--policy", help="a policy YAML file, or a shipped policy name"),
+    format: str = typer.Option("table", "--format", help="table | json"),
+):
+    """Check a run against a release policy: PASS / FAIL / INCONCLUSIVE per rule; exit 0 / 1 / 3."""
+    import json
+
+    from ..signoff.policy import EXIT_CODES, check as run_check, format_line, load_policy, load_run, overall
+
+    if format not in ("table", "json"):
+        raise BiaslabError(f"--format must be table or json, got {format!r}")
+    rules = load_policy(policy)
+    results = run_check(load_run(run), rules)
+    status = overall(results)
+    if format == "json":
+        console.print_json(json.dumps({"run": str(run), "policy": policy, "status": status, "rules": results}))
+    else:
+        for r in results:
+            console.print(format_line(r), markup=False, highlight=False, soft_wrap=True)
+        console.print(f"{status}: {sum(r['status'] == 'PASS' for r in results)} pass, "
+                      f"{sum(r['status'] == 'FAIL' for r in results)} fail, "
+                      f"{sum(r['status'] == 'INCONCLUSIVE' for r in results)} inconclusive, "
+                      f"{sum(r['status'] == 'SKIP' for r in results)} not measured "
+                      f"(policy {policy}, run {run})", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_CODES[status])
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="two or more run directories (audits, mitigations, or states such as "
+                                                "DIR/before DIR/after)"),
+    format: str = typer.Option("table", "--format", help="table | markdown | csv | json"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write compare.json and compare.html here"),
+    n_boot: int = typer.Option(1000, "--n-boot"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Compare runs side by side: values with intervals, differences from the first run (paired where the items
+    are the same)."""
+    from ..evaluation.method import check_positive
+    from ..outputs import check_target, preflight
+    from ..signoff.compare import FORMATS, compare_runs, render, table_rows, write_html
+
+    if format not in FORMATS:
+        raise BiaslabError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    check_positive("--n-boot", n_boot, allow_none=False, allow_zero=True)
+    if out is not None:
+        preflight(check_target(out))
+    res = compare_runs(runs, n_boot=n_boot, seed=seed)
+    if format == "table":
+        from rich.text import Text
+
+        head, rows = table_rows(res)
+        t = Table(title="biaslab compare")
+        for h in head:
+            t.add_column(Text(h), overflow="fold")
+        for r in rows:
+            t.add_row(*[Text(c) for c in r])
+        console.print(t)
+        for k, r in enumerate(res["runs"]):
+            console.print(f"run {k + 1}: {r}", markup=False, highlight=False)
+    else:
+        print(render(res, format), end="")
+    if out is not None:
+        from ..runs import atomic_write_json
+
+        atomic_write_json(out / "compare.json", res)
+        write_html(res, out / "compare.html")
+        console.print(f"compare.json and compare.html in {out}", markup=False, highlight=False)

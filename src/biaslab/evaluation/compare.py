@@ -43,14 +43,27 @@ def _paired(a, b, spec, n_boot, seed) -> dict:
     return {k: r[k] for k in ("before", "after", "delta", "delta_ci95", "p", "n_items")}
 
 
+def with_verdict(block: dict, before, after, spec: MetricSpec, *, n_boot: int, seed: int) -> dict:
+    """``block`` with, for an ideal-valued metric, the paired change of |value − ideal|, and the verdict
+    (:mod:`biaslab.signoff.verdicts`)."""
+    from ..signoff.verdicts import distance_fn, verdict
+
+    if spec.direction == "ideal":
+        d = stats.paired_bootstrap(before, after, distance_fn(spec.fn, spec.ideal), n_boot=n_boot, seed=seed)
+        block["distance_to_ideal"] = {k: d[k] for k in ("before", "after", "delta", "delta_ci95")}
+    block["verdict"] = verdict(block)
+    return block
+
+
 def compare_metric(before: Sequence[dict], after: Sequence[dict], spec: MetricSpec, set_name: str, *,
                    n_boot: int, seed: int) -> dict:
-    """The summary's metric block: before, after, delta with its paired interval, p, and the metric's meaning."""
+    """The summary's metric block: before, after, delta with its paired interval, p, the metric's meaning and the
+    verdict."""
     block = {"set": set_name, **_paired(before, after, spec, n_boot, seed), **spec.describe()}
     sb, sa = std_over_instructions(before, spec), std_over_instructions(after, spec)
     if sb is not None or sa is not None:
         block["std_before"], block["std_after"] = sb, sa
-    return block
+    return with_verdict(block, before, after, spec, n_boot=n_boot, seed=seed)
 
 
 def pool_members(member_records: Sequence[Sequence[dict]]) -> list[dict]:
@@ -71,7 +84,7 @@ def compare_control(before: Sequence[dict], after: Sequence[dict], members: Sequ
     stds = [std_over_instructions(rs, spec) for rs in members]
     if any(s is not None for s in stds):
         block["per_member_std"] = stds
-    return block
+    return with_verdict(block, before, pooled, spec, n_boot=n_boot, seed=seed)
 
 
 def retention_comparison(lm, patch, benchmarks: Sequence[str], *, limit: int | None, seed: int, n_boot: int,
@@ -104,11 +117,12 @@ def retention_comparison(lm, patch, benchmarks: Sequence[str], *, limit: int | N
             r = _paired(b, a, spec, n_boot, seed)
             ci = sec["metrics"][mdef.name].get("ci95")
             width = (ci[1] - ci[0]) if ci else None
-            block = {**r, "before_ci95": ci, "before_ci_width": width, **spec.describe(),
+            block = {**r, "before_ci95": ci, "after_ci95": ra.results["benchmarks"][bname]["metrics"][mdef.name].get("ci95"),
+                     "before_ci_width": width, **spec.describe(),
                      "within_ci_width": (abs(r["delta"]) <= width) if width is not None and r["delta"] == r["delta"] else None}
             if mdef.name == "perplexity" and r["before"]:
                 block.update(relative_change(b, a, mdef.fn, n_boot=n_boot, seed=seed))
-            res[bname]["metrics"][mdef.name] = block
+            res[bname]["metrics"][mdef.name] = with_verdict(block, b, a, spec, n_boot=n_boot, seed=seed)
     return res
 
 

@@ -124,6 +124,10 @@ class Method:
     def controls(self, lm, task: TaskData, cfg, fit: FitResult) -> list[Control]:
         return []
 
+    def metrics_for(self, task: TaskData, cfg) -> dict[str, list]:
+        """{evaluation set: its MetricSpecs}, without a model (``biaslab compare`` of a run's states)."""
+        raise NotImplementedError(f"{self.name} does not list its metrics without a model")
+
     def retention(self, cfg) -> RetentionPlan | None:
         return None
 

@@ -26,7 +26,7 @@ def metric_rows(summary: dict, *, control_values: bool = True) -> tuple[list[str
     """Header and rows of the main table: one row per metric; per control its value (``control_values``) and the
     method − control difference with its paired interval."""
     controls = summary.get("controls", {})
-    head = ["metric", "set", "before", "after", "Δ after − before (95% CI)"]
+    head = ["metric", "set", "before", "after", "Δ after − before (95% CI)", "verdict"]
     for name, c in controls.items():
         n = len(c.get("members", []))
         if control_values:
@@ -35,7 +35,7 @@ def metric_rows(summary: dict, *, control_values: bool = True) -> tuple[list[str
     rows = []
     for name, m in summary["metrics"].items():
         row = [name, m.get("set", ""), _pm(m["before"], m.get("std_before")), _pm(m["after"], m.get("std_after")),
-               f"{_f(m['delta'])} {_ci(m.get('delta_ci95'))}"]
+               f"{_f(m['delta'])} {_ci(m.get('delta_ci95'))}", m.get("verdict", "")]
         for c in controls.values():
             cm = c["metrics"].get(name, {})
             if control_values:
@@ -50,14 +50,24 @@ def retention_rows(summary: dict) -> list[list[str]]:
     for b, sec in ((summary.get("retention") or {}).get("benchmarks") or {}).items():
         for name, m in sec["metrics"].items():
             rows.append([b, name, _f(m["before"]), _f(m["after"]), f"{_f(m['delta'])} {_ci(m.get('delta_ci95'))}",
-                         _f(m.get("before_ci_width"))])
+                         m.get("verdict", ""), _f(m.get("before_ci_width"))])
             if m.get("relative_change") is not None:
                 rows.append([b, f"{name}, relative change", "", "", f"{_f(m['relative_change'])} "
-                             f"{_ci(m.get('relative_change_ci95'))}", ""])
+                             f"{_ci(m.get('relative_change_ci95'))}", "", ""])
     return rows
 
 
-RETENTION_HEAD = ["benchmark", "metric", "before", "after", "Δ (95% CI)", "width of before's 95% CI"]
+RETENTION_HEAD = ["benchmark", "metric", "before", "after", "Δ (95% CI)", "verdict", "width of before's 95% CI"]
+
+
+def policy_lines(summary: dict) -> list[str]:
+    from ..signoff.policy import format_line
+
+    pol = summary.get("policy")
+    if not pol:
+        return []
+    return [f"policy {pol['policy']}: {pol['status']}"] + ["  " + format_line(r) for r in pol["rules"]
+                                                          if r["status"] != "SKIP"]
 
 
 def summary_tables(summary: dict, headline: str = ""):
@@ -83,6 +93,9 @@ def summary_tables(summary: dict, headline: str = ""):
         for row in rr:
             r.add_row(*[Text(c) for c in row])
         out.append(r)
+    lines = policy_lines(summary)
+    if lines:
+        out.append(Text("\n".join(lines)))
     return out
 
 
@@ -103,6 +116,13 @@ def write_report(method, summary: dict, path) -> Path:
     rr = retention_rows(summary)
     if rr:
         sec.append(("Retention (other benchmarks, before / after)", table(RETENTION_HEAD, rr)))
+    pol = summary.get("policy")
+    if pol:
+        from ..signoff.policy import format_line
+
+        sec.insert(0, (f"Policy {pol['policy']}: {pol['status']}", "<pre>" + esc("\n".join(
+            format_line(r) for r in pol["rules"])) + "</pre><p class='note'>PASS: the whole 95 % interval meets the "
+            "rule; FAIL: none of it does; INCONCLUSIVE: the interval straddles the threshold; SKIP: not measured.</p>"))
     sec += method.report_sections(summary, Path(path).parent)
     cfg_rows = [[k, esc(v if not isinstance(v, (list, tuple)) else ", ".join(map(str, v)))]
                 for k, v in summary.get("config", {}).items()]

@@ -127,18 +127,20 @@ def _state_results(rd, state: str, patch, sets, recs: dict, *, n_boot: int, seed
         res["sets"][s.name] = sec
     rd.write_results(res)
     rd.finish()
+    return res
 
 
 # ------------------------------------------------------------------------------------------------ the loop
 def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = None, config=None, *, out,
                    limit: int | None = None, seed: int = 0, n_boot: int = 1000, force: bool = False,
-                   device: str | None = None, dtype: str | None = None, console=None) -> dict:
+                   device: str | None = None, dtype: str | None = None, policy="default", console=None) -> dict:
     """Fit ``method`` on ``task``, evaluate before / after / controls on its held-out sets, audit retention; write
     the run directory ``out`` and return the summary (schema :data:`~biaslab.evaluation.schema.SCHEMA_ID`).
 
     ``config``: the method's config instance, a dict of its fields, a YAML/JSON file or a preset name.
     ``limit``: evaluated items (seeded, stratified). A rerun of the same call resumes; a directory holding a
-    different run is refused unless ``force``."""
+    different run is refused unless ``force``. ``policy`` (a file or a shipped name) is checked against the result
+    and recorded in the summary (``policy``)."""
     from ..data import sha256_file
     from ..models import LanguageModel, load_model
     from ..runs import RunDir, atomic_write_json, clean_nan
@@ -146,6 +148,9 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     m = get_method(method)
     cfg = config if isinstance(config, m.config_class) else m.make_config(config)
     cfg = m.validate(cfg)
+    from ..signoff.policy import load_policy
+
+    load_policy(policy)   # a bad policy file fails before any work
     check_positive("--limit", limit)
     check_positive("--n-boot", n_boot, allow_none=False, allow_zero=True)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -190,12 +195,12 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     say(f"[2/4] evaluation: {', '.join(f'{s.name} ({len(s.items)} items)' for s in sets)}", markup=False)
     raw_before, rd = score_state(lm, out / "before", "before", None, sets, force=force)
     before = _referenced(sets, raw_before, raw_before)
-    _state_results(rd, "before", None, sets, before, n_boot=n_boot, seed=seed)
+    before_res = _state_results(rd, "before", None, sets, before, n_boot=n_boot, seed=seed)
     identity = fit.patch.is_identity()
     raw_after, rd = score_state(lm, out / "after", "after", fit.patch, sets, force=force,
                                 reuse=raw_before if identity else None)
     after = _referenced(sets, raw_after, raw_before)
-    _state_results(rd, "after", fit.patch, sets, after, n_boot=n_boot, seed=seed)
+    after_res = _state_results(rd, "after", fit.patch, sets, after, n_boot=n_boot, seed=seed)
     notes = list(fit.notes)
     if identity:
         notes.append("the patch changes nothing: 'after' (and every control that changes nothing) reuses the "
@@ -214,6 +219,8 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     for s in sets:
         for spec in s.metrics:
             metrics[spec.name] = compare_metric(before[s.name], after[s.name], spec, s.name, n_boot=n_boot, seed=seed)
+            metrics[spec.name]["before_ci95"] = before_res["sets"][s.name]["metrics"][spec.name]["ci95"]
+            metrics[spec.name]["after_ci95"] = after_res["sets"][s.name]["metrics"][spec.name]["ci95"]
     for c in controls:
         ctrl_blocks[c.name] = {"description": c.description, "members": c.labels, "metrics": {
             spec.name: compare_control(before[s.name], after[s.name], [mr[s.name] for mr in ctrl_recs[c.name]], spec,
@@ -243,7 +250,12 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
         "details": fit.details, "deviations": list(fit.deviations), "notes": notes, "config": cfg_json,
         "timings_s": timings,
     }
-    summary = validate_summary(clean_nan(json.loads(json.dumps(summary, default=str))))
+    from ..signoff.policy import check, load_policy, overall
+
+    summary = clean_nan(json.loads(json.dumps(summary, default=str)))
+    results = check(summary, load_policy(policy))
+    summary["policy"] = {"policy": str(policy), "status": overall(results), "rules": results}
+    summary = validate_summary(summary)
     atomic_write_json(out / "summary.json", summary)
     from .report import write_report
 

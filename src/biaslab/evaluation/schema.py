@@ -6,10 +6,12 @@ Top level::
     evaluation{seed, limit, n_boot, ci, sets{name: {n_items, protocol, ids_hash, ids_file}}},
     metrics{name: METRIC}, controls{name: {description, members, metrics{name: CONTROL_METRIC}}},
     retention (null or {limit, seed, benchmarks{name: {protocol, n_items, metrics{name: METRIC}}}}),
-    details{...method-specific}, deviations[str], notes[str], config{...}, timings_s{...}
+    details{...method-specific}, deviations[str], notes[str], config{...}, timings_s{...},
+    policy (null or {policy, status, rules[{rule, key, op, threshold, status, ...}]})
 
 METRIC: before, after, delta, delta_ci95 ([lo, hi] or null), p, n_items, scale, direction (higher | lower |
-ideal), ideal (number or null), description. A control's metric adds method_minus_control,
+ideal), ideal (number or null), description, verdict (better | worse | overshot | no detectable change |
+undefined; ideal-valued metrics also carry distance_to_ideal). A control's metric adds method_minus_control,
 method_minus_control_ci95, method_minus_control_p and per_member. Numbers that are undefined are null.
 """
 from __future__ import annotations
@@ -22,9 +24,9 @@ NUM = (int, float, type(None))
 
 TOP = {"schema": str, "method": str, "method_version": str, "task": str, "model": dict, "patch": dict,
        "evaluation": dict, "metrics": dict, "controls": dict, "retention": (dict, type(None)), "details": dict,
-       "deviations": list, "notes": list, "config": dict, "timings_s": dict}
+       "deviations": list, "notes": list, "config": dict, "timings_s": dict, "policy": (dict, type(None))}
 METRIC = {"before": NUM, "after": NUM, "delta": NUM, "delta_ci95": (list, type(None)), "p": NUM, "n_items": int,
-          "scale": str, "direction": str, "ideal": NUM, "description": str}
+          "scale": str, "direction": str, "ideal": NUM, "description": str, "verdict": str}
 CONTROL_EXTRA = {"method_minus_control": NUM, "method_minus_control_ci95": (list, type(None)),
                  "method_minus_control_p": NUM, "per_member": list}
 SET = {"n_items": int, "protocol": str, "ids_hash": str, "ids_file": str}
@@ -56,6 +58,10 @@ def _check_metric(m, where: str, extra: dict | None = None) -> None:
     _check(m, METRIC | (extra or {}), where)
     if m["direction"] not in DIRECTIONS:
         raise SchemaError(f"{where}.direction: expected one of {', '.join(DIRECTIONS)}, got {m['direction']!r}")
+    from ..signoff.verdicts import VERDICTS
+
+    if m["verdict"] not in VERDICTS:
+        raise SchemaError(f"{where}.verdict: expected one of {', '.join(VERDICTS)}, got {m['verdict']!r}")
     if m["direction"] == "ideal" and m["ideal"] is None:
         raise SchemaError(f"{where}.ideal: a metric with direction 'ideal' needs its ideal value")
     for k in ("delta_ci95", "method_minus_control_ci95"):

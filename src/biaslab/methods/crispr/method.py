@@ -112,6 +112,11 @@ class Crispr(Method):
                         task_metrics(task.name, items), protocol=protocol_id(cfg.protocol), chunk=32,
                         item_id=lambda it: it.id)]
 
+    def metrics_for(self, task: TaskData, cfg: CrisprConfig) -> dict[str, list]:
+        from .metrics import task_metrics
+
+        return {"test": task_metrics(task.name, task.data)}
+
     def controls(self, lm, task: TaskData, cfg: CrisprConfig, fit: FitResult) -> list[Control]:
         out = self._random_control(lm, cfg, fit) if cfg.control_seeds else []
         if cfg.constant_controls:

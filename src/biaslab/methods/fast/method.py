@@ -19,6 +19,14 @@ DATA_FILES = ("biascope/paraphrases.jsonl", "biascope/crows_transfer.jsonl", "bi
 STEREOSET_METRICS = {"ss": "stereoset_ss", "lms": "lms", "icat": "icat"}
 
 
+def biascope_sets() -> tuple:
+    """(set name, protocol, is-retention) of the four BiaScope evaluation sets."""
+    from . import biascope as B
+
+    return (("ss", B.PAIR_PROTOCOL, False), ("ps", B.PS_PROTOCOL, False), ("ps_crows", B.CROWS_PROTOCOL, False),
+            ("rs", B.RS_PROTOCOL, True))
+
+
 def spec_from_def(mdef, name: str | None = None) -> MetricSpec:
     """A benchmark MetricDef as a MetricSpec: an ideal at the top of its scale is 'higher is better'."""
     top = {"0-100": 100.0, "fraction 0-1": 1.0}.get(mdef.scale)
@@ -162,22 +170,31 @@ class Fast(Method):
 
         bias_types = task.data["bias_types"]
         sets = build_eval_sets(bias_types, split_of(bias_types, seed)["test"], limit=limit, seed=seed)
+        specs = self.metrics_for(task, cfg)
         out = []
-        for name, proto, retention in (("ss", B.PAIR_PROTOCOL, False), ("ps", B.PS_PROTOCOL, False),
-                                       ("ps_crows", B.CROWS_PROTOCOL, False), ("rs", B.RS_PROTOCOL, True)):
-            defs = B.BiaScopeSet(name, proto, retention=retention).metric_defs(proto)
-            specs = [spec_from_def(d, "rs_expected_rate" if d.name == "expected_rate" else None) for d in defs]
+        for name, proto, retention in biascope_sets():
             out.append(EvalSet(name, sets[name], lambda lm_, part, name=name: B.score_pairs(lm_, part, desc=name),
-                               specs, protocol=proto.id, chunk=10_000, group_field="group",
+                               specs[name], protocol=proto.id, chunk=10_000, group_field="group",
                                item_id=lambda r: f"{r['id']}/{r['variant']}" if "variant" in r else r["id"],
                                reference=B.attach_original if retention else None))
         if sets["stereoset"]:
             st = get_benchmark("stereoset")
             proto = st.protocol()
-            defs = {d.name: d for d in st.metric_defs(proto)}
             out.append(EvalSet("stereoset", sets["stereoset"], lambda lm_, part: st.score(lm_, part, protocol=proto),
-                               [spec_from_def(defs[k], v) for k, v in STEREOSET_METRICS.items()], protocol=proto.id,
-                               chunk=10_000, group_field=st.group_field))
+                               specs["stereoset"], protocol=proto.id, chunk=10_000, group_field=st.group_field))
+        return out
+
+    def metrics_for(self, task: TaskData, cfg: FastConfig) -> dict[str, list]:
+        from ...benchmarks import get_benchmark
+        from .biascope import BiaScopeSet
+
+        out = {}
+        for name, proto, retention in biascope_sets():
+            defs = BiaScopeSet(name, proto, retention=retention).metric_defs(proto)
+            out[name] = [spec_from_def(d, "rs_expected_rate" if d.name == "expected_rate" else None) for d in defs]
+        st = get_benchmark("stereoset")
+        defs = {d.name: d for d in st.metric_defs(st.protocol())}
+        out["stereoset"] = [spec_from_def(defs[k], v) for k, v in STEREOSET_METRICS.items()]
         return out
 
     def controls(self, lm, task: TaskData, cfg: FastConfig, fit: FitResult) -> list[Control]:

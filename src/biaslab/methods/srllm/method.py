@@ -99,6 +99,9 @@ class SRLLM(Method):
                         rewrite_metrics(), protocol=PROTOCOL_ID, chunk=10_000, item_id=lambda p: p.id,
                         group_field="source")]
 
+    def metrics_for(self, task: TaskData, cfg: SRLLMConfig) -> dict[str, list]:
+        return {"rewrite": rewrite_metrics()}
+
     def controls(self, lm, task: TaskData, cfg: SRLLMConfig, fit: FitResult) -> list[Control]:
         from .rewriting import with_cosines
 
