@@ -10,7 +10,7 @@ source experiments/crispr/env.sh
 export PYTHONUNBUFFERED=1
 B=.venv/bin/biaslab
 COMMON=(--model smollm2-135m-instruct --search --search-max 32 --search-objective accuracy+goldprob
-        --test-limit 200 --control-seeds 3 --no-retention)
+        --limit 200 --control-seeds 3 --no-retention)
 # 1. SST-2 (label bias "always positive"): 1 instruction, attribution on 32 dev instances, 40 dev items per step
 #    (when the search keeps n = 0 the patch is empty, so 'after' and the controls reuse the 'before' records)
 nice -n 10 $B mitigate crispr --task sst2 "${COMMON[@]}" --instructions 1 --dev-size 32 --search-dev-limit 40 \
@@ -43,7 +43,7 @@ nice -n 10 .venv/bin/python experiments/crispr/extend_test.py --run experiments/
 #    3 control seeds, retention at 20 items. Success (issue 3): accuracy Δ CI and CRISPR − control CI exclude 0,
 #    instruction std not grown; retention within CI width.
 nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task bbq:Age --protocol option-loglik \
-    --instructions 3 --search --search-dev-limit 60 --search-small 4 --test-limit 300 --control-seeds 3 \
+    --instructions 3 --search --search-dev-limit 60 --search-small 4 --limit 300 --control-seeds 3 \
     --retention-limit 20 --out runs/crispr-optll-bbq-age
 .venv/bin/python experiments/crispr/collect.py
 # 9. (session 4; decided after step 8's collapse, before any test item was scored for it) the best NON-collapsed n
@@ -55,7 +55,7 @@ mkdir -p runs/crispr-optll-bbq-age-n3
 cp runs/crispr-optll-bbq-age/attribution.safetensors runs/crispr-optll-bbq-age-n3/
 cp -r runs/crispr-optll-bbq-age/before runs/crispr-optll-bbq-age-n3/
 nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task bbq:Age --protocol option-loglik \
-    --instructions 3 --neurons 3 --test-limit 300 --control-seeds 3 --retention-limit 20 \
+    --instructions 3 --neurons 3 --limit 300 --control-seeds 3 --retention-limit 20 \
     --out runs/crispr-optll-bbq-age-n3
 .venv/bin/python experiments/crispr/collect.py
 # 10. (session 5, 2026-12-01; plan fixed before this run) the dev objective made to refuse step 8's collapse:
@@ -69,7 +69,7 @@ cp runs/crispr-optll-bbq-age/attribution.safetensors runs/crispr-optll-bbq-age-h
 cp -r runs/crispr-optll-bbq-age/before runs/crispr-optll-bbq-age-hmean/
 nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task bbq:Age --protocol option-loglik \
     --instructions 3 --search --search-dev-limit 60 --search-small 4 --search-objective condition-hmean \
-    --test-limit 300 --control-seeds 3 --retention-limit 20 --out runs/crispr-optll-bbq-age-hmean
+    --limit 300 --control-seeds 3 --retention-limit 20 --out runs/crispr-optll-bbq-age-hmean
 .venv/bin/python experiments/crispr/collect.py
 # 11. (session 5; planned after step 10's result, before this run) step 10's dev objective was still rising at
 #     n = 4, the largest small n it evaluated (the golden-section probes started at 191, inside the collapse), so
@@ -82,7 +82,7 @@ cp runs/crispr-optll-bbq-age-hmean/attribution.safetensors runs/crispr-optll-bbq
 cp -r runs/crispr-optll-bbq-age-hmean/before runs/crispr-optll-bbq-age-hmean32/
 nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task bbq:Age --protocol option-loglik \
     --instructions 3 --search --search-dev-limit 60 --search-small 32 --search-objective condition-hmean \
-    --test-limit 300 --control-seeds 3 --retention-limit 20 --out runs/crispr-optll-bbq-age-hmean32
+    --limit 300 --control-seeds 3 --retention-limit 20 --out runs/crispr-optll-bbq-age-hmean32
 .venv/bin/python experiments/crispr/collect.py
 # 12. (session 6, 2026-12-02; plan fixed and committed before any Gender_identity item was scored) a second BBQ
 #     category, fresh: no Gender_identity item has been attributed, searched or tested by any earlier step. The
@@ -98,6 +98,6 @@ nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task
 # (run with OMP_NUM_THREADS=2 BIASLAB_THREADS=2: 24 min)
 nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task bbq:Gender_identity \
     --protocol option-loglik --instructions 3 --search --search-dev-limit 60 --search-small 32 \
-    --search-objective condition-hmean --test-limit 300 --control-seeds 3 --retention-limit 20 \
+    --search-objective condition-hmean --limit 300 --control-seeds 3 --retention-limit 20 \
     --out runs/crispr-optll-bbq-gender-hmean32
 .venv/bin/python experiments/crispr/collect.py

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 BIASLAB_PROGRESS=0
 nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task sst2 --protocol cloze \
-    --instructions 3 --search --search-max 500 --test-limit 600 --control-seeds 3 --retention-limit 100 \
+    --instructions 3 --search --search-max 500 --limit 600 --control-seeds 3 --retention-limit 100 \
     --out runs/crispr-cloze-sst2
 # -> experiments/crispr/instructions_crispr-cloze-sst2.json
 nice -n 5 .venv/bin/python experiments/crispr/second_instruction.py --run runs/crispr-cloze-sst2 --add 3 4 5 6 7 8 9 \
@@ -27,7 +27,7 @@ nice -n 5 .venv/bin/python experiments/crispr/sst2_prompt_forms.py
 #    other 7 instructions): fit AND evaluate with all 10 instructions; CPU forces 60 dev items per search step,
 #    300 test items and no retention step
 nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task sst2 --protocol cloze \
-    --instructions 10 --search --search-max 500 --search-dev-limit 60 --test-limit 300 --control-seeds 3 \
+    --instructions 10 --search --search-max 500 --search-dev-limit 60 --limit 300 --control-seeds 3 \
     --no-retention --out runs/crispr-cloze-sst2-10instr
 # 7. step 6's golden-section search was steered into n in [17, 45] by a one-record difference on the plateau where
 #    every n >= 8 answers "positive" to everything, and never looked at small n. Dev-only grid of small n on the
@@ -41,7 +41,7 @@ mkdir -p runs/crispr-cloze-sst2-10instr-n1
 cp runs/crispr-cloze-sst2-10instr/attribution.safetensors runs/crispr-cloze-sst2-10instr-n1/
 cp -r runs/crispr-cloze-sst2-10instr/before runs/crispr-cloze-sst2-10instr-n1/
 nice -n 5 .venv/bin/biaslab mitigate crispr --model smollm2-135m-instruct --task sst2 --protocol cloze \
-    --instructions 10 --neurons 1 --test-limit 300 --control-seeds 3 --no-retention --out runs/crispr-cloze-sst2-10instr-n1
+    --instructions 10 --neurons 1 --limit 300 --control-seeds 3 --no-retention --out runs/crispr-cloze-sst2-10instr-n1
 # 9. (session 4, plan fixed before any of its items was scored) CONFIRMATORY test of the mean-over-tokens ablation
 #    variant, the only variant that met both SST-2 criteria on the 600 test items of step 4 (+0.044 [0.025, 0.066],
 #    instruction std 0.065 -> 0.041) -- chosen after seeing test numbers, hence a replication on 600 test items that

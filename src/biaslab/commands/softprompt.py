@@ -28,7 +28,8 @@ def softprompt(
     virtual_tokens: int = typer.Option(8, "--virtual-tokens", help="k, the soft prompt's length"),
     train_limit: int = typer.Option(384, "--train-limit", help="SST-5 train sentences used for prompt tuning (seeded sample)"),
     val_limit: int = typer.Option(150, "--val-limit", help="SST-5 dev sentences for selecting runs"),
-    test_limit: int = typer.Option(250, "--test-limit", help="SST-5 test sentences for the reported accuracy"),
+    test_limit: int = typer.Option(250, "--limit", "--test-limit", help="SST-5 test sentences for the reported "
+                                                                       "accuracy (--test-limit: the old name)"),
     template_limit: int = typer.Option(795, "--template-limit",
                                        help="template sentences probed (stratified by category, group, label); 0 = all 31,972"),
     seeds: str = typer.Option("0,1,2", "--seeds", help="sweep: comma-separated seeds"),
