@@ -185,15 +185,9 @@ def compare(
         preflight(check_target(out))
     res = compare_runs(runs, n_boot=n_boot, seed=seed)
     if format == "table":
-        from rich.text import Text
+        from ..evaluation.report import text_table
 
-        head, rows = table_rows(res)
-        t = Table(title="biaslab compare")
-        for h in head:
-            t.add_column(Text(h), overflow="fold")
-        for r in rows:
-            t.add_row(*[Text(c) for c in r])
-        console.print(t)
+        console.print(text_table("biaslab compare", *table_rows(res)))
         for k, r in enumerate(res["runs"]):
             console.print(f"run {k + 1}: {r}", markup=False, highlight=False)
     else:

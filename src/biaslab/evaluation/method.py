@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ class FitCache:
             tmp.unlink(missing_ok=True)
 
 
-class Method:
+class Method(ABC):
     """Base class of a registered method. Subclasses set the class attributes and implement the hooks."""
 
     name: str = ""
@@ -104,8 +105,9 @@ class Method:
         return list(fields(cls.config_class))
 
     # ---- hooks
+    @abstractmethod
     def load_task(self, task: str | None, cfg) -> TaskData:
-        raise NotImplementedError
+        """The task's items (or other data) and the files read, before any model loads."""
 
     def prepare(self, cfg, task: TaskData):
         """Checks and settings that need the task but not the model (run before the model loads)."""
@@ -115,18 +117,21 @@ class Method:
         """Checks that need the loaded model but no work (e.g. a layer index in range); run before the run
         directory is touched."""
 
+    @abstractmethod
     def fit(self, lm, task: TaskData, cfg, *, seed: int, cache: FitCache, log) -> FitResult:
-        raise NotImplementedError
+        """Fit the patch (and any patches the controls need) on the task's training / dev data only."""
 
+    @abstractmethod
     def evaluation(self, lm, task: TaskData, cfg, fit: FitResult, *, limit: int | None, seed: int) -> list[EvalSet]:
-        raise NotImplementedError
+        """The held-out sets scored in every state, with their metrics."""
 
     def controls(self, lm, task: TaskData, cfg, fit: FitResult) -> list[Control]:
         return []
 
-    def metrics_for(self, task: TaskData, cfg) -> dict[str, list]:
-        """{evaluation set: its MetricSpecs}, without a model (``biaslab compare`` of a run's states)."""
-        raise NotImplementedError(f"{self.name} does not list its metrics without a model")
+    def metrics_for(self, task: TaskData, cfg) -> dict[str, list] | None:
+        """{evaluation set: its MetricSpecs}, without a model (``biaslab compare`` of a run's states); None when
+        the method cannot list them."""
+        return None
 
     def retention(self, cfg) -> RetentionPlan | None:
         return None

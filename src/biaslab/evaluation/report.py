@@ -70,29 +70,32 @@ def policy_lines(summary: dict) -> list[str]:
                                                           if r["status"] != "SKIP"]
 
 
-def summary_tables(summary: dict, headline: str = ""):
-    """Rich tables for the console: the metrics table and (when run) the retention table. Every name comes from
-    the data, so cells are plain text (never read as markup)."""
+def text_table(title: str, head: list[str], rows: list[list[str]]):
+    """A rich table whose every cell is plain text (names come from the data: never read as markup); long cells
+    fold instead of being cut."""
     from rich.table import Table
     from rich.text import Text
 
-    ev = summary["evaluation"]
-    sizes = ", ".join(f"{k}: {v['n_items']}" for k, v in ev["sets"].items())
-    t = Table(title=Text(f"{summary['method']} on {summary['task']}: {headline} ({sizes} items)"))
-    head, rows = metric_rows(summary, control_values=False)   # the controls' own values are in the report
+    t = Table(title=Text(title))
     for h in head:
         t.add_column(Text(h), overflow="fold")
     for r in rows:
         t.add_row(*[Text(c) for c in r])
-    out = [t]
+    return t
+
+
+def summary_tables(summary: dict, headline: str = ""):
+    """Rich tables for the console: the metrics table and (when run) the retention table. Every name comes from
+    the data, so cells are plain text (never read as markup)."""
+    from rich.text import Text
+
+    ev = summary["evaluation"]
+    sizes = ", ".join(f"{k}: {v['n_items']}" for k, v in ev["sets"].items())
+    head, rows = metric_rows(summary, control_values=False)   # the controls' own values are in the report
+    out = [text_table(f"{summary['method']} on {summary['task']}: {headline} ({sizes} items)", head, rows)]
     rr = retention_rows(summary)
     if rr:
-        r = Table(title="retention")
-        for h in RETENTION_HEAD:
-            r.add_column(Text(h), overflow="fold")
-        for row in rr:
-            r.add_row(*[Text(c) for c in row])
-        out.append(r)
+        out.append(text_table("retention", RETENTION_HEAD, rr))
     lines = policy_lines(summary)
     if lines:
         out.append(Text("\n".join(lines)))

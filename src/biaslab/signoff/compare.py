@@ -76,6 +76,9 @@ def _state_view(p: Path, name: str) -> RunView:
                               {f.name for f in method.config_fields()}})
     task = method.load_task(args["task"], cfg)
     specs = method.metrics_for(task, cfg)
+    if specs is None:
+        raise BiaslabError(f"{p}: method {method.name} cannot list its metrics without a model, so its states "
+                           "cannot be compared; compare its summaries instead")
     v = RunView(name, p)
     for s, sec in res["sets"].items():
         v.records[s] = read_records(p, s)
