@@ -50,10 +50,11 @@ def _make_patch(kind: str, lm):
     if kind == "stamp":
         from biaslab.methods.fast.stamp import StampFFN, StampPatch
 
-        st = StampFFN(lm.model.config.hidden_size, 8, "relu")
+        st = StampFFN(lm.model.config.hidden_size, 8, "silu")   # the exportable form (the model's own activation)
         with torch.no_grad():
             st.w2.weight.normal_(0, 0.5, generator=g)
-        return StampPatch.from_stamp(lm, st, layer=1, activation="relu")
+            st.w2.bias.normal_(0, 0.5, generator=g)
+        return StampPatch.from_stamp(lm, st, layer=1, activation="silu")
     if kind == "lora":
         from biaslab.methods.srllm.lora import LoraPatch
 

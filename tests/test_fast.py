@@ -391,3 +391,18 @@ def test_perplexity_relative_change_and_its_ci():
     assert ppl2["relative_change"] == pytest.approx(want)
     lo, hi = ppl2["relative_change_ci95"]
     assert lo <= want <= hi and lo < hi and lo >= 0
+
+
+def test_stamp_export_needs_the_models_own_activation(tiny_lm, tmp_path):
+    """A SiLU stamp on a Llama exports as extra MLP neurons (verified in the patch contract); a ReLU stamp cannot be
+    folded into a SiLU-gated MLP: refused in one line, nothing written."""
+    stamp = F.StampFFN(tiny_lm.model.config.hidden_size, 4, "relu")
+    p = F.StampPatch.from_stamp(tiny_lm, stamp, layer=0, activation="relu")
+    assert not p.exportable
+    with pytest.raises(BiaslabError, match="a stamp patch cannot be exported"):
+        p.export(tiny_lm, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    q = F.StampPatch.from_stamp(tiny_lm, F.StampFFN(tiny_lm.model.config.hidden_size, 4, "silu"), layer=0,
+                                activation="silu")
+    plain = q._export_model(tiny_lm)
+    assert plain.config.intermediate_size == tiny_lm.model.config.intermediate_size + 4 and plain.config.mlp_bias

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import stats
+from .audit_result import AuditResult  # noqa: F401  (re-exported: biaslab.audit.AuditResult)
 from .benchmarks import ALL, BENCHMARKS, get_benchmark
 from .benchmarks.base import Benchmark, MetricDef, Protocol
 from .data import data_path, sha256_file
@@ -61,41 +61,6 @@ def score_items(lm, bench: Benchmark, items: list[dict], protocol: Protocol, *, 
                            lambda part: bench.score(lm, part, protocol=protocol))
 
 
-@dataclass
-class AuditResult:
-    results: dict
-    records: dict[str, list[dict]] = field(default_factory=dict)
-    path: Path | None = None
-
-    def metric(self, bench: str, name: str, group: str | None = None) -> float | None:
-        sec = self.results["benchmarks"][bench]
-        if group is not None:
-            sec = sec["groups"][group]
-        return sec["metrics"][name]["value"]
-
-    def table(self):
-        from rich.table import Table
-        from rich.text import Text
-
-        # the model spec is user input: plain text, never rich markup
-        t = Table(title=Text(f"biaslab audit — {self.results['model']['spec']}" + (" + patch" if self.results.get("patch") else "")))
-        for col in ("benchmark", "protocol", "metric", "value", "95% CI", "± std (instr.)", "n"):
-            t.add_column(col, justify="right" if col in ("value", "95% CI", "n", "± std (instr.)") else "left")
-        for b, sec in self.results["benchmarks"].items():
-            for name, m in sec["metrics"].items():
-                ci = m.get("ci95")
-                t.add_row(Text(b), Text(sec["protocol"]), Text(name), _fmt(m.get("value")),
-                          f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–",
-                          _fmt(m["std"]) if m.get("std") is not None else "", str(sec["n_items"]))
-        return t
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
-
-
 def parse_benchmarks(benchmarks) -> list[str]:
     if isinstance(benchmarks, str):
         benchmarks = [b.strip() for b in benchmarks.split(",") if b.strip()]
@@ -112,11 +77,13 @@ def audit(model="smollm2-135m-instruct", benchmarks="all", *, limit: int | None 
           protocols: dict[str, str] | None = None, instructions: int | None = None, patch=None,
           out: str | Path | None = None, force: bool = False, n_boot: int = stats.DEFAULT_BOOT,
           options: dict[str, dict] | None = None, device: str | None = None, dtype: str | None = None,
-          chat_template: bool | None = None, console=None) -> AuditResult:
+          chat_template: bool | None = None, console=None, dry_run: bool = False):
     """Audit ``model`` (spec or LanguageModel) on ``benchmarks``; returns an :class:`AuditResult`.
 
     protocols: ``{"bbq": "option-loglik"}``; options: per-benchmark options ``{"bbq": {"instructions": 3}}``;
-    patch: a Patch or a patch file applied while scoring. With ``out``, writes a resumable run directory."""
+    patch: a Patch or a patch file applied while scoring. With ``out``, writes a resumable run directory.
+    ``dry_run``: nothing is written; returns a :class:`~biaslab.evaluation.dryrun.DryRun` (items per benchmark and
+    an estimated time from a few seconds of calibration) instead of an :class:`AuditResult`."""
     from .models import LanguageModel, load_model
 
     from .evaluation.method import check_positive
@@ -151,6 +118,13 @@ def audit(model="smollm2-135m-instruct", benchmarks="all", *, limit: int | None 
 
         patch_obj = patch if isinstance(patch, Patch) else load_patch(patch)
         patch_obj.check_base(lm)
+    if dry_run:
+        from .evaluation.dryrun import audit_plan
+
+        items = {n: benches[n].sample(benches[n].load_items(), limit, seed) for n in names}
+        ctx = patch_obj.applied(lm) if patch_obj else contextlib.nullcontext()
+        with ctx:
+            return audit_plan(lm, benches, protos, items, title=f"dry run: audit of {lm.spec}")
     args = {"model": lm.spec, "fingerprint": lm.fingerprint, "benchmarks": names, "limit": limit, "seed": seed,
             "protocols": {n: protos[n].id for n in names}, "options": {n: benches[n].opts for n in names},
             "patch": patch_obj.describe() if patch_obj else None, "chat_template": lm.use_chat_template,
@@ -166,10 +140,14 @@ def audit(model="smollm2-135m-instruct", benchmarks="all", *, limit: int | None 
     all_records: dict[str, list[dict]] = {}
     ctx = patch_obj.applied(lm) if patch_obj else contextlib.nullcontext()
     with ctx:
-        for n in names:
+        from .progress import current_prefix, stage_prefix
+
+        outer = current_prefix()
+        for k, n in enumerate(names):
             t = Timer()
             items = benches[n].sample(benches[n].load_items(), limit, seed)
-            recs = score_items(lm, benches[n], items, protos[n], run=run)
+            with stage_prefix(outer or (f"audit {k + 1}/{len(names)}" if len(names) > 1 else "audit")):
+                recs = score_items(lm, benches[n], items, protos[n], run=run)
             all_records[n] = recs
             results["benchmarks"][n] = summarize(benches[n], recs, protos[n], n_boot=n_boot, seed=seed)
             if run:
@@ -181,7 +159,7 @@ def audit(model="smollm2-135m-instruct", benchmarks="all", *, limit: int | None 
         run.write_results(results)
         run.finish()
         try:
-            from .report import audit_report
+            from .report.audit import audit_report
 
             audit_report(res, run.path / "report.html")
         except ImportError:

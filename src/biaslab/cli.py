@@ -15,9 +15,24 @@ from .errors import BiaslabError
 INTERRUPTED = "interrupted; finished work is kept in the run directory: rerun the same command to resume"
 
 
+def quiet_libraries() -> None:
+    """Library warnings (deprecations, transformers' advice) stay out of the console; BIASLAB_DEBUG=1 keeps them."""
+    if os.environ.get("BIASLAB_DEBUG"):
+        return
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for mod in ("transformers", "torch", "accelerate", "peft", "gguf", "huggingface_hub", "sentence_transformers"):
+        warnings.filterwarnings("ignore", module=mod)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main() -> None:
     """Run the CLI. Every BiaslabError is one line (exit 2); Ctrl-C prints how to resume (exit 130): the app runs
     in non-standalone mode, because typer's standalone mode turns an interrupt into a silent exit 130."""
+    quiet_libraries()
     try:
         rv = app(standalone_mode=False)
     except BiaslabError as e:

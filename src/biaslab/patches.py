@@ -100,7 +100,9 @@ class Patch:
         from .outputs import EXPORT_MARK, check_target
 
         if not self.exportable:
-            raise BiaslabError(f"a {self.kind} patch cannot be exported to a plain model directory")
+            why = self.export_refusal()
+            raise BiaslabError(f"a {self.kind} patch cannot be exported to a plain model directory" +
+                               (f": {why}" if why else ""))
         self.check_base(lm)
         out = check_target(out_dir).absolute()
         existing = sorted(x.name for x in out.iterdir()) if out.is_dir() else []
@@ -169,6 +171,10 @@ class Patch:
 
     def _export_model(self, lm):
         return lm.model
+
+    def export_refusal(self) -> str:
+        """Why this patch is not exportable, and what to do instead ('' when it is)."""
+        return ""
 
     # ---- file I/O
     def save(self, path) -> Path:

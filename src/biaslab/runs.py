@@ -73,6 +73,16 @@ def clean_nan(obj):
     return obj
 
 
+def command_line() -> str:
+    """How this process was started, as a shell line (``biaslab …`` for the CLI, else the interpreter's argv)."""
+    import shlex
+
+    argv = list(sys.argv)
+    if argv and (Path(argv[0]).name in ("biaslab", "__main__.py") or argv[0].endswith("biaslab/__main__.py")):
+        argv = ["biaslab"] + argv[1:]
+    return shlex.join(argv)
+
+
 def environment_info() -> dict:
     pkgs = {}
     for name in ("biaslab", "torch", "transformers", "peft", "numpy", "safetensors", "tokenizers"):
@@ -151,7 +161,8 @@ class RunDir:
             self.lock.release()
             raise
         self.manifest = {"args": self.args, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                         "status": "running", "environment": environment_info(), "timings_s": {}, **(extra_manifest or {})}
+                         "status": "running", "environment": environment_info(), "command": command_line(),
+                         "timings_s": {}, **(extra_manifest or {})}
         if old is not None:
             self.manifest["created"] = old.get("created", self.manifest["created"])
             self.manifest["timings_s"] = old.get("timings_s", {})
@@ -212,17 +223,27 @@ def score_journaled(run: "RunDir | None", key: str, items: list, chunk: int, sco
     """``score(items[c:c + chunk])`` chunk by chunk, each finished chunk appended to ``run``'s journal under
     ``key``; on a rerun, finished chunks are read back instead of scored (resume). The one chunk loop behind
     the audit, every mitigation's evaluation and the soft-prompt probe."""
+    from .progress import stage
+
     records: list[dict] = []
-    for c in range(0, len(items), chunk):
-        no = c // chunk
-        done = run.finished_chunk(key, no) if run else None
-        if done is not None:
-            records += [{k: v for k, v in r.items() if k not in JOURNAL_FIELDS} for r in done]
-            continue
-        recs = score(items[c:c + chunk])
-        if run:
-            run.append_chunk(key, no, recs)
-        records += recs
+    with stage(key, len(items)) as st:
+        for c in range(0, len(items), chunk):
+            no = c // chunk
+            part = items[c:c + chunk]
+            if st is not None:
+                st.start_chunk(len(part))
+            done = run.finished_chunk(key, no) if run else None
+            if done is not None:
+                records += [{k: v for k, v in r.items() if k not in JOURNAL_FIELDS} for r in done]
+                if st is not None:
+                    st.end_chunk(resumed=True)
+                continue
+            recs = score(part)
+            if run:
+                run.append_chunk(key, no, recs)
+            records += recs
+            if st is not None:
+                st.end_chunk()
     return records
 
 

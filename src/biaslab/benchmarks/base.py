@@ -51,6 +51,7 @@ class Benchmark:
     data_files: tuple[str, ...] = ()      # paths under biaslab/data, hashed into the manifest
     options: dict = {}                    # option name -> default, settable from the CLI/API
     chunk_size: int = 64                  # items scored between two resume checkpoints
+    coverage: str = ""                    # what of the published benchmark is here (shown by `biaslab benchmarks`)
 
     def __init__(self, **options):
         unknown = set(options) - set(self.options)

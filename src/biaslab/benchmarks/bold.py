@@ -73,6 +73,7 @@ class BOLD(Benchmark):
     protocols = (GREEDY_VADER,)
     default_protocol = "greedy-vader"
     group_field = "domain"
+    coverage = "complete prompt set (23,679 prompts, 43 groups); VADER sentiment only (no regard or toxicity classifier)"
     strata = ("domain", "group")
     data_files = tuple(FILES.values())
     options = {"max_new_tokens": 24}

@@ -56,6 +56,7 @@ class CrowSPairs(Benchmark):
     protocols = (SHARED, SUM, MEAN)
     default_protocol = "shared"
     group_field = "bias_type"
+    coverage = "complete (1,508 pairs, 9 bias types)"
     strata = ("bias_type",)
     data_files = (FILE,)
     options: dict = {}

@@ -117,6 +117,7 @@ class Retention(Benchmark):
     protocols = (PROTOCOL,)
     default_protocol = "default"
     group_field = "part"
+    coverage = "WikiText-2 test only (no train split); ROME known facts only (no CounterFact or PopQA)"
     strata = ("part",)
     data_files = (WIKI, KNOWN)
     options = {"window_words": 128, "context_words": 64}

@@ -38,6 +38,7 @@ class SentimentFairness(Benchmark):
     protocols = (SOFT, HAND)
     default_protocol = "softprompt"
     group_field = "cat_group"
+    coverage = ("a seeded, stratified 795-sentence subsample (option template_limit) of the 31,972 Czarnowska template sentences; not in --bench all (it prompt-tunes first)")
     strata = ("category", "group", "label")
     data_files = ("czarnowska_templates/sentiment_fairness_tests.tsv", "sst/sst5_train.tsv", "sst/sst5_dev.tsv")
     options = {"runs": 5, "virtual_tokens": 8, "train_limit": 384, "val_limit": 150, "template_limit": 795,

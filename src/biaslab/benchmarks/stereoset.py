@@ -125,6 +125,7 @@ class StereoSet(Benchmark):
     protocols = (MEAN,)
     default_protocol = "mean"
     group_field = "domain"
+    coverage = ("partial: intrasentence only; race 962/962, religion 79/79, gender 253/255 test clusters plus profession from the reduced dev file; no intersentence task")
     strata = ("domain",)
     data_files = (*PARTIAL.values(), REDUCED)
     options: dict = {}

@@ -192,6 +192,7 @@ class WinoBias(Benchmark):
     )
     default_protocol = "letter"
     group_field = "type"
+    coverage = ("complete: the 1,584 sentences of one split (option split, default test) of the 3,168 (types 1 and 2, pro and anti)")
     strata = ("type", "stereotype")
     data_files = tuple(f"winobias/{s}_stereotyped_{t}.txt.{sp}" for t in TYPES for s in STEREOTYPES for sp in SPLITS) + (
         "winobias/female_occupations.txt", "winobias/male_occupations.txt")

@@ -2,6 +2,9 @@
 the command modules: no import cycle)."""
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 from rich.console import Console
 
@@ -13,7 +16,8 @@ mitigate_app = typer.Typer(no_args_is_help=True, help="Fit a mitigation, audit b
 probe_app = typer.Typer(no_args_is_help=True, help="Bias probes that need training first (soft prompts).")
 app.add_typer(mitigate_app, name="mitigate")
 app.add_typer(probe_app, name="probe")
-console = Console()
+# piped or logged output is not cut to 80 columns: a wide layout (tables still fold cells, never truncate them)
+console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=160)
 err_console = Console(stderr=True)
 
 
@@ -30,3 +34,24 @@ def parse_kv(values: list[str] | None, flag: str) -> dict[str, str]:
             raise BiaslabError(f"{flag} is given twice for {k} ({out[k]!r} and {val!r}); give it once")
         out[k] = val
     return out
+
+
+def quiet_mode(quiet: bool) -> None:
+    if quiet:
+        from ..progress import set_quiet
+
+        set_quiet(True)
+
+
+def print_result(res, fmt: str) -> None:
+    """Print a result object (AuditResult, DryRun) in ``fmt``: a rich table for ``table`` (long names fold at any
+    width), otherwise plain text on stdout, ready to paste or parse."""
+    if fmt == "table":
+        from ..evaluation.report import text_table
+
+        head, rows = res.table_rows()
+        console.print(text_table(res.title() if callable(getattr(res, "title", None)) else res.title, head, rows))
+        for n in getattr(res, "notes", []):
+            console.print(f"- {n}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        print(res.render(fmt), end="")

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..errors import BiaslabError
-from ._app import app, console, parse_kv
+from ._app import app, console, err_console, parse_kv, print_result, quiet_mode
 
 
 @app.command()
@@ -29,32 +29,41 @@ def models():
 
 
 @app.command()
-def benchmarks(verbose: bool = typer.Option(False, "--verbose", "-v", help="also print each protocol's description")):
-    """List benchmarks with their protocols."""
-    from ..benchmarks import BENCHMARKS
+def benchmarks(verbose: bool = typer.Option(False, "--verbose", "-v", help="also print each protocol's description "
+                                                                           "and every group's size")):
+    """List benchmarks: size, groups, protocols, and what of the published benchmark is here."""
+    from collections import Counter
 
-    t = Table(title="benchmarks")
-    for c in ("benchmark", "protocol", "id"):
-        t.add_column(c, no_wrap=True)
-    rows = []
+    from ..benchmarks import BENCHMARKS
+    from ..evaluation.report import text_table
+
+    rows, protos, groups = [], [], {}
     for name in BENCHMARKS.names():
-        b = BENCHMARKS.get(name)
-        for p in b.protocols:
-            t.add_row(name, p.name + (" (default)" if p.name == b.default_protocol else ""), p.id)
-            rows.append((p.id, p.description))
-    console.print(t)
+        b = BENCHMARKS.get(name)()
+        items = b.load_items()
+        field = b.group_field if any(b.group_field in it for it in items[:50]) else b.strata[0]
+        counts = Counter(str(it.get(field)) for it in items)
+        groups[name] = (field, counts)
+        rows.append([name, f"{len(items):,}", f"{len(counts)} ({field})",
+                     ", ".join(p.name + ("*" if p.name == b.default_protocol else "") for p in b.protocols),
+                     b.coverage or "–"])
+        protos += [(p.id, p.description) for p in b.protocols]
+    console.print(text_table("benchmarks", ["benchmark", "items", "groups", "protocols (* default)", "coverage"], rows))
     if verbose:
-        for pid, desc in rows:
-            console.print(f"[bold]{pid}[/]: {desc}", soft_wrap=True, highlight=False)
+        for name, (field, counts) in groups.items():
+            console.print(f"{name} by {field}: " + ", ".join(f"{g} {n:,}" for g, n in sorted(counts.items())),
+                          markup=False, highlight=False, soft_wrap=True)
+        for pid, desc in protos:
+            console.print(f"{pid}: {desc}", markup=False, soft_wrap=True, highlight=False)
     else:
-        console.print("`biaslab benchmarks -v` describes each protocol.")
+        console.print("`biaslab benchmarks -v` lists each group's size and describes each protocol.", markup=False)
 
 
 @app.command()
 def audit(
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="model spec (see `biaslab models`)"),
     bench: str = typer.Option("all", "--bench", "-b", help="comma-separated benchmarks, or all"),
-    out: Path = typer.Option(..., "--out", "-o", help="run directory"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (required unless --dry-run)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="items per benchmark (seeded, stratified)"),
     seed: int = typer.Option(0, "--seed"),
     instructions: Optional[int] = typer.Option(None, "--instructions", help="BBQ: number of instruction paraphrases (1-10)"),
@@ -65,17 +74,27 @@ def audit(
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="score raw prompts even if the tokenizer has a chat template"),
+    format: str = typer.Option("table", "--format", help="table | markdown | csv | json (results on stdout)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print items per benchmark and an estimated time "
+                                                          "(a few seconds of calibration); write nothing"),
 ):
     """Audit a model on bias benchmarks; prints a table and writes OUT/{manifest,results}.json, records.jsonl, report.html."""
     from ..audit import audit as run_audit
+    from ..formats import check_format
 
+    check_format(format)
     if limit is not None and limit <= 0:
         raise BiaslabError(f"--limit must be a positive number of items, got {limit}")
+    if out is None and not dry_run:
+        raise BiaslabError("--out DIR is required: the run directory the audit writes (or use --dry-run)")
+    quiet_mode(quiet)
     res = run_audit(model, bench, limit=limit, seed=seed, instructions=instructions,
                     protocols=parse_kv(protocol, "--protocol"), patch=patch, out=out, force=force, n_boot=n_boot,
-                    device=device, dtype=dtype, chat_template=False if no_chat_template else None)
-    console.print(res.table())
-    console.print(f"run directory: {out}", markup=False, highlight=False)
+                    device=device, dtype=dtype, chat_template=False if no_chat_template else None, dry_run=dry_run)
+    print_result(res, format)
+    if not dry_run:
+        err_console.print(f"run directory: {out} (results.json, report.html)", markup=False, highlight=False)
 
 
 @app.command()

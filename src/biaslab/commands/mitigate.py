@@ -18,9 +18,10 @@ from typing import Optional
 import typer
 
 from ..methods import METHODS
-from ._app import console, err_console, mitigate_app
+from ._app import console, err_console, mitigate_app, print_result, quiet_mode
 
-RUN_OPTIONS = ("model", "task", "out", "limit", "seed", "config", "force", "n_boot", "device", "dtype")
+RUN_OPTIONS = ("model", "task", "out", "limit", "seed", "config", "force", "n_boot", "device", "dtype", "format",
+               "quiet", "dry_run")
 
 
 def option_name(field_name: str) -> str:
@@ -60,7 +61,8 @@ def _run_parameters(method) -> list[inspect.Parameter]:
                                                            help="model spec (see `biaslab models`)")),
         P("task", K, annotation=Optional[str], default=typer.Option(method.default_task, "--task",
                                                                     help=method.task_help)),
-        P("out", K, annotation=Path, default=typer.Option(..., "--out", "-o", help="run directory")),
+        P("out", K, annotation=Optional[Path], default=typer.Option(None, "--out", "-o",
+                                                                      help="run directory (required unless --dry-run)")),
         P("limit", K, annotation=Optional[int], default=typer.Option(getattr(method, "default_limit", None),
                                                                      "--limit", help=method.limit_help)),
         P("seed", K, annotation=int, default=typer.Option(0, "--seed", help=method.seed_help)),
@@ -73,6 +75,12 @@ def _run_parameters(method) -> list[inspect.Parameter]:
                                                             help="bootstrap resamples for the 95% intervals")),
         P("device", K, annotation=Optional[str], default=typer.Option(None, "--device", help="cpu | cuda | mps")),
         P("dtype", K, annotation=Optional[str], default=typer.Option(None, "--dtype", help="float32 | bfloat16 | float16")),
+        P("format", K, annotation=str, default=typer.Option("table", "--format",
+                                                            help="table | markdown | csv | json (results on stdout)")),
+        P("quiet", K, annotation=bool, default=typer.Option(False, "--quiet", "-q", help="no progress display")),
+        P("dry_run", K, annotation=bool, default=typer.Option(
+            False, "--dry-run", help="print items per stage and an estimated time (a few seconds of calibration); "
+                                     "fit and write nothing")),
     ]
 
 
@@ -100,16 +108,28 @@ def make_command(name: str):
         # typer runs its own click: the source of each value says whether the user typed it
         given = {k for k in values if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
         run, cfg = resolve_arguments(method, values, given)
-        from ..evaluation.report import summary_tables
+        from ..errors import BiaslabError
+        from ..evaluation.report import render_summary, summary_tables
         from ..evaluation.runner import run_mitigation
+        from ..formats import check_format
 
-        summary = run_mitigation(method, run["model"], run["task"], cfg, out=run["out"], limit=run["limit"],
-                                 seed=run["seed"], n_boot=run["n_boot"], force=run["force"], device=run["device"],
-                                 dtype=run["dtype"], console=err_console)
-        for t in summary_tables(summary, method.headline(summary)):
-            console.print(t)
-        console.print(f"run directory: {run['out']} (summary.json, report.html, patch.safetensors)", markup=False,
-                      highlight=False)
+        check_format(run["format"])
+        if run["out"] is None and not run["dry_run"]:
+            raise BiaslabError("--out DIR is required: the run directory the mitigation writes (or use --dry-run)")
+        quiet_mode(run["quiet"])
+        res = run_mitigation(method, run["model"], run["task"], cfg, out=run["out"], limit=run["limit"],
+                             seed=run["seed"], n_boot=run["n_boot"], force=run["force"], device=run["device"],
+                             dtype=run["dtype"], console=None if run["quiet"] else err_console, dry_run=run["dry_run"])
+        if run["dry_run"]:
+            print_result(res, run["format"])
+            return
+        if run["format"] == "table":
+            for t in summary_tables(res, method.headline(res)):
+                console.print(t)
+        else:
+            print(render_summary(res, run["format"], method.headline(res)), end="")
+        err_console.print(f"run directory: {run['out']} (summary.json, report.html, patch.safetensors)", markup=False,
+                          highlight=False)
 
     command.__name__ = f"mitigate_{name}"
     command.__doc__ = method.summary

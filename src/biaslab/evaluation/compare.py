@@ -88,7 +88,7 @@ def compare_control(before: Sequence[dict], after: Sequence[dict], members: Sequ
 
 
 def retention_comparison(lm, patch, benchmarks: Sequence[str], *, limit: int | None, seed: int, n_boot: int,
-                         out=None, force: bool = False) -> dict:
+                         out=None, force: bool = False, steps: tuple[str, str] = ("retention before", "retention after")) -> dict:
     """Headline metrics of other benchmarks before / after ``patch``: paired-bootstrap CI of each delta, the width
     of the unpatched model's own 95 % CI (retention criterion: |Δ| within that width), and for perplexity the
     relative change with its interval (the paired bootstrap of log perplexity, mapped through exp − 1)."""
@@ -98,10 +98,14 @@ def retention_comparison(lm, patch, benchmarks: Sequence[str], *, limit: int | N
     from ..benchmarks import get_benchmark
 
     out = Path(out) if out is not None else None
-    rb = audit(lm, list(benchmarks), limit=limit, seed=seed, out=out / "before" if out else None, force=force,
-               n_boot=n_boot)
-    ra = audit(lm, list(benchmarks), limit=limit, seed=seed, patch=patch, out=out / "after" if out else None,
-               force=force, n_boot=n_boot)
+    from ..progress import stage_prefix
+
+    with stage_prefix(steps[0]):
+        rb = audit(lm, list(benchmarks), limit=limit, seed=seed, out=out / "before" if out else None, force=force,
+                   n_boot=n_boot)
+    with stage_prefix(steps[1]):
+        ra = audit(lm, list(benchmarks), limit=limit, seed=seed, patch=patch, out=out / "after" if out else None,
+                   force=force, n_boot=n_boot)
     res = {}
     for bname in benchmarks:
         bench = get_benchmark(bname)

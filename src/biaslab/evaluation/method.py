@@ -122,11 +122,17 @@ class Method(ABC):
         """Fit the patch (and any patches the controls need) on the task's training / dev data only."""
 
     @abstractmethod
-    def evaluation(self, lm, task: TaskData, cfg, fit: FitResult, *, limit: int | None, seed: int) -> list[EvalSet]:
-        """The held-out sets scored in every state, with their metrics."""
+    def evaluation(self, lm, task: TaskData, cfg, fit: FitResult | None, *, limit: int | None,
+                   seed: int) -> list[EvalSet]:
+        """The held-out sets scored in every state, with their metrics. They are fixed before the fit (``fit`` is
+        None under ``--dry-run``): a held-out set never depends on what was fitted."""
 
     def controls(self, lm, task: TaskData, cfg, fit: FitResult) -> list[Control]:
         return []
+
+    def planned_control_states(self, cfg) -> int | None:
+        """How many model states the controls will score (for ``--dry-run``); None when only the fit knows."""
+        return 0
 
     def metrics_for(self, task: TaskData, cfg) -> dict[str, list] | None:
         """{evaluation set: its MetricSpecs}, without a model (``biaslab compare`` of a run's states); None when

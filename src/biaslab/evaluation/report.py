@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..formats import text_table  # noqa: F401  (re-exported: the console tables' one helper)
+
 
 def _f(v, digits: int = 3) -> str:
     if v is None:
@@ -70,20 +72,6 @@ def policy_lines(summary: dict) -> list[str]:
                                                           if r["status"] != "SKIP"]
 
 
-def text_table(title: str, head: list[str], rows: list[list[str]]):
-    """A rich table whose every cell is plain text (names come from the data: never read as markup); long cells
-    fold instead of being cut."""
-    from rich.table import Table
-    from rich.text import Text
-
-    t = Table(title=Text(title))
-    for h in head:
-        t.add_column(Text(h), overflow="fold")
-    for r in rows:
-        t.add_row(*[Text(c) for c in r])
-    return t
-
-
 def summary_tables(summary: dict, headline: str = ""):
     """Rich tables for the console: the metrics table and (when run) the retention table. Every name comes from
     the data, so cells are plain text (never read as markup)."""
@@ -102,8 +90,34 @@ def summary_tables(summary: dict, headline: str = ""):
     return out
 
 
+_VERDICT_CLASS = {"better": "PASS", "worse": "FAIL", "overshot": "INCONCLUSIVE"}
+
+
+def summary_panel(summary: dict) -> str:
+    """One card per metric: before → after with the paired interval of the change, its verdict, and the change
+    relative to each control; then the policy's overall status."""
+    from ..report import esc
+
+    cards = []
+    for name, m in summary["metrics"].items():
+        v = m.get("verdict", "")
+        ctrl = "".join(f"<div class='note'>after − {esc(c)}: {_f(cm['metrics'][name].get('method_minus_control'))} "
+                       f"{_ci(cm['metrics'][name].get('method_minus_control_ci95'))}</div>"
+                       for c, cm in summary.get("controls", {}).items() if name in cm.get("metrics", {}))
+        cards.append(f"<div class='card'><b>{esc(name)}</b> <span class='note'>{esc(m.get('set', ''))}</span>"
+                     f"<div>{_f(m['before'])} → <b>{_f(m['after'])}</b></div><div>Δ {_f(m['delta'])} "
+                     f"{_ci(m.get('delta_ci95'))} <span class='{_VERDICT_CLASS.get(v, '')}'>{esc(v)}</span></div>"
+                     f"{ctrl}</div>")
+    pol = summary.get("policy")
+    status = (f"<p>Policy {esc(pol['policy'])}: <b class='{esc(pol['status'])}'>{esc(pol['status'])}</b> "
+              f"({sum(r['status'] == 'PASS' for r in pol['rules'])} pass, "
+              f"{sum(r['status'] == 'FAIL' for r in pol['rules'])} fail, "
+              f"{sum(r['status'] == 'INCONCLUSIVE' for r in pol['rules'])} inconclusive)</p>") if pol else ""
+    return status + f"<div class='panel'>{''.join(cards)}</div>"
+
+
 def write_report(method, summary: dict, path) -> Path:
-    from ..report import esc, table, write_page
+    from ..report import esc, run_footer, table, write_page
 
     ev = summary["evaluation"]
     head, rows = metric_rows(summary)
@@ -126,6 +140,7 @@ def write_report(method, summary: dict, path) -> Path:
         sec.insert(0, (f"Policy {pol['policy']}: {pol['status']}", "<pre>" + esc("\n".join(
             format_line(r) for r in pol["rules"])) + "</pre><p class='note'>PASS: the whole 95 % interval meets the "
             "rule; FAIL: none of it does; INCONCLUSIVE: the interval straddles the threshold; SKIP: not measured.</p>"))
+    sec.insert(0, ("Summary", summary_panel(summary)))
     sec += method.report_sections(summary, Path(path).parent)
     cfg_rows = [[k, esc(v if not isinstance(v, (list, tuple)) else ", ".join(map(str, v)))]
                 for k, v in summary.get("config", {}).items()]
@@ -134,6 +149,68 @@ def write_report(method, summary: dict, path) -> Path:
         sec.append(("Deviations from the paper", "<ul>" + "".join(f"<li>{esc(d)}</li>" for d in summary["deviations"])
                     + "</ul>"))
     sec.append(("Timings (s)", table(["stage", "seconds"], [[k, v] for k, v in summary.get("timings_s", {}).items()])))
+    sec.append(("Run directory", sub_run_links(Path(path).parent)))
     return write_page(path, f"biaslab {summary['method']} — {summary['task']}", sec,
                       subtitle=f"model {summary['model']['spec']} ({summary['model']['fingerprint'][:19]}…), "
-                               f"{summary['method_version']}, summary schema {summary['schema']}")
+                               f"{summary['method_version']}, summary schema {summary['schema']}",
+                      footer=run_footer(_manifest(Path(path).parent)))
+
+
+def _manifest(run_dir: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def sub_run_links(run_dir: Path) -> str:
+    """Links to every nested state of the run (before, after, controls, retention audits): its report where it
+    has one, else its results.json."""
+    from ..report import esc
+
+    items = []
+    for res in sorted(run_dir.glob("**/results.json")):
+        sub = res.parent
+        if sub == run_dir:
+            continue
+        rel = sub.relative_to(run_dir).as_posix()
+        target = "report.html" if (sub / "report.html").is_file() else "results.json"
+        items.append(f"<li><a href='{esc(rel)}/{target}'>{esc(rel)}</a> <span class='note'>({target})</span></li>")
+    files = [f for f in ("summary.json", "items.json", "patch.safetensors", "manifest.json") if (run_dir / f).is_file()]
+    return ("<ul>" + "".join(items) + "</ul>" if items else "") + \
+        "<p class='note'>" + ", ".join(f"<a href='{f}'>{f}</a>" for f in files) + "</p>"
+
+
+def render_summary(summary: dict, fmt: str, headline: str = "") -> str:
+    """A mitigation's results as ``markdown`` (the metrics and retention tables, the policy lines), ``csv`` (one
+    row per metric: set, before, after, delta and its interval, verdict) or ``json`` (the summary)."""
+    import json
+
+    from ..formats import check_format, csv_table, markdown_table
+
+    check_format(fmt, ("markdown", "csv", "json"))
+    if fmt == "json":
+        return json.dumps(summary, indent=2) + "\n"
+    if fmt == "csv":
+        head = ["scope", "metric", "before", "after", "delta", "delta_lo", "delta_hi", "verdict"]
+        rows = []
+        for name, m in summary["metrics"].items():
+            ci = m.get("delta_ci95") or [None, None]
+            rows.append([m.get("set", "task"), name, m["before"], m["after"], m["delta"], ci[0], ci[1], m.get("verdict")])
+        for b, sec in ((summary.get("retention") or {}).get("benchmarks") or {}).items():
+            for name, m in sec["metrics"].items():
+                ci = m.get("delta_ci95") or [None, None]
+                rows.append([f"retention:{b}", name, m["before"], m["after"], m["delta"], ci[0], ci[1], m.get("verdict")])
+        return csv_table(head, rows)
+    sizes = ", ".join(f"{k}: {v['n_items']}" for k, v in summary["evaluation"]["sets"].items())
+    out = f"**{summary['method']} on {summary['task']}**: {headline} ({sizes} items)\n\n"
+    out += markdown_table(*metric_rows(summary))
+    rr = retention_rows(summary)
+    if rr:
+        out += "\n**retention**\n\n" + markdown_table(RETENTION_HEAD, rr)
+    lines = policy_lines(summary)
+    if lines:
+        out += "\n" + "\n".join(f"- {ln.strip()}" for ln in lines) + "\n"
+    return out

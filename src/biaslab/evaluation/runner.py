@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import BiaslabError
+from ..progress import stage_prefix
 from .compare import CI_NOTE, compare_control, compare_metric, retention_comparison, state_metrics
 from .method import FitCache, Method, check_positive
 from .plan import Control, EvalSet, FitResult
@@ -133,14 +134,16 @@ def _state_results(rd, state: str, patch, sets, recs: dict, *, n_boot: int, seed
 # ------------------------------------------------------------------------------------------------ the loop
 def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = None, config=None, *, out,
                    limit: int | None = None, seed: int = 0, n_boot: int = 1000, force: bool = False,
-                   device: str | None = None, dtype: str | None = None, policy="default", console=None) -> dict:
+                   device: str | None = None, dtype: str | None = None, policy="default", console=None,
+                   dry_run: bool = False):
     """Fit ``method`` on ``task``, evaluate before / after / controls on its held-out sets, audit retention; write
     the run directory ``out`` and return the summary (schema :data:`~biaslab.evaluation.schema.SCHEMA_ID`).
 
     ``config``: the method's config instance, a dict of its fields, a YAML/JSON file or a preset name.
     ``limit``: evaluated items (seeded, stratified). A rerun of the same call resumes; a directory holding a
     different run is refused unless ``force``. ``policy`` (a file or a shipped name) is checked against the result
-    and recorded in the summary (``policy``)."""
+    and recorded in the summary (``policy``). ``dry_run``: nothing is written or fitted; returns a
+    :class:`~biaslab.evaluation.dryrun.DryRun` (items per stage and an estimated time) instead of the summary."""
     from ..data import sha256_file
     from ..models import LanguageModel, load_model
     from ..runs import RunDir, atomic_write_json, clean_nan
@@ -157,7 +160,8 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
         raise BiaslabError(f"--seed must be an integer, got {seed!r}")
     from ..outputs import check_target, preflight
 
-    preflight(check_target(out))   # a file, or a directory biaslab did not make, fails before the model loads
+    if not dry_run:
+        preflight(check_target(out))   # a file, or a directory biaslab did not make, fails before the model loads
     say = console.print if console is not None else (lambda *a, **k: None)
     t0, timings = time.perf_counter(), {}
 
@@ -165,6 +169,10 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     cfg = m.prepare(cfg, task_data)
     lm = model if isinstance(model, LanguageModel) else load_model(model, device=device, dtype=dtype)
     m.check_model(lm, cfg)
+    if dry_run:
+        from .dryrun import mitigation_plan
+
+        return mitigation_plan(m, lm, task_data, cfg, limit=limit, seed=seed)
     out = Path(out)
     cfg_json = m.config_dict(cfg)
     args = {"method": m.name, "method_version": m.version, "model": lm.spec, "fingerprint": lm.fingerprint,
@@ -178,11 +186,12 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     fit_key = _key({k: args[k] for k in ("method", "method_version", "fingerprint", "task", "config", "seed")})
     fit = _load_fit(out, fit_key, lm)
     if fit is None:
-        say(f"[1/4] fit: {m.name} on {task_data.name}", markup=False, highlight=False)
-        fit = m.fit(lm, task_data, cfg, seed=seed, cache=FitCache(out / "fit"), log=say)
+        say(f"[fit] {m.name} on {task_data.name}", markup=False, highlight=False)
+        with stage_prefix("fit"):
+            fit = m.fit(lm, task_data, cfg, seed=seed, cache=FitCache(out / "fit"), log=say)
         _save_fit(out, fit_key, fit)
     else:
-        say("[1/4] fit: reusing this run's finished fit (patch.safetensors, fit/fit.json)", markup=False)
+        say("[fit] reusing this run's finished fit (patch.safetensors, fit/fit.json)", markup=False)
     timings["fit"] = round(time.perf_counter() - t, 2)
     say(f"{m.name}: {m.headline({'patch': _patch_block(fit.patch), 'details': fit.details})}", markup=False,
         highlight=False)
@@ -192,13 +201,20 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     sets = m.evaluation(lm, task_data, cfg, fit, limit=limit, seed=seed)
     _check_sets(sets)
     atomic_write_json(out / "items.json", {s.name: s.ids() for s in sets})
-    say(f"[2/4] evaluation: {', '.join(f'{s.name} ({len(s.items)} items)' for s in sets)}", markup=False)
-    raw_before, rd = score_state(lm, out / "before", "before", None, sets, force=force)
+    controls = m.controls(lm, task_data, cfg, fit)
+    plan = m.retention(cfg)
+    retained = plan is not None and bool(plan.benchmarks)
+    n_steps = 3 + len(controls) + (2 if retained else 0)
+    step = lambda k, name: stage_prefix(f"{k}/{n_steps} {name}")  # noqa: E731  (1/N was the fit)
+    say(f"[2/{n_steps}] evaluation: {', '.join(f'{s.name} ({len(s.items)} items)' for s in sets)}", markup=False)
+    with step(2, "before"):
+        raw_before, rd = score_state(lm, out / "before", "before", None, sets, force=force)
     before = _referenced(sets, raw_before, raw_before)
     before_res = _state_results(rd, "before", None, sets, before, n_boot=n_boot, seed=seed)
     identity = fit.patch.is_identity()
-    raw_after, rd = score_state(lm, out / "after", "after", fit.patch, sets, force=force,
-                                reuse=raw_before if identity else None)
+    with step(3, "after"):
+        raw_after, rd = score_state(lm, out / "after", "after", fit.patch, sets, force=force,
+                                    reuse=raw_before if identity else None)
     after = _referenced(sets, raw_after, raw_before)
     after_res = _state_results(rd, "after", fit.patch, sets, after, n_boot=n_boot, seed=seed)
     notes = list(fit.notes)
@@ -208,11 +224,12 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     timings["evaluation"] = round(time.perf_counter() - t, 2)
 
     t = time.perf_counter()
-    controls = m.controls(lm, task_data, cfg, fit)
     ctrl_recs: dict[str, list[dict]] = {}
-    for c in controls:
-        say(f"[3/4] control: {c.name}", markup=False)
-        ctrl_recs[c.name] = _score_control(lm, out, c, sets, raw_before, before, force=force, n_boot=n_boot, seed=seed)
+    for k, c in enumerate(controls):
+        say(f"[{4 + k}/{n_steps}] control: {c.name}", markup=False)
+        with step(4 + k, f"control {c.name}"):
+            ctrl_recs[c.name] = _score_control(lm, out, c, sets, raw_before, before, force=force, n_boot=n_boot,
+                                               seed=seed)
     timings["controls"] = round(time.perf_counter() - t, 2)
 
     metrics, ctrl_blocks = {}, {}
@@ -229,13 +246,13 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
 
     # 3. retention
     retention = None
-    plan = m.retention(cfg)
-    if plan is not None and plan.benchmarks:
+    if retained:
         t = time.perf_counter()
-        say(f"[4/4] retention: {', '.join(plan.benchmarks)} before / after", markup=False)
+        k = 4 + len(controls)
+        say(f"[{k}-{k + 1}/{n_steps}] retention: {', '.join(plan.benchmarks)} before / after", markup=False)
         retention = {"limit": plan.limit, "seed": seed, "benchmarks": retention_comparison(
             lm, fit.patch, plan.benchmarks, limit=plan.limit, seed=seed, n_boot=n_boot, out=out / "retention",
-            force=force)}
+            force=force, steps=(f"{k}/{n_steps} retention before", f"{k + 1}/{n_steps} retention after"))}
         timings["retention"] = round(time.perf_counter() - t, 2)
     timings["total"] = round(time.perf_counter() - t0, 2)
 
@@ -285,9 +302,13 @@ def _score_control(lm, out: Path, c: Control, sets, raw_before: dict, before: di
         _state_results(rd, f"control:{c.name}", None, sets, recs, n_boot=n_boot, seed=seed)
         return [recs]
     members = []
-    for label, p in zip(c.labels, c.members):
-        raw, rd = score_state(lm, base / label, f"control:{c.name}/{label}", p, sets, force=force,
-                              reuse=raw_before if p.is_identity() else None)
+    from ..progress import current_prefix
+
+    outer = current_prefix()
+    for k, (label, p) in enumerate(zip(c.labels, c.members)):
+        with stage_prefix(f"{outer} ({label}, {k + 1} of {len(c.members)})"):
+            raw, rd = score_state(lm, base / label, f"control:{c.name}/{label}", p, sets, force=force,
+                                  reuse=raw_before if p.is_identity() else None)
         recs = _referenced(sets, raw, raw_before)
         _state_results(rd, f"control:{c.name}/{label}", p, sets, recs, n_boot=n_boot, seed=seed)
         members.append(recs)

@@ -1,5 +1,5 @@
 """Self-contained HTML reports (plots embedded as PNG data URIs). Building blocks shared by every method:
-``page``, ``table``, ``figure``; plus ``audit_report`` for an audit run."""
+``page``, ``table``, ``figure``, the footer; the audit run's page is :mod:`biaslab.report.audit`."""
 from __future__ import annotations
 
 import base64
@@ -9,7 +9,10 @@ from pathlib import Path
 
 from ..runs import atomic_write_text
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+img{max-width:100%;height:auto}.scroll{overflow-x:auto}footer{margin-top:3em;border-top:1px solid #ddd;padding-top:.5em}
+.panel{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;border-radius:6px;padding:8px 12px;min-width:200px}
+.card b{font-size:15px}.PASS{color:#0a7a2f}.FAIL{color:#b00020}.INCONCLUSIVE{color:#a06000}.smalln{color:#999}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.note{color:#666;font-size:13px}
 .good{color:#0a7a2f}.bad{color:#b00020}h2{border-bottom:1px solid #ddd;padding-bottom:4px}code{background:#f6f6f6}"""
@@ -36,7 +39,7 @@ def table(headers: list[str], rows: list[list], *, raw: bool = False) -> str:
     cell = (lambda c: str(c)) if raw else esc
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def figure(fig, *, alt: str = "plot") -> str:
@@ -49,41 +52,38 @@ def figure(fig, *, alt: str = "plot") -> str:
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
 
 
-def page(title: str, sections: list[tuple[str, str]], *, subtitle: str = "") -> str:
+def footer_html(info: dict | None) -> str:
+    """The run's date, versions, seed and command line (what a reader needs to reproduce the page)."""
+    if not info:
+        return ""
+    rows = "".join(f"<li>{esc(k)}: <code>{esc(v)}</code></li>" for k, v in info.items() if v not in (None, ""))
+    return f"<footer class='note'><ul>{rows}</ul></footer>"
+
+
+def run_footer(manifest: dict | None, **extra) -> dict:
+    """Footer facts from a run's manifest (created, biaslab/torch/transformers versions, git commit, command)."""
+    import sys
+
+    m = manifest or {}
+    env = m.get("environment", {})
+    pk = env.get("packages", {})
+    info = {"run created": m.get("created"), "seed": (m.get("args") or {}).get("seed"),
+            "biaslab": pk.get("biaslab"), "torch": pk.get("torch"), "transformers": pk.get("transformers"),
+            "python": env.get("python"), "git commit": env.get("git_commit"),
+            "command": m.get("command") or " ".join(["biaslab"] + sys.argv[1:])}
+    info.update(extra)
+    return info
+
+
+def page(title: str, sections: list[tuple[str, str]], *, subtitle: str = "", footer: dict | None = None) -> str:
     body = "".join(f"<h2>{esc(h)}</h2>{content}" for h, content in sections)
     sub = f'<p class="note">{esc(subtitle)}</p>' if subtitle else ""
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{_CSS}</style>"
-            f"</head><body><h1>{esc(title)}</h1>{sub}{body}</body></html>")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{esc(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>{sub}{body}{footer_html(footer)}</body></html>")
 
 
 def write_page(path, title: str, sections: list[tuple[str, str]], **kw) -> Path:
     atomic_write_text(Path(path), page(title, sections, **kw))
     return Path(path)
 
-
-def metrics_table(section: dict) -> str:
-    rows = []
-    for name, m in section["metrics"].items():
-        rows.append([name, fmt(m.get("value")), fmt_ci(m.get("ci95")), fmt(m.get("std")) if m.get("std") is not None else "",
-                     m.get("scale", "")])
-    return table(["metric", "value", "95% CI", "± std over instructions", "scale"], rows)
-
-
-def groups_table(section: dict) -> str:
-    names = list(section["metrics"])
-    rows = []
-    for g, gs in section.get("groups", {}).items():
-        rows.append([g, gs["n_items"]] + [f"{fmt(gs['metrics'][n].get('value'))} {fmt_ci(gs['metrics'][n].get('ci95'))}" for n in names])
-    return table(["group", "n"] + names, rows)
-
-
-def audit_report(result, path) -> Path:
-    res = result.results
-    sections = []
-    for b, sec in res["benchmarks"].items():
-        desc = "".join(f"<li><code>{esc(k)}</code>: {esc(v)}</li>" for k, v in sec.get("metric_descriptions", {}).items())
-        sections.append((f"{b} — protocol {sec['protocol']} ({sec['n_items']} items)",
-                         metrics_table(sec) + (groups_table(sec) if len(sec.get("groups", {})) > 1 else "") +
-                         f"<ul class='note'>{desc}</ul>"))
-    sub = f"model {res['model']['spec']} ({res['model']['fingerprint'][:19]}…)" + (" with patch" if res.get("patch") else "")
-    return write_page(path, "biaslab audit", sections, subtitle=sub)

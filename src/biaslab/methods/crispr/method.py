@@ -132,6 +132,9 @@ class Crispr(Method):
                                    derive=lambda before, a=a: {"test": constant_answer(before["test"], a)}))
         return out
 
+    def planned_control_states(self, cfg: CrisprConfig) -> int:
+        return cfg.control_seeds   # constant-answer controls are derived from the before records, not scored
+
     def _random_control(self, lm, cfg: CrisprConfig, fit: FitResult) -> list[Control]:
         from ... import attribution as attr
         from ...patches import NeuronMaskPatch

@@ -201,6 +201,9 @@ class Fast(Method):
         b = fit.details.get("baselines", {})
         return [Control(name, b.get(name, {}).get("description", name), [p]) for name, p in sorted(fit.extra_patches.items())]
 
+    def planned_control_states(self, cfg: FastConfig) -> None:
+        return None   # one state per baseline patch the fit trains
+
     def retention(self, cfg: FastConfig) -> RetentionPlan | None:
         return None if cfg.retention_limit == 0 else RetentionPlan(("retention",), cfg.retention_limit)
 

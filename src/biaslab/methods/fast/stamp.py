@@ -54,11 +54,19 @@ class StampPatch(Patch):
     """FAST's result: a fairness stamp at one layer. Tensors ``stamp.w1.weight``, ``stamp.w1.bias``,
     ``stamp.w2.weight``, ``stamp.w2.bias``; params ``layer``, ``width``, ``activation``.
 
-    Not exportable: the stamp is an extra non-linear branch, which a plain Hugging Face model of the same
-    architecture cannot express (folding it into the MLP weights is impossible in general)."""
+    Exportable when its activation is the model's own MLP activation (``silu`` for Llama-family models, whose
+    config has ``mlp_bias``): a gated MLP ``down(act(gate x) · up x)`` with biases expresses the stamp exactly as
+    ``width`` extra intermediate neurons — gate rows = w1 (bias b1), up rows = 0 (bias 1), down columns = w2, and
+    b2 added to the decisive layer's down bias — zero-padded (all-zero neurons, zero biases) in every other layer,
+    since the config has one intermediate size. The exported directory is a plain transformers model whose logits
+    are verified against the stamped model like every export. Other activations (the FAST paper's ReLU default)
+    cannot be folded into a SiLU-gated MLP, and say so."""
 
     kind = "stamp"
-    exportable = False
+
+    @property
+    def exportable(self) -> bool:
+        return self.params.get("activation") == "silu"
 
     @classmethod
     def from_stamp(cls, lm, stamp: StampFFN, *, layer: int, activation: str, params: dict | None = None,
@@ -100,3 +108,61 @@ class StampPatch(Patch):
         handle = attach_stamp(lm, int(self.params["layer"]), stamp)
         return handle.remove
 
+
+    def export_refusal(self) -> str:
+        return (f"its activation {self.params.get('activation')!r} cannot be folded into the model's SiLU-gated MLP; "
+                "fit the stamp with --activation silu to ship it as a plain model")
+
+    def _export_model(self, lm):
+        """A new model of the same class with ``width`` more MLP neurons per layer (see the class docstring)."""
+        import copy
+
+        import torch
+
+        cfg, model = lm.model.config, lm.model
+        layer = int(self.params["layer"])
+        mlps = _mlps(model)
+        gated = all(m is not None and all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj")) for m in mlps)
+        if not (gated and hasattr(cfg, "mlp_bias") and getattr(cfg, "hidden_act", None) == "silu"):
+            raise BiaslabError(f"a stamp exports only onto a SiLU-gated MLP whose config has mlp_bias (Llama family); "
+                               f"this model is {type(model).__name__} (hidden_act {getattr(cfg, 'hidden_act', '?')!r})")
+        w1, b1, w2, b2 = (self.tensors[k].to(model.dtype) for k in self.KEYS)
+        width = w1.shape[0]
+        new_cfg = copy.deepcopy(cfg)
+        new_cfg.intermediate_size = int(cfg.intermediate_size) + width
+        new_cfg.mlp_bias = True
+        new = type(model)(new_cfg).to(model.dtype).eval()
+        state = model.state_dict()
+        out = {}
+        for i, mlp in enumerate(mlps):
+            pre = _module_name(model, mlp)
+            g, u, d = (state[f"{pre}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+            bias = lambda n, size: state.get(f"{pre}.{n}.bias", torch.zeros(size, dtype=g.dtype))  # noqa: E731
+            here = i == layer
+            z_in, z_n = torch.zeros(width, g.shape[1], dtype=g.dtype), torch.zeros(width, dtype=g.dtype)
+            out[f"{pre}.gate_proj.weight"] = torch.cat([g, w1.cpu() if here else z_in])
+            out[f"{pre}.gate_proj.bias"] = torch.cat([bias("gate_proj", g.shape[0]), b1.cpu() if here else z_n])
+            out[f"{pre}.up_proj.weight"] = torch.cat([u, z_in])
+            out[f"{pre}.up_proj.bias"] = torch.cat([bias("up_proj", u.shape[0]), torch.ones_like(z_n) if here else z_n])
+            out[f"{pre}.down_proj.weight"] = torch.cat([d, w2.cpu() if here else torch.zeros(d.shape[0], width, dtype=d.dtype)], 1)
+            out[f"{pre}.down_proj.bias"] = bias("down_proj", d.shape[0]) + (b2.cpu() if here else 0)
+        merged = {**{k: v for k, v in state.items()}, **out}
+        missing, unexpected = new.load_state_dict(merged, strict=False)
+        if [k for k in missing if not k.endswith("bias")] or unexpected:
+            raise BiaslabError(f"stamp export: the widened model's parameters do not match ({missing[:3]}, {unexpected[:3]})")
+        if getattr(cfg, "tie_word_embeddings", False):
+            new.tie_weights()
+        return new.to(lm.device)
+
+
+def _mlps(model):
+    from ...tracing import layer_modules
+
+    return layer_modules(model)[1]
+
+
+def _module_name(model, module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise BiaslabError("stamp export: an MLP module is not part of the model")
