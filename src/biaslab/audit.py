@@ -77,7 +77,8 @@ def audit(model="smollm2-135m-instruct", benchmarks="all", *, limit: int | None 
           protocols: dict[str, str] | None = None, instructions: int | None = None, patch=None,
           out: str | Path | None = None, force: bool = False, n_boot: int = stats.DEFAULT_BOOT,
           options: dict[str, dict] | None = None, device: str | None = None, dtype: str | None = None,
-          chat_template: bool | None = None, console=None, dry_run: bool = False):
+          chat_template: bool | None = None, console=None, dry_run: bool = False, device_map=None,
+          max_memory=None):
     """Audit ``model`` (spec or LanguageModel) on ``benchmarks``; returns an :class:`AuditResult`.
 
     protocols: ``{"bbq": "option-loglik"}``; options: per-benchmark options ``{"bbq": {"instructions": 3}}``;
@@ -111,7 +112,11 @@ def audit(model="smollm2-135m-instruct", benchmarks="all", *, limit: int | None 
     benches = {n: get_benchmark(n, **options.get(n, {})) for n in names}
     protos = {n: benches[n].protocol(protocols.get(n)) for n in names}
 
-    lm = model if isinstance(model, LanguageModel) else load_model(model, device=device, dtype=dtype, chat_template=chat_template)
+    from . import distributed as D
+
+    device = device or D.local_device()   # under NCCL: this rank's GPU
+    lm = model if isinstance(model, LanguageModel) else load_model(
+        model, device=device, dtype=dtype, chat_template=chat_template, device_map=device_map, max_memory=max_memory)
     patch_obj = None
     if patch is not None:
         from .patches import Patch, load_patch
@@ -155,7 +160,7 @@ def audit(model="smollm2-135m-instruct", benchmarks="all", *, limit: int | None 
                 run.write_results(results)
                 run.write_manifest()
     res = AuditResult(results, all_records, Path(out) if out else None)
-    if run:
+    if run and not run.follower:
         run.write_results(results)
         run.finish()
         try:

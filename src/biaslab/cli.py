@@ -29,13 +29,28 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def join_process_group() -> None:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1): join the group; ranks other than 0 print nothing but
+    errors (rank 0 prints the results and writes the run directory)."""
+    from . import distributed as D
+
+    if D.init_from_env() and not D.is_main():
+        from .progress import set_quiet
+
+        set_quiet(True)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+        err_console.quiet = True            # notes too; errors are printed (main() turns it back on)
+
+
 def main() -> None:
     """Run the CLI. Every BiaslabError is one line (exit 2); Ctrl-C prints how to resume (exit 130): the app runs
     in non-standalone mode, because typer's standalone mode turns an interrupt into a silent exit 130."""
     quiet_libraries()
     try:
+        join_process_group()
         rv = app(standalone_mode=False)
     except BiaslabError as e:
+        err_console.quiet = False
         if os.environ.get("BIASLAB_DEBUG"):
             raise
         # the message may quote user input (paths, field values): escaped, so "[...]" in it is printed, not parsed
@@ -45,6 +60,13 @@ def main() -> None:
         err_console.print(INTERRUPTED, markup=False, highlight=False, soft_wrap=True)
         sys.exit(130)
     except Exception as e:  # click's usage errors and aborts, shown as typer shows them
+        from . import distributed as D
+
+        err_console.quiet = False
+        if D.world_size() > 1 and D.is_peer_failure(e):
+            err_console.print(f"error: rank {D.rank()}: {D.peer_failure_message(e)}", markup=False,
+                              highlight=False, soft_wrap=True)
+            sys.exit(2)
         if hasattr(e, "show") and hasattr(e, "exit_code"):
             from typer import rich_utils
 

@@ -150,6 +150,27 @@ class RunDir:
     """One run directory. ``args`` identifies the run: a rerun must pass equal args to resume."""
 
     def __init__(self, path, args: dict, *, force: bool = False, extra_manifest: dict | None = None):
+        from . import distributed as D
+
+        self.follower = not D.is_main()   # under torch.distributed only rank 0 touches the directory
+        mine = None
+        if self.follower:
+            self.path, self.args = Path(path), json.loads(json.dumps(args, default=_json_default))
+            self.manifest = {"args": self.args, "timings_s": {}, **(extra_manifest or {})}
+            self._results, self._records = None, {}
+        else:
+            try:
+                self._open(path, args, force=force, extra_manifest=extra_manifest)
+            except BiaslabError as e:
+                mine = e
+        if D.world_size() > 1:
+            err = D.broadcast(str(mine) if mine is not None else None)   # every rank fails alike: none waits
+            if err is not None and mine is None:
+                raise BiaslabError(err)
+        if mine is not None:
+            raise mine
+
+    def _open(self, path, args: dict, *, force: bool, extra_manifest: dict | None) -> None:
         self.path = check_target(path)
         self.args = json.loads(json.dumps(args, default=_json_default))
         preflight(self.path)  # refuse a foreign directory before writing anything into it
@@ -174,6 +195,8 @@ class RunDir:
     # ---- manifest
     def write_manifest(self, **updates) -> None:
         self.manifest.update(updates)
+        if self.follower:
+            return
         atomic_write_json(self.path / "manifest.json", clean_nan(self.manifest))
 
     # ---- journal
@@ -192,6 +215,8 @@ class RunDir:
         return self._records.get(benchmark, {}).get(chunk)
 
     def append_chunk(self, benchmark: str, chunk: int, records: list[dict]) -> None:
+        if self.follower:
+            return
         lines = [json.dumps({**r, "benchmark": benchmark, "chunk": chunk}, default=_json_default) for r in records]
         lines.append(json.dumps({"benchmark": benchmark, "chunk_done": chunk}))
         try:
@@ -207,9 +232,12 @@ class RunDir:
     def write_results(self, results: dict) -> None:
         """results.json, marked ``"complete": false`` until :meth:`finish` (a killed run's file never looks final)."""
         self._results = results
-        atomic_write_json(self.path / "results.json", clean_nan({**results, "complete": False}))
+        if not self.follower:
+            atomic_write_json(self.path / "results.json", clean_nan({**results, "complete": False}))
 
     def finish(self, **updates) -> None:
+        if self.follower:
+            return
         if self._results is not None:
             atomic_write_json(self.path / "results.json", clean_nan({**self._results, "complete": True}))
         self.write_manifest(status="finished", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), **updates)
@@ -223,8 +251,12 @@ def score_journaled(run: "RunDir | None", key: str, items: list, chunk: int, sco
     """``score(items[c:c + chunk])`` chunk by chunk, each finished chunk appended to ``run``'s journal under
     ``key``; on a rerun, finished chunks are read back instead of scored (resume). The one chunk loop behind
     the audit, every mitigation's evaluation and the soft-prompt probe."""
+    from . import distributed as D
     from .progress import stage
 
+    if D.world_size() > 1:
+        return D.score_chunks_distributed(run, key, items, chunk, score,
+                                          strip=lambda r: {k: v for k, v in r.items() if k not in JOURNAL_FIELDS})
     records: list[dict] = []
     with stage(key, len(items)) as st:
         for c in range(0, len(items), chunk):

@@ -21,6 +21,11 @@ console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Con
 err_console = Console(stderr=True)
 
 
+DEVICE_MAP_HELP = ("spread a model larger than one device: auto | balanced | sequential | a JSON object or file "
+                   "of module → device (Accelerate big-model inference)")
+MAX_MEMORY_HELP = "with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB"
+
+
 def parse_kv(values: list[str] | None, flag: str) -> dict[str, str]:
     out = {}
     for v in values or []:

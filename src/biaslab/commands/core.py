@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..errors import BiaslabError
-from ._app import app, console, err_console, parse_kv, print_result, quiet_mode
+from ._app import DEVICE_MAP_HELP, MAX_MEMORY_HELP, app, console, err_console, parse_kv, print_result, quiet_mode
 
 
 @app.command()
@@ -72,7 +72,9 @@ def audit(
     force: bool = typer.Option(False, "--force", help="overwrite a run made with different arguments"),
     n_boot: int = typer.Option(1000, "--n-boot", help="bootstrap resamples for the 95% intervals"),
     device: Optional[str] = typer.Option(None, "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="score raw prompts even if the tokenizer has a chat template"),
     format: str = typer.Option("table", "--format", help="table | markdown | csv | json (results on stdout)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
@@ -91,7 +93,8 @@ def audit(
     quiet_mode(quiet)
     res = run_audit(model, bench, limit=limit, seed=seed, instructions=instructions,
                     protocols=parse_kv(protocol, "--protocol"), patch=patch, out=out, force=force, n_boot=n_boot,
-                    device=device, dtype=dtype, chat_template=False if no_chat_template else None, dry_run=dry_run)
+                    device=device, dtype=dtype, chat_template=False if no_chat_template else None, dry_run=dry_run,
+                    device_map=device_map, max_memory=max_memory)
     print_result(res, format)
     if not dry_run:
         err_console.print(f"run directory: {out} (results.json, report.html)", markup=False, highlight=False)

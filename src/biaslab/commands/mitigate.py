@@ -18,10 +18,10 @@ from typing import Optional
 import typer
 
 from ..methods import METHODS
-from ._app import console, err_console, mitigate_app, print_result, quiet_mode
+from ._app import DEVICE_MAP_HELP, MAX_MEMORY_HELP, console, err_console, mitigate_app, print_result, quiet_mode
 
 RUN_OPTIONS = ("model", "task", "out", "limit", "seed", "config", "force", "n_boot", "device", "dtype", "format",
-               "quiet", "dry_run")
+               "quiet", "dry_run", "device_map", "max_memory")
 
 
 def option_name(field_name: str) -> str:
@@ -75,6 +75,8 @@ def _run_parameters(method) -> list[inspect.Parameter]:
                                                             help="bootstrap resamples for the 95% intervals")),
         P("device", K, annotation=Optional[str], default=typer.Option(None, "--device", help="cpu | cuda | mps")),
         P("dtype", K, annotation=Optional[str], default=typer.Option(None, "--dtype", help="float32 | bfloat16 | float16")),
+        P("device_map", K, annotation=Optional[str], default=typer.Option(None, "--device-map", help=DEVICE_MAP_HELP)),
+        P("max_memory", K, annotation=Optional[str], default=typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP)),
         P("format", K, annotation=str, default=typer.Option("table", "--format",
                                                             help="table | markdown | csv | json (results on stdout)")),
         P("quiet", K, annotation=bool, default=typer.Option(False, "--quiet", "-q", help="no progress display")),
@@ -119,7 +121,8 @@ def make_command(name: str):
         quiet_mode(run["quiet"])
         res = run_mitigation(method, run["model"], run["task"], cfg, out=run["out"], limit=run["limit"],
                              seed=run["seed"], n_boot=run["n_boot"], force=run["force"], device=run["device"],
-                             dtype=run["dtype"], console=None if run["quiet"] else err_console, dry_run=run["dry_run"])
+                             dtype=run["dtype"], console=None if run["quiet"] else err_console, dry_run=run["dry_run"],
+                             device_map=run["device_map"], max_memory=run["max_memory"])
         if run["dry_run"]:
             print_result(res, run["format"])
             return

@@ -30,6 +30,15 @@ class FitCache:
         return self.path / name
 
     def load_json(self, name: str, key) -> Any | None:
+        """The cached value (None when absent or made with another key). Under torch.distributed rank 0 reads it
+        and every rank gets rank 0's answer, so all ranks take the same path through the fit."""
+        from .. import distributed as D
+
+        if D.world_size() > 1:
+            return D.broadcast(self._load_json(name, key) if D.is_main() else None)
+        return self._load_json(name, key)
+
+    def _load_json(self, name: str, key) -> Any | None:
         p = self.path / name
         if not p.is_file():
             return None
@@ -40,11 +49,22 @@ class FitCache:
         return doc.get("value") if isinstance(doc, dict) and doc.get("key") == key else None
 
     def save_json(self, name: str, key, value) -> None:
+        from .. import distributed as D
         from ..runs import atomic_write_json, clean_nan
 
+        if not D.is_main():
+            return
         atomic_write_json(self.file(name), clean_nan({"key": key, "value": value}))
 
     def load_tensors(self, name: str, key) -> tuple[dict, Any] | None:
+        """Cached tensors and value (rank 0's, on every rank, as :meth:`load_json`)."""
+        from .. import distributed as D
+
+        if D.world_size() > 1:
+            return D.broadcast(self._load_tensors(name, key) if D.is_main() else None)
+        return self._load_tensors(name, key)
+
+    def _load_tensors(self, name: str, key) -> tuple[dict, Any] | None:
         from safetensors import safe_open
 
         p = self.path / name
@@ -62,6 +82,10 @@ class FitCache:
     def save_tensors(self, name: str, key, tensors: dict, value=None) -> None:
         from safetensors.torch import save_file
 
+        from .. import distributed as D
+
+        if not D.is_main():
+            return
         p = self.file(name)
         tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
         try:

@@ -94,7 +94,7 @@ def score_state(lm, path: Path, state: str, patch, sets: list[EvalSet], *, force
             "patch": patch.describe() if patch is not None else None,
             "sets": {s.name: {"protocol": s.protocol, "ids_hash": ids_hash(s.ids())} for s in sets}}
     rd = RunDir(path, args, force=force, extra_manifest={"model": lm.describe()})
-    if patch is not None:
+    if patch is not None and not rd.follower:
         patch.save(path / "patch.safetensors")
     out = {}
     ctx = patch.applied(lm) if patch is not None and reuse is None else contextlib.nullcontext()
@@ -135,7 +135,7 @@ def _state_results(rd, state: str, patch, sets, recs: dict, *, n_boot: int, seed
 def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = None, config=None, *, out,
                    limit: int | None = None, seed: int = 0, n_boot: int = 1000, force: bool = False,
                    device: str | None = None, dtype: str | None = None, policy="default", console=None,
-                   dry_run: bool = False):
+                   dry_run: bool = False, device_map=None, max_memory=None):
     """Fit ``method`` on ``task``, evaluate before / after / controls on its held-out sets, audit retention; write
     the run directory ``out`` and return the summary (schema :data:`~biaslab.evaluation.schema.SCHEMA_ID`).
 
@@ -167,7 +167,11 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
 
     task_data = m.load_task(task, cfg)           # a bad task file is reported before a model loads
     cfg = m.prepare(cfg, task_data)
-    lm = model if isinstance(model, LanguageModel) else load_model(model, device=device, dtype=dtype)
+    from .. import distributed as D
+
+    device = device or D.local_device()   # under NCCL: this rank's GPU
+    lm = model if isinstance(model, LanguageModel) else load_model(model, device=device, dtype=dtype,
+                                                                           device_map=device_map, max_memory=max_memory)
     m.check_model(lm, cfg)
     if dry_run:
         from .dryrun import mitigation_plan
@@ -184,13 +188,22 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     # 1. fit (cached)
     t = time.perf_counter()
     fit_key = _key({k: args[k] for k in ("method", "method_version", "fingerprint", "task", "config", "seed")})
-    fit = _load_fit(out, fit_key, lm)
-    if fit is None:
+    fit = None
+    if D.is_main():
+        with D.local_only():   # rank 0 reads its own files; the others get the result below
+            fit = _load_fit(out, fit_key, lm)
+    cached = D.broadcast(fit is not None) if D.world_size() > 1 else fit is not None
+    if not cached:
         say(f"[fit] {m.name} on {task_data.name}", markup=False, highlight=False)
+        # under torch.distributed every rank runs the fit in step (its cache reads are rank 0's, its heavy parts
+        # sharded, e.g. CRISPR's attribution); rank 0's result is then the one all ranks use
         with stage_prefix("fit"):
             fit = m.fit(lm, task_data, cfg, seed=seed, cache=FitCache(out / "fit"), log=say)
-        _save_fit(out, fit_key, fit)
-    else:
+        if D.is_main():
+            _save_fit(out, fit_key, fit)
+    if D.world_size() > 1:
+        fit = D.broadcast(fit)
+    if cached:
         say("[fit] reusing this run's finished fit (patch.safetensors, fit/fit.json)", markup=False)
     timings["fit"] = round(time.perf_counter() - t, 2)
     say(f"{m.name}: {m.headline({'patch': _patch_block(fit.patch), 'details': fit.details})}", markup=False,
@@ -200,7 +213,8 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     t = time.perf_counter()
     sets = m.evaluation(lm, task_data, cfg, fit, limit=limit, seed=seed)
     _check_sets(sets)
-    atomic_write_json(out / "items.json", {s.name: s.ids() for s in sets})
+    if D.is_main():
+        atomic_write_json(out / "items.json", {s.name: s.ids() for s in sets})
     controls = m.controls(lm, task_data, cfg, fit)
     plan = m.retention(cfg)
     retained = plan is not None and bool(plan.benchmarks)
@@ -273,10 +287,11 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     results = check(summary, load_policy(policy))
     summary["policy"] = {"policy": str(policy), "status": overall(results), "rules": results}
     summary = validate_summary(summary)
-    atomic_write_json(out / "summary.json", summary)
-    from .report import write_report
+    if D.is_main():
+        atomic_write_json(out / "summary.json", summary)
+        from .report import write_report
 
-    write_report(m, summary, out / "report.html")
+        write_report(m, summary, out / "report.html")
     top.finish(timings_s=timings)
     return summary
 

@@ -56,6 +56,8 @@ class LanguageModel:
 
             fingerprint = weights_fingerprint(model)
         self.fingerprint = fingerprint
+        self.fingerprint_kind = "weights" if fingerprint.startswith("sha256:") else "checkpoint files"
+        self.device_map = None          # set by load_model when the model spans several devices
         has_template = getattr(tokenizer, "chat_template", None) is not None
         self.use_chat_template = has_template if chat_template is None else (chat_template and has_template)
         self.token_budget = token_budget
@@ -87,7 +89,9 @@ class LanguageModel:
     def describe(self) -> dict:
         """Provenance for run manifests; ``scoring_mode`` says how sequences were batched (numbers agree across
         modes to float noise)."""
-        return {"spec": self.spec, "fingerprint": self.fingerprint, "device": str(self.device),
+        return {"spec": self.spec, "fingerprint": self.fingerprint, "fingerprint_kind": self.fingerprint_kind,
+                **({"device_map": sorted({str(v) for v in self.device_map.values()})} if self.device_map else {}),
+                "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "chat_template": self.use_chat_template,
                 "architecture": (self.config.architectures or [type(self.model).__name__])[0],
                 "scoring_mode": self.scoring_mode()}

@@ -69,16 +69,18 @@ def _require_gguf_support() -> None:
             raise MissingDependencyError(f"loading a .gguf file needs the package {pip!r}: `pip install {pip}`.")
 
 
-def _load_gguf(path: Path):
-    """Load a GGUF file through transformers (de-quantises to float32); a damaged file is one clear error."""
+def _load_gguf(path: Path, *, dtype=None, place: dict | None = None):
+    """Load a GGUF file through transformers (de-quantised to ``dtype``, float32 by default); a damaged file is one
+    clear error."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _require_gguf_support()
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=dtype or torch.float32, trust_remote_code=False,
+                                                     **(place or {}))
     except BiaslabError:
         raise
     except Exception as e:  # gguf / transformers raise many types for truncated or foreign files
@@ -256,61 +258,143 @@ def pick_dtype(device: str, dtype: str | None = None):
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(device_map):
+    """``auto | balanced | balanced_low_0 | sequential``, a JSON object (inline or a file) mapping module names to
+    devices, or a dict; None keeps the whole model on one device."""
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    dm = str(device_map).strip()
+    if dm in DEVICE_MAPS:
+        return dm
+    text = dm
+    if not dm.startswith("{"):
+        f = Path(dm)
+        if not f.is_file():
+            raise UnknownNameError("device map", dm, list(DEVICE_MAPS) + ["<JSON object>", "<JSON file>"])
+        text = f.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise BiaslabError(f"--device-map {dm[:80]}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict) or not obj:
+        raise BiaslabError(f"--device-map {dm[:80]}: expected a JSON object of module name → device")
+    return obj
+
+
+def parse_max_memory(max_memory):
+    """``0=70GiB,1=70GiB,cpu=200GiB`` (or a dict) → Accelerate's max_memory dict."""
+    if max_memory is None or isinstance(max_memory, dict):
+        return max_memory
+    out = {}
+    for part in str(max_memory).split(","):
+        k, sep, v = part.partition("=")
+        if not sep or not k.strip() or not v.strip():
+            raise BiaslabError(f"--max-memory expects DEVICE=SIZE pairs such as 0=70GiB,cpu=200GiB, got {part!r}")
+        k = k.strip()
+        out[int(k) if k.isdigit() else k] = v.strip()
+    return out
+
+
+def _memory_error(e: Exception, device_map, max_memory) -> BiaslabError:
+    msg = str(e)
+    return BiaslabError(f"the model does not fit with --device-map {device_map}"
+                        + (f" and --max-memory {max_memory}" if max_memory else "") +
+                        f": {msg[:300]} — give more devices or memory (--max-memory), or a smaller --dtype")
+
+
 def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: str | None = None,
-               chat_template: bool | None = None, progress: bool = True):
+               chat_template: bool | None = None, progress: bool = True, device_map=None, max_memory=None):
     """Load a model spec into a :class:`~biaslab.models.lm.LanguageModel`.
 
     spec: an embedded name (``biaslab models``), a local HF model directory, a ``.gguf`` path, or a Hugging Face
     id already in the local cache. device/dtype: ``auto`` picks CUDA/MPS/CPU and bf16 on GPU, fp32 on CPU.
-    """
-    import torch
+    The weights are materialised directly in the target dtype (transformers ≥ 5 builds the model on the meta
+    device and loads each tensor once): no float32 copy of a bf16 model is ever made. ``device_map``
+    (``auto | balanced | sequential`` or a module → device mapping) spreads a model larger than one device over
+    several (Accelerate big-model inference), within ``max_memory``.
+
+    The fingerprint comes from the checkpoint files (:func:`~biaslab.models.fingerprint.checkpoint_fingerprint`,
+    cached by path, size and mtime), so a patch made on a checkpoint loaded one way applies to it loaded another
+    way; the embedded model keeps the weights hash recorded when it was converted."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .fingerprint import checkpoint_fingerprint
     from .lm import LanguageModel
 
     kind, ref = resolve_spec(spec)
-    dev = pick_device(device)   # a bad --device / --dtype fails before anything loads
+    dev = pick_device(device)   # a bad --device / --dtype / --device-map fails before anything loads
     dt = pick_dtype(dev, dtype)
-    meta_f = None
-    if kind == "embedded":
-        path = embedded_model_dir(ref, progress=progress)
-        meta_f = path / "biaslab.json"
-        from transformers.utils import logging as hf_logging
+    dm, mm = parse_device_map(device_map), parse_max_memory(max_memory)
+    if mm is not None and dm is None:
+        raise BiaslabError("--max-memory limits a --device-map; give --device-map auto (or another map) with it")
+    place = {"device_map": dm, **({"max_memory": mm} if mm else {})} if dm is not None else {}
+    meta_f, fp_source = None, None
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # a sub-second local load needs no "Loading weights" bar
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
-        finally:
-            hf_logging.enable_progress_bar()
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    elif kind == "gguf":
-        model, tok = _load_gguf(Path(ref))
-    else:
-        if kind == "dir":
-            check_no_remote_code(Path(ref))
-        try:
-            model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, local_files_only=True,
-                                                         trust_remote_code=False)
-            tok = AutoTokenizer.from_pretrained(ref, local_files_only=True, trust_remote_code=False)
-        except OSError as e:
-            where = "the local Hugging Face cache" if kind == "hub" else ref
-            raise BiaslabError(
-                f"could not load model {spec!r} from {where} (biaslab never downloads at run time; "
-                f"put the model in a local directory or the HF cache first): {str(e)[:300]}"
-            ) from None
-        except Exception as e:  # e.g. a truncated model.safetensors (safetensors' own error type)
-            raise BiaslabError(f"could not load model {spec!r}: its files are damaged or not a model transformers "
-                               f"reads ({type(e).__name__}: {str(e)[:200]})") from None
+    try:
+        if kind == "embedded":
+            path = embedded_model_dir(ref, progress=progress)
+            meta_f = path / "biaslab.json"
+            hf_logging.disable_progress_bar()  # a sub-second local load needs no "Loading weights" bar
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=False, **place)
+            finally:
+                hf_logging.enable_progress_bar()
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        elif kind == "gguf":
+            model, tok = _load_gguf(Path(ref), dtype=dt, place=place)
+            fp_source = Path(ref)
+        else:
+            local = Path(ref)
+            if kind == "dir":
+                check_no_remote_code(local)
+            try:
+                if kind == "hub":
+                    from huggingface_hub import snapshot_download
+
+                    local = Path(snapshot_download(ref, local_files_only=True))
+                    check_no_remote_code(local)
+                model = AutoModelForCausalLM.from_pretrained(local, dtype=dt, local_files_only=True,
+                                                             trust_remote_code=False, **place)
+                tok = AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False)
+            except (OSError, ValueError) as e:
+                if dm is not None and ("memory" in str(e).lower() or "offload" in str(e).lower()):
+                    raise _memory_error(e, device_map, max_memory) from None
+                where = "the local Hugging Face cache" if kind == "hub" else ref
+                raise BiaslabError(
+                    f"could not load model {spec!r} from {where} (biaslab never downloads at run time; "
+                    f"put the model in a local directory or the HF cache first): {str(e)[:300]}"
+                ) from None
+            except BiaslabError:
+                raise
+            except Exception as e:  # e.g. a truncated model.safetensors (safetensors' own error type)
+                raise BiaslabError(f"could not load model {spec!r}: its files are damaged or not a model transformers "
+                                   f"reads ({type(e).__name__}: {str(e)[:200]})") from None
+            fp_source = local
+    except RuntimeError as e:   # accelerate: a device map that does not fit
+        if dm is not None:
+            raise _memory_error(e, device_map, max_memory) from None
+        raise
     meta = json.loads(meta_f.read_text()) if meta_f is not None else {}
     if meta.get("fingerprint"):  # computed once on the verified weights of the converted cache
-        fingerprint = meta["fingerprint"]
+        fingerprint, fp_kind = meta["fingerprint"], "weights (recorded at conversion)"
+    elif fp_source is not None:
+        fingerprint, fp_kind = checkpoint_fingerprint(fp_source, cache_dir() / "fingerprints.json"), "checkpoint files"
     else:
-        fingerprint = weights_fingerprint(model)
+        fingerprint, fp_kind = weights_fingerprint(model), "weights"
         if meta_f is not None:
             _write_json(meta_f, {**meta, "fingerprint": fingerprint})
-    model = model.to(device=dev, dtype=dt)
+    if dm is None:
+        model = model.to(device=dev)
     model.eval()
-    return LanguageModel(model, tok, spec=spec, fingerprint=fingerprint, chat_template=chat_template)
+    lm = LanguageModel(model, tok, spec=spec, fingerprint=fingerprint, chat_template=chat_template)
+    lm.fingerprint_kind = fp_kind
+    if dm is not None:   # transformers records no map when everything landed on one device
+        lm.device_map = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
+    return lm
 
 
 def list_models() -> list[dict]:

@@ -45,18 +45,18 @@ def bias_scores(lm, items: Sequence[MCItem], instructions: Sequence[int], cfg: C
     with progress_bar(len(items) * len(instructions), desc) as advance:
         for i in instructions:
             per_instr = {s.name: torch.zeros(s.n_units, dtype=torch.float64) for s in site_list}
-            for batch, yhat, alpha, pred, a_bias, a_skill in batch_fn(lm, site_list, items, i, cfg):
+            # one contribution per attribution batch, summed in batch order: under torch.distributed each rank
+            # computes the batches it owns (k mod world) and the contributions are gathered, so every rank — and
+            # one process — adds the same numbers in the same order
+            owned = _owner()
+            for batch, yhat, pred, conf, contrib in _sharded(batch_fn(lm, site_list, items, i, cfg, owned), cfg,
+                                                             advance):
                 for k, j in enumerate(batch):
                     st.biased_option_counts[yhat[k]] += 1
                     correct += int(pred[k] == items[j].gold)
-                conf_sum += sum(alpha)
-                w = torch.tensor(alpha if cfg.confusion_weighting else [1.0] * len(batch), dtype=torch.float64)[:, None]
+                conf_sum += conf
                 for n in per_instr:
-                    b = a_bias[n].double()
-                    if a_skill is not None:
-                        b = b - a_skill[n].double().clamp(min=0)
-                    per_instr[n] += (w * b).sum(0)
-                advance(len(batch))
+                    per_instr[n] += contrib[n]
             for n in total:
                 total[n] += per_instr[n] / len(items)
     for n in total:
@@ -67,19 +67,73 @@ def bias_scores(lm, items: Sequence[MCItem], instructions: Sequence[int], cfg: C
     return {n: v.float() for n, v in total.items()}, st
 
 
+def _contribution(cfg: CrisprConfig, alpha, a_bias, a_skill) -> dict[str, torch.Tensor]:
+    """One batch's confusion-weighted, skill-disentangled attribution sum per site (float64)."""
+    w = torch.tensor(alpha if cfg.confusion_weighting else [1.0] * len(alpha), dtype=torch.float64)[:, None]
+    out = {}
+    for n in a_bias:
+        b = a_bias[n].double()
+        if a_skill is not None:
+            b = b - a_skill[n].double().clamp(min=0)
+        out[n] = (w * b).sum(0).cpu()
+    return out
+
+
+def _owner():
+    """Which attribution batches this process computes: all in one process, k ≡ rank (mod world) otherwise."""
+    from ... import distributed as D
+
+    W, me = D.world_size(), D.rank()
+    return lambda k: W == 1 or k % W == me
+
+
+def _sharded(batches, cfg: CrisprConfig, advance):
+    """(batch, ŷ, prediction, Σ confusion, contribution) per attribution batch, in batch order. In one process
+    every batch is computed; under torch.distributed rank r computes the batches k ≡ r (mod world) — the batch
+    generator skips the others' passes — and each round of ``world`` batches is all-gathered."""
+    from ... import distributed as D
+
+    W = D.world_size()
+    mine, n = None, 0
+    for k, batch, yhat, alpha, pred, a_bias, a_skill in batches:
+        n = k + 1
+        if yhat is not None:
+            mine = (k, batch, list(yhat), list(pred), sum(alpha), _contribution(cfg, alpha, a_bias, a_skill))
+        if W == 1:
+            advance(len(batch))
+            yield mine[1:]
+        elif k % W == W - 1:
+            yield from _gather_round(mine, advance)
+            mine = None
+    if W > 1 and n % W:            # the last, partial round (every rank saw the same n batches)
+        yield from _gather_round(mine, advance)
+
+
+def _gather_round(mine, advance):
+    from ... import distributed as D
+
+    for got in sorted((g for g in D.all_gather(mine) if g is not None), key=lambda g: g[0]):
+        advance(len(got[1]))
+        yield got[1:]
+
+
 def _biased_option(scores: Sequence[float], gold: int) -> tuple[int, int]:
     """(most probable wrong option, predicted option) from per-option scores; ties go to the lower index."""
     wrong = [c for c in range(len(scores)) if c != gold]
     return (max(wrong, key=lambda c: (scores[c], -c)), max(range(len(scores)), key=lambda c: (scores[c], -c)))
 
 
-def _answer_token_batches(lm, site_list, items, i: int, cfg: CrisprConfig):
+def _answer_token_batches(lm, site_list, items, i: int, cfg: CrisprConfig, owned=lambda k: True):
     """Attribution batches under a single-answer-token protocol: one pass per batch; the biased and the gold
-    objectives are two backward passes through it."""
+    objectives are two backward passes through it. Yields (k, batch, ŷ, α, prediction, a_bias, a_skill); a batch
+    this process does not own (``owned(k)`` false) is yielded as (k, batch, None, …) without its passes."""
     with protocol_context(lm, cfg.protocol):
         seqs = [lm.encode(prompt_text(lm, it, i, protocol=cfg.protocol)) for it in items]
         cands = [answer_token_ids(lm, it, cfg.protocol) for it in items]
-    for batch in attr.token_batches(lm, seqs, cfg.token_budget):
+    for k_batch, batch in enumerate(attr.token_batches(lm, seqs, cfg.token_budget)):
+        if not owned(k_batch):
+            yield k_batch, batch, None, None, None, None, None
+            continue
         with attr.AttributionPass(lm, site_list, [seqs[j] for j in batch], span=cfg.span, reduce=cfg.reduce) as ap:
             with torch.no_grad():
                 opt_lp = [ap.logprobs[k, cands[j]].detach() for k, j in enumerate(batch)]
@@ -89,10 +143,10 @@ def _answer_token_batches(lm, site_list, items, i: int, cfg: CrisprConfig):
                                   retain_graph=cfg.skill_disentanglement)
             a_skill = (ap.attribute(ap.objective([cands[j][items[j].gold] for j in batch], cfg.objective),
                                     retain_graph=False) if cfg.skill_disentanglement else None)
-        yield batch, list(yhat), alpha, list(pred), a_bias, a_skill
+        yield k_batch, batch, list(yhat), alpha, list(pred), a_bias, a_skill
 
 
-def _continuation_batches(lm, site_list, items, i: int, cfg: CrisprConfig):
+def _continuation_batches(lm, site_list, items, i: int, cfg: CrisprConfig, owned=lambda k: True):
     """Attribution batches under ``option-loglik``: every option's log-likelihood from the scoring engine (no
     gradient), then prompt + biased option and prompt + gold option through their own attribution passes."""
     prompts = [prompt_text(lm, it, i, protocol=cfg.protocol) for it in items]
@@ -106,7 +160,10 @@ def _continuation_batches(lm, site_list, items, i: int, cfg: CrisprConfig):
              for j, (y, _) in enumerate(choice) for c in {y, items[j].gold}}
     longer = [max((parts[j, y][0] + parts[j, y][1], parts[j, it.gold][0] + parts[j, it.gold][1]), key=len)
               for j, ((y, _), it) in enumerate(zip(choice, items))]
-    for batch in attr.token_batches(lm, longer, cfg.token_budget):
+    for k_batch, batch in enumerate(attr.token_batches(lm, longer, cfg.token_budget)):
+        if not owned(k_batch):
+            yield k_batch, batch, None, None, None, None, None
+            continue
         yhat = [choice[j][0] for j in batch]
         alpha = [math.exp(scores[j][y]) for j, y in zip(batch, yhat)]
 
@@ -118,7 +175,7 @@ def _continuation_batches(lm, site_list, items, i: int, cfg: CrisprConfig):
 
         a_bias = attribute(yhat)
         a_skill = attribute([items[j].gold for j in batch]) if cfg.skill_disentanglement else None
-        yield batch, yhat, alpha, [choice[j][1] for j in batch], a_bias, a_skill
+        yield k_batch, batch, yhat, alpha, [choice[j][1] for j in batch], a_bias, a_skill
 
 
 def trial_scores(lm, dev: Sequence[MCItem], cfg: CrisprConfig) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -1,0 +1,192 @@
+"""Data parallelism over processes with ``torch.distributed`` (NCCL on GPUs, gloo on CPU), launched by
+``torchrun --nproc_per_node=N -m biaslab …`` or ``accelerate launch -m biaslab …`` (docs/SCALE.md).
+
+The rules every distributed run follows (one place, used by the journaled chunk loop and the runner):
+
+* **Work is split by chunk**: the items are cut into the same chunks as in one process; chunk ``k`` of the chunks
+  still to score goes to rank ``k mod world``. A chunk is scored exactly as one process scores it, so the records
+  are identical.
+* **Rank 0 alone writes**: it owns the run directory (manifest, journal, results, report); after every round the
+  ranks' records are gathered to it and journaled in chunk order, so killing any rank loses at most one round, and
+  the rerun resumes from the journal.
+* **Every rank ends with the same records** (broadcast from rank 0), so the statistics — the bootstrap included —
+  are computed on the gathered records exactly as in one process.
+* **Collectives time out** (``BIASLAB_DIST_TIMEOUT`` seconds, default 1800): a dead rank is an error, never a hang.
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+
+from .errors import BiaslabError
+
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+_local = contextvars.ContextVar("biaslab_local_only", default=False)
+
+
+def _group():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _dist():
+    """The process group for collectives; None in one process or inside :func:`local_only`."""
+    return None if _local.get() else _group()
+
+
+def rank() -> int:
+    """This process's rank (its real rank, also inside :func:`local_only`: only rank 0 ever writes)."""
+    d = _group()
+    return d.get_rank() if d else 0
+
+
+def world_size() -> int:
+    """The number of processes sharing the work (1 inside :func:`local_only`)."""
+    d = _dist()
+    return d.get_world_size() if d else 1
+
+
+@contextmanager
+def local_only():
+    """Work every rank does whole by itself (a fit): no collectives inside; rank 0 still alone writes."""
+    tok = _local.set(True)
+    try:
+        yield
+    finally:
+        _local.reset(tok)
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def timeout_s() -> float:
+    try:
+        return float(os.environ.get("BIASLAB_DIST_TIMEOUT", "1800"))
+    except ValueError:
+        raise BiaslabError(f"BIASLAB_DIST_TIMEOUT must be a number of seconds, got "
+                           f"{os.environ['BIASLAB_DIST_TIMEOUT']!r}") from None
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Join the process group a launcher described in the environment (``WORLD_SIZE`` > 1); False when this is a
+    single process. gloo on CPU, NCCL when CUDA is available (``BIASLAB_DIST_BACKEND`` overrides)."""
+    try:
+        ws = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise BiaslabError(f"WORLD_SIZE must be an integer, got {os.environ.get('WORLD_SIZE')!r}") from None
+    if ws <= 1:
+        return False
+    import atexit
+
+    import torch
+    import torch.distributed as dist
+
+    if _group() is not None:
+        return True
+    backend = backend or os.environ.get("BIASLAB_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s()))
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    except Exception as e:
+        seen = ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in ENV_VARS)
+        raise BiaslabError(f"torch.distributed could not start the {backend} backend ({type(e).__name__}: "
+                           f"{str(e)[:200]}); it read {seen} — launch with torchrun or accelerate launch") from None
+    return True
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank died or timed out (gloo / NCCL report it as RuntimeError)."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in (
+        "Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL", "gloo"))
+
+
+def peer_failure_message(e: BaseException) -> str:
+    return (f"another process of this distributed run stopped or timed out ({str(e).splitlines()[0][:160]}); its own "
+            f"error is in its log — finished work is kept in the run directory: rerun the same command to resume "
+            f"(collectives time out after BIASLAB_DIST_TIMEOUT={timeout_s():g} s)")
+
+
+def local_device() -> str | None:
+    """The device this rank should use: ``cuda:LOCAL_RANK`` under NCCL, else None (the default choice)."""
+    d = _group()
+    if d is None or d.get_backend() != "nccl":
+        return None
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def broadcast(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (a picklable object)."""
+    d = _dist()
+    if d is None:
+        return obj
+    box = [obj if d.get_rank() == src else None]
+    d.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    d = _dist()
+    if d is None:
+        return [obj]
+    out = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    d = _dist()
+    if d is not None:
+        d.barrier()
+
+
+def scatter_rounds(pending: list, world: int) -> list[list]:
+    """Round ``r`` gives ``pending[r * world + k]`` to rank ``k`` (None where the round has fewer chunks than ranks:
+    those ranks idle for it)."""
+    return [[pending[i] if i < len(pending) else None for i in range(r, r + world)]
+            for r in range(0, len(pending), world)]
+
+
+def score_chunks_distributed(run, key: str, items: list, chunk: int, score, *, strip) -> list[dict]:
+    """The distributed form of :func:`biaslab.runs.score_journaled` (see the module rules)."""
+    from .progress import stage
+
+    n_chunks = (len(items) + chunk - 1) // chunk
+    done: dict[int, list[dict]] = {}
+    if is_main() and run is not None:
+        for no in range(n_chunks):
+            recs = run.finished_chunk(key, no)
+            if recs is not None:
+                done[no] = [strip(r) for r in recs]
+    pending = broadcast([no for no in range(n_chunks) if no not in done] if is_main() else None)
+    me, W = rank(), world_size()
+    with stage(f"{key} ({W} processes)", len(items)) as st:
+        if st is not None:
+            for no in done:
+                st.start_chunk(len(items[no * chunk:(no + 1) * chunk]))
+                st.end_chunk(resumed=True)
+        for rnd in scatter_rounds(pending, W):
+            mine = rnd[me]
+            part = items[mine * chunk:(mine + 1) * chunk] if mine is not None else []
+            if st is not None:
+                st.start_chunk(sum(len(items[c * chunk:(c + 1) * chunk]) for c in rnd if c is not None))
+            recs = score(part) if mine is not None else None
+            gathered = all_gather((mine, recs))
+            if is_main():
+                for no, rs in sorted((g for g in gathered if g[0] is not None), key=lambda g: g[0]):
+                    if run is not None:
+                        run.append_chunk(key, no, rs)
+                    done[no] = rs
+            if st is not None:
+                st.end_chunk()
+    records = [r for no in range(n_chunks) for r in done[no]] if is_main() else None
+    return broadcast(records)

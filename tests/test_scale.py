@@ -1,0 +1,184 @@
+"""Loading at size (issue 16): the target dtype directly, device maps, and a checkpoint-file fingerprint that is
+the same however the checkpoint is loaded (tiny random models written by the test; no download)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from biaslab.errors import BiaslabError, PatchMismatchError
+from conftest import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    model, tok = make_tiny_llama()
+    d = tmp_path_factory.mktemp("ckpt") / "tiny"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _other_dir(tmp_path):
+    model, tok = make_tiny_llama(seed=3)
+    d = tmp_path / "other"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_fingerprint_comes_from_the_files_and_ignores_dtype_and_device_map(tiny_dir, tmp_path, monkeypatch):
+    from biaslab.models import load_model
+    from biaslab.patches import NeuronMaskPatch
+    from biaslab.models.sites import find_sites
+
+    monkeypatch.setenv("BIASLAB_CACHE", str(tmp_path / "cache"))
+    a = load_model(str(tiny_dir))
+    b = load_model(str(tiny_dir), dtype="bfloat16")
+    c = load_model(str(tiny_dir), device_map="auto")
+    assert a.fingerprint.startswith("sha256-files:") and a.fingerprint == b.fingerprint == c.fingerprint
+    assert a.describe()["fingerprint_kind"] == "checkpoint files"
+    assert b.dtype == torch.bfloat16 and c.device_map                      # loaded in bf16 directly; a map on CPU
+    assert (tmp_path / "cache" / "fingerprints.json").is_file()            # file hashes cached by path+size+mtime
+    s = find_sites(a.model, "ffn")
+    p = NeuronMaskPatch.from_units(a, {s[0].name: [1, 2]}, sites="ffn")
+    with p.applied(b):                                                     # same checkpoint, another dtype: accepted
+        pass
+    other = load_model(str(_other_dir(tmp_path)))
+    with pytest.raises(PatchMismatchError):                                # another checkpoint: refused
+        with p.applied(other):
+            pass
+
+
+def test_device_map_auto_on_cpu_scores_like_a_plain_load(tiny_dir):
+    from biaslab.models import load_model
+
+    plain, mapped = load_model(str(tiny_dir)), load_model(str(tiny_dir), device_map="auto")
+    reqs = [("The nurse said", " that she was tired."), ("A", " b c d")]
+    got = [r.logprob for r in mapped.loglikelihood(reqs)]
+    want = [r.logprob for r in plain.loglikelihood(reqs)]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("dm, mm, match", [
+    ("everywhere", None, "device map 'everywhere'"),
+    ("{not json", None, "not valid JSON"),
+    (None, "0=1GiB", "--max-memory limits a --device-map"),
+    ("auto", "0:1GiB", "DEVICE=SIZE pairs"),
+])
+def test_bad_device_maps_are_one_clear_line(tiny_dir, dm, mm, match):
+    from biaslab.models import load_model
+
+    with pytest.raises(BiaslabError, match=match):
+        load_model(str(tiny_dir), device_map=dm, max_memory=mm)
+
+
+def test_checkpoint_fingerprint_rehashes_only_a_changed_file(tmp_path):
+    from biaslab.models.fingerprint import checkpoint_fingerprint
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"a" * 100)
+    (d / "config.json").write_text("{}")
+    cache = tmp_path / "fp.json"
+    one = checkpoint_fingerprint(d, cache)
+    assert checkpoint_fingerprint(d, cache) == one
+    (d / "model.safetensors").write_bytes(b"b" * 100)                      # same size, new mtime, new content
+    assert checkpoint_fingerprint(d, cache) != one
+    with pytest.raises(BiaslabError, match="holds no weights file"):
+        (tmp_path / "e").mkdir()
+        checkpoint_fingerprint(tmp_path / "e")
+
+
+# ------------------------------------------------------------------------------------------------ data parallel
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args, world: int, tmp_path, port=None):
+    """The ranks of one job, started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_* in the env)."""
+    port = port or _free_port()
+    procs = []
+    for r in range(world):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "BIASLAB_PROGRESS": "0", "BIASLAB_CACHE": str(tmp_path / "cache"), "BIASLAB_DIST_TIMEOUT": "120"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "biaslab", *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _run(args, world, tmp_path):
+    procs = _launch(args, world, tmp_path)
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-2000:]
+    return outs[0][0]
+
+
+def _records(run_dir):
+    return sorted(json.dumps(json.loads(line), sort_keys=True) for line in open(run_dir / "records.jsonl"))
+
+
+def test_two_process_audit_equals_one_process(tiny_dir, tmp_path):
+    args = ["audit", "--model", str(tiny_dir), "--bench", "crows,winobias", "--limit", "150", "--n-boot", "200",
+            "--format", "json", "-q"]
+    one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))
+    two = json.loads(_run(args + ["--out", str(tmp_path / "two")], 2, tmp_path))
+    assert one["benchmarks"] == two["benchmarks"]                       # values and bootstrap intervals identical
+    assert _records(tmp_path / "one") == _records(tmp_path / "two")
+    assert (tmp_path / "two" / "report.html").is_file()
+
+
+def test_more_ranks_than_chunks_idle_cleanly(tiny_dir, tmp_path):
+    out = _run(["audit", "--model", str(tiny_dir), "--bench", "crows", "--limit", "3", "--n-boot", "20",
+                "--format", "json", "-q", "--out", str(tmp_path / "a")], 2, tmp_path)
+    assert json.loads(out)["benchmarks"]["crows"]["n_items"] == 3
+
+
+def test_two_process_crispr_fit_chooses_the_same_neurons(tiny_dir, tmp_path):
+    """The attribution is sharded by batch (14 batches here) and summed in batch order: same scores, same neurons,
+    same evaluation, same intervals."""
+    args = ["mitigate", "crispr", "--model", str(tiny_dir), "--task", "sst2", "--neurons", "3", "--instructions", "2",
+            "--dev-size", "24", "--token-budget", "256", "--control-seeds", "1", "--no-retention", "--limit", "30",
+            "--n-boot", "100", "--format", "json", "-q"]
+    one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))
+    two = json.loads(_run(args + ["--out", str(tmp_path / "two")], 2, tmp_path))
+    one.pop("timings_s"), two.pop("timings_s")
+    assert one == two
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "one" / "patch.safetensors"), load_file(tmp_path / "two" / "patch.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_killed_rank_then_a_rerun_ends_with_the_same_results(tiny_dir, tmp_path):
+    args = ["audit", "--model", str(tiny_dir), "--bench", "crows", "--limit", "640", "--n-boot", "100", "--format",
+            "json", "-q"]
+    procs = _launch(args + ["--out", str(tmp_path / "two")], 2, tmp_path)
+    journal = tmp_path / "two" / "records.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        if journal.is_file() and journal.read_text().count("chunk_done") >= 2:
+            break
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGKILL)                                 # rank 1 dies mid-run
+    err0 = procs[0].communicate(timeout=300)[1]
+    procs[1].communicate(timeout=60)
+    done = journal.read_text().count("chunk_done")
+    assert procs[0].returncode != 0 and "rerun the same command to resume" in err0, err0[-1500:]
+    assert 2 <= done < 10                                               # 640 pairs / 64 per chunk = 10 chunks
+    two = json.loads(_run(args + ["--out", str(tmp_path / "two")], 2, tmp_path))   # the rerun resumes
+    one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))
+    assert one["benchmarks"] == two["benchmarks"]
+    assert _records(tmp_path / "one") == _records(tmp_path / "two")
