@@ -1,0 +1,183 @@
+"""The GPU check (issue 16, "The GPU path, checked"): one short run on a machine with a CUDA GPU.
+
+    bash bench/gpu_check.sh            # or: python bench/gpu_check.py --out bench/results/gpu_check.json
+
+On the embedded default model, in about 8 minutes or less:
+
+1. **correctness** of every scoring mode in bf16 and fp16 against fp32 padded scoring (the reference): tree
+   (packed, tree attention), dense (packed, dense-mask rows) and padded, on the same BBQ option-log-likelihood
+   requests — same argmax prediction per item (share), max |Δ log-prob|;
+2. **throughput**: BBQ items/s and tokens/s of the default audit protocol in bf16, the bf16 matmul peak measured
+   in the same run (best of large square ``torch.matmul``), and the share of it the scoring achieves
+   (forward FLOPs ≈ 2 · non-embedding parameters · real tokens);
+3. **memory**: peak GPU memory of the scoring and of a CRISPR attribution pass (all FFN sites), and the
+   attribution's time per instance;
+4. **processes**: where N > 1 GPUs exist, the same audit under ``torchrun --nproc_per_node=N`` and its items/s.
+
+Nothing in the tests or CI runs this; its numbers go in bench/README.md when a GPU machine is available.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        sync()
+
+
+def matmul_peak(dtype, device: str, n: int = 8192, reps: int = 10) -> float:
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def requests(n_items: int):
+    from biaslab.benchmarks import get_benchmark
+    b = get_benchmark("bbq", instructions=1)
+    items = b.sample(b.load_items(), n_items, 0)
+    return b, items
+
+
+def score_mode(lm, reqs, mode: str):
+    lm.packing = mode != "padded"
+    lm.tree_attention = {"tree": True, "dense": False, "padded": None}[mode]
+    lm._mode_checked = {}
+    return [r.logprob for r in lm.loglikelihood(reqs, desc=mode)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--items", type=int, default=300, help="BBQ items for correctness and throughput")
+    ap.add_argument("--attr-items", type=int, default=16, help="instances for the attribution memory check")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_check.json")
+    ap.add_argument("--cpu-smoke", action="store_true", help="run every step on the CPU with tiny sizes (checks the "
+                                                             "script itself where no GPU is available)")
+    a = ap.parse_args(argv)
+    import torch
+
+    dev = "cpu" if a.cpu_smoke else "cuda"
+    if a.cpu_smoke:
+        a.items, a.attr_items = min(a.items, 12), min(a.attr_items, 2)
+        a.out = a.out.with_name("gpu_check_cpu_smoke.json")
+    elif not torch.cuda.is_available():
+        print("error: no CUDA device; this check is for a GPU machine (--cpu-smoke checks the script on CPU)",
+              file=sys.stderr)
+        return 2
+    mem = (lambda: torch.cuda.max_memory_allocated() / 2**30) if dev == "cuda" else (lambda: None)
+    reset = torch.cuda.reset_peak_memory_stats if dev == "cuda" else (lambda: None)
+    from biaslab.models import load_model
+    from biaslab.tasks import answer_targets, prompt_text
+
+    res = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke run: not a GPU measurement)",
+           "gpus": torch.cuda.device_count(), "torch": torch.__version__}
+    bench, items = requests(a.items)
+    ref_lm = load_model("smollm2-135m-instruct", device=dev, dtype="float32")
+    mc = [it["item"] if "item" in it else it for it in items]
+    reqs, owner = [], []
+    for k, it in enumerate(mc):
+        p = prompt_text(ref_lm, it, 0, protocol="option-loglik")
+        for t in answer_targets(ref_lm, it, "option-loglik"):
+            reqs.append((p, t))
+            owner.append(k)
+    ref = score_mode(ref_lm, reqs, "padded")
+
+    def argmax_per_item(lps):
+        best = {}
+        for k, lp, j in zip(owner, lps, range(len(lps))):
+            if k not in best or lp > best[k][0]:
+                best[k] = (lp, j)
+        return [best[k][1] for k in sorted(best)]
+
+    ref_pred = argmax_per_item(ref)
+    res["correctness"] = []
+    del ref_lm
+    for dt in ("bfloat16", "float16"):
+        lm = load_model("smollm2-135m-instruct", device=dev, dtype=dt)
+        for mode in ("tree", "dense", "padded"):
+            t = time.perf_counter()
+            try:
+                got = score_mode(lm, reqs, mode)
+            except Exception as e:   # a mode the model or kernel cannot run is reported, not hidden
+                res["correctness"].append({"dtype": dt, "mode": mode, "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            sync()
+            pred = argmax_per_item(got)
+            res["correctness"].append({
+                "dtype": dt, "mode": mode, "requests": len(reqs), "s": round(time.perf_counter() - t, 2),
+                "same_prediction_share": sum(p == q for p, q in zip(pred, ref_pred)) / len(pred),
+                "max_abs_dlogprob": max(abs(x - y) for x, y in zip(got, ref))})
+        del lm
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+    # throughput of the default audit protocol in bf16
+    lm = load_model("smollm2-135m-instruct", device=dev, dtype="bfloat16")
+    lm.packing, lm.tree_attention, lm._mode_checked = None, None, {}
+    proto = bench.protocol()
+    reset()
+    bench.score(lm, items[:16], protocol=proto)
+    sync()
+    t = time.perf_counter()
+    recs = bench.score(lm, items, protocol=proto)
+    sync()
+    dt_s = time.perf_counter() - t
+    toks = sum(len(lm.encode(prompt_text(lm, it, 0, protocol=proto.name))) for it in mc)
+    n_nonemb = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n)
+    peak = matmul_peak(torch.bfloat16, dev, n=1024 if a.cpu_smoke else 8192, reps=2 if a.cpu_smoke else 10)
+    achieved = 2 * n_nonemb * toks / dt_s / 1e12
+    res["throughput"] = {"protocol": proto.id, "items": len(items), "records": len(recs), "s": round(dt_s, 2),
+                         "items_per_s": round(len(items) / dt_s, 1), "tokens_per_s": round(toks / dt_s, 1),
+                         "scoring_mode": lm.scoring_mode(), "bf16_matmul_peak_tflops": round(peak, 1),
+                         "achieved_tflops": round(achieved, 3), "share_of_peak": round(achieved / peak, 4),
+                         "peak_gpu_mem_gb": mem()}
+
+    # attribution memory and time per instance (all FFN sites, letter protocol)
+    from biaslab.methods import METHODS
+    from biaslab.methods.crispr.scores import bias_scores
+
+    m = METHODS.get("crispr")()
+    cfg = m.make_config({"neurons": 3, "instructions": 1})
+    inst = mc[: a.attr_items]
+    reset()
+    t = time.perf_counter()
+    bias_scores(lm, inst, [0], cfg)
+    sync()
+    res["attribution"] = {"instances": len(inst), "s_per_instance": round((time.perf_counter() - t) / len(inst), 4),
+                          "peak_gpu_mem_gb": mem(), "sites": cfg.sites}
+
+    n = torch.cuda.device_count()
+    if n > 1 and not a.cpu_smoke:
+        out = Path("/tmp/biaslab_gpu_check_audit")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "biaslab",
+               "audit", "--bench", "bbq", "--limit", str(a.items), "--force", "-q", "--out", str(out)]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env={**os.environ, "BIASLAB_PROGRESS": "0"})
+        res["processes"] = {"n": n, "wall_s": round(time.perf_counter() - t, 2)}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
