@@ -93,12 +93,16 @@ class _SiteHooks:
         self.h: dict[str, torch.Tensor] = {}
         self.s: dict[str, torch.Tensor] = {}
 
+    bt: tuple[int, int] | None = None   # (batch, tokens) of the pass: OPT feeds its FFN (B·T, U) matrices
+
     def _gate(self, name: str, h: torch.Tensor) -> torch.Tensor:
         g = self.gates.get(name, 1.0)
-        s = h if g == 1.0 else h * g
-        self.h[name] = h.detach()
+        flat = h.dim() == 2 and self.bt is not None and h.shape[0] == self.bt[0] * self.bt[1]
+        h3 = h.view(*self.bt, h.shape[-1]) if flat else h      # always (B, T, U) for the scores
+        s = h3 if g == 1.0 else h3 * g
+        self.h[name] = h3.detach()
         self.s[name] = s
-        return s
+        return s.reshape(h.shape) if flat else s
 
     def __enter__(self):
         ivs = []
@@ -179,6 +183,7 @@ class AttributionPass:
         try:
             with self.hooks:
                 ids, mask, pos, offs = lm.pad(self.seqs, side="right")
+                self.hooks.bt = tuple(ids.shape)
                 if self.continuation is None:
                     self.rows = torch.arange(len(self.seqs), device=ids.device)
                     self.cols = torch.tensor([offs[k] + len(s) - 1 for k, s in enumerate(self.seqs)], device=ids.device)

@@ -118,11 +118,15 @@ class Patch:
                 model = self._export_model(lm)
                 model.save_pretrained(tmp)
                 lm.tokenizer.save_pretrained(tmp)
+                for f in getattr(lm, "license_files", []):   # e.g. Gemma's NOTICE and terms: a derivative carries them
+                    shutil.copyfile(f, tmp / Path(f).name)
                 if verify:
                     info["export_check"] = self._verify_export(lm, tmp)
             from .signoff.model_card import model_card
 
-            (tmp / "README.md").write_text(model_card(self, summary, export_check=info.get("export_check")),
+            (tmp / "README.md").write_text(model_card(self, summary, export_check=info.get("export_check"),
+                                                      license_files=[Path(f).name for f in
+                                                                     getattr(lm, "license_files", [])]),
                                            encoding="utf-8")
             info["export_files"] = sorted(x.name for x in tmp.iterdir()) + [EXPORT_MARK]
             info["export_created_directory"] = not existing   # only then may a later export replace it whole

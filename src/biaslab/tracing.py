@@ -96,7 +96,12 @@ def layer_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
             if parts[j].isdigit():
                 layers.append(model.get_submodule(".".join(parts[:j + 1])))
                 break
-        mlps.append(model.get_submodule(".".join(parts[:-1])))
+        mlp = model.get_submodule(".".join(parts[:-1]))
+        if mlp is layers[-1]:
+            raise BiaslabError(f"causal tracing / the FAST stamp need an MLP sub-module in each layer; "
+                               f"{type(model).__name__} ({model.config.model_type}) has its FFN projections "
+                               "directly in the decoder layer, so there is no MLP output to trace or stamp")
+        mlps.append(mlp)
     return layers, mlps
 
 
@@ -157,9 +162,12 @@ def trace(lm, items: list[TraceItem], *, kinds=("hidden", "mlp"), noise_scale: f
         if not spos:
             raise BiaslabError(f"{it.id}: the subject merges into the object's tokens")
         prepared.append((ctx + cont[:-1], spos, len(ctx), cont))
-    # ROME: noise std = scale × std of the subject tokens' embeddings
+    # ROME: noise std = scale × std of the subject tokens' embeddings — as the embedding module outputs them, which
+    # is where the noise is added (Gemma's embedding scales by √d inside the module: raw weights would make the
+    # noise √d times too weak)
     sub_ids = torch.tensor(sorted({ids[p] for ids, spos, _, _ in prepared for p in spos}), device=dev)
-    std = float(emb.weight[sub_ids].float().std())
+    with torch.no_grad():
+        std = float(emb(sub_ids[None]).float().std())
     sigma = noise_scale * std
     gen = torch.Generator(device="cpu").manual_seed(seed)
 

