@@ -63,6 +63,11 @@ def _make_patch(kind: str, lm):
             if name.endswith(("q_proj", "down_proj")):
                 w[name] = (torch.randn(4, mod.in_features, generator=g) * 0.1, torch.randn(mod.out_features, 4, generator=g) * 0.1)
         return LoraPatch.from_weights(lm, w, params={"r": 4, "alpha": 8.0, "scale": 2.0})
+    if kind == "calibration":
+        from biaslab.methods.calibration.patch import CalibrationPatch
+
+        ids = [lm.candidate_token_id(c) for c in (" late", " early", "A")]
+        return CalibrationPatch.from_probs(lm, ids, [0.7, 0.2, 0.1], params={"method": "cc"})
     raise AssertionError(f"no tiny patch for kind {kind!r}: add one to _make_patch")
 
 
@@ -98,7 +103,10 @@ def test_patch_kind_contract(kind, lm, tmp_path):
         plain = AutoModelForCausalLM.from_pretrained(out).eval()
         with torch.no_grad():
             got = plain(torch.tensor([lm.encode(PROBE)])).logits.float()
-        assert torch.allclose(got, patched, atol=1e-4)
+        # a patch that cannot live in the weights exports the base model and itself as a note
+        assert torch.allclose(got, patched if q.bakes_into_weights else base_logits, atol=1e-4)
+        if not q.bakes_into_weights:
+            assert (out / "calibration.json").is_file() and "Nothing in the weights" in (out / "README.md").read_text()
         assert json.loads((out / "biaslab_patch.json").read_text())["export_check"]["max_abs_logit_diff"] <= 1e-3
 
 
@@ -108,6 +116,8 @@ TINY = {
                         "retention_benchmarks": ("crows",)}, 8),
     "fast": ("stereoset:religion", {"steps": 2, "retention_limit": 2, "n_trace": 2, "n_noise": 1, "ftl_lrs": (1e-3,),
                                     "text_tokens": 8, "n_text": 2, "n_subject_prompts": 2}, 3),
+    "cc": ("sst2", {"instructions": 1}, 6),
+    "dc": ("sst2", {"instructions": 1, "dc_samples": 3}, 6),
     "srllm": ("debias_rewrites", {"train_limit": 6, "val_limit": 3, "batch_size": 3, "max_length": 96, "eval_every": 1,
                                   "retention": False}, 3),
 }

@@ -516,3 +516,35 @@ def test_cli_summary_prints_data_named_metrics_literally():
         con.print(t)
     text = con.export_text()
     assert "accuracy[neg]" in text and "accuracy[bold]" in text and "mc:[bold]x@abc" in text and "[red]" in text
+
+
+def test_calibration_decision_is_p_over_p_cf_by_hand(tiny_lm):
+    """Golden: the calibrated label is argmax p(label | x) / p_cf(label) (Zhao et al., W = diag(p_cf)^-1), and the
+    label-renormalised probabilities are p / p_cf normalised."""
+    import math
+
+    from biaslab.methods.calibration.patch import CalibrationPatch
+
+    labels = [" positive", " negative"]
+    ids = [tiny_lm.candidate_token_id(c) for c in labels]
+    prompt = "Review: fine. Sentiment:"
+    before = tiny_lm.next_token_logprobs([prompt], labels)[0]
+    p_cf = [0.8, 0.2]
+    patch = CalibrationPatch.from_probs(tiny_lm, ids, p_cf)
+    with patch.applied(tiny_lm):
+        after = tiny_lm.next_token_logprobs([prompt], labels)[0]
+    want = [math.exp(b) / c for b, c in zip(before, p_cf)]
+    want = [w / sum(want) for w in want]
+    got = [math.exp(a) for a in after]
+    got = [g / sum(got) for g in got]
+    assert got == pytest.approx(want, rel=1e-4)
+    assert patch.params["p_cf"] == pytest.approx([0.8, 0.2])
+
+
+def test_crispr_baselines_are_validated():
+    from biaslab.methods.crispr.config import CrisprConfig
+
+    with pytest.raises(Exception, match="CRISPR baseline 'xx'"):
+        CrisprConfig(neurons=1, baselines=("xx",)).validate()
+    with pytest.raises(Exception, match="needs --protocol letter or cloze"):
+        CrisprConfig(neurons=1, baselines=("cc",), protocol="option-loglik").validate()

@@ -10,6 +10,7 @@ lazily, so loading a mask never imports peft.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ PATCH_KINDS = LazyRegistry("patch kind", {
     "stamp": "biaslab.methods.fast.stamp:StampPatch",
     "lora": "biaslab.methods.srllm.lora:LoraPatch",
     "weights": "biaslab.patches:WeightsPatch",
+    "calibration": "biaslab.methods.calibration.patch:CalibrationPatch",
 })
 
 
@@ -114,10 +116,12 @@ class Patch:
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         info = self.describe()
         try:
-            with self.applied(lm):
+            # a patch that cannot live in the weights (a scoring-time calibration) exports the base model and a note
+            with self.applied(lm) if self.bakes_into_weights else contextlib.nullcontext():
                 model = self._export_model(lm)
                 model.save_pretrained(tmp)
                 lm.tokenizer.save_pretrained(tmp)
+                self._export_notes(tmp)
                 for f in getattr(lm, "license_files", []):   # e.g. Gemma's NOTICE and terms: a derivative carries them
                     shutil.copyfile(f, tmp / Path(f).name)
                 if verify:
@@ -175,6 +179,11 @@ class Patch:
 
     def _export_model(self, lm):
         return lm.model
+
+    bakes_into_weights = True   # False: export writes the base model unchanged plus the patch as a note
+
+    def _export_notes(self, directory: Path) -> None:
+        """Extra files an export carries (a patch that is not in the weights describes itself here)."""
 
     def export_refusal(self) -> str:
         """Why this patch is not exportable, and what to do instead ('' when it is)."""

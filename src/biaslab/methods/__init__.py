@@ -9,6 +9,8 @@ METHODS = LazyRegistry("method", {
     "crispr": "biaslab.methods.crispr.method:Crispr",
     "fast": "biaslab.methods.fast.method:Fast",
     "srllm": "biaslab.methods.srllm.method:SRLLM",
+    "cc": "biaslab.methods.calibration.method:ContextualCalibration",
+    "dc": "biaslab.methods.calibration.method:DomainContextCalibration",
 })
 
 __all__ = ["METHODS"]

@@ -24,6 +24,10 @@ def _change(patch) -> list[str]:
     if patch.kind == "lora":
         return [f"- **Merged LoRA adapter** (SR_LLM): rank {p.get('r')}, scale {p.get('scale')}, on "
                 f"{', '.join(p.get('target_modules') or [])}: W += scale · B · A."]
+    if patch.kind == "calibration":
+        return [f"- **Nothing in the weights** ({p.get('method', 'calibration').upper()} calibration): the base model is "
+                "exported unchanged; the calibration is a scoring-time correction of the answer tokens' logits, "
+                "given in `calibration.json` (add `bias` to the logits of `token_ids`)."]
     if patch.kind == "stamp":
         return [f"- **Fairness stamp** (FAST): {p.get('width')} extra {p.get('activation')} neurons in the MLP of layer "
                 f"{p.get('layer')} (zero-padded in the other layers), exported as a wider plain model."]

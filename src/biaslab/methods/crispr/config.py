@@ -58,6 +58,8 @@ class CrisprConfig:
     control_seeds: int = option(3, "random-pruning control seeds (site-matched, never CRISPR's own units)")
     constant_controls: bool = option(True, "also compare with always giving the same answer (each option letter, and "
                                            "'unknown' on BBQ)")
+    baselines: tuple[str, ...] = option((), "also compare with the paper's calibration baselines: cc "
+                                            "(contextual), dc (domain-context); comma-separated")
     retention: bool = option(True, "audit the retention benchmarks before / after the patch")
     retention_benchmarks: tuple[str, ...] = option(DEFAULT_RETENTION, "retention benchmarks (comma-separated)")
     retention_limit: int | None = option(50, "items per retention benchmark")
@@ -99,6 +101,13 @@ class CrisprConfig:
         if self.retention_limit is not None and self.retention_limit < 1:
             raise BiaslabError(f"--retention-limit must be a positive number of items, got {self.retention_limit}")
         self.retention_benchmarks = tuple(self.retention_benchmarks)
+        self.baselines = tuple(self.baselines)
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise UnknownNameError("CRISPR baseline", b, BASELINES)
+        if self.baselines and self.protocol not in ("letter", "cloze"):
+            raise BiaslabError(f"--baselines {','.join(self.baselines)}: calibration corrects single answer tokens, so it "
+                               f"needs --protocol letter or cloze (got {self.protocol!r})")
         return self
 
     @property
@@ -106,7 +115,9 @@ class CrisprConfig:
         return CONVENTIONS[self.objective]
 
 
-RUN_SETTINGS = ("control_seeds", "constant_controls", "retention", "retention_benchmarks", "retention_limit")   # evaluation, not fit
+BASELINES = ("cc", "dc")
+RUN_SETTINGS = ("control_seeds", "constant_controls", "baselines", "retention", "retention_benchmarks",
+                "retention_limit")   # evaluation, not fit
 
 
 def fit_settings(cfg: CrisprConfig) -> dict:

@@ -119,6 +119,7 @@ class Crispr(Method):
 
     def controls(self, lm, task: TaskData, cfg: CrisprConfig, fit: FitResult) -> list[Control]:
         out = self._random_control(lm, cfg, fit) if cfg.control_seeds else []
+        out += self._baselines(lm, task, cfg) if cfg.baselines else []
         if cfg.constant_controls:
             from ...tasks import LETTERS
             from .metrics import constant_answer
@@ -133,7 +134,27 @@ class Crispr(Method):
         return out
 
     def planned_control_states(self, cfg: CrisprConfig) -> int:
-        return cfg.control_seeds   # constant-answer controls are derived from the before records, not scored
+        # constant-answer controls are derived from the before records, not scored
+        return cfg.control_seeds + len(getattr(cfg, "baselines", ()))
+
+    def _baselines(self, lm, task: TaskData, cfg: CrisprConfig) -> list[Control]:
+        """The paper's Table 1 baselines: contextual and domain-context calibration, fitted on the same dev split
+        and scored on the same test items."""
+        from ..calibration.config import CalibrationConfig
+        from ..calibration.fitting import content_free_probs
+        from ..calibration.method import PAPERS
+        from ..calibration.patch import CalibrationPatch
+        from .selection import split_dev_test
+
+        dev, _ = split_dev_test(task.data, dev_fraction=cfg.dev_fraction, seed=cfg.split_seed)
+        ccfg = CalibrationConfig(instructions=cfg.instructions, protocol=cfg.protocol, dev_fraction=cfg.dev_fraction,
+                                 split_seed=cfg.split_seed)
+        out = []
+        for b in cfg.baselines:
+            tokens, p_cf, _ = content_free_probs(lm, b, dev, ccfg, list(range(cfg.instructions)))
+            patch = CalibrationPatch.from_probs(lm, tokens, p_cf, params={"method": b, "protocol": cfg.protocol})
+            out.append(Control(b, f"{PAPERS[b]} (p_cf {[round(x, 3) for x in patch.params['p_cf']]})", [patch]))
+        return out
 
     def _random_control(self, lm, cfg: CrisprConfig, fit: FitResult) -> list[Control]:
         from ... import attribution as attr
