@@ -8,6 +8,8 @@ from ...evaluation.config import option
 
 CONTENT_FREE = ("N/A", "", "[MASK]")     # Zhao et al. 2021, §5
 PROTOCOLS = ("letter", "cloze")
+PAPERS = {"cc": "Zhao et al., ICML 2021 (arXiv 2102.09690): contextual calibration",
+          "dc": "Fei et al., ACL 2023 (arXiv 2305.19148): domain-context calibration"}
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,9 @@ from dataclasses import replace
 
 from ...evaluation.plan import FitResult, TaskData
 from ..crispr.method import Crispr
-from .config import CalibrationConfig
+from .config import PAPERS, CalibrationConfig
 from .fitting import DEVIATION
 
-PAPERS = {"cc": "Zhao et al., ICML 2021 (arXiv 2102.09690): contextual calibration",
-          "dc": "Fei et al., ACL 2023 (arXiv 2305.19148): domain-context calibration"}
 
 
 class _Calibration(Crispr):

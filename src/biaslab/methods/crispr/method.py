@@ -140,9 +140,8 @@ class Crispr(Method):
     def _baselines(self, lm, task: TaskData, cfg: CrisprConfig) -> list[Control]:
         """The paper's Table 1 baselines: contextual and domain-context calibration, fitted on the same dev split
         and scored on the same test items."""
-        from ..calibration.config import CalibrationConfig
+        from ..calibration.config import PAPERS, CalibrationConfig
         from ..calibration.fitting import content_free_probs
-        from ..calibration.method import PAPERS
         from ..calibration.patch import CalibrationPatch
         from .selection import split_dev_test
 
