@@ -179,3 +179,20 @@ def test_a_family_without_an_mlp_module_refuses_tracing_in_one_line():
     model, _ = make("opt")
     with pytest.raises(BiaslabError, match="need an MLP sub-module"):
         layer_modules(model)
+
+
+def test_base_model_prompts_end_with_a_cue_and_rewrites_keep_a_boundary(family):
+    """A model without a chat template sees where its answer starts: letter and option prompts end with
+    "Answer:" (the letter follows as " A"), the SR_LLM format puts "Rewritten text:" between prompt and completion,
+    and the completion's labels start right after it."""
+    from biaslab.methods.srllm.lora import encode_example
+    from biaslab.tasks import MCItem, answer_targets, prompt_text
+
+    name, model, lm = family
+    it = MCItem("x", ("yes", "no"), 0, context="It rained.", question="Was it wet?")
+    assert prompt_text(lm, it, 0, protocol="letter").endswith("\nAnswer:")
+    assert answer_targets(lm, it, "letter") == [" A", " B"]
+    ids, labels = encode_example(lm, "He is bossy.", "They are assertive.")
+    k = labels.index(next(t for t in labels if t != -100))
+    assert lm.tokenizer.decode(ids[:k]).endswith("Rewritten text:")
+    assert lm.tokenizer.decode(ids[k:]).strip().startswith("They are assertive.")

@@ -80,7 +80,8 @@ def test_token_budget_batches_cover_every_index_once():
 def test_chat_template_toggle():
     on = _lm()
     off = _lm(chat_template=False)
-    assert "<|im_start|>" in on.render("hi") and off.render("hi") == "hi"
+    assert "<|im_start|>" in on.render("hi") and off.render("hi") == "hi\nAnswer:"   # a base model's answer cue
+    assert off.render("hi", cue="") == "hi" and off.render("hi", cue="Rewritten text:").endswith("\nRewritten text:")
 
 
 def test_empty_continuation_is_an_error():

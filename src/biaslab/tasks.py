@@ -157,8 +157,8 @@ def protocol_context(lm, protocol: str):
 
 def answer_targets(lm, item: MCItem, protocol: str = "letter") -> list[str]:
     """What is scored after the prompt for each option: its letter, or its text (space-led after plain text)."""
-    if protocol == "letter":
-        return list(LETTERS[:len(item.options)])
+    if protocol == "letter":   # after a base model's "Answer:" cue the letter follows a space
+        return [("" if lm.use_chat_template else " ") + x for x in LETTERS[:len(item.options)]]
     if protocol == "cloze":
         return [" " + o for o in item.options]
     return [(" " if not lm.use_chat_template else "") + o for o in item.options]

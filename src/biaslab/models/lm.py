@@ -41,6 +41,9 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+ANSWER_CUE = "Answer:"   # the line that ends a prompt for a model without a chat template
+
+
 def attention_span(model) -> int | None:
     """The shortest attention span of any layer (a sliding window), or None when every layer sees the whole
     sequence."""
@@ -113,10 +116,12 @@ class LanguageModel:
                 **({"attention_span": attention_span(self.model),
                     "span_fallbacks_to_padded": self.span_fallbacks} if attention_span(self.model) else {})}
 
-    def render(self, user: str, *, system: str | None = None, assistant_prefix: str = "") -> str:
-        """The prompt text the model sees: the chat template (with generation prompt) when on, else ``user``."""
+    def render(self, user: str, *, system: str | None = None, assistant_prefix: str = "", cue: str = ANSWER_CUE) -> str:
+        """The prompt text the model sees: the chat template (with generation prompt) when on; else the text followed
+        by a line with the answer cue (``Answer:``), so a base model sees where its answer starts (without it, the
+        first option wins every time and a tuned rewriter learns to stop at once)."""
         if not self.use_chat_template:
-            return (system + "\n\n" if system else "") + user + assistant_prefix
+            return (system + "\n\n" if system else "") + user + (f"\n{cue}" if cue else "") + assistant_prefix
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return text + assistant_prefix

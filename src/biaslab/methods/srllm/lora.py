@@ -38,7 +38,10 @@ from .config import INSTRUCTION, PROTOCOL_ID, SYSTEM_PROMPT, SRLLMConfig
 # ---------------------------------------------------------------------------------------------- prompts
 def build_prompt(lm, text: str) -> str:
     """The prompt the rewriter sees: chat template, system message, instruction with the text."""
-    return lm.render(INSTRUCTION.format(text=text), system=SYSTEM_PROMPT)
+    return lm.render(INSTRUCTION.format(text=text), system=SYSTEM_PROMPT, cue=REWRITE_CUE)
+
+
+REWRITE_CUE = "Rewritten text:"   # a base model's boundary between prompt and completion (no chat template)
 
 
 def eos_id(lm) -> int:
