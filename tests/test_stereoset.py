@@ -118,3 +118,35 @@ def test_scoring_on_tiny_model(tiny_lm):
     assert set(r) >= {"id", "domain", "target", "lp_stereotype", "lp_anti_stereotype", "lp_unrelated"}
     assert r["lp_anti_stereotype"] == pytest.approx(s.mean_logprob, abs=1e-4)
     assert 0 <= M.ss(recs) <= 100 and 0 <= M.icat(recs) <= 100
+
+
+def test_intersentence_loads_every_dev_cluster_and_scores_given_the_context(tiny_lm):
+    from collections import Counter
+
+    from biaslab.benchmarks import get_benchmark
+    from biaslab.benchmarks.stereoset_inter import score_inter
+
+    b = get_benchmark("stereoset-inter")
+    items = b.load_items()
+    assert len(items) == 2123 and len({it["id"] for it in items}) == 2123
+    assert set(Counter(it["domain"] for it in items)) == {"race", "profession", "gender", "religion"}
+    it = items[0]
+    rec = score_inter(tiny_lm, [it])[0]
+    want = tiny_lm.loglikelihood([(it["context"] + " ", it["stereotype"])])[0].mean_logprob
+    alone = tiny_lm.loglikelihood([("", it["stereotype"])])[0].mean_logprob
+    assert rec["lp_stereotype"] == pytest.approx(want) and rec["lp_stereotype"] != pytest.approx(alone)
+
+
+def test_both_tasks_overall_is_the_union_and_keeps_each_task():
+    """Golden: the overall SS of intra + inter records is the macro score over the union's target terms."""
+    from biaslab.benchmarks.stereoset_inter import StereoSetBoth
+    from biaslab.metrics import stereoset as M
+
+    def r(task, target, s, a, u):
+        return {"id": f"{task}{target}{s}", "task": task, "domain": "race", "target": target,
+                "lp_stereotype": s, "lp_anti_stereotype": a, "lp_unrelated": u}
+    recs = [r("intrasentence", "x", -1, -2, -3), r("intersentence", "x", -2, -1, -3), r("intersentence", "y", -1, -2, -9)]
+    # target x: 1 of 2 clusters stereotype-first (50 %), target y: 1 of 1 (100 %) → SS = 75
+    assert M.ss(recs) == pytest.approx(75.0)
+    extra = StereoSetBoth().extra_results(recs, None)
+    assert extra["intrasentence"]["ss"] == pytest.approx(100.0) and extra["intersentence"]["n_clusters"] == 2

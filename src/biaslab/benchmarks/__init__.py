@@ -8,6 +8,8 @@ BENCHMARKS = LazyRegistry("benchmark", {
     "bbq": "biaslab.benchmarks.bbq:BBQ",
     "crows": "biaslab.benchmarks.crows:CrowSPairs",
     "stereoset": "biaslab.benchmarks.stereoset:StereoSet",
+    "stereoset-inter": "biaslab.benchmarks.stereoset_inter:StereoSetInter",
+    "stereoset-both": "biaslab.benchmarks.stereoset_inter:StereoSetBoth",
     "winobias": "biaslab.benchmarks.winobias:WinoBias",
     "bold": "biaslab.benchmarks.bold:BOLD",
     "retention": "biaslab.benchmarks.retention:Retention",

@@ -125,7 +125,8 @@ class StereoSet(Benchmark):
     protocols = (MEAN,)
     default_protocol = "mean"
     group_field = "domain"
-    coverage = ("partial: intrasentence only; race 962/962, religion 79/79, gender 253/255 test clusters plus profession from the reduced dev file; no intersentence task")
+    coverage = ("partial: intrasentence; race 962/962, religion 79/79, gender 253/255 test clusters plus profession "
+                "from the reduced dev file (the intersentence task is `stereoset-inter`, both: `stereoset-both`)")
     strata = ("domain",)
     data_files = (*PARTIAL.values(), REDUCED)
     options: dict = {}
