@@ -220,3 +220,52 @@ def compare(
         atomic_write_json(out / "compare.json", res)
         write_html(res, out / "compare.html")
         console.print(f"compare.json and compare.html in {out}", markup=False, highlight=False)
+
+
+@app.command()
+def score(
+    bench: str = typer.Option(..., "--bench", "-b", help="bbq | crows | stereoset | winobias"),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="JSON Lines: one prediction per item "
+                                                                          "(docs/benchmarks.md, 'Scoring predictions')"),
+    lmeval_samples: Optional[Path] = typer.Option(None, "--lmeval-samples", help="an lm-evaluation-harness "
+                                                                                "--log_samples file (bbq, crows)"),
+    items_out: Optional[Path] = typer.Option(None, "--items-out", help="write the benchmark's items (ids and text) "
+                                                                       "as JSON Lines to predict elsewhere, then stop"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (results.json, records, report)"),
+    partial: bool = typer.Option(False, "--partial", help="score only the predicted items (else every item needs one)"),
+    name: str = typer.Option("external", "--name", help="the model's name in the results"),
+    n_boot: int = typer.Option(1000, "--n-boot"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force"),
+    format: str = typer.Option("table", "--format", help="table | markdown | csv | json"),
+):
+    """Score predictions made elsewhere (an API model, another harness): the audit's metrics, intervals and report."""
+    from ..formats import check_format
+
+    check_format(format)
+    if items_out is not None:
+        import json
+
+        from ..benchmarks import get_benchmark
+        from ..benchmarks.external import BENCHES, items_for_predictions
+        from ..outputs import check_target
+        from ..runs import atomic_write_text
+
+        if bench not in BENCHES:
+            raise BiaslabError(f"biaslab score supports {', '.join(BENCHES)}; not {bench!r}")
+        if items_out.exists():
+            raise BiaslabError(f"--items-out {items_out} exists; biaslab never overwrites a file it did not create")
+        check_target(items_out.parent)
+        rows = items_for_predictions(get_benchmark(bench))
+        atomic_write_text(items_out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        err_console.print(f"{len(rows):,} {bench} items → {items_out}", markup=False, highlight=False)
+        return
+    from ..score import score_predictions
+
+    res = score_predictions(bench, predictions=predictions, lmeval_samples=lmeval_samples, out=out, force=force,
+                            n_boot=n_boot, seed=seed, partial=partial, model_name=name)
+    print_result(res, format)
+    c = res.results["benchmarks"][bench]["predictions"]
+    err_console.print(f"{c['scored']:,} items scored ({c['unmatched']} unmatched, {c['items_without_prediction']:,} "
+                      f"without a prediction)" + (f"; run directory: {out}" if out else ""), markup=False,
+                      highlight=False)

@@ -1,0 +1,75 @@
+"""`biaslab score` on an lm-evaluation-harness samples file reproduces lm-eval's own BBQ accuracy (issue 19).
+
+    .venv/bin/pip install -e '.[bench]'          # lm-eval (see bench/README.md)
+    .venv/bin/python experiments/score/lmeval_bbq.py [--items 200]
+
+1. samples --items BBQ items (biaslab's seeded, stratified sample), runs lm-eval's own BBQ multiple-choice task
+   on them (the local copy of bench/lmeval_tasks, the default model, no chat template) with log_samples, and
+   writes the samples as JSON Lines (what `lm_eval --log_samples` writes);
+2. runs `biaslab score --bench bbq --lmeval-samples FILE --partial` on that file;
+3. compares lm-eval's accuracy with biaslab's, on the same items. Output: experiments/score/lmeval_bbq.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", type=int, default=200)
+    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "score")
+    a = ap.parse_args()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from audit_throughput import lmeval_results, write_lmeval_inputs
+    from biaslab.benchmarks import get_benchmark
+    from biaslab.models.loading import embedded_model_dir
+
+    b = get_benchmark("bbq")
+    items = b.sample(b.load_items(), a.items, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks = write_lmeval_inputs(Path(tmp), items, [])
+        hflm = HFLM(pretrained=str(embedded_model_dir("smollm2-135m-instruct")), device="cpu", dtype="float32",
+                    batch_size=8)
+        res = lm_eval.simple_evaluate(model=hflm, tasks=["biaslab_bbq_local"],
+                                      task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                      bootstrap_iters=0, log_samples=True, apply_chat_template=False, random_seed=0,
+                                      numpy_random_seed=0, torch_random_seed=0, verbosity="WARNING")
+    lme, _ = lmeval_results(res, "biaslab_bbq_local")
+    samples = sorted(res["samples"]["biaslab_bbq_local"], key=lambda s: s["doc_id"])
+    f = a.out / "lmeval_bbq_samples.jsonl"
+    with open(f, "w", encoding="utf-8") as fh:
+        for s in samples:
+            fh.write(json.dumps({"doc_id": s["doc_id"], "doc": s["doc"], "arguments": s["arguments"],
+                                 "filtered_resps": s["filtered_resps"], "acc": s.get("acc")}, default=str) + "\n")
+    run = Path(tempfile.mkdtemp()) / "score"
+    out = subprocess.run([sys.executable, "-m", "biaslab", "score", "--bench", "bbq", "--lmeval-samples", str(f),
+                          "--partial", "--n-boot", "1000", "--format", "json", "--out", str(run), "--name",
+                          "smollm2-135m-instruct via lm-eval"], capture_output=True, text=True, check=True)
+    ours = json.loads(out.stdout)["benchmarks"]["bbq"]
+    summary = {"items": len(samples), "lm_eval_version": getattr(lm_eval, "__version__", None),
+               "lm_eval": {k: lme.get(k) for k in ("acc", "accuracy_amb", "accuracy_disamb")},
+               "biaslab_score": {"accuracy": ours["metrics"]["accuracy"]["value"],
+                                 "accuracy_ci95": ours["metrics"]["accuracy"]["ci95"],
+                                 "accuracy_ambig": ours["metrics"]["accuracy_ambig"]["value"],
+                                 "accuracy_disambig": ours["metrics"]["accuracy_disambig"]["value"],
+                                 "unmatched": ours["predictions"]["unmatched"]},
+               "same_accuracy": abs(lme["acc"] - ours["metrics"]["accuracy"]["value"]) < 1e-9,
+               "samples_file": str(f.relative_to(ROOT))}
+    (a.out / "lmeval_bbq.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

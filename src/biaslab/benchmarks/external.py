@@ -1,0 +1,221 @@
+"""Predictions made elsewhere (an API model, another harness) turned into a benchmark's records, so that
+``biaslab score`` computes the same metrics, intervals, groups, run directory and report as an audit.
+
+The predictions file is JSON Lines, one object per item (docs/benchmarks.md, "Scoring predictions"):
+
+* ``bbq``, ``winobias`` — ``{"id": ITEM_ID, "pred": OPTION_INDEX}``, or ``"pred_text": "..."`` (matched to an
+  option: its letter, its text after normalisation — lower case, no punctuation or articles — or, on BBQ, one
+  of the "unknown" paraphrases for the unknown option; an answer that matches no option is counted as
+  *unmatched* and left out, as the BBQ authors' analysis does), optionally ``"scores": [one per option]``;
+* ``crows`` — ``{"id": ITEM_ID, "scores": [score_more, score_less]}`` (any log-likelihood-like score of the more
+  and the less stereotyping sentence) or ``"pred": 0`` (the more stereotyping sentence preferred) / ``1``;
+* ``stereoset`` — ``{"id": ITEM_ID, "scores": [stereotype, anti_stereotype, unrelated]}``.
+
+``biaslab score --bench B --items-out FILE`` writes the items with their ids, so predictions can be made for them.
+:func:`from_lmeval_samples` reads lm-evaluation-harness ``--log_samples`` files of its BBQ and CrowS-Pairs tasks.
+"""
+from __future__ import annotations
+
+import json
+import re
+import string
+from pathlib import Path
+
+from ..errors import BiaslabError, DataError
+
+BENCHES = ("bbq", "crows", "stereoset", "winobias")
+UNKNOWN_PARAPHRASES = ("unknown", "cannot be determined", "can't be determined", "not answerable", "not known",
+                       "not enough info", "not enough information", "cannot answer", "can't answer", "undetermined")
+
+
+def normalise(text: str) -> str:
+    t = text.lower().strip()
+    t = t.translate(str.maketrans("", "", string.punctuation))
+    t = re.sub(r"\b(a|an|the)\b", " ", t)
+    return " ".join(t.split())
+
+
+def match_option(text: str, options, *, unknown: int | None = None) -> int | None:
+    """The option a free-text answer names, or None: a bare letter ("B", "(b)", "b."), the option's normalised text
+    (exactly, or as the answer's start), or an "unknown" paraphrase when the item has an unknown option."""
+    raw = text.strip()
+    m = re.fullmatch(r"\(?([A-Za-z])[\).:]?", raw.split("\n")[0].strip()) if raw else None
+    if m and ord(m.group(1).upper()) - 65 < len(options):
+        return ord(m.group(1).upper()) - 65
+    t = normalise(raw)
+    if not t:
+        return None
+    norm = [normalise(o) for o in options]
+    exact = [k for k, o in enumerate(norm) if o and o == t]
+    if len(exact) == 1:
+        return exact[0]
+    start = [k for k, o in enumerate(norm) if o and t.startswith(o)]
+    if len(start) == 1:
+        return start[0]
+    if unknown is not None and any(normalise(p) in t for p in UNKNOWN_PARAPHRASES):
+        return unknown
+    return None
+
+
+def read_predictions(path) -> list[dict]:
+    """Rows of a predictions file, each with its ``_line``; bad JSON or a missing id is an error naming the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise BiaslabError(f"--predictions {p}: no such file")
+    rows, seen = [], {}
+    with open(p, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError as e:
+                raise DataError(p, n, None, f"not valid JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not row["id"]:
+                raise DataError(p, n, "id", "each line needs a string 'id' (the benchmark's item id; "
+                                            "`biaslab score --items-out` lists them)")
+            if row["id"] in seen:
+                raise DataError(p, n, "id", f"duplicate id {row['id']!r} (first on line {seen[row['id']]})")
+            seen[row["id"]] = n
+            rows.append({**row, "_line": n})
+    if not rows:
+        raise DataError(p, None, None, "holds no predictions")
+    return rows
+
+
+def _scores(p, row, n: int, what: str) -> list[float] | None:
+    s = row.get("scores")
+    if s is None:
+        return None
+    if not isinstance(s, list) or len(s) != n or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in s):
+        raise DataError(p, row["_line"], "scores", f"expected a list of {n} numbers ({what})")
+    return [float(x) for x in s]
+
+
+def to_records(bench, rows: list[dict], path, *, partial: bool = False) -> tuple[list[dict], dict]:
+    """(records in the benchmark's own format, counts: matched, unmatched, missing). Unknown ids are errors;
+    items without a prediction are an error unless ``partial`` (then only the predicted items are scored)."""
+    if bench.name not in BENCHES:
+        raise BiaslabError(f"biaslab score supports {', '.join(BENCHES)}; not {bench.name!r}")
+    p = Path(path)
+    items = {it["id"]: it for it in bench.load_items()}
+    for r in rows:
+        if r["id"] not in items:
+            raise DataError(p, r["_line"], "id", f"unknown {bench.name} item id {r['id']!r}")
+    missing = len(items) - len(rows)
+    if missing and not partial:
+        raise BiaslabError(f"{p}: {missing:,} of the {len(items):,} {bench.name} items have no prediction; give "
+                           "them all, or --partial to score only the predicted items (the result says so)")
+    records, unmatched = [], 0
+    for r in rows:
+        it = items[r["id"]]
+        rec = _record(bench.name, it, r, p)
+        if rec is None:
+            unmatched += 1
+            continue
+        records.append(rec)
+    if not records:
+        raise BiaslabError(f"{p}: no prediction matched an option; nothing to score")
+    return records, {"predicted": len(rows), "scored": len(records), "unmatched": unmatched,
+                     "items_without_prediction": missing}
+
+
+def _record(name: str, it: dict, r: dict, p) -> dict | None:
+    line = r["_line"]
+    if name in ("bbq", "winobias"):
+        item = it["item"]
+        k = len(item.options)
+        scores = _scores(p, r, k, "one per option")
+        if "pred" in r:
+            pred = r["pred"]
+            if isinstance(pred, bool) or not isinstance(pred, int) or not 0 <= pred < k:
+                raise DataError(p, line, "pred", f"expected an option index 0–{k - 1}, got {pred!r}")
+        elif "pred_text" in r:
+            if not isinstance(r["pred_text"], str):
+                raise DataError(p, line, "pred_text", "expected a string")
+            pred = match_option(r["pred_text"], item.options, unknown=item.meta.get("unknown"))
+            if pred is None:
+                return None
+        elif scores is not None:
+            pred = max(range(k), key=lambda j: (scores[j], -j))
+        else:
+            raise DataError(p, line, "pred", "give 'pred' (option index), 'pred_text' or 'scores'")
+        return {"id": item.id, "instruction": 0, "logprobs": scores or [0.0 if j == pred else -1.0 for j in range(k)],
+                "pred": pred, "gold": item.gold, "correct": int(pred == item.gold), **item.meta}
+    if name == "crows":
+        s = _scores(p, r, 2, "score of the more and the less stereotyping sentence")
+        if s is None:
+            pred = r.get("pred")
+            if pred not in (0, 1) or isinstance(pred, bool):
+                raise DataError(p, line, "pred", "expected 0 (more stereotyping sentence preferred) or 1, or 'scores'")
+            s = [1.0, 0.0] if pred == 0 else [0.0, 1.0]
+        return {"id": it["id"], "bias_type": it["bias_type"], "direction": it.get("direction"),
+                "score_more": s[0], "score_less": s[1]}
+    s = _scores(p, r, 3, "stereotype, anti-stereotype, unrelated")
+    if s is None:
+        raise DataError(p, line, "scores", "expected [stereotype, anti_stereotype, unrelated] scores")
+    return {"id": it["id"], "domain": it["domain"], "target": it["target"], "source": it.get("source"),
+            "lp_stereotype": s[0], "lp_anti_stereotype": s[1], "lp_unrelated": s[2]}
+
+
+def items_for_predictions(bench) -> list[dict]:
+    """What a user needs to predict each item elsewhere: its id and its text."""
+    out = []
+    for it in bench.load_items():
+        if bench.name in ("bbq", "winobias"):
+            mc = it["item"]
+            out.append({"id": mc.id, "context": mc.context, "question": mc.question, "options": list(mc.options)})
+        elif bench.name == "crows":
+            out.append({"id": it["id"], "sent_more": it.get("sent_more"), "sent_less": it.get("sent_less")})
+        else:
+            out.append({"id": it["id"], "context": it.get("context"), "sentences": [it["stereotype"],
+                        it["anti_stereotype"], it["unrelated"]]})
+    return out
+
+
+def from_lmeval_samples(bench, path) -> list[dict]:
+    """Prediction rows from an lm-evaluation-harness ``--log_samples`` file (``samples_<task>_*.jsonl``) of its BBQ
+    multiple-choice or CrowS-Pairs task: BBQ docs map to ids by category and example_id, the argmax choice's text
+    to an option (its unknown paraphrases to the unknown option); CrowS docs by their sentence pair."""
+    p = Path(path)
+    if not p.is_file():
+        raise BiaslabError(f"--lmeval-samples {p}: no such file")
+    rows = []
+    crows_ids = None
+    if bench.name == "crows":
+        crows_ids = {(it.get("sent_more"), it.get("sent_less")): it["id"] for it in bench.load_items()}
+    with open(p, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                s = json.loads(raw)
+                doc, resps = s["doc"], s["filtered_resps"]
+                lls = [float(x[0] if isinstance(x, (list, tuple)) else x) for x in resps]
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise DataError(p, n, "doc/filtered_resps", "not an lm-eval sample (needs 'doc' and 'filtered_resps')") from None
+            if bench.name == "bbq":
+                try:
+                    sid = f"bbq-{doc['category']}-{doc['example_id']}"
+                except KeyError:
+                    raise DataError(p, n, "doc", "a BBQ doc needs 'category' and 'example_id'") from None
+                choices = s.get("arguments")
+                texts = [a[1] if isinstance(a, (list, tuple)) and len(a) > 1 else str(a) for a in choices] \
+                    if isinstance(choices, list) else []
+                best = max(range(len(lls)), key=lambda j: (lls[j], -j))
+                rows.append({"id": sid, "pred_text": texts[best] if texts else str(best), "_line": n})
+            elif bench.name == "crows":
+                key = (str(doc.get("sent_more", "")).strip(), str(doc.get("sent_less", "")).strip())
+                if key not in crows_ids:
+                    raise DataError(p, n, "doc", "this CrowS-Pairs pair is not one of biaslab's 1,508")
+                rows.append({"id": crows_ids[key], "scores": lls[:2], "_line": n})
+            else:
+                raise BiaslabError("lm-eval samples are read for bbq and crows")
+    if not rows:
+        raise DataError(p, None, None, "holds no samples")
+    seen = {}
+    for r in rows:
+        if r["id"] in seen:
+            raise DataError(p, r["_line"], "doc", f"duplicate item {r['id']!r} (first on line {seen[r['id']]})")
+        seen[r["id"]] = r["_line"]
+    return rows
