@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ._app import console, probe_app
+from ._app import err_console, console, probe_app
 from ..errors import BiaslabError
 
 
@@ -42,25 +42,42 @@ def softprompt(
                                                 help="trained-prompt cache (default $BIASLAB_CACHE/softprompts)"),
     seed: int = typer.Option(0, "--seed", help="data sampling seed"),
     force: bool = typer.Option(False, "--force", help="overwrite a run made with different arguments"),
+    format: str = typer.Option("table", "--format", help="table | markdown | csv | json (results on stdout)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
 ):
     """Prompt-tune the frozen model on SST-5 (3 classes), then measure per-group FPR/TPR gaps on the Czarnowska
     templates with 95 % intervals over runs, next to hand-written prompts. Trained prompts are cached and reused."""
     from ..probes.pipeline import run_probe
     from ..probes.softprompt import HAND_PROMPTS
 
+    from ..formats import check_format, csv_table, markdown_table
+    from ._app import quiet_mode
+
+    check_format(format)
+    quiet_mode(quiet)
     seed_list = [int(s) for s in _floats(seeds, "--seeds")]
     res = run_probe(model, out, runs=runs, virtual_tokens=virtual_tokens, train_limit=train_limit, val_limit=val_limit,
                     test_limit=test_limit, template_limit=template_limit or None, seeds=seed_list,
                     lrs=_floats(lrs, "--lrs"), epochs=epochs, batch_size=batch_size, max_length=max_length,
                     hand_prompts=() if no_hand else HAND_PROMPTS, prompt_cache=prompt_cache, seed=seed, force=force)
-    from rich.table import Table
+    head = ["prompt", "kind", "test acc", "template acc"]
+    rows = [[pid, a["kind"], f"{a['test']:.3f}", f"{a['templates']:.3f}"] for pid, a in res["accuracy"].items()]
+    flags = [[c, g, m, f"{res['fairness']['soft'][c]['groups'][g][m]['mean']:+.3f}"] for c, g, m in res["flags"]["soft"]]
+    if format != "table":
+        import json
 
-    t = Table(title=f"soft-prompt probe — {res['model']['spec']} ({res['protocol']})")
-    for c in ("prompt", "kind", "test acc", "template acc"):
-        t.add_column(c)
-    for pid, a in res["accuracy"].items():
-        t.add_row(pid, a["kind"], f"{a['test']:.3f}", f"{a['templates']:.3f}")
-    console.print(t)
+        if format == "json":
+            print(json.dumps(res, indent=2, default=str))
+        elif format == "csv":
+            print(csv_table(head, rows), end="")
+        else:
+            print(markdown_table(head, rows) + "\nflagged (category, group, FPR metric, gap):\n\n" +
+                  markdown_table(["category", "group", "metric", "gap"], flags), end="")
+        err_console.print(f"run directory: {out}", markup=False, highlight=False)
+        return
+    from ..formats import text_table
+
+    console.print(text_table(f"soft-prompt probe — {res['model']['spec']} ({res['protocol']})", head, rows))
     console.print(f"flagged (category, group, FPR metric): {len(res['flags']['soft'])}")
     for c, g, m in res["flags"]["soft"]:
         console.print(f"  {c} / {g} / {m}: gap {res['fairness']['soft'][c]['groups'][g][m]['mean']:+.3f}", markup=False)
