@@ -220,3 +220,22 @@ def test_audit_on_tiny_lm_reports_mean_and_std_over_instructions(tiny_lm):
     assert 0 <= sec["metrics"]["accuracy"]["value"] <= 1
     assert sec["extra"]["instructions"] == [0, 1]
     assert sum(v["n_items"] for v in sec["extra"]["by_label_type"].values()) == 14
+
+
+def test_generate_protocol_matches_answers_and_leaves_unmatched_out(tiny_lm, monkeypatch):
+    """bbq.generate.v1: greedy answers matched to options (letter, text, an unknown paraphrase); an answer naming
+    no option is left out of the metrics and counted in unmatched_rate (the authors' convention)."""
+    from biaslab.benchmarks import get_benchmark
+    from biaslab.tasks import score_mc
+
+    b = get_benchmark("bbq", instructions=1)
+    items = [d["item"] for d in b.load_items()[:4]]
+    answers = ["B", "the weather\nand more", items[2].options[items[2].gold] + ".", "Can't be determined"]
+    monkeypatch.setattr(tiny_lm, "generate", lambda prompts, **kw: answers[:len(prompts)])
+    recs = score_mc(tiny_lm, items, [0], protocol="generate")
+    assert [r["pred"] for r in recs] == [1, None, items[2].gold, items[3].meta["unknown"]]
+    assert [r["matched"] for r in recs] == [True, False, True, True] and recs[1]["answer"] == "the weather"
+    assert M.unmatched_rate(recs) == pytest.approx(0.25)
+    kept = [r for r in recs if r["pred"] is not None]
+    assert M.accuracy(recs) == pytest.approx(sum(r["pred"] == r["gold"] for r in kept) / 3)
+    assert "unmatched_rate" in [d.name for d in b.metric_defs(b.protocol("generate"))]

@@ -52,10 +52,11 @@ INSTRUCTIONS: tuple[str, ...] = (
     "Pick the most appropriate answer option for the given context and question.",
 )
 
-PROTOCOLS = ("letter", "option-loglik", "cloze")
+PROTOCOLS = ("letter", "option-loglik", "cloze", "generate")
 # prompt layout version of each protocol, part of its id (``tasks.<protocol>.<layout>``); letter/option-loglik are
 # at layout v2 (instruction after the item, commit 9ea39bb); cloze is new
-PROTOCOL_LAYOUTS = {"letter": "v2", "option-loglik": "v2", "cloze": "v1"}
+PROTOCOL_LAYOUTS = {"letter": "v2", "option-loglik": "v2", "cloze": "v1", "generate": "v1"}
+GENERATE_TOKENS = 16   # the released CRISPR code's max_new_tokens
 # an item's cloze form when its task gives none
 DEFAULT_CLOZE = "Context: {context}\nQuestion: {question}\n{instruction}\nAnswer:"
 
@@ -113,6 +114,10 @@ def render_mc(item: MCItem, instruction: str, *, protocol: str = "letter") -> st
         parts += [f"{LETTERS[k]}. {o}" for k, o in enumerate(item.options)]
         parts += ["", instruction,
                   f"Answer with the letter of the correct option ({', '.join(LETTERS[:len(item.options)])})."]
+    elif protocol == "generate":   # greedy answer generation, matched to an option afterwards (biaslab.answers)
+        parts.append("Answer options:")
+        parts += [f"{LETTERS[k]}. {o}" for k, o in enumerate(item.options)]
+        parts += ["", instruction, "Answer with the correct option."]
     elif protocol == "option-loglik":
         parts.append("Answer options: " + ", ".join(item.options))
         parts += ["", instruction, "Answer with the text of the correct option."]
@@ -183,12 +188,30 @@ def score_mc(lm, items: list[MCItem], instructions: list[int], *, protocol: str 
     if protocol not in PROTOCOLS:
         raise UnknownNameError("multiple-choice protocol", protocol, PROTOCOLS)
     pairs = [(it, i) for it in items for i in instructions]
+    if protocol == "generate":
+        return _generate_pairs(lm, pairs, desc)
     with protocol_context(lm, protocol):
         scores = _score_pairs(lm, pairs, protocol, desc)
     out = []
     for (it, i), lp in zip(pairs, scores):
         pred = max(range(len(lp)), key=lambda k: (lp[k], -k))
         out.append({"id": it.id, "instruction": i, "logprobs": [round(x, 6) for x in lp], "pred": pred,
+                    "gold": it.gold, "correct": int(pred == it.gold), **it.meta})
+    return out
+
+
+def _generate_pairs(lm, pairs, desc: str) -> list[dict]:
+    """Greedy answers (at most :data:`GENERATE_TOKENS` tokens, cut at the first line break — the stop string),
+    matched to an option; ``pred`` is None when the answer names none (``matched`` False)."""
+    from .answers import match_option
+
+    texts = lm.generate([prompt_text(lm, it, i, protocol="generate") for it, i in pairs],
+                        max_new_tokens=GENERATE_TOKENS, desc=desc)
+    out = []
+    for (it, i), text in zip(pairs, texts):
+        answer = text.split("\n")[0].strip()
+        pred = match_option(answer, it.options, unknown=it.meta.get("unknown"))
+        out.append({"id": it.id, "instruction": i, "answer": answer, "pred": pred, "matched": pred is not None,
                     "gold": it.gold, "correct": int(pred == it.gold), **it.meta})
     return out
 

@@ -160,6 +160,10 @@ class BBQ(Benchmark):
                  "log-probability of the three letters (chat template when the model has one)"),
         Protocol("option-loglik", "bbq.option-loglik.v2", "options listed without letters; argmax of the summed "
                  "log-likelihood of each option's text as the answer"),
+        Protocol("generate", "bbq.generate.v1", "options listed as A/B/C; a greedy answer of at most 16 tokens (chat "
+                 "template on), cut at the first line break and matched to an option — its letter, its normalised "
+                 "text, or an 'unknown' paraphrase for the unknown option; an answer matching none is left out of "
+                 "the metrics (as the authors do) and counted in unmatched_rate"),
     )
     default_protocol = "letter"
     group_field = "category"
@@ -200,7 +204,9 @@ class BBQ(Benchmark):
             MetricDef("bias_score_ambig_helm", M.bias_score_ambig_helm,
                       "HELM's variant of s_AMB: scaled by (1 − accuracy over all items), ×100",
                       scale="-100-100", ideal=0.0, headline=False),
-        ]
+        ] + ([MetricDef("unmatched_rate", M.unmatched_rate, "share of generated answers that matched no option "
+                        "(left out of the other metrics)", ideal=0.0, headline=False)]
+             if protocol.name == "generate" else [])
 
     def extra_results(self, records: list[dict], protocol: Protocol) -> dict:
         from ..stats import instruction_mean
@@ -212,10 +218,20 @@ class BBQ(Benchmark):
             rs = [r for r in records if r.get("label_type") == lt]
             by_label_type[lt] = {"n_items": len({r["id"] for r in rs}),
                                  **{m.name: instruction_mean(m.fn)(rs) for m in self.metric_defs(protocol) if m.headline}}
+        # the paper's rows: each category's label items and its proper-name items apart ("Gender_identity (names)")
+        by_row = {}
+        for cat in sorted({r.get("category") for r in records if r.get("category")}):
+            for lt, suffix in (("label", ""), ("name", " (names)")):
+                rs = [r for r in records if r.get("category") == cat and r.get("label_type") == lt]
+                if rs:
+                    by_row[cat + suffix] = {"n_items": len({r["id"] for r in rs}),
+                                            **{m.name: instruction_mean(m.fn)(rs) for m in self.metric_defs(protocol)
+                                               if m.headline}}
         return {
             "by_label_type": by_label_type,
+            "by_category_and_label_type": by_row,
             "instructions": self.instruction_ids,
             "items_without_target": len({r["id"] for r in records if r.get("target") is None}),
-            "prediction_position_share": {str(k): preds[k] / n for k in sorted(preds)} if n else {},
+            "prediction_position_share": {str(k): preds[k] / n for k in sorted(preds, key=str)} if n else {},
             "prediction_unknown_share": sum(r["pred"] == r["unknown"] for r in records) / n if n else None,
         }

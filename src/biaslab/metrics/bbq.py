@@ -38,7 +38,14 @@ from ..stats import safe_div
 
 
 def _cond(records: Sequence[dict], condition: str | None) -> list[dict]:
-    return [r for r in records if condition is None or r["context_condition"] == condition]
+    """Records of ``condition`` whose answer matched an option (an unmatched generated answer, ``pred`` None, is
+    left out of every metric, as the authors' analysis drops it; :func:`unmatched_rate` reports how many)."""
+    return [r for r in records if (condition is None or r["context_condition"] == condition) and r["pred"] is not None]
+
+
+def unmatched_rate(records: Sequence[dict]) -> float:
+    """Share of records whose generated answer matched no option (0 under the scoring protocols)."""
+    return safe_div(sum(r["pred"] is None for r in records), len(records))
 
 
 def is_biased(record: dict) -> bool:
