@@ -147,11 +147,11 @@ def test_more_ranks_than_chunks_idle_cleanly(tiny_dir, tmp_path):
 
 
 def test_two_process_crispr_fit_chooses_the_same_neurons(tiny_dir, tmp_path):
-    """The attribution is sharded by batch (14 batches here) and summed in batch order: same scores, same neurons,
-    same evaluation, same intervals."""
-    args = ["mitigate", "crispr", "--model", str(tiny_dir), "--task", "sst2", "--neurons", "3", "--instructions", "2",
-            "--dev-size", "24", "--token-budget", "256", "--control-seeds", "1", "--no-retention", "--limit", "30",
-            "--n-boot", "100", "--format", "json", "-q"]
+    """The attribution is sharded by batch (14 batches here) and summed in batch order, the dev search's items by
+    chunk (130 items: 3 chunks): same scores, same search path, same neurons, same evaluation, same intervals."""
+    args = ["mitigate", "crispr", "--model", str(tiny_dir), "--task", "sst2", "--search", "--search-max", "8",
+            "--search-dev-limit", "130", "--instructions", "2", "--dev-size", "24", "--token-budget", "256",
+            "--control-seeds", "1", "--no-retention", "--limit", "30", "--n-boot", "100", "--format", "json", "-q"]
     one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))
     two = json.loads(_run(args + ["--out", str(tmp_path / "two")], 2, tmp_path))
     one.pop("timings_s"), two.pop("timings_s")

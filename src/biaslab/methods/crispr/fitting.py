@@ -41,12 +41,15 @@ from dataclasses import dataclass
 import torch
 
 from ... import attribution as attr
+from ... import distributed as D
 from ...errors import BiaslabError
 from ...patches import NeuronMaskPatch
 from ...tasks import MCItem, protocol_id, score_mc
 from .config import METHOD_ID, CrisprConfig, fit_settings, resolve_instructions
 from .scores import trial_scores
 from .selection import check_task_items, choose_n, ids_hash, sample_items, search_objective_value, split_dev_test, top_units
+
+SEARCH_CHUNK = 64   # dev items per scoring call of the search (and per shard under torch.distributed)
 
 
 def make_patch(lm, units: dict[str, list[int]], cfg: CrisprConfig, *, provenance: dict, extra: dict | None = None) -> NeuronMaskPatch:
@@ -108,8 +111,9 @@ def fit_details(lm, items: Sequence[MCItem], cfg: CrisprConfig | None = None, *,
             for name, u, _ in ranking[:n]:
                 units[name].append(u)
             p = NeuronMaskPatch.from_units(lm, dict(units), sites=cfg.sites)
-            with p.applied(lm):
-                recs = score_mc(lm, search_items, instr, protocol=cfg.protocol, desc=f"dev search n={n}")
+            with p.applied(lm):   # chunks of 64 items: the same in one process and, sharded, in several
+                recs = D.sharded_map(lambda part: score_mc(lm, part, instr, protocol=cfg.protocol,
+                                                           desc=f"dev search n={n}"), search_items, SEARCH_CHUNK)
             cache[n] = search_objective_value(recs, cfg.search_objective)
             if on_search_step:
                 on_search_step(n, cache[n], cache)
