@@ -196,3 +196,54 @@ def test_base_model_prompts_end_with_a_cue_and_rewrites_keep_a_boundary(family):
     k = labels.index(next(t for t in labels if t != -100))
     assert lm.tokenizer.decode(ids[:k]).endswith("Rewritten text:")
     assert lm.tokenizer.decode(ids[k:]).strip().startswith("They are assertive.")
+
+
+# ------------------------------------------------------------------------------------------------ training
+TRAINABLE_STAMP = [f for f in FAMILIES if f != "opt"]   # OPT has no MLP sub-module (refused, tested above)
+
+
+@pytest.fixture(scope="module", params=TRAINABLE_STAMP)
+def stamp_family(request):
+    from biaslab.models import LanguageModel
+
+    model, tok = make(request.param)
+    return request.param, model, LanguageModel(model, tok, spec=f"tiny-{request.param}", chat_template=False)
+
+
+def test_fast_stamp_trains_and_leaves_the_model_as_it_was(stamp_family):
+    import sys
+
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_fast import PAIRS
+
+    from biaslab.methods import fast as F
+
+    name, model, lm = stamp_family
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = F.FastConfig(steps=2, lr=2e-2, width=8, batch_pairs=2, alpha=0.0, beta=0.0, seed=0)
+    res = F.train(lm, PAIRS, 1, cfg)
+    assert res.stamp is not None and any(p.abs().sum() > 0 for p in res.stamp.w2.parameters()), name
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), name
+
+
+def test_lora_trains_on_the_family_targets_and_the_soft_prompt_steps(family):
+    """SR_LLM's LoRA (targets from the sites table) and the soft-prompt probe each train a step; neither changes
+    the model's own weights."""
+    from biaslab.methods.srllm.config import SRLLMConfig
+    from biaslab.methods.srllm.data import RewritePair
+    from biaslab.methods.srllm.lora import train_lora
+    from biaslab.models.sites import lora_targets
+    from biaslab.probes.softprompt import SoftPromptConfig, encode, frozen, make_prompt_encoder, train_step
+
+    name, model, lm = family
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pairs = [RewritePair(f"wnc:t:{i}", "wnc", "He is bossy.", "They are assertive.", "subjective") for i in range(3)]
+    cfg = SRLLMConfig(r=2, alpha=4, dropout=0.0, lr=1e-2, batch_size=2, eval_every=1, patience=2, epochs=1)
+    res = train_lora(lm, pairs, pairs[:2], cfg, progress=False, max_steps=1)
+    assert set(n.split(".")[-1] for n in res.patch.modules()) <= set(lora_targets(model)), name
+    enc, _ = make_prompt_encoder(lm, SoftPromptConfig(virtual_tokens=2, lr=0.05))
+    e = encode(lm, SoftPromptConfig(virtual_tokens=2), ["a fine film", "a dull film"])
+    opt = torch.optim.AdamW(enc.parameters(), lr=0.05)
+    with frozen(model):
+        assert train_step(lm, enc, e.rows, [2, 0], e.label_ids, opt) > 0
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), name

@@ -20,6 +20,9 @@ COLUMNS = {
     "test_next_token_scores_equal_the_plain_forward": "next-token scores",
     "test_attribution_equals_finite_differences": "attribution = finite differences (ffn / linear)",
     "test_every_patch_kind_applies_restores_and_exports": "neuron-mask + LoRA: apply, restore, export",
+    "test_lora_trains_on_the_family_targets_and_the_soft_prompt_steps": "LoRA (sites-table targets) and soft prompt train a step",
+    "test_fast_stamp_trains_and_leaves_the_model_as_it_was": "FAST stamp trains",
+    "test_base_model_prompts_end_with_a_cue_and_rewrites_keep_a_boundary": "base-model answer cue / rewrite boundary",
 }
 
 

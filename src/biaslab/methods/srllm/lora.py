@@ -112,14 +112,17 @@ def inject_lora(model, cfg: SRLLMConfig) -> dict[str, torch.nn.Module]:
     from ...models.sites import lora_targets
 
     targets = list(cfg.target_modules or lora_targets(model))   # default: the family's, from the sites table
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    # GPT-2's linear layers are Conv1D (weight stored in × out): peft adapts them with fan_in_fan_out
+    is_lin = lambda m: isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"  # noqa: E731
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_lin(m)}
+    conv1d = any(type(m).__name__ == "Conv1D" and n.rsplit(".", 1)[-1] in targets for n, m in model.named_modules())
     missing = [t for t in targets if t not in names]
     if missing:
         raise BiaslabError(f"LoRA target module(s) {', '.join(missing)} not found in this model; "
                            f"its Linear layers are named: {', '.join(sorted(names))}")
     torch.manual_seed(cfg.seed)
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                      bias="none")
+                      bias="none", fan_in_fan_out=conv1d)
     inject_adapter_in_model(lcfg, model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     for n, p in model.named_parameters():
