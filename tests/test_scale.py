@@ -182,3 +182,16 @@ def test_a_killed_rank_then_a_rerun_ends_with_the_same_results(tiny_dir, tmp_pat
     one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))
     assert one["benchmarks"] == two["benchmarks"]
     assert _records(tmp_path / "one") == _records(tmp_path / "two")
+
+
+def test_a_process_group_that_cannot_start_is_one_line(tmp_path):
+    """No rank 0 to meet: the collective times out (BIASLAB_DIST_TIMEOUT) and the error names the backend and the
+    environment it read — no C++ stack, no hang."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "BIASLAB_DIST_TIMEOUT": "2", "BIASLAB_PROGRESS": "0"}
+    env.pop("TORCH_CPP_LOG_LEVEL", None)
+    r = subprocess.run([sys.executable, "-m", "biaslab", "benchmarks"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert "could not start the gloo backend" in r.stderr and "MASTER_PORT=" in r.stderr, r.stderr[-800:]
+    assert "frame #" not in r.stderr and "Traceback" not in r.stderr

@@ -22,6 +22,7 @@ def quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")   # c10d's retry logs and C++ stacks: our one line says it
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for mod in ("transformers", "torch", "accelerate", "peft", "gguf", "huggingface_hub", "sentence_transformers"):
         warnings.filterwarnings("ignore", module=mod)
