@@ -239,3 +239,38 @@ def test_generate_protocol_matches_answers_and_leaves_unmatched_out(tiny_lm, mon
     kept = [r for r in recs if r["pred"] is not None]
     assert M.accuracy(recs) == pytest.approx(sum(r["pred"] == r["gold"] for r in kept) / 3)
     assert "unmatched_rate" in [d.name for d in b.metric_defs(b.protocol("generate"))]
+
+
+def test_a_users_upstream_copy_is_sha256_checked_and_labelled(tmp_path, monkeypatch):
+    """--bbq-dir / BIASLAB_BBQ_DIR: byte-identical upstream files are used and labelled 'upstream (user copy …)';
+    a file with another hash is refused naming both hashes; a non-vendored category needs additional_metadata.csv."""
+    import shutil
+
+    from biaslab.benchmarks import bbq_sources as S
+    from biaslab.benchmarks.bbq import BBQ
+    from biaslab.data import DATA_ROOT, sha256_file
+
+    d = tmp_path / "bbq"
+    d.mkdir()
+    shutil.copy(DATA_ROOT / "bbq" / "Religion.jsonl", d / "Religion.jsonl")
+    monkeypatch.setenv(S.ENV, str(d))
+    b = BBQ()
+    items = b.load_items()
+    assert b.sources["Religion"]["label"].startswith("upstream (user copy") and len(items) == 17628
+    assert b.sources["Age"]["label"].startswith("upstream (vendored")
+    (d / "Religion.jsonl").write_bytes((DATA_ROOT / "bbq" / "Religion.jsonl").read_bytes() + b"\n")
+    with pytest.raises(BiaslabError, match="Religion.jsonl is not the upstream BBQ file: sha256 [0-9a-f]{64}, upstream cb9555"):
+        BBQ().load_items()
+    # a category biaslab does not vendor (SES), with its bias targets from the user's additional_metadata.csv
+    (d / "Religion.jsonl").unlink()
+    row = json.loads((DATA_ROOT / "bbq" / "Religion.jsonl").read_text().splitlines()[0])
+    row["category"] = "SES"
+    (d / "SES.jsonl").write_text(json.dumps(row) + "\n")
+    monkeypatch.setitem(S.UPSTREAM_SHA256, "SES", sha256_file(d / "SES.jsonl"))
+    with pytest.raises(BiaslabError, match="need their bias targets: put the upstream additional_metadata.csv"):
+        BBQ().load_items()
+    (d / "additional_metadata.csv").write_text("category,question_index,example_id,target_loc\n"
+                                               f"SES,{row['question_index']},{row['example_id']},NA\n")
+    b = BBQ()
+    ses = [it for it in b.load_items() if it["category"] == "SES"]
+    assert len(ses) == 1 and b.sources["SES"]["label"].startswith("upstream (user copy")

@@ -152,6 +152,20 @@ def load_bbq_items(categories=BBQ_CATEGORIES, *, data_dir: str | Path | None = N
     return list(_load_vendored(cats, None) if data_dir is None else _load(cats, str(data_dir)))
 
 
+def _load_user(categories, sources: dict, metadata: Path | None) -> list[MCItem]:
+    """Categories from a user's upstream copy; their bias targets come from its additional_metadata.csv."""
+    if metadata is None:
+        raise BiaslabError(f"BBQ {', '.join(categories)} from your copy need their bias targets: put the upstream "
+                           f"additional_metadata.csv (nyu-mll/BBQ analysis_scripts/) beside the .jsonl files")
+    targets = _read_targets(metadata)
+    items = []
+    for cat in categories:
+        path = sources[cat]["path"]
+        for row in read_jsonl(path):
+            items.append(parse_bbq_row(row, cat, path, targets))
+    return items
+
+
 class BBQ(Benchmark):
     name = "bbq"
     description = "BBQ (Parrish et al. 2022): QA bias, accuracy and s_AMB/s_DIS over 7 categories, mean ± std over instructions"
@@ -167,10 +181,12 @@ class BBQ(Benchmark):
     )
     default_protocol = "letter"
     group_field = "category"
-    coverage = ("partial: 7 of BBQ's 11 categories (SES, Race_ethnicity, Race_x_SES, Race_x_gender are missing from the vendored data); target_loc derived for the 7")
+    coverage = ("partial: 7 of BBQ's 11 categories vendored (SES, Race_ethnicity, Race_x_SES, Race_x_gender are "
+                "missing: add your upstream copy with --bbq-dir / BIASLAB_BBQ_DIR, sha256-checked); target_loc "
+                "derived for the 7")
     strata = ("category", "context_condition")
     data_files = tuple(f"bbq/{c}.jsonl" for c in BBQ_CATEGORIES) + (f"bbq/{TARGET_FILE}",)
-    options = {"instructions": DEFAULT_INSTRUCTIONS}
+    options = {"instructions": DEFAULT_INSTRUCTIONS, "bbq_dir": None}
     chunk_size = 32  # items (× instructions records) per resume checkpoint
 
     def __init__(self, **options):
@@ -179,13 +195,22 @@ class BBQ(Benchmark):
         super().__init__(**options)
         self.opts["instructions"] = check_instructions(self.opts["instructions"])
 
+    def load_items(self) -> list[dict]:
+        """The vendored 7 categories, plus every upstream file of a user's copy (``bbq_dir`` option or
+        ``BIASLAB_BBQ_DIR``), each sha256-checked; ``self.sources`` says where each category came from."""
+        from . import bbq_sources as S
+
+        self.sources = S.sources(self.opts.get("bbq_dir"), vendored=BBQ_CATEGORIES)
+        extra = [c for c in self.sources if c not in BBQ_CATEGORIES]
+        items = load_bbq_items(BBQ_CATEGORIES)
+        if extra:
+            items += _load_user(extra, self.sources, S.metadata_file(self.opts.get("bbq_dir")))
+        return [{"id": it.id, **it.meta, "item": it} for it in items]
+
     @property
     def instruction_ids(self) -> list[int]:
         """The first N of the ten instructions (deterministic)."""
         return list(range(self.opts["instructions"]))
-
-    def load_items(self) -> list[dict]:
-        return [{"id": it.id, **it.meta, "item": it} for it in load_bbq_items(BBQ_CATEGORIES)]
 
     def score(self, lm, items: list[dict], *, protocol: Protocol) -> list[dict]:
         return score_mc(lm, [d["item"] for d in items], self.instruction_ids, protocol=protocol.name, desc="bbq")
@@ -227,7 +252,10 @@ class BBQ(Benchmark):
                     by_row[cat + suffix] = {"n_items": len({r["id"] for r in rs}),
                                             **{m.name: instruction_mean(m.fn)(rs) for m in self.metric_defs(protocol)
                                                if m.headline}}
+        srcs = getattr(self, "sources", None) or {}
         return {
+            "sources": {c: {"label": v["label"], "sha256": v["sha256"]} for c, v in srcs.items()
+                        if any(r.get("category") == c for r in records)},
             "by_label_type": by_label_type,
             "by_category_and_label_type": by_row,
             "instructions": self.instruction_ids,

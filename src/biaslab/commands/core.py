@@ -67,6 +67,9 @@ def audit(
     limit: Optional[int] = typer.Option(None, "--limit", help="items per benchmark (seeded, stratified)"),
     seed: int = typer.Option(0, "--seed"),
     instructions: Optional[int] = typer.Option(None, "--instructions", help="BBQ: number of instruction paraphrases (1-10)"),
+    bbq_dir: Optional[Path] = typer.Option(None, "--bbq-dir", help="BBQ: your full copy of the upstream data/ folder "
+                                                                   "(sha256-checked; adds the 4 categories biaslab does "
+                                                                   "not vendor; or set BIASLAB_BBQ_DIR)"),
     protocol: Optional[list[str]] = typer.Option(None, "--protocol", help="BENCH=PROTOCOL, repeatable"),
     patch: Optional[Path] = typer.Option(None, "--patch", help="apply a patch file while auditing"),
     force: bool = typer.Option(False, "--force", help="overwrite a run made with different arguments"),
@@ -91,7 +94,10 @@ def audit(
     if out is None and not dry_run:
         raise BiaslabError("--out DIR is required: the run directory the audit writes (or use --dry-run)")
     quiet_mode(quiet)
+    if bbq_dir is not None and "bbq" not in bench and bench != "all":
+        raise BiaslabError("--bbq-dir is for the bbq benchmark, which is not being run; add bbq to --bench")
     res = run_audit(model, bench, limit=limit, seed=seed, instructions=instructions,
+                    options={"bbq": {"bbq_dir": str(bbq_dir)}} if bbq_dir is not None else None,
                     protocols=parse_kv(protocol, "--protocol"), patch=patch, out=out, force=force, n_boot=n_boot,
                     device=device, dtype=dtype, chat_template=False if no_chat_template else None, dry_run=dry_run,
                     device_map=device_map, max_memory=max_memory)
