@@ -17,6 +17,7 @@ def _write(path, rows):
 
 @pytest.mark.parametrize("text, want", [("B", 1), ("(c)", 2), ("b.", 1), ("The grandfather", 0),
                                         ("grandfather.", 0), ("Cannot be determined", 2), ("Can't answer", 2),
+                                        ("B. The grandson", 1), ("(C) Unknown", 2), ("A grandfather", 0),
                                         ("the weather", None), ("", None)])
 def test_free_text_answers_match_options_as_upstream(text, want):
     assert match_option(text, ("grandfather", "grandson", "Unknown"), unknown=2) == want

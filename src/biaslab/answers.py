@@ -23,7 +23,9 @@ def match_option(text: str, options, *, unknown: int | None = None) -> int | Non
     """The option a free-text answer names, or None: a bare letter ("B", "(b)", "b."), the option's normalised text
     (exactly, or as the answer's start), or an "unknown" paraphrase when the item has an unknown option."""
     raw = text.strip()
-    m = re.fullmatch(r"\(?([A-Za-z])[\).:]?", raw.split("\n")[0].strip()) if raw else None
+    first = raw.split("\n")[0].strip()
+    # a bare letter ("B", "(b)", "b."), or a letter with its punctuation before the option's text ("B. Helen")
+    m = re.fullmatch(r"\(?([A-Za-z])[\).:]?", first) or re.match(r"\(?([A-Za-z])[\).:]\s", first)
     if m and ord(m.group(1).upper()) - 65 < len(options):
         return ord(m.group(1).upper()) - 65
     t = normalise(raw)
