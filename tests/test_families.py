@@ -247,3 +247,15 @@ def test_lora_trains_on_the_family_targets_and_the_soft_prompt_steps(family):
     with frozen(model):
         assert train_step(lm, enc, e.rows, [2, 0], e.label_ids, opt) > 0
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), name
+
+
+def test_an_encoder_decoder_is_refused_in_one_line(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from biaslab.errors import BiaslabError
+    from biaslab.models import load_model
+
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=16, num_layers=1, num_heads=2,
+                                        d_kv=8)).save_pretrained(tmp_path / "t5")
+    with pytest.raises(BiaslabError, match="encoder-decoder model \\(t5\\).*decoder-only"):
+        load_model(str(tmp_path / "t5"))

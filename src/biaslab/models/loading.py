@@ -30,6 +30,10 @@ def check_no_remote_code(path: Path) -> None:
             doc = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise BiaslabError(f"{f} is not readable JSON ({type(e).__name__}); not a usable model directory") from None
+        if name == "config.json" and isinstance(doc, dict) and doc.get("is_encoder_decoder"):
+            raise BiaslabError(f"{path} is an encoder-decoder model ({doc.get('model_type', '?')}); biaslab's scoring "
+                               "engine, attribution and export are decoder-only for now, so it cannot be loaded "
+                               "(see docs/SUPPORT.md for the families that are)")
         if isinstance(doc, dict) and doc.get("auto_map"):
             raise BiaslabError(f"{f} names custom model code (auto_map: {', '.join(map(str, doc['auto_map']))}); biaslab "
                                "never runs code from a model directory — use a model whose architecture transformers "
