@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${B:-.venv/bin/biaslab}
 for p in letter option-loglik generate; do
-  $B audit --bench bbq --protocol bbq=$p --limit 220 --out runs/default/bbq-$p --format csv -q ${FORCE:-} > /tmp/bbq-$p.csv
+  $B audit --bench bbq --protocol bbq=$p --limit 220 --out runs/default/bbq-$p --format csv -q > /tmp/bbq-$p.csv
 done
 .venv/bin/python - <<'PY'
 import csv, json
