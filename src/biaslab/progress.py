@@ -29,6 +29,17 @@ def set_quiet(quiet: bool = True) -> None:
     _quiet = quiet
 
 
+@contextmanager
+def quieted():
+    """Every progress display off inside the block (restored on exit)."""
+    global _quiet
+    was, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = was
+
+
 def progress_enabled(flag: bool | None = None) -> bool:
     if _quiet:
         return False
@@ -119,6 +130,11 @@ class _Stage:
         self.chunk_frac = max(self.chunk_frac, min(1.0, frac))   # several primitives per chunk: never backwards
         self.refresh()
 
+    def add(self, n: int) -> None:
+        """``n`` more items done outside the chunk protocol (a primitive's own display off a terminal)."""
+        self.done += n
+        self.refresh()
+
     def end_chunk(self, resumed: bool = False) -> None:
         self.done += self.chunk_n
         if resumed:
@@ -182,12 +198,7 @@ def progress_bar(total: int, desc: str, *, unit: str = "items", enabled: bool | 
         return
     if not _console.is_terminal:   # a log, not a terminal: plain lines
         with stage(desc, total, unit=unit, enabled=enabled) as s:
-            def advance(n: int = 1, **fields):
-                s.start_chunk(0)
-                s.done += n
-                s.refresh()
-
-            yield advance
+            yield lambda n=1, **fields: s.add(n)
         return
     with Progress(*_columns(unit), console=_console, transient=False) as prog:
         task = prog.add_task(desc, total=total, info="")

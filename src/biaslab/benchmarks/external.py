@@ -23,30 +23,44 @@ from ..answers import UNKNOWN_PARAPHRASES, match_option, normalise  # noqa: F401
 from ..errors import BiaslabError, DataError
 
 BENCHES = ("bbq", "crows", "stereoset", "winobias")
+
+
+def _json_lines(p: Path, flag: str):
+    """(line number, raw text) of each non-blank line of an existing JSON Lines file."""
+    if not p.is_file():
+        raise BiaslabError(f"{flag} {p}: no such file")
+    with open(p, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                yield n, raw
+
+
+def _unique(p: Path, rows: list[dict], field: str, what: str) -> list[dict]:
+    """``rows`` (each with ``id`` and ``_line``) unless an id repeats: then an error naming both lines."""
+    if not rows:
+        raise DataError(p, None, None, f"holds no {what}")
+    seen: dict[str, int] = {}
+    for r in rows:
+        if r["id"] in seen:
+            raise DataError(p, r["_line"], field, f"duplicate id {r['id']!r} (first on line {seen[r['id']]})")
+        seen[r["id"]] = r["_line"]
+    return rows
+
+
 def read_predictions(path) -> list[dict]:
     """Rows of a predictions file, each with its ``_line``; bad JSON or a missing id is an error naming the line."""
     p = Path(path)
-    if not p.is_file():
-        raise BiaslabError(f"--predictions {p}: no such file")
-    rows, seen = [], {}
-    with open(p, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except ValueError as e:
-                raise DataError(p, n, None, f"not valid JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not row["id"]:
-                raise DataError(p, n, "id", "each line needs a string 'id' (the benchmark's item id; "
-                                            "`biaslab score --items-out` lists them)")
-            if row["id"] in seen:
-                raise DataError(p, n, "id", f"duplicate id {row['id']!r} (first on line {seen[row['id']]})")
-            seen[row["id"]] = n
-            rows.append({**row, "_line": n})
-    if not rows:
-        raise DataError(p, None, None, "holds no predictions")
-    return rows
+    rows = []
+    for n, raw in _json_lines(p, "--predictions"):
+        try:
+            row = json.loads(raw)
+        except ValueError as e:
+            raise DataError(p, n, None, f"not valid JSON ({e})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not row["id"]:
+            raise DataError(p, n, "id", "each line needs a string 'id' (the benchmark's item id; "
+                                        "`biaslab score --items-out` lists them)")
+        rows.append({**row, "_line": n})
+    return _unique(p, rows, "id", "predictions")
 
 
 def _scores(p, row, n: int, what: str) -> list[float] | None:
@@ -144,44 +158,32 @@ def from_lmeval_samples(bench, path) -> list[dict]:
     multiple-choice or CrowS-Pairs task: BBQ docs map to ids by category and example_id, the argmax choice's text
     to an option (its unknown paraphrases to the unknown option); CrowS docs by their sentence pair."""
     p = Path(path)
-    if not p.is_file():
-        raise BiaslabError(f"--lmeval-samples {p}: no such file")
     rows = []
     crows_ids = None
     if bench.name == "crows":
         crows_ids = {(it.get("sent_more"), it.get("sent_less")): it["id"] for it in bench.load_items()}
-    with open(p, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
+    for n, raw in _json_lines(p, "--lmeval-samples"):
+        try:
+            s = json.loads(raw)
+            doc, resps = s["doc"], s["filtered_resps"]
+            lls = [float(x[0] if isinstance(x, (list, tuple)) else x) for x in resps]
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise DataError(p, n, "doc/filtered_resps", "not an lm-eval sample (needs 'doc' and 'filtered_resps')") from None
+        if bench.name == "bbq":
             try:
-                s = json.loads(raw)
-                doc, resps = s["doc"], s["filtered_resps"]
-                lls = [float(x[0] if isinstance(x, (list, tuple)) else x) for x in resps]
-            except (ValueError, KeyError, TypeError, IndexError):
-                raise DataError(p, n, "doc/filtered_resps", "not an lm-eval sample (needs 'doc' and 'filtered_resps')") from None
-            if bench.name == "bbq":
-                try:
-                    sid = f"bbq-{doc['category']}-{doc['example_id']}"
-                except KeyError:
-                    raise DataError(p, n, "doc", "a BBQ doc needs 'category' and 'example_id'") from None
-                choices = s.get("arguments")
-                texts = [a[1] if isinstance(a, (list, tuple)) and len(a) > 1 else str(a) for a in choices] \
-                    if isinstance(choices, list) else []
-                best = max(range(len(lls)), key=lambda j: (lls[j], -j))
-                rows.append({"id": sid, "pred_text": texts[best] if texts else str(best), "_line": n})
-            elif bench.name == "crows":
-                key = (str(doc.get("sent_more", "")).strip(), str(doc.get("sent_less", "")).strip())
-                if key not in crows_ids:
-                    raise DataError(p, n, "doc", "this CrowS-Pairs pair is not one of biaslab's 1,508")
-                rows.append({"id": crows_ids[key], "scores": lls[:2], "_line": n})
-            else:
-                raise BiaslabError("lm-eval samples are read for bbq and crows")
-    if not rows:
-        raise DataError(p, None, None, "holds no samples")
-    seen = {}
-    for r in rows:
-        if r["id"] in seen:
-            raise DataError(p, r["_line"], "doc", f"duplicate item {r['id']!r} (first on line {seen[r['id']]})")
-        seen[r["id"]] = r["_line"]
-    return rows
+                sid = f"bbq-{doc['category']}-{doc['example_id']}"
+            except KeyError:
+                raise DataError(p, n, "doc", "a BBQ doc needs 'category' and 'example_id'") from None
+            choices = s.get("arguments")
+            texts = [a[1] if isinstance(a, (list, tuple)) and len(a) > 1 else str(a) for a in choices] \
+                if isinstance(choices, list) else []
+            best = max(range(len(lls)), key=lambda j: (lls[j], -j))
+            rows.append({"id": sid, "pred_text": texts[best] if texts else str(best), "_line": n})
+        elif bench.name == "crows":
+            key = (str(doc.get("sent_more", "")).strip(), str(doc.get("sent_less", "")).strip())
+            if key not in crows_ids:
+                raise DataError(p, n, "doc", "this CrowS-Pairs pair is not one of biaslab's 1,508")
+            rows.append({"id": crows_ids[key], "scores": lls[:2], "_line": n})
+        else:
+            raise BiaslabError("lm-eval samples are read for bbq and crows")
+    return _unique(p, rows, "doc", "samples")

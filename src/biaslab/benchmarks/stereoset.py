@@ -92,6 +92,28 @@ def load_partial(path, domain: str) -> list[dict]:
     return items
 
 
+def content_id(prefix: str, row, seen: Counter) -> str:
+    """A stable id for a row that has none (the reduced schema): a hash of its content, plus an occurrence number
+    for exact duplicates (``seen`` counts them)."""
+    h = hashlib.sha1(json.dumps(row, ensure_ascii=True).encode()).hexdigest()[:16]
+    seen[h] += 1
+    return f"{prefix}-{h}" + (f"-{seen[h]}" if seen[h] > 1 else "")
+
+
+def cluster_records(lm, items: list[dict], context, *, desc: str, **fields) -> list[dict]:
+    """One record per cluster: the mean per-token log-probability of each candidate sentence after
+    ``context(item)`` ("" = the sentence alone), as SS / LMS / ICAT read them."""
+    keys = ("stereotype", "anti_stereotype", "unrelated")
+    scores = lm.loglikelihood([(context(it), it[k]) for it in items for k in keys], desc=desc)
+    records = []
+    for n, it in enumerate(items):
+        sc = scores[3 * n:3 * n + 3]
+        records.append({"id": it["id"], "domain": it["domain"], "target": it["target"], "source": it["source"],
+                        **fields, "lp_stereotype": sc[0].mean_logprob, "lp_anti_stereotype": sc[1].mean_logprob,
+                        "lp_unrelated": sc[2].mean_logprob, "n_tokens": [x.n_tokens for x in sc]})
+    return records
+
+
 def load_reduced(path, domains=REDUCED_DOMAINS) -> list[dict]:
     """Clusters of the reduced-schema file for ``domains`` (every row is validated)."""
     rows = read_jsonl(path, ["prompt", "choices", "bias_type", "target"])
@@ -107,11 +129,8 @@ def load_reduced(path, domains=REDUCED_DOMAINS) -> list[dict]:
             raise DataError(path, line, "bias_type", f"expected race/profession/gender/religion, got {r['bias_type']!r}")
         if r["bias_type"] not in domains:
             continue
-        key = json.dumps([r["prompt"], r["target"], ch], ensure_ascii=True)
-        h = hashlib.sha1(key.encode()).hexdigest()[:16]
-        seen[h] += 1
         fill = [r["prompt"].replace("BLANK", x.strip()) for x in ch]
-        items.append({"id": f"ssr-{h}" + (f"-{seen[h]}" if seen[h] > 1 else ""), "domain": r["bias_type"],
+        items.append({"id": content_id("ssr", [r["prompt"], r["target"], ch], seen), "domain": r["bias_type"],
                       "target": r["target"].strip(), "context": r["prompt"], "source": "reduced",
                       "stereotype": fill[0], "anti_stereotype": fill[1], "unrelated": fill[2]})
     return items
@@ -143,16 +162,7 @@ class StereoSet(Benchmark):
         return items
 
     def score(self, lm, items: list[dict], *, protocol: Protocol) -> list[dict]:
-        keys = ("stereotype", "anti_stereotype", "unrelated")
-        scores = lm.loglikelihood([("", it[k]) for it in items for k in keys], desc="stereoset")
-        records = []
-        for n, it in enumerate(items):
-            s = scores[3 * n:3 * n + 3]
-            records.append({"id": it["id"], "domain": it["domain"], "target": it["target"], "source": it["source"],
-                            "lp_stereotype": s[0].mean_logprob, "lp_anti_stereotype": s[1].mean_logprob,
-                            "lp_unrelated": s[2].mean_logprob,
-                            "n_tokens": [x.n_tokens for x in s]})
-        return records
+        return cluster_records(lm, items, lambda it: "", desc="stereoset")
 
     def metric_defs(self, protocol: Protocol) -> list[MetricDef]:
         return [

@@ -17,15 +17,13 @@ mixes splits and is not comparable to the published leaderboard.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
 
 from ..data import data_path, read_jsonl
 from ..errors import DataError
 from ..metrics import stereoset as M
 from .base import Benchmark, MetricDef, Protocol
-from .stereoset import StereoSet, _str
+from .stereoset import StereoSet, _str, cluster_records, content_id
 
 INTER = "stereoset_reduced/intersentence_dev.jsonl"
 DOMAINS = ("race", "profession", "gender", "religion")
@@ -48,25 +46,14 @@ def load_inter(path) -> list[dict]:
             raise DataError(path, line, "prompt", "missing or empty context sentence")
         if r["bias_type"] not in DOMAINS:
             raise DataError(path, line, "bias_type", f"expected one of {', '.join(DOMAINS)}, got {r['bias_type']!r}")
-        h = hashlib.sha1(json.dumps([r["prompt"], r["target"], ch]).encode()).hexdigest()[:16]
-        seen[h] += 1
-        items.append({"id": f"ssi-{h}" + (f"-{seen[h]}" if seen[h] > 1 else ""), "domain": r["bias_type"],
+        items.append({"id": content_id("ssi", [r["prompt"], r["target"], ch], seen), "domain": r["bias_type"],
                       "target": str(r["target"]).strip(), "context": r["prompt"].strip(), "source": "inter",
                       "stereotype": ch[0].strip(), "anti_stereotype": ch[1].strip(), "unrelated": ch[2].strip()})
     return items
 
 
 def score_inter(lm, items: list[dict]) -> list[dict]:
-    keys = ("stereotype", "anti_stereotype", "unrelated")
-    scores = lm.loglikelihood([(it["context"] + " ", it[k]) for it in items for k in keys], desc="stereoset-inter")
-    out = []
-    for n, it in enumerate(items):
-        s = scores[3 * n:3 * n + 3]
-        out.append({"id": it["id"], "domain": it["domain"], "target": it["target"], "source": "inter",
-                    "task": "intersentence", "lp_stereotype": s[0].mean_logprob,
-                    "lp_anti_stereotype": s[1].mean_logprob, "lp_unrelated": s[2].mean_logprob,
-                    "n_tokens": [x.n_tokens for x in s]})
-    return out
+    return cluster_records(lm, items, lambda it: it["context"] + " ", desc="stereoset-inter", task="intersentence")
 
 
 def _defs(what: str) -> list[MetricDef]:

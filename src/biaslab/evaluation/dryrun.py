@@ -51,14 +51,11 @@ class DryRun:
 def seconds_per_item(score, items: list) -> float | None:
     """Time ``score(items[a:b])`` on the first items: one warm-up item, then growing batches for about
     :data:`CALIBRATION_S` seconds or :data:`CALIBRATION_ITEMS` items."""
-    from ..progress import set_quiet
-    from .. import progress
+    from ..progress import quieted
 
     if not items:
         return None
-    was = progress._quiet
-    set_quiet(True)
-    try:
+    with quieted():
         score(items[:1])
         done, spent, k = 1, 0.0, 1
         while done < min(len(items), CALIBRATION_ITEMS + 1) and spent < CALIBRATION_S:
@@ -68,10 +65,8 @@ def seconds_per_item(score, items: list) -> float | None:
             spent += time.perf_counter() - t
             done += len(part)
             k *= 2
-        n = done - 1
-        return spent / n if n else spent
-    finally:
-        set_quiet(was)
+    n = done - 1
+    return spent / n if n else spent
 
 
 def audit_plan(lm, benches: dict, protos: dict, items: dict, *, title: str, stage: str = "audit") -> DryRun:

@@ -18,6 +18,15 @@ from ..errors import BiaslabError
 from .plan import Control, EvalSet, FitResult, RetentionPlan, TaskData
 
 
+def _rank0(read):
+    """``read()`` in one process; under torch.distributed rank 0 reads and every rank gets its answer."""
+    from .. import distributed as D
+
+    if D.world_size() > 1:
+        return D.broadcast(read() if D.is_main() else None)
+    return read()
+
+
 class FitCache:
     """Files a fit may reuse on resume, under ``DIR/fit/``: JSON documents and tensor files, each stored with a
     key; a load with another key (other settings) returns None, so stale work is never trusted."""
@@ -32,11 +41,7 @@ class FitCache:
     def load_json(self, name: str, key) -> Any | None:
         """The cached value (None when absent or made with another key). Under torch.distributed rank 0 reads it
         and every rank gets rank 0's answer, so all ranks take the same path through the fit."""
-        from .. import distributed as D
-
-        if D.world_size() > 1:
-            return D.broadcast(self._load_json(name, key) if D.is_main() else None)
-        return self._load_json(name, key)
+        return _rank0(lambda: self._load_json(name, key))
 
     def _load_json(self, name: str, key) -> Any | None:
         p = self.path / name
@@ -58,11 +63,7 @@ class FitCache:
 
     def load_tensors(self, name: str, key) -> tuple[dict, Any] | None:
         """Cached tensors and value (rank 0's, on every rank, as :meth:`load_json`)."""
-        from .. import distributed as D
-
-        if D.world_size() > 1:
-            return D.broadcast(self._load_tensors(name, key) if D.is_main() else None)
-        return self._load_tensors(name, key)
+        return _rank0(lambda: self._load_tensors(name, key))
 
     def _load_tensors(self, name: str, key) -> tuple[dict, Any] | None:
         from safetensors import safe_open

@@ -90,8 +90,18 @@ def _assembled_gguf(entry: EmbeddedModel) -> Path:
     from ..data import sha256_file
 
     target = cache_dir() / "gguf" / entry.filename
-    if target.is_file() and sha256_file(target) == entry.sha256:
-        return target
+    record = target.with_name(target.name + ".biaslab.json")   # its _file_record: rehashed only when it changed
+    if target.is_file():
+        try:
+            rec = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            rec = {}
+        st = target.stat()
+        if rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns and rec.get("sha256") == entry.sha256:
+            return target
+        if sha256_file(target) == entry.sha256:
+            _write_json(record, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": entry.sha256})
+            return target
     parts = [_package_dir(pkg, entry) / "data" / f for pkg, f in entry.chunks]
     missing = [str(p) for p in parts if not p.is_file()]
     if missing:
@@ -109,6 +119,8 @@ def _assembled_gguf(entry: EmbeddedModel) -> Path:
             raise BiaslabError(f"{entry.name}: the assembled GGUF has sha256 {got}, expected {entry.sha256}; "
                                f"reinstall {entry.pip_spec}")
         os.replace(tmp, target)
+        st = target.stat()   # its sha256 was just checked on the temp file
+        _write_json(record, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": got})
     except OSError as e:
         raise BiaslabError(f"cannot assemble {entry.filename} under {target.parent}: {e.strerror or e}; set "
                            "BIASLAB_CACHE to a writable directory") from None
