@@ -6,7 +6,7 @@ import math
 import pytest
 
 from biaslab.benchmarks import get_benchmark
-from biaslab.benchmarks.bbq import BBQ, BBQ_CATEGORIES, load_bbq_items
+from biaslab.benchmarks.bbq import BBQ, BBQ_CATEGORIES, REGENERATED_CATEGORIES, UPSTREAM_CATEGORIES, load_bbq_items
 from biaslab.errors import BiaslabError, DataError
 from biaslab.metrics import bbq as M
 
@@ -158,14 +158,21 @@ def test_corrupt_target_file_and_missing_join(tmp_path):
 
 
 def test_vendored_data_loads_and_is_consistent():
+    assert len(load_bbq_items(UPSTREAM_CATEGORIES)) == 17628
     items = load_bbq_items(BBQ_CATEGORIES)
-    assert len(items) == 17628
+    assert len(items) == 58492   # the full benchmark: 7 upstream + 4 regenerated from the templates
     assert load_bbq_items(BBQ_CATEGORIES)[0] is items[0]     # cached
-    assert sum(it.meta["target"] is None for it in items) == 16
+    assert sum(it.meta["target"] is None for it in items) == 16   # the upstream Gender_identity 13 rows only
+    regen = [it for it in items if it.meta["category"] in REGENERATED_CATEGORIES]
+    assert len(regen) == 6864 + 6880 + 11160 + 15960
+    assert all(it.id.startswith("bbq-regen-") and it.meta["source"].startswith("regenerated from templates")
+               for it in regen)
+    assert all(it.meta["source"].startswith("upstream") for it in items if it not in regen[:1] and
+               it.meta["category"] in UPSTREAM_CATEGORIES)
     assert all(it.meta["target"] != it.meta["unknown"] for it in items)
     assert {it.meta["unknown"] for it in items} == {0, 1, 2}
     amb = [it for it in items if it.meta["context_condition"] == "ambig"]
-    assert len(amb) == 8814 and all(it.gold == it.meta["unknown"] for it in amb)
+    assert len(amb) == 58492 // 2 and all(it.gold == it.meta["unknown"] for it in amb)
     with pytest.raises(BiaslabError, match="did you mean|Valid choices"):
         load_bbq_items(["Race"])
 
@@ -183,13 +190,13 @@ def test_instruction_option_validated():
 def test_stratified_limit_is_balanced_and_seeded():
     b = BBQ()
     items = b.load_items()
-    s = b.sample(items, 28, seed=0)
+    s = b.sample(items, 44, seed=0)
     cells = {}
     for d in s:
         cells[(d["category"], d["context_condition"])] = cells.get((d["category"], d["context_condition"]), 0) + 1
-    assert len(cells) == 14 and set(cells.values()) == {2}
-    assert [d["id"] for d in b.sample(items, 28, seed=0)] == [d["id"] for d in s]
-    assert [d["id"] for d in b.sample(items, 28, seed=1)] != [d["id"] for d in s]
+    assert len(cells) == 22 and set(cells.values()) == {2}   # 11 categories × 2 context conditions
+    assert [d["id"] for d in b.sample(items, 44, seed=0)] == [d["id"] for d in s]
+    assert [d["id"] for d in b.sample(items, 44, seed=1)] != [d["id"] for d in s]
 
 
 @pytest.mark.parametrize("protocol", ["letter", "option-loglik"])
@@ -210,16 +217,18 @@ def test_scoring_on_tiny_lm(tiny_lm, protocol):
 def test_audit_on_tiny_lm_reports_mean_and_std_over_instructions(tiny_lm):
     from biaslab.audit import audit
 
-    res = audit(tiny_lm, ["bbq"], limit=14, n_boot=20, instructions=2)
+    res = audit(tiny_lm, ["bbq"], limit=22, n_boot=20, instructions=2)
     sec = res.results["benchmarks"]["bbq"]
-    assert sec["protocol"] == "bbq.letter.v2" and sec["n_items"] == 14 and sec["n_records"] == 28
+    assert sec["protocol"] == "bbq.letter.v2" and sec["n_items"] == 22 and sec["n_records"] == 44
     assert set(sec["groups"]) == set(BBQ_CATEGORIES)
+    src = sec["extra"]["sources"]   # every result says which categories are upstream and which regenerated
+    assert {c for c, v in src.items() if v["label"].startswith("regenerated from templates")} == set(REGENERATED_CATEGORIES)
     for name in ("accuracy", "accuracy_ambig", "accuracy_disambig", "bias_score_ambig", "bias_score_disambig"):
         m = sec["metrics"][name]
         assert "std" in m and len(m["per_instruction"]) == 2
     assert 0 <= sec["metrics"]["accuracy"]["value"] <= 1
     assert sec["extra"]["instructions"] == [0, 1]
-    assert sum(v["n_items"] for v in sec["extra"]["by_label_type"].values()) == 14
+    assert sum(v["n_items"] for v in sec["extra"]["by_label_type"].values()) == 22
 
 
 def test_generate_protocol_matches_answers_and_leaves_unmatched_out(tiny_lm, monkeypatch):
@@ -256,7 +265,7 @@ def test_a_users_upstream_copy_is_sha256_checked_and_labelled(tmp_path, monkeypa
     monkeypatch.setenv(S.ENV, str(d))
     b = BBQ()
     items = b.load_items()
-    assert b.sources["Religion"]["label"].startswith("upstream (user copy") and len(items) == 17628
+    assert b.sources["Religion"]["label"].startswith("upstream (user copy") and len(items) == 58492
     assert b.sources["Age"]["label"].startswith("upstream (vendored")
     (d / "Religion.jsonl").write_bytes((DATA_ROOT / "bbq" / "Religion.jsonl").read_bytes() + b"\n")
     with pytest.raises(BiaslabError, match="Religion.jsonl is not the upstream BBQ file: sha256 [0-9a-f]{64}, upstream cb9555"):
@@ -273,4 +282,6 @@ def test_a_users_upstream_copy_is_sha256_checked_and_labelled(tmp_path, monkeypa
                                                f"SES,{row['question_index']},{row['example_id']},NA\n")
     b = BBQ()
     ses = [it for it in b.load_items() if it["category"] == "SES"]
+    # the user's upstream file replaces the regenerated one, with upstream ids
     assert len(ses) == 1 and b.sources["SES"]["label"].startswith("upstream (user copy")
+    assert ses[0]["id"] == f"bbq-SES-{row['example_id']}" and ses[0]["source"].startswith("upstream (user copy")

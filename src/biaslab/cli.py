@@ -7,7 +7,7 @@ import sys
 
 from rich.markup import escape
 
-from .commands import core, mitigate, rewrite, softprompt  # noqa: F401  (each registers its commands)
+from .commands import bbq, core, mitigate, rewrite, softprompt  # noqa: F401  (each registers its commands)
 from .commands._app import app, err_console, mitigate_app, probe_app  # noqa: F401
 from .errors import BiaslabError
 

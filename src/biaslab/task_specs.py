@@ -44,11 +44,10 @@ def task_data_files(spec: str) -> dict[str, Path]:
     if fam == "sst2":
         return {"sst/sst2_test.tsv": DATA_ROOT / "sst" / "sst2_test.tsv"}
     if fam == "bbq":
-        from .benchmarks.bbq import BBQ_CATEGORIES, TARGET_FILE
+        from .benchmarks.bbq import BBQ_CATEGORIES, category_files
 
         cats = list(BBQ_CATEGORIES) if arg in ("", "all") else [c.strip() for c in arg.split(",") if c.strip()]
-        files = {f"bbq/{c}.jsonl": DATA_ROOT / "bbq" / f"{c}.jsonl" for c in cats}
-        return files | {f"bbq/{TARGET_FILE}": DATA_ROOT / "bbq" / TARGET_FILE}
+        return {label: p for c in cats for label, p in category_files(c).items()}
     if fam == "mc":
         return {arg: Path(arg)}
     return {}

@@ -1,10 +1,14 @@
 """BBQ, the Bias Benchmark for QA (Parrish et al. 2022, Findings of ACL; https://aclanthology.org/2022.findings-acl.165/).
 
 Three-option questions about two people from different social groups plus an UNKNOWN option, in an ambiguous
-context (gold = UNKNOWN) or a disambiguated one. Seven of the eleven categories are vendored
-(``data/bbq/README.md``); the bias target of each item comes from ``target_loc_derived.csv`` (a port of the
-official metadata script), and the UNKNOWN option is located from ``answer_info`` (its ``"unknown"`` tag), never by
-position — the fixed-index assumption is a known defect of a widely used harness.
+context (gold = UNKNOWN) or a disambiguated one. All eleven categories: seven are the upstream files, vendored byte
+for byte (``data/bbq/README.md``), with their bias targets in ``target_loc_derived.csv`` (a port of the official
+metadata script); four (SES, Race_ethnicity, Race_x_SES, Race_x_gender), whose upstream files could not be
+obtained, are **regenerated from the authors' templates** (:mod:`biaslab.benchmarks.bbq_generate`, vendored in
+``data/bbq/regenerated`` with their targets): same counts per template as upstream, different random fillers, item
+ids ``bbq-regen-<Category>-<n>`` and the source label "regenerated from templates" in every result. A user's
+upstream copy (``--bbq-dir``) replaces them. The UNKNOWN option is located from ``answer_info`` (its ``"unknown"``
+tag), never by position — the fixed-index assumption is a known defect of a widely used harness.
 
 Scoring goes through :func:`biaslab.tasks.score_mc` under the first ``instructions`` of the ten paraphrased
 instructions (:data:`biaslab.tasks.INSTRUCTIONS`); metrics are means over instructions with their std
@@ -20,15 +24,22 @@ import functools
 from collections import Counter
 from pathlib import Path
 
-from ..data import DATA_ROOT, check_fields, read_csv, read_jsonl
+from ..data import DATA_ROOT, check_fields, read_csv, read_jsonl, sha256_file
 from ..errors import BiaslabError, DataError, UnknownNameError
 from ..metrics import bbq as M
 from ..tasks import MCItem, check_instructions, score_mc
 from .base import Benchmark, MetricDef, Protocol
 
-BBQ_CATEGORIES: tuple[str, ...] = ("Age", "Disability_status", "Gender_identity", "Nationality",
-                                   "Physical_appearance", "Religion", "Sexual_orientation")
+UPSTREAM_CATEGORIES: tuple[str, ...] = ("Age", "Disability_status", "Gender_identity", "Nationality",
+                                        "Physical_appearance", "Religion", "Sexual_orientation")
+REGENERATED_CATEGORIES: tuple[str, ...] = ("SES", "Race_ethnicity", "Race_x_SES", "Race_x_gender")
+# upstream's order of the eleven
+BBQ_CATEGORIES: tuple[str, ...] = ("Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance",
+                                   "Race_ethnicity", "Race_x_SES", "Race_x_gender", "Religion", "SES",
+                                   "Sexual_orientation")
 TARGET_FILE = "target_loc_derived.csv"
+REGEN_TARGET_FILE = "target_loc_regenerated.csv"
+UPSTREAM_LABEL = "upstream (vendored, sha256 verified)"
 DEFAULT_INSTRUCTIONS = 3
 _REQUIRED = ("example_id", "question_index", "question_polarity", "context_condition", "category", "answer_info",
              "context", "question", "ans0", "ans1", "ans2", "label")
@@ -38,8 +49,28 @@ def _data_dir(data_dir) -> Path:
     return Path(data_dir) if data_dir is not None else DATA_ROOT / "bbq"
 
 
-def _read_targets(path: Path) -> dict[tuple[str, str], tuple[int | None, int]]:
-    """(category, example_id) → (target_loc or None, csv line)."""
+def regenerated_dir() -> Path:
+    return DATA_ROOT / "bbq" / "regenerated"
+
+
+@functools.lru_cache(maxsize=1)
+def regenerated_label() -> str:
+    import json
+
+    prov = json.loads((regenerated_dir() / "PROVENANCE.json").read_text())
+    return f"regenerated from templates ({prov['generator']}, seed {prov['seed']}; not the upstream file)"
+
+
+def category_files(cat: str) -> dict[str, Path]:
+    """The vendored files one category is read from (hashed into run manifests)."""
+    if cat in REGENERATED_CATEGORIES:
+        d = regenerated_dir()
+        return {f"bbq/regenerated/{n}": d / n for n in (f"{cat}.jsonl", REGEN_TARGET_FILE, "PROVENANCE.json")}
+    return {f"bbq/{cat}.jsonl": DATA_ROOT / "bbq" / f"{cat}.jsonl", f"bbq/{TARGET_FILE}": DATA_ROOT / "bbq" / TARGET_FILE}
+
+
+def _read_targets(path: Path) -> dict[tuple[str, str], tuple[int | None, int, str | None]]:
+    """(category, example_id) → (target_loc or None, csv line, label_type when the file has it)."""
     if not path.exists():
         raise DataError(path, None, None, "BBQ target file is missing (reinstall biaslab)")
     out: dict[tuple[str, str], tuple[int | None, int]] = {}
@@ -55,7 +86,7 @@ def _read_targets(path: Path) -> dict[tuple[str, str], tuple[int | None, int]]:
         key = (row["category"], row["example_id"].strip())
         if key in out:
             raise DataError(path, line, "example_id", f"duplicate row for {key[0]} example {key[1]}")
-        out[key] = (t, line)
+        out[key] = (t, line, (row.get("label_type") or "").strip() or None)
     return out
 
 
@@ -75,7 +106,8 @@ def _unknown_index(info, path, line) -> int:
     return unknown[0]
 
 
-def parse_bbq_row(row: dict, category: str, path, targets: dict) -> MCItem:
+def parse_bbq_row(row: dict, category: str, path, targets: dict, *, id_prefix: str = "bbq",
+                  source: str = UPSTREAM_LABEL) -> MCItem:
     """One validated jsonl row → MCItem (raises DataError naming file, line and field)."""
     line = row["_line"]
     check_fields(row, _REQUIRED, path, line)
@@ -98,32 +130,40 @@ def parse_bbq_row(row: dict, category: str, path, targets: dict) -> MCItem:
     eid = str(row["example_id"])
     if (category, eid) not in targets:
         raise DataError(path, line, "example_id", f"no row for {category} example {eid} in {TARGET_FILE}")
-    target, _ = targets[(category, eid)]
+    target, _, label_type = targets[(category, eid)]
     if target is not None and target == unknown:
         raise DataError(path, line, "answer_info", f"{TARGET_FILE} names option {target} as the bias target, "
                         "but it is the UNKNOWN option")
     meta = row.get("additional_metadata") or {}
     qi = str(row["question_index"])
     return MCItem(
-        id=f"bbq-{category}-{eid}", options=(row["ans0"], row["ans1"], row["ans2"]), gold=label,
+        id=f"{id_prefix}-{category}-{eid}", options=(row["ans0"], row["ans1"], row["ans2"]), gold=label,
         context=row["context"], question=row["question"],
         meta={"group": category, "category": category, "context_condition": row["context_condition"],
               "question_polarity": row["question_polarity"], "unknown": unknown, "target": target,
               "question_index": qi, "subcategory": str(meta.get("subcategory", "None")) if isinstance(meta, dict) else "None",
-              "label_type": "name" if qi.isdigit() and int(qi) > 25 else "label"})
+              "label_type": label_type or ("name" if qi.isdigit() and int(qi) > 25 else "label"), "source": source})
 
 
 def _load(categories: tuple[str, ...], data_dir: str | None) -> tuple[MCItem, ...]:
     root = _data_dir(data_dir)
-    targets = _read_targets(root / TARGET_FILE)
+    targets = _read_targets(root / TARGET_FILE) if any(c not in REGENERATED_CATEGORIES or data_dir is not None
+                                                       for c in categories) else {}
+    regen_targets = None
     items: list[MCItem] = []
     for cat in categories:
-        path = root / f"{cat}.jsonl"
+        kw = {}
+        path, cat_targets = root / f"{cat}.jsonl", targets
+        if cat in REGENERATED_CATEGORIES and data_dir is None:
+            if regen_targets is None:
+                regen_targets = _read_targets(regenerated_dir() / REGEN_TARGET_FILE)
+            path, cat_targets = regenerated_dir() / f"{cat}.jsonl", regen_targets
+            kw = {"id_prefix": "bbq-regen", "source": regenerated_label()}
         if not path.exists():
             raise DataError(path, None, None, f"BBQ file for category {cat} is missing")
         seen: dict[str, int] = {}
         for row in read_jsonl(path):
-            it = parse_bbq_row(row, cat, path, targets)
+            it = parse_bbq_row(row, cat, path, cat_targets, **kw)
             if it.id in seen:
                 raise DataError(path, row["_line"], "example_id", f"duplicate example_id (first on line {seen[it.id]})")
             seen[it.id] = row["_line"]
@@ -162,13 +202,14 @@ def _load_user(categories, sources: dict, metadata: Path | None) -> list[MCItem]
     for cat in categories:
         path = sources[cat]["path"]
         for row in read_jsonl(path):
-            items.append(parse_bbq_row(row, cat, path, targets))
+            items.append(parse_bbq_row(row, cat, path, targets, source=sources[cat]["label"]))
     return items
 
 
 class BBQ(Benchmark):
     name = "bbq"
-    description = "BBQ (Parrish et al. 2022): QA bias, accuracy and s_AMB/s_DIS over 7 categories, mean ± std over instructions"
+    description = ("BBQ (Parrish et al. 2022): QA bias, accuracy and s_AMB/s_DIS over 11 categories (4 regenerated "
+                   "from templates), mean ± std over instructions")
     protocols = (
         Protocol("letter", "bbq.letter.v2", "options listed as A/B/C; one forward pass; argmax of the next-token "
                  "log-probability of the three letters (chat template when the model has one)"),
@@ -181,11 +222,12 @@ class BBQ(Benchmark):
     )
     default_protocol = "letter"
     group_field = "category"
-    coverage = ("partial: 7 of BBQ's 11 categories vendored (SES, Race_ethnicity, Race_x_SES, Race_x_gender are "
-                "missing: add your upstream copy with --bbq-dir / BIASLAB_BBQ_DIR, sha256-checked); target_loc "
-                "derived for the 7")
+    coverage = ("all 11 categories: 7 upstream (sha256-verified; target_loc derived by a port of the authors' R "
+                "script); SES, Race_ethnicity, Race_x_SES, Race_x_gender regenerated from the authors' templates "
+                "(same counts per template, other random fillers; ids bbq-regen-*) — your upstream copy "
+                "(--bbq-dir / BIASLAB_BBQ_DIR, sha256-checked) replaces them")
     strata = ("category", "context_condition")
-    data_files = tuple(f"bbq/{c}.jsonl" for c in BBQ_CATEGORIES) + (f"bbq/{TARGET_FILE}",)
+    data_files = tuple(dict.fromkeys(f for c in BBQ_CATEGORIES for f in category_files(c)))
     options = {"instructions": DEFAULT_INSTRUCTIONS, "bbq_dir": None}
     chunk_size = 32  # items (× instructions records) per resume checkpoint
 
@@ -196,15 +238,21 @@ class BBQ(Benchmark):
         self.opts["instructions"] = check_instructions(self.opts["instructions"])
 
     def load_items(self) -> list[dict]:
-        """The vendored 7 categories, plus every upstream file of a user's copy (``bbq_dir`` option or
-        ``BIASLAB_BBQ_DIR``), each sha256-checked; ``self.sources`` says where each category came from."""
+        """All eleven categories: the 7 vendored upstream files, the 4 regenerated ones — each replaced by the
+        upstream file of a user's copy (``bbq_dir`` option or ``BIASLAB_BBQ_DIR``, sha256-checked) where it has
+        one; ``self.sources`` says where each category came from."""
         from . import bbq_sources as S
 
-        self.sources = S.sources(self.opts.get("bbq_dir"), vendored=BBQ_CATEGORIES)
-        extra = [c for c in self.sources if c not in BBQ_CATEGORIES]
-        items = load_bbq_items(BBQ_CATEGORIES)
-        if extra:
-            items += _load_user(extra, self.sources, S.metadata_file(self.opts.get("bbq_dir")))
+        self.sources = S.sources(self.opts.get("bbq_dir"), vendored=UPSTREAM_CATEGORIES)
+        from_user = [c for c in self.sources if c not in UPSTREAM_CATEGORIES]
+        for c in REGENERATED_CATEGORIES:
+            if c not in self.sources:
+                self.sources[c] = {"path": regenerated_dir() / f"{c}.jsonl", "label": regenerated_label(),
+                                   "sha256": sha256_file(regenerated_dir() / f"{c}.jsonl")}
+        self.sources = {c: self.sources[c] for c in BBQ_CATEGORIES}
+        items = load_bbq_items(tuple(c for c in BBQ_CATEGORIES if c not in from_user))
+        if from_user:
+            items += _load_user(from_user, self.sources, S.metadata_file(self.opts.get("bbq_dir")))
         return [{"id": it.id, **it.meta, "item": it} for it in items]
 
     @property

@@ -37,10 +37,12 @@ def benchmarks(verbose: bool = typer.Option(False, "--verbose", "-v", help="also
     from ..benchmarks import BENCHMARKS
     from ..evaluation.report import text_table
 
-    rows, protos, groups = [], [], {}
+    rows, protos, groups, sources = [], [], {}, {}
     for name in BENCHMARKS.names():
         b = BENCHMARKS.get(name)()
         items = b.load_items()
+        if getattr(b, "sources", None):
+            sources[name] = b.sources
         field = b.group_field if any(b.group_field in it for it in items[:50]) else b.strata[0]
         counts = Counter(str(it.get(field)) for it in items)
         groups[name] = (field, counts)
@@ -53,6 +55,12 @@ def benchmarks(verbose: bool = typer.Option(False, "--verbose", "-v", help="also
         for name, (field, counts) in groups.items():
             console.print(f"{name} by {field}: " + ", ".join(f"{g} {n:,}" for g, n in sorted(counts.items())),
                           markup=False, highlight=False, soft_wrap=True)
+        for name, srcs in sources.items():  # where each category's file comes from (upstream / regenerated)
+            by_label: dict[str, list[str]] = {}
+            for cat, v in srcs.items():
+                by_label.setdefault(v["label"], []).append(cat)
+            for label, cats in by_label.items():
+                console.print(f"{name} {label}: {', '.join(cats)}", markup=False, highlight=False, soft_wrap=True)
         for pid, desc in protos:
             console.print(f"{pid}: {desc}", markup=False, soft_wrap=True, highlight=False)
     else:
