@@ -16,7 +16,7 @@ EXTERNAL_PROTOCOL = {"bbq": "bbq.external.v1", "winobias": "winobias.external.v1
 
 def score_predictions(bench: str, *, predictions=None, lmeval_samples=None, out=None, force: bool = False,
                       n_boot: int = stats.DEFAULT_BOOT, seed: int = 0, partial: bool = False,
-                      model_name: str = "external") -> AuditResult:
+                      model_name: str = "external", text_match: str = "biaslab") -> AuditResult:
     """Score ``predictions`` (our JSON Lines) or ``lmeval_samples`` (an lm-eval ``--log_samples`` file) on
     ``bench``. With ``out``, writes a run directory like an audit's (records, results, report)."""
     from .benchmarks import get_benchmark
@@ -31,14 +31,14 @@ def score_predictions(bench: str, *, predictions=None, lmeval_samples=None, out=
     b = get_benchmark(bench)
     src = Path(predictions or lmeval_samples)
     rows = read_predictions(src) if predictions is not None else from_lmeval_samples(b, src)
-    records, counts = to_records(b, rows, src, partial=partial)
+    records, counts = to_records(b, rows, src, partial=partial, text_match=text_match)
     # the metrics are the benchmark's own, as under its default protocol (they read only the records' fields)
     proto = b.protocol()
     section = summarize(b, records, proto, n_boot=n_boot, seed=seed)
     section["protocol"] = EXTERNAL_PROTOCOL[bench]
     section["predictions"] = {"file": str(src), "sha256": "sha256:" + sha256_file(src),
                               "format": "biaslab.predictions.v1" if predictions is not None else "lm-eval log_samples",
-                              "metric_definitions_from": proto.id, **counts}
+                              "metric_definitions_from": proto.id, "text_match": text_match, **counts}
     if counts["unmatched"]:
         section.setdefault("notes", []).append(f"{counts['unmatched']} answers matched no option and were left out "
                                                "(as the BBQ authors' analysis drops them)")
@@ -49,7 +49,7 @@ def score_predictions(bench: str, *, predictions=None, lmeval_samples=None, out=
         from .runs import RunDir
 
         run = RunDir(out, {"score": bench, "predictions": section["predictions"]["sha256"], "n_boot": n_boot,
-                           "seed": seed, "partial": partial}, force=force,
+                           "seed": seed, "partial": partial, "text_match": text_match}, force=force,
                      extra_manifest={"model": results["model"], "data_sha256": {str(src): section["predictions"]["sha256"]}})
         if run.finished_chunk(bench, 0) is None:
             run.append_chunk(bench, 0, records)

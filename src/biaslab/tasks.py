@@ -79,6 +79,8 @@ class MCItem:
     cloze: str = ""          # the item's form under the cloze protocol ({context}, {question}, {instruction});
                              # "" → DEFAULT_CLOZE
     instructions: tuple[str, ...] = ()   # the task's own instruction paraphrases; () → the generic INSTRUCTIONS
+    labels: tuple[str, ...] = field(default=(), hash=False, compare=False)  # each option's short name (BBQ's
+                             # answer_info text), for the BBQ authors' answer matcher; not copied into records
 
     def __post_init__(self):
         if len(self.options) < 2:

@@ -139,6 +139,7 @@ def parse_bbq_row(row: dict, category: str, path, targets: dict, *, id_prefix: s
     return MCItem(
         id=f"{id_prefix}-{category}-{eid}", options=(row["ans0"], row["ans1"], row["ans2"]), gold=label,
         context=row["context"], question=row["question"],
+        labels=tuple(str(row["answer_info"][f"ans{k}"][0]) for k in range(3)),
         meta={"group": category, "category": category, "context_condition": row["context_condition"],
               "question_polarity": row["question_polarity"], "unknown": unknown, "target": target,
               "question_index": qi, "subcategory": str(meta.get("subcategory", "None")) if isinstance(meta, dict) else "None",

@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..answers import UNKNOWN_PARAPHRASES, match_option, normalise  # noqa: F401  (re-exported)
-from ..errors import BiaslabError, DataError
+from ..answers import UNKNOWN_PARAPHRASES, match_option, match_option_bbq_authors, normalise  # noqa: F401
+from ..errors import BiaslabError, DataError, UnknownNameError
 
 BENCHES = ("bbq", "crows", "stereoset", "winobias")
 
@@ -72,9 +72,19 @@ def _scores(p, row, n: int, what: str) -> list[float] | None:
     return [float(x) for x in s]
 
 
-def to_records(bench, rows: list[dict], path, *, partial: bool = False) -> tuple[list[dict], dict]:
+TEXT_MATCHERS = ("biaslab", "bbq-authors")
+
+
+def to_records(bench, rows: list[dict], path, *, partial: bool = False,
+               text_match: str = "biaslab") -> tuple[list[dict], dict]:
     """(records in the benchmark's own format, counts: matched, unmatched, missing). Unknown ids are errors;
-    items without a prediction are an error unless ``partial`` (then only the predicted items are scored)."""
+    items without a prediction are an error unless ``partial`` (then only the predicted items are scored).
+    ``text_match`` reads ``pred_text``: ``biaslab`` (:func:`biaslab.answers.match_option`) or ``bbq-authors``
+    (the BBQ authors' R script, :func:`biaslab.answers.match_option_bbq_authors`; BBQ only)."""
+    if text_match not in TEXT_MATCHERS:
+        raise UnknownNameError("text matcher", text_match, TEXT_MATCHERS)
+    if text_match == "bbq-authors" and bench.name != "bbq":
+        raise BiaslabError(f"--text-match bbq-authors is the BBQ authors' convention; {bench.name} has no answer_info")
     if bench.name not in BENCHES:
         raise BiaslabError(f"biaslab score supports {', '.join(BENCHES)}; not {bench.name!r}")
     p = Path(path)
@@ -89,7 +99,7 @@ def to_records(bench, rows: list[dict], path, *, partial: bool = False) -> tuple
     records, unmatched = [], 0
     for r in rows:
         it = items[r["id"]]
-        rec = _record(bench.name, it, r, p)
+        rec = _record(bench.name, it, r, p, text_match)
         if rec is None:
             unmatched += 1
             continue
@@ -100,7 +110,7 @@ def to_records(bench, rows: list[dict], path, *, partial: bool = False) -> tuple
                      "items_without_prediction": missing}
 
 
-def _record(name: str, it: dict, r: dict, p) -> dict | None:
+def _record(name: str, it: dict, r: dict, p, text_match: str = "biaslab") -> dict | None:
     line = r["_line"]
     if name in ("bbq", "winobias"):
         item = it["item"]
@@ -113,7 +123,8 @@ def _record(name: str, it: dict, r: dict, p) -> dict | None:
         elif "pred_text" in r:
             if not isinstance(r["pred_text"], str):
                 raise DataError(p, line, "pred_text", "expected a string")
-            pred = match_option(r["pred_text"], item.options, unknown=item.meta.get("unknown"))
+            pred = (match_option_bbq_authors(r["pred_text"], item.options, item.labels) if text_match == "bbq-authors"
+                    else match_option(r["pred_text"], item.options, unknown=item.meta.get("unknown")))
             if pred is None:
                 return None
         elif scores is not None:

@@ -248,6 +248,9 @@ def score(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (results.json, records, report)"),
     partial: bool = typer.Option(False, "--partial", help="score only the predicted items (else every item needs one)"),
     name: str = typer.Option("external", "--name", help="the model's name in the results"),
+    text_match: str = typer.Option("biaslab", "--text-match", help="how pred_text is matched to an option: biaslab "
+                                   "(letter, normalised text, unknown paraphrases) | bbq-authors (the BBQ authors' R "
+                                   "script: exact text, else the first two words of an answer)"),
     n_boot: int = typer.Option(1000, "--n-boot"),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force"),
@@ -277,7 +280,7 @@ def score(
     from ..score import score_predictions
 
     res = score_predictions(bench, predictions=predictions, lmeval_samples=lmeval_samples, out=out, force=force,
-                            n_boot=n_boot, seed=seed, partial=partial, model_name=name)
+                            n_boot=n_boot, seed=seed, partial=partial, model_name=name, text_match=text_match)
     print_result(res, format)
     c = res.results["benchmarks"][bench]["predictions"]
     err_console.print(f"{c['scored']:,} items scored ({c['unmatched']} unmatched, {c['items_without_prediction']:,} "
