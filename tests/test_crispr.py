@@ -548,3 +548,34 @@ def test_crispr_baselines_are_validated():
         CrisprConfig(neurons=1, baselines=("xx",)).validate()
     with pytest.raises(Exception, match="needs --protocol letter or cloze"):
         CrisprConfig(neurons=1, baselines=("cc",), protocol="option-loglik").validate()
+
+
+def test_generation_protocol_is_the_released_codes_evaluation(tiny_lm, monkeypatch):
+    """--protocol generation: greedy answers (≤ 16 tokens) matched exactly after stripping whitespace and periods
+    and lower-casing; no match = wrong (kept in accuracy, left out of the bias scores); the dev search scores by
+    generation too; attribution reads the options' log-likelihood (a named deviation in the patch)."""
+    from biaslab.metrics import bbq as M
+    from biaslab.tasks import prompt_text, score_mc
+
+    items = _items(12)
+    assert "Answer options: negative, positive" in prompt_text(tiny_lm, items[0], 0, protocol="generation")
+    calls = []
+
+    def fake_generate(prompts, **kw):
+        calls.append((len(prompts), kw.get("max_new_tokens")))
+        return [" Positive.\n" if k % 3 == 0 else ("negative" if k % 3 == 1 else "it is negative") for k in range(len(prompts))]
+    monkeypatch.setattr(tiny_lm, "generate", fake_generate)
+    recs = score_mc(tiny_lm, items[:3], [0], protocol="generation")
+    assert [r["pred"] for r in recs] == [1, 0, None] and calls[-1] == (3, 16)
+    assert recs[2]["no_match"] == "wrong" and recs[2]["correct"] == 0 and "no_match" not in recs[0]
+    # in BBQ's metrics an unmatched answer under generation is an error, not dropped; the bias score ignores it
+    bbq = [dict(r, context_condition="disambig", unknown=2, target=1) for r in recs]
+    assert M.accuracy(bbq) == pytest.approx(sum(r["correct"] for r in bbq) / 3)
+    assert M.bias_counts(bbq, condition="disambig") == (1, 2)
+    assert M.accuracy([dict(bbq[2], no_match=None)] + bbq[:2]) == pytest.approx(sum(r["correct"] for r in bbq[:2]) / 2)
+    calls.clear()
+    res = C.fit_details(tiny_lm, _items(40), C.CrisprConfig(search=True, search_max=4, search_tol=2, instructions=1,
+                                                            dev_size=4, protocol="generation"))
+    assert calls, "the dev search must score by generation"
+    dev = next(d for d in res.patch.params["deviations"] if "generation" in d)
+    assert "exact match" in dev and "log-likelihood" in dev

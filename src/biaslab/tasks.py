@@ -8,6 +8,8 @@ An :class:`MCItem` is context + question + options + gold. A task is posed under
   the option letters.
 - ``option-loglik``: options listed without letters; log-likelihood of each option's text as the answer
   (summed over its tokens), argmax.
+- ``generate`` / ``generation``: greedy answers matched to an option (:mod:`biaslab.task_generation`; the latter
+  is the released CRISPR code's evaluation, where an answer matching no option is wrong).
 - ``cloze`` (``tasks.cloze.v1``): a completion-style prompt in plain text — the item in its task's cloze form,
   the instruction, then an answer cue (SST-2: ``Review: <sentence>`` / ``<instruction>`` / ``Sentiment:``),
   never wrapped in the chat template — and log P of each option's *first word token* (``" negative"``,
@@ -52,10 +54,10 @@ INSTRUCTIONS: tuple[str, ...] = (
     "Pick the most appropriate answer option for the given context and question.",
 )
 
-PROTOCOLS = ("letter", "option-loglik", "cloze", "generate")
+PROTOCOLS = ("letter", "option-loglik", "cloze", "generate", "generation")
 # prompt layout version of each protocol, part of its id (``tasks.<protocol>.<layout>``); letter/option-loglik are
 # at layout v2 (instruction after the item, commit 9ea39bb); cloze is new
-PROTOCOL_LAYOUTS = {"letter": "v2", "option-loglik": "v2", "cloze": "v1", "generate": "v1"}
+PROTOCOL_LAYOUTS = {"letter": "v2", "option-loglik": "v2", "cloze": "v1", "generate": "v1", "generation": "v1"}
 GENERATE_TOKENS = 16   # the released CRISPR code's max_new_tokens
 # an item's cloze form when its task gives none
 DEFAULT_CLOZE = "Context: {context}\nQuestion: {question}\n{instruction}\nAnswer:"
@@ -120,7 +122,7 @@ def render_mc(item: MCItem, instruction: str, *, protocol: str = "letter") -> st
         parts.append("Answer options:")
         parts += [f"{LETTERS[k]}. {o}" for k, o in enumerate(item.options)]
         parts += ["", instruction, "Answer with the correct option."]
-    elif protocol == "option-loglik":
+    elif protocol in ("option-loglik", "generation"):  # generation: the released CRISPR code's greedy answer
         parts.append("Answer options: " + ", ".join(item.options))
         parts += ["", instruction, "Answer with the text of the correct option."]
     elif protocol == "cloze":
@@ -190,30 +192,16 @@ def score_mc(lm, items: list[MCItem], instructions: list[int], *, protocol: str 
     if protocol not in PROTOCOLS:
         raise UnknownNameError("multiple-choice protocol", protocol, PROTOCOLS)
     pairs = [(it, i) for it in items for i in instructions]
-    if protocol == "generate":
-        return _generate_pairs(lm, pairs, desc)
+    if protocol in ("generate", "generation"):   # greedy answers matched to an option (biaslab.task_generation)
+        from .task_generation import generate_pairs
+
+        return generate_pairs(lm, pairs, desc, protocol)
     with protocol_context(lm, protocol):
         scores = _score_pairs(lm, pairs, protocol, desc)
     out = []
     for (it, i), lp in zip(pairs, scores):
         pred = max(range(len(lp)), key=lambda k: (lp[k], -k))
         out.append({"id": it.id, "instruction": i, "logprobs": [round(x, 6) for x in lp], "pred": pred,
-                    "gold": it.gold, "correct": int(pred == it.gold), **it.meta})
-    return out
-
-
-def _generate_pairs(lm, pairs, desc: str) -> list[dict]:
-    """Greedy answers (at most :data:`GENERATE_TOKENS` tokens, cut at the first line break — the stop string),
-    matched to an option; ``pred`` is None when the answer names none (``matched`` False)."""
-    from .answers import match_option
-
-    texts = lm.generate([prompt_text(lm, it, i, protocol="generate") for it, i in pairs],
-                        max_new_tokens=GENERATE_TOKENS, desc=desc)
-    out = []
-    for (it, i), text in zip(pairs, texts):
-        answer = text.split("\n")[0].strip()
-        pred = match_option(answer, it.options, unknown=it.meta.get("unknown"))
-        out.append({"id": it.id, "instruction": i, "answer": answer, "pred": pred, "matched": pred is not None,
                     "gold": it.gold, "correct": int(pred == it.gold), **it.meta})
     return out
 

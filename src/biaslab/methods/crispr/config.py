@@ -17,7 +17,9 @@ GOLDEN_RATIO = (5 ** 0.5 - 1) / 2
 METHOD_ID = "crispr.v1"
 CONVENTIONS = {"logprob": "logp-alpha", "prob": "p-alpha"}
 SEARCH_OBJECTIVES = ("accuracy", "accuracy+goldprob", "condition-hmean")
-ATTRIBUTION_PROTOCOLS = ("letter", "cloze", "option-loglik")   # tasks.py; option-loglik: whole option texts
+# tasks.py; option-loglik: whole option texts; generation: attributed as option-loglik (same prompt), evaluated and
+# searched by greedy generation with the released code's exact match (no match = wrong)
+ATTRIBUTION_PROTOCOLS = ("letter", "cloze", "option-loglik", "generation")
 # prompt layout of biaslab.tasks.render_mc's letter protocol (v2: instruction after the item, commit 9ea39bb); part of
 # every attribution cache key (the config in the key names the protocol), so runs made with another layout are never reused
 PROMPT_LAYOUT = PROTOCOL_LAYOUTS["letter"]
@@ -34,7 +36,9 @@ class CrisprConfig:
     instructions: int | None = option(None, "instruction paraphrases used (default: all the task's own — the 10 "
                                           "generic ones, or an mc: task file's)")
     protocol: str = option("letter", "letter (options with letters, chat template) | cloze (plain-text completion, "
-                                   "options' first words) | option-loglik (options' texts as continuations)")
+                                   "options' first words) | option-loglik (options' texts as continuations) | "
+                                   "generation (the released code's evaluation: greedy ≤ 16 tokens, exact match, "
+                                   "no match = wrong; attribution as option-loglik)")
     span: str = option("all", "positions reduced over: all | prompt | answer")
     reduce: str = option("max", "token reduction: max (paper) | mean (ablation)")
     objective: str = option("logprob", "logprob (convention logp-alpha, released code) | prob (p-alpha, paper literal)")

@@ -52,12 +52,19 @@ from .selection import check_task_items, choose_n, ids_hash, sample_items, searc
 SEARCH_CHUNK = 64   # dev items per scoring call of the search (and per shard under torch.distributed)
 
 
+def _scoring_deviation(protocol: str) -> str:
+    if protocol == "generation":   # the released code's evaluation; only its biased-output reading differs
+        return ("evaluated by greedy generation + exact match (tasks.generation.v1, as the released code); the biased "
+                "output attributed is the option of highest log-likelihood, not the generated text")
+    what = {"letter": "letter-probability", "cloze": "cloze (first option-word token, plain-text prompt)",
+            "option-loglik": "option log-likelihood"}.get(protocol, protocol)
+    return f"{what} scoring ({protocol_id(protocol)}) instead of generation + exact match"
+
+
 def make_patch(lm, units: dict[str, list[int]], cfg: CrisprConfig, *, provenance: dict, extra: dict | None = None) -> NeuronMaskPatch:
     params = {"method": METHOD_ID, "convention": cfg.convention, **fit_settings(cfg),
               "n_neurons": sum(len(v) for v in units.values()),
-              "deviations": [("letter-probability" if cfg.protocol == "letter" else
-                              "cloze (first option-word token, plain-text prompt)")
-                             + f" scoring ({protocol_id(cfg.protocol)}) instead of generation + exact match",
+              "deviations": [_scoring_deviation(cfg.protocol),
                              f"sites={cfg.sites} ({'FFN intermediate neurons' if cfg.sites == 'ffn' else 'every linear output unit, as the released code'})",
                              "instance aggregate = mean (paper's sum / N)"]
               + (["n search: dev accuracy with ties broken by the mean option-normalised gold probability"]

@@ -41,7 +41,7 @@ def bias_scores(lm, items: Sequence[MCItem], instructions: Sequence[int], cfg: C
     total = {s.name: torch.zeros(s.n_units, dtype=torch.float64) for s in site_list}
     st = AttributionStats()
     conf_sum, correct = 0.0, 0
-    batch_fn = _continuation_batches if cfg.protocol == "option-loglik" else _answer_token_batches
+    batch_fn = _continuation_batches if cfg.protocol in ("option-loglik", "generation") else _answer_token_batches
     with progress_bar(len(items) * len(instructions), desc) as advance:
         for i in instructions:
             per_instr = {s.name: torch.zeros(s.n_units, dtype=torch.float64) for s in site_list}

@@ -1,0 +1,45 @@
+"""The two generation protocols of the multiple-choice tasks (:func:`biaslab.tasks.score_mc`): greedy answers of at
+most :data:`biaslab.tasks.GENERATE_TOKENS` tokens, matched to an option afterwards.
+
+- ``generate`` (``tasks.generate.v1``, BBQ's ``bbq.generate.v1``): options listed with letters; the answer is cut at
+  its first line break and read as the BBQ authors' analysis reads it (:func:`biaslab.answers.match_option`: a
+  letter, the option's text, an "unknown" paraphrase). An answer that names no option has ``pred`` None and is
+  **left out** of the metrics (the authors drop it; ``unmatched_rate`` counts it).
+- ``generation`` (``tasks.generation.v1``): the released CRISPR code's default evaluation. Options listed as text
+  (the ``option-loglik`` layout); the answer's whitespace and periods stripped and lower-cased, then matched
+  **exactly** to an option treated the same way. An answer that matches none is **wrong**: ``pred`` None with
+  ``no_match: "wrong"``, so accuracy counts it as an error. The bias scores leave it out, because it names no one.
+"""
+from __future__ import annotations
+
+
+def _released_code_clean(text: str) -> str:
+    return text.strip().strip(".").strip().lower()
+
+
+def match_exact(answer: str, options) -> int | None:
+    """The released CRISPR code's match: exact equality after stripping whitespace and periods and lower-casing."""
+    a = _released_code_clean(answer)
+    hits = [k for k, o in enumerate(options) if _released_code_clean(o) == a]
+    return hits[0] if len(hits) == 1 else None
+
+
+def generate_pairs(lm, pairs, desc: str, protocol: str) -> list[dict]:
+    from .answers import match_option
+    from .tasks import GENERATE_TOKENS, prompt_text
+
+    texts = lm.generate([prompt_text(lm, it, i, protocol=protocol) for it, i in pairs],
+                        max_new_tokens=GENERATE_TOKENS, desc=desc)
+    out = []
+    for (it, i), text in zip(pairs, texts):
+        if protocol == "generation":
+            answer = text.strip()
+            pred = match_exact(answer, it.options)
+            extra = {"no_match": "wrong"} if pred is None else {}
+        else:
+            answer = text.split("\n")[0].strip()
+            pred = match_option(answer, it.options, unknown=it.meta.get("unknown"))
+            extra = {}
+        out.append({"id": it.id, "instruction": i, "answer": answer, "pred": pred, "matched": pred is not None,
+                    "gold": it.gold, "correct": int(pred == it.gold), **extra, **it.meta})
+    return out
