@@ -249,13 +249,15 @@ def test_lora_trains_on_the_family_targets_and_the_soft_prompt_steps(family):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), name
 
 
-def test_an_encoder_decoder_is_refused_in_one_line(tmp_path):
-    from transformers import T5Config, T5ForConditionalGeneration
+def test_an_encoder_decoder_other_than_t5_is_refused_in_one_line(tmp_path):
+    """T5-style encoder-decoders load (tests/test_seq2seq.py); any other encoder-decoder is one clear line."""
+    from transformers import BartConfig, BartForConditionalGeneration
 
     from biaslab.errors import BiaslabError
     from biaslab.models import load_model
 
-    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=16, num_layers=1, num_heads=2,
-                                        d_kv=8)).save_pretrained(tmp_path / "t5")
-    with pytest.raises(BiaslabError, match="encoder-decoder model \\(t5\\).*decoder-only"):
-        load_model(str(tmp_path / "t5"))
+    BartForConditionalGeneration(BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
+                                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                                            decoder_ffn_dim=16, max_position_embeddings=32)).save_pretrained(tmp_path / "bart")
+    with pytest.raises(BiaslabError, match="encoder-decoder model \\(bart\\).*only T5-style"):
+        load_model(str(tmp_path / "bart"))

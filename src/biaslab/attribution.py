@@ -60,7 +60,7 @@ def check_options(*, span: str = "all", reduce: str = "max", objective: str = "l
 
 
 def resolve_sites(lm, sites: str | Sequence[Site]) -> list[Site]:
-    if getattr(lm.model.config, "is_encoder_decoder", False):
+    if getattr(lm.model.config, "is_encoder_decoder", False) and not getattr(lm, "is_seq2seq", False):
         raise BiaslabError("attribution needs a causal (decoder-only) language model; "
                            f"{type(lm.model).__name__} is an encoder-decoder")
     return find_sites(lm.model, sites) if isinstance(sites, str) else list(sites)
@@ -73,10 +73,15 @@ def _frozen_params_grad_from_embeddings(model):
     saved = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in saved:
         p.requires_grad_(False)
-    emb = model.get_input_embeddings()
+    embs = [model.get_input_embeddings()]
+    if getattr(model.config, "is_encoder_decoder", False):   # T5's stacks may hold their own embedding modules
+        for stack in (model.get_encoder(), model.get_decoder()):
+            e = stack.get_input_embeddings()
+            if all(e is not x for x in embs):
+                embs.append(e)
     try:
-        with Hooks([Intervention("attribution:embeddings-require-grad", emb, "replace_output",
-                                 lambda o: o.requires_grad_(True))]), torch.enable_grad():
+        with Hooks([Intervention(f"attribution:embeddings-require-grad:{k}", e, "replace_output",
+                                 lambda o: o.requires_grad_(True)) for k, e in enumerate(embs)]), torch.enable_grad():
             yield
     finally:
         for p, flag in saved:
@@ -244,6 +249,16 @@ class AttributionPass:
         return out
 
 
+def attribution_pass(lm, sites: list[Site], seqs: list[list[int]], **kw):
+    """:class:`AttributionPass`, or on an encoder-decoder (:class:`~biaslab.models.seq2seq.Seq2SeqLanguageModel`)
+    its counterpart :class:`~biaslab.attribution_seq2seq.Seq2SeqAttributionPass` (same interface)."""
+    if getattr(lm, "is_seq2seq", False):
+        from .attribution_seq2seq import Seq2SeqAttributionPass
+
+        return Seq2SeqAttributionPass(lm, sites, seqs, **kw)
+    return AttributionPass(lm, sites, seqs, **kw)
+
+
 def token_batches(lm, seqs: list[list[int]], token_budget: int = 1024, max_batch: int = 16) -> list[list[int]]:
     """Indices of ``seqs`` packed longest-first so that batch_size × max_len ≤ token_budget (the engine's
     :func:`~biaslab.models.packing.batch_rows` on the sequences' lengths)."""
@@ -261,7 +276,7 @@ def activation_x_gradient(lm, seqs: list[list[int]], targets: Sequence[int], *, 
         raise BiaslabError(f"{len(seqs)} sequences but {len(targets)} targets")
     out = {s.name: torch.zeros(len(seqs), s.n_units) for s in site_list}
     for batch in token_batches(lm, seqs, token_budget):
-        with AttributionPass(lm, site_list, [seqs[i] for i in batch], span=span, reduce=reduce) as ap:
+        with attribution_pass(lm, site_list, [seqs[i] for i in batch], span=span, reduce=reduce) as ap:
             a = ap.attribute(ap.objective([targets[i] for i in batch], objective), retain_graph=False)
         for n, v in a.items():
             out[n][batch] = v

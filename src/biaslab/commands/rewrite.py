@@ -52,6 +52,9 @@ def rewrite_cmd(
     if p is not None and p.kind != "lora":
         raise BiaslabError(f"{patch} is a {p.kind} patch; `biaslab rewrite` needs a lora patch from `biaslab mitigate srllm`")
     lm = load_model(model)
+    from ..models.seq2seq import require_decoder_only
+
+    require_decoder_only(lm, "biaslab rewrite")
     res = rewrite(lm, texts, patch=p, max_input_tokens=max_input_tokens, max_new_cap=max_new_tokens)
     for n in res.notices:
         err_console.print(f"notice: {n}", highlight=False, markup=False)

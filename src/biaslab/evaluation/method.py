@@ -109,6 +109,7 @@ class Method(ABC):
     default_task: str | None = None
     limit_help: str = "evaluated items (seeded, stratified)"
     seed_help: str = "seed of the evaluation sample and the bootstrap"
+    encoder_decoder: bool = False   # whether the method runs on a T5-style encoder-decoder (models.seq2seq)
 
     # ---- configuration
     def make_config(self, config=None, **overrides):

@@ -172,6 +172,10 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     device = device or D.local_device()   # under NCCL: this rank's GPU
     lm = model if isinstance(model, LanguageModel) else load_model(model, device=device, dtype=dtype,
                                                                            device_map=device_map, max_memory=max_memory)
+    if not m.encoder_decoder:
+        from ..models.seq2seq import require_decoder_only
+
+        require_decoder_only(lm, m.name)
     m.check_model(lm, cfg)
     if dry_run:
         from .dryrun import mitigation_plan

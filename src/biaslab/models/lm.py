@@ -60,6 +60,8 @@ def attention_span(model) -> int | None:
 class LanguageModel:
     """Wraps a Hugging Face causal LM + tokenizer. See module docstring."""
 
+    is_seq2seq = False   # True on the encoder-decoder subclass (biaslab.models.seq2seq)
+
     def __init__(self, model, tokenizer, *, spec: str = "custom", fingerprint: str | None = None,
                  chat_template: bool | None = None, token_budget: int = 4096, max_batch: int = 64,
                  padding_side: str = "right", progress: bool | None = None, packing: bool | None = None,

@@ -31,13 +31,24 @@ def check_no_remote_code(path: Path) -> None:
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise BiaslabError(f"{f} is not readable JSON ({type(e).__name__}); not a usable model directory") from None
         if name == "config.json" and isinstance(doc, dict) and doc.get("is_encoder_decoder"):
-            raise BiaslabError(f"{path} is an encoder-decoder model ({doc.get('model_type', '?')}); biaslab's scoring "
-                               "engine, attribution and export are decoder-only for now, so it cannot be loaded "
-                               "(see docs/SUPPORT.md for the families that are)")
+            from .seq2seq import SEQ2SEQ_MODEL_TYPES
+
+            if doc.get("model_type") not in SEQ2SEQ_MODEL_TYPES:
+                raise BiaslabError(f"{path} is an encoder-decoder model ({doc.get('model_type', '?')}); of the "
+                                   f"encoder-decoders biaslab supports only T5-style ones ({', '.join(SEQ2SEQ_MODEL_TYPES)}), "
+                                   "for CRISPR and the multiple-choice audits; other verbs need a decoder-only model "
+                                   "(see docs/SUPPORT.md)")
         if isinstance(doc, dict) and doc.get("auto_map"):
             raise BiaslabError(f"{f} names custom model code (auto_map: {', '.join(map(str, doc['auto_map']))}); biaslab "
                                "never runs code from a model directory — use a model whose architecture transformers "
                                "ships (remove auto_map only if the standard class really fits)")
+
+
+def is_encoder_decoder(path: Path) -> bool:
+    try:
+        return bool(json.loads((path / "config.json").read_text(encoding="utf-8")).get("is_encoder_decoder"))
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_spec(spec: str) -> tuple[str, str]:
@@ -192,8 +203,10 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
 
                     local = Path(snapshot_download(ref, local_files_only=True))
                     check_no_remote_code(local)
-                model = AutoModelForCausalLM.from_pretrained(local, dtype=dt, local_files_only=True,
-                                                             trust_remote_code=False, **place)
+                auto = AutoModelForCausalLM
+                if is_encoder_decoder(local):   # T5-style (check_no_remote_code refused the others)
+                    from transformers import AutoModelForSeq2SeqLM as auto
+                model = auto.from_pretrained(local, dtype=dt, local_files_only=True, trust_remote_code=False, **place)
                 tok = AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError) as e:
                 if dm is not None and ("memory" in str(e).lower() or "offload" in str(e).lower()):
@@ -226,7 +239,12 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     if dm is None:
         model = model.to(device=dev)
     model.eval()
-    lm = LanguageModel(model, tok, spec=spec, fingerprint=fingerprint, chat_template=chat_template)
+    if getattr(model.config, "is_encoder_decoder", False):
+        from .seq2seq import Seq2SeqLanguageModel
+
+        lm = Seq2SeqLanguageModel(model, tok, spec=spec, fingerprint=fingerprint)
+    else:
+        lm = LanguageModel(model, tok, spec=spec, fingerprint=fingerprint, chat_template=chat_template)
     lm.fingerprint_kind = fp_kind
     if kind == "embedded":
         lm.license_files = embedded_license_files(ref)   # an export of this model carries them

@@ -118,6 +118,9 @@ def run_probe(model="smollm2-135m-instruct", out: str | Path | None = None, *, r
                             train_limit=train_limit, val_limit=val_limit, data_seed=seed)
     seeds, lrs = tuple(int(s) for s in seeds), tuple(float(x) for x in lrs)
     lm = model if isinstance(model, LanguageModel) else load_model(model)
+    from ..models.seq2seq import require_decoder_only
+
+    require_decoder_only(lm, "the soft-prompt probe")
     hand = tuple(hand_prompts or ())
     cache = Path(prompt_cache) if prompt_cache is not None else default_cache_dir()
     args = {"model": lm.spec, "fingerprint": lm.fingerprint, "protocol": PROTOCOL_ID, "runs": runs,

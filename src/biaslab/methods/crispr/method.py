@@ -25,6 +25,15 @@ class Crispr(Method):
     task_help = "bbq:Age | bbq:Age,Religion | bbq:all | sst2 | mc:PATH (your own multiple-choice task as JSON Lines)"
     limit_help = "held-out test items evaluated (seeded, stratified)"
     seed_help = "seed of the test-item sample and the bootstrap"
+    encoder_decoder = True   # the paper's own setting: Flan-T5 / T0 (biaslab.models.seq2seq)
+
+    def check_model(self, lm, cfg: CrisprConfig) -> None:
+        if getattr(lm, "is_seq2seq", False) and cfg.retention:
+            alone = [b for b in cfg.retention_benchmarks if b in ("crows", "stereoset")]
+            if alone:
+                raise BiaslabError(f"retention benchmark(s) {', '.join(alone)} score sentences alone, which an "
+                                   "encoder-decoder cannot; on a T5 model use --retention-benchmarks retention "
+                                   "(or --no-retention)")
 
     def load_task(self, task, cfg) -> TaskData:
         from ...task_specs import load_task, task_data_files

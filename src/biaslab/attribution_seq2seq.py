@@ -1,0 +1,102 @@
+"""Activation × gradient on a T5-style encoder-decoder (the CRISPR paper's Flan-T5 / T0 setting).
+
+The same interface as :class:`biaslab.attribution.AttributionPass` (``objective``, ``attribute``, ``logprobs``). Each
+token sequence is split at its continuation: the first ``len − c`` tokens are the encoder's input and the last ``c``
+are the decoder's targets under teacher forcing. With no continuation the whole sequence is the input, and the
+answer is the decoder's first token.
+
+Reductions follow the released code. A site's positions are those its activations live on: the input tokens for
+encoder sites and for the decoder's cross-attention keys and values, which read the encoder's states; the answer
+positions for every other decoder site. Only ``span="all"`` exists here, because the encoder/decoder split is
+itself the span.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .attribution import _frozen_params_grad_from_embeddings, _SiteHooks, check_options, reduce_positions
+from .errors import BiaslabError
+
+
+def on_input_positions(site_name: str) -> bool:
+    """Whether a T5 site's activations are indexed by input (encoder) tokens."""
+    return site_name.startswith("encoder.") or site_name.endswith(("EncDecAttention.k", "EncDecAttention.v"))
+
+
+class Seq2SeqAttributionPass:
+    def __init__(self, lm, sites, seqs: list[list[int]], *, span: str = "all", reduce: str = "max",
+                 gates: dict[str, float] | None = None, continuation: Sequence[int] | None = None):
+        check_options(span=span, reduce=reduce)
+        if span != "all":
+            raise BiaslabError("on an encoder-decoder the attribution span is fixed by the architecture: encoder sites "
+                               "over the input tokens, decoder sites over the answer tokens (the released code); use "
+                               "--span all")
+        if not seqs or any(len(s) == 0 for s in seqs):
+            raise BiaslabError("attribution needs at least one non-empty token sequence")
+        c = list(continuation) if continuation is not None else [0] * len(seqs)
+        if len(c) != len(seqs) or any(not 0 <= k < len(s) for k, s in zip(c, seqs)):
+            raise BiaslabError("each continuation must be shorter than its sequence: an input must precede it")
+        self.lm, self.sites, self.seqs, self.reduce, self.gates = lm, sites, seqs, reduce, gates
+        self.continuation = continuation
+        self.enc = [s[:len(s) - k] for s, k in zip(seqs, c)]
+        self.targets = [s[len(s) - k:] for s, k in zip(seqs, c)]
+
+    def __enter__(self):
+        lm = self.lm
+        self._ctx = _frozen_params_grad_from_embeddings(lm.model)
+        self._ctx.__enter__()
+        self.hooks = _SiteHooks(self.sites, self.gates)
+        try:
+            with self.hooks:
+                dec_in = [[lm.start_id] + t[:-1] if t else [lm.start_id] for t in self.targets]
+                logits, emask, dmask = lm.decoder_forward(self.enc, dec_in)
+        except BaseException:
+            self._ctx.__exit__(None, None, None)
+            raise
+        n = [max(len(t), 1) for t in self.targets]
+        self.rows = torch.tensor([k for k, m in enumerate(n) for _ in range(m)], device=logits.device)
+        self.cols = torch.tensor([j for m in n for j in range(m)], device=logits.device)
+        self.logprobs = torch.log_softmax(logits[self.rows, self.cols], dim=-1)
+        if self.continuation is None:   # one answer position per row: the decoder's first
+            self.rows = torch.arange(len(self.seqs), device=logits.device)
+        else:
+            nxt = torch.tensor([t for ts in self.targets for t in ts], device=logits.device)
+            tok = self.logprobs[torch.arange(len(nxt), device=nxt.device), nxt]
+            self.continuation_logprob = torch.zeros(len(self.seqs), dtype=tok.dtype, device=tok.device).index_add(
+                0, self.rows, tok)
+        answer = torch.zeros_like(dmask, dtype=torch.bool)
+        answer[torch.repeat_interleave(torch.arange(len(n), device=dmask.device), torch.tensor(n, device=dmask.device)),
+               torch.tensor([j for m in n for j in range(m)], device=dmask.device)] = True
+        self.masks = {"input": emask.bool(), "answer": answer}
+        self.pmask = answer
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks = None
+        self.logprobs = None
+        self._ctx.__exit__(*exc)
+
+    def objective(self, targets: Sequence[int] | None = None, objective: str = "logprob") -> torch.Tensor:
+        check_options(objective=objective)
+        if self.continuation is not None:
+            if targets is not None:
+                raise BiaslabError("in continuation mode the targets are the sequences' own continuation tokens")
+            lp = self.continuation_logprob
+        else:
+            t = torch.as_tensor(list(targets), device=self.logprobs.device)
+            lp = self.logprobs[self.rows, t]
+        return lp if objective == "logprob" else lp.exp()
+
+    def attribute(self, values: torch.Tensor, *, retain_graph: bool = True) -> dict[str, torch.Tensor]:
+        names = [s.name for s in self.sites]
+        grads = torch.autograd.grad(values.sum(), [self.hooks.s[n] for n in names], retain_graph=retain_graph,
+                                    allow_unused=True)
+        out = {}
+        for name, g in zip(names, grads):
+            h = self.hooks.h[name]
+            a = torch.zeros_like(h, dtype=torch.float32) if g is None else h.float() * g.float()
+            out[name] = reduce_positions(a, self.masks["input" if on_input_positions(name) else "answer"],
+                                         self.reduce).cpu()
+        return out
