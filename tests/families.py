@@ -45,3 +45,31 @@ def make(family: str, seed: int = 0):
 
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt")
+
+
+STAMP_EXPORTS = ("llama", "gpt2", "gpt_neox")   # families whose MLP can hold a stamp exactly (biased MLP, own act)
+
+
+def stamp_export_outcome(family: str, out) -> str:
+    """Fit-free check that a stamp with the family's own MLP activation (and random, non-zero weights) exports to a
+    plain transformers model with the stamped model's logits: "yes", or "no: <the one-line reason>"."""
+    from biaslab.errors import BiaslabError
+    from biaslab.methods.fast.stamp import MODEL_ACTIVATION, StampFFN, StampPatch
+    from biaslab.models import LanguageModel
+
+    model, tok = make(family)
+    lm = LanguageModel(model, tok, spec=f"tiny-{family}", chat_template=False, progress=False)
+    cfg = model.config
+    act = MODEL_ACTIVATION.get(str(getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)
+                                   or getattr(cfg, "activation_function", None)), "relu")
+    torch.manual_seed(0)
+    st = StampFFN(cfg.hidden_size, 4, act)
+    with torch.no_grad():
+        st.w2.weight.normal_(0, 0.2)
+        st.w2.bias.normal_(0, 0.2)
+    patch = StampPatch.from_stamp(lm, st, layer=1, activation=act)
+    try:
+        patch.export(lm, out)    # verifies the reloaded model's logits against the stamped model
+    except BiaslabError as e:
+        return f"no: {e}"
+    return "yes"

@@ -261,3 +261,55 @@ def test_an_encoder_decoder_other_than_t5_is_refused_in_one_line(tmp_path):
                                             decoder_ffn_dim=16, max_position_embeddings=32)).save_pretrained(tmp_path / "bart")
     with pytest.raises(BiaslabError, match="encoder-decoder model \\(bart\\).*only T5-style"):
         load_model(str(tmp_path / "bart"))
+
+# ------------------------------------------------------------------------------------------------ tracing
+ATTENTION_OUT = {"llama": "self_attn.o_proj", "gpt2": "attn.c_proj", "gpt_neox": "attention.dense",
+                 "phi3": "self_attn.o_proj", "opt": "self_attn.out_proj"}
+
+
+@pytest.mark.parametrize("name", TRAINABLE_STAMP)
+def test_causal_tracing_finds_a_planted_layer(name):
+    """Every attention output and every MLP zeroed except the last layer's MLP (scaled up), so only that MLP
+    carries the subject to the prediction: causal tracing's decisive MLP layer must be it, and restoring any other
+    layer's MLP must change nothing. (The noise is scaled to what the model adds to the residual stream.)"""
+    from biaslab.models import LanguageModel
+    from biaslab.models.sites import find_sites, model_family
+    from biaslab.tracing import TraceItem, layer_modules, trace
+
+    model, tok = make(name, seed=2)
+    layers, _ = layer_modules(model)
+    k = len(layers) - 1
+    downs = [s.module for s in find_sites(model, "ffn")]
+    attn = ATTENTION_OUT[model_family(model)]
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            layer.get_submodule(attn).weight.zero_()
+            if i == k:
+                downs[i].weight.mul_(30.0)
+            else:
+                downs[i].weight.zero_()
+    lm = LanguageModel(model, tok, spec=f"planted-{name}", chat_template=False, progress=False)
+    items = []
+    for i, word in enumerate(["Paris", "mother", "window"]):
+        prompt = f"The {word}"
+        with torch.no_grad():
+            top = int(model(input_ids=torch.tensor([lm.encode(prompt)])).logits[0, -1].argmax())
+        items.append(TraceItem(f"t{i}", prompt, (0, len(prompt)), tok.decode([top])))
+    res = trace(lm, items, n_noise=2, seed=0)
+    mean = res.mean("mlp")
+    assert res.decisive_layer("mlp") == k and mean[k] > 0, (name, mean)
+    assert all(abs(mean[j]) < 1e-6 for j in range(len(layers)) if j != k), (name, mean)
+
+
+@pytest.mark.parametrize("name", TRAINABLE_STAMP)
+def test_stamp_export_with_the_models_own_activation(name, tmp_path):
+    """A stamp with the family's own MLP activation ships as extra MLP neurons where the MLP has biases (Llama with
+    mlp_bias, GPT-2, GPT-NeoX), its logits verified on reload; elsewhere the export says why in one line."""
+    from families import STAMP_EXPORTS, stamp_export_outcome
+
+    got = stamp_export_outcome(name, tmp_path / "out")
+    if name in STAMP_EXPORTS:
+        assert got == "yes", got
+        assert (tmp_path / "out" / "config.json").is_file()
+    else:
+        assert got.startswith("no: ") and "\n" not in got and not (tmp_path / "out").exists(), got

@@ -13,7 +13,7 @@ BIAS_TYPES = ("gender", "race", "religion")
 TASKS = ("stereoset:gender", "stereoset:race", "stereoset:religion", "all")
 # StereoSet domain -> CrowS-Pairs bias types of the same kind (cross-dataset PS)
 CROWS_TYPES = {"gender": ("gender",), "race": ("race-color", "nationality"), "religion": ("religion",)}
-ACTIVATION_NAMES = ("relu", "gelu", "silu", "tanh")
+ACTIVATION_NAMES = ("relu", "gelu", "silu", "tanh", "gelu_tanh")
 # initialisation of the stamp's first layer; the second layer always starts at zero, which is what makes the
 # freshly stamped model identical to the original (so the choice changes training, never the starting point)
 STAMP_INITS = ("pytorch", "xavier", "normal")   # nn.Linear's own (Kaiming-uniform) | Xavier-uniform, bias 0 |
@@ -27,7 +27,8 @@ class FastConfig:
     """Every FAST setting with its default."""
     layer: int | None = option(None, "stamp layer (default: the decisive layer from causal tracing)")
     width: int = option(64, "hidden width of the stamp FFN")
-    activation: str = option("relu", "stamp activation: relu | gelu | silu | tanh")
+    activation: str = option("relu", "stamp activation: relu | gelu | silu | tanh | gelu_tanh (GELU's "
+                                   "tanh form); an exportable stamp uses the model's own MLP activation")
     init: str = option("pytorch", "first-layer initialisation: pytorch (nn.Linear's) | xavier | normal (std 0.02); "
                                 "the second layer starts at 0, so the stamped model starts identical")
     alpha: float = option(1.0, "weight of the same-subject KL term L_s1")

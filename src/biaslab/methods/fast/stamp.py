@@ -9,7 +9,13 @@ from ...errors import BiaslabError, UnknownNameError
 from ...patches import Patch
 from .config import STAMP_INITS
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
+               "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+# a model's MLP activation (its config's name) → the stamp activation that folds into that MLP exactly
+MODEL_ACTIVATION = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                    "gelu_pytorch_tanh": "gelu_tanh"}
+# MLPs a stamp folds into: (in-projection, out-projection, config field of the intermediate size)
+_PLAIN_MLPS = {"gpt2": ("c_fc", "c_proj", "n_inner"), "gpt_neox": ("dense_h_to_4h", "dense_4h_to_h", "intermediate_size")}
 
 
 class StampFFN(nn.Module):
@@ -54,19 +60,22 @@ class StampPatch(Patch):
     """FAST's result: a fairness stamp at one layer. Tensors ``stamp.w1.weight``, ``stamp.w1.bias``,
     ``stamp.w2.weight``, ``stamp.w2.bias``; params ``layer``, ``width``, ``activation``.
 
-    Exportable when its activation is the model's own MLP activation (``silu`` for Llama-family models, whose
-    config has ``mlp_bias``): a gated MLP ``down(act(gate x) · up x)`` with biases expresses the stamp exactly as
-    ``width`` extra intermediate neurons — gate rows = w1 (bias b1), up rows = 0 (bias 1), down columns = w2, and
-    b2 added to the decisive layer's down bias — zero-padded (all-zero neurons, zero biases) in every other layer,
-    since the config has one intermediate size. The exported directory is a plain transformers model whose logits
-    are verified against the stamped model like every export. Other activations (the FAST paper's ReLU default)
-    cannot be folded into a SiLU-gated MLP, and say so."""
+    Exportable when its activation is the model's own MLP activation, as ``width`` extra intermediate neurons,
+    zero-padded (all-zero neurons, zero biases) in every other layer since the config has one intermediate size:
+    - Llama family with ``mlp_bias`` in its config (``silu``): a gated MLP ``down(act(gate x) · up x)`` takes
+      gate rows = w1 (bias b1), up rows = 0 (bias 1), down columns = w2, and b2 added to the down bias;
+    - GPT-2 (``gelu_tanh``, its ``gelu_new``) and GPT-NeoX / Pythia (``gelu``): a plain MLP ``out(act(in x))``
+      with biases takes in rows = w1 (bias b1), out columns = w2, b2 added to the out bias.
+    The exported directory is a plain transformers model whose logits are verified against the stamped model like
+    every export. Other pairs (the FAST paper's ReLU default; bias-free MLPs such as Qwen's, Mistral's, Gemma's,
+    which cannot hold b1) say so in one line."""
 
     kind = "stamp"
 
     @property
     def exportable(self) -> bool:
-        return self.params.get("activation") == "silu"
+        """Whether some supported family's MLP can hold this stamp (the model itself is checked at export)."""
+        return self.params.get("activation") in set(MODEL_ACTIVATION.values())
 
     @classmethod
     def from_stamp(cls, lm, stamp: StampFFN, *, layer: int, activation: str, params: dict | None = None,
@@ -110,44 +119,70 @@ class StampPatch(Patch):
 
 
     def export_refusal(self) -> str:
-        return (f"its activation {self.params.get('activation')!r} cannot be folded into the model's SiLU-gated MLP; "
-                "fit the stamp with --activation silu to ship it as a plain model")
+        return (f"its activation {self.params.get('activation')!r} is no model's MLP activation, so it cannot be folded "
+                "into the MLP; fit the stamp with the model's own (--activation silu for Llama-family models, "
+                "gelu_tanh for GPT-2, gelu for GPT-NeoX) to ship it as a plain model")
 
     def _export_model(self, lm):
         """A new model of the same class with ``width`` more MLP neurons per layer (see the class docstring)."""
+        from ...models.sites import model_family
+
+        cfg, model = lm.model.config, lm.model
+        fam = model_family(model)
+        act_name = (getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)
+                    or getattr(cfg, "activation_function", None))
+        want = MODEL_ACTIVATION.get(str(act_name))
+        mine = self.params.get("activation")
+        if want is not None and mine != want:
+            raise BiaslabError(f"this stamp's activation {mine!r} is not the MLP activation of {type(model).__name__} "
+                               f"({act_name!r}, i.e. stamp activation {want!r}); refit with --activation {want}")
+        mlps = _mlps(model)
+        if fam in _PLAIN_MLPS and want is not None:
+            return self._widen(lm, mlps, *_PLAIN_MLPS[fam], gated=False)
+        gated = all(m is not None and all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj")) for m in mlps)
+        if not (gated and hasattr(cfg, "mlp_bias") and want == "silu"):
+            raise BiaslabError(f"a stamp exports onto a SiLU-gated MLP whose config has mlp_bias (Llama family), or the "
+                               f"biased MLPs of GPT-2 / GPT-NeoX; {type(model).__name__} (hidden_act {act_name!r}) has "
+                               "neither, so its MLP cannot hold the stamp's bias")
+        return self._widen(lm, mlps, "gate_proj", "down_proj", "intermediate_size", gated=True)
+
+    def _widen(self, lm, mlps, inp: str, out_name: str, size_field: str, *, gated: bool):
         import copy
 
         import torch
 
         cfg, model = lm.model.config, lm.model
         layer = int(self.params["layer"])
-        mlps = _mlps(model)
-        gated = all(m is not None and all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj")) for m in mlps)
-        if not (gated and hasattr(cfg, "mlp_bias") and getattr(cfg, "hidden_act", None) == "silu"):
-            raise BiaslabError(f"a stamp exports only onto a SiLU-gated MLP whose config has mlp_bias (Llama family); "
-                               f"this model is {type(model).__name__} (hidden_act {getattr(cfg, 'hidden_act', '?')!r})")
         w1, b1, w2, b2 = (self.tensors[k].to(model.dtype) for k in self.KEYS)
         width = w1.shape[0]
         new_cfg = copy.deepcopy(cfg)
-        new_cfg.intermediate_size = int(cfg.intermediate_size) + width
-        new_cfg.mlp_bias = True
+        base = getattr(cfg, size_field, None) or 4 * cfg.hidden_size   # GPT-2: n_inner None means 4·d
+        setattr(new_cfg, size_field, int(base) + width)
+        if gated:
+            new_cfg.mlp_bias = True
         new = type(model)(new_cfg).to(model.dtype).eval()
         state = model.state_dict()
         out = {}
         for i, mlp in enumerate(mlps):
             pre = _module_name(model, mlp)
-            g, u, d = (state[f"{pre}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-            bias = lambda n, size: state.get(f"{pre}.{n}.bias", torch.zeros(size, dtype=g.dtype))  # noqa: E731
             here = i == layer
-            z_in, z_n = torch.zeros(width, g.shape[1], dtype=g.dtype), torch.zeros(width, dtype=g.dtype)
-            out[f"{pre}.gate_proj.weight"] = torch.cat([g, w1.cpu() if here else z_in])
-            out[f"{pre}.gate_proj.bias"] = torch.cat([bias("gate_proj", g.shape[0]), b1.cpu() if here else z_n])
-            out[f"{pre}.up_proj.weight"] = torch.cat([u, z_in])
-            out[f"{pre}.up_proj.bias"] = torch.cat([bias("up_proj", u.shape[0]), torch.ones_like(z_n) if here else z_n])
-            out[f"{pre}.down_proj.weight"] = torch.cat([d, w2.cpu() if here else torch.zeros(d.shape[0], width, dtype=d.dtype)], 1)
-            out[f"{pre}.down_proj.bias"] = bias("down_proj", d.shape[0]) + (b2.cpu() if here else 0)
-        merged = {**{k: v for k, v in state.items()}, **out}
-        missing, unexpected = new.load_state_dict(merged, strict=False)
+            conv = type(getattr(mlp, inp)).__name__ == "Conv1D"   # GPT-2 stores (in, out)
+            w_in, w_out = state[f"{pre}.{inp}.weight"], state[f"{pre}.{out_name}.weight"]
+            dt = w_in.dtype
+            bias = lambda n, size: state.get(f"{pre}.{n}.bias", torch.zeros(size, dtype=dt))  # noqa: E731
+            a = (w1.cpu() if here else torch.zeros(width, w1.shape[1], dtype=dt))        # (width, d)
+            c = (w2.cpu() if here else torch.zeros(w2.shape[0], width, dtype=dt))        # (d, width)
+            z = torch.zeros(width, dtype=dt)
+            n_in = w_in.shape[1] if conv else w_in.shape[0]
+            out[f"{pre}.{inp}.weight"] = torch.cat([w_in, a.T], 1) if conv else torch.cat([w_in, a])
+            out[f"{pre}.{inp}.bias"] = torch.cat([bias(inp, n_in), b1.cpu() if here else z])
+            out[f"{pre}.{out_name}.weight"] = torch.cat([w_out, c.T]) if conv else torch.cat([w_out, c], 1)
+            out[f"{pre}.{out_name}.bias"] = bias(out_name, w2.shape[0]) + (b2.cpu() if here else 0)
+            if gated:   # the up projection: 0 rows, bias 1 on the decisive layer's new neurons
+                u = state[f"{pre}.up_proj.weight"]
+                out[f"{pre}.up_proj.weight"] = torch.cat([u, torch.zeros(width, u.shape[1], dtype=dt)])
+                out[f"{pre}.up_proj.bias"] = torch.cat([bias("up_proj", u.shape[0]), torch.ones_like(z) if here else z])
+        missing, unexpected = new.load_state_dict({**state, **out}, strict=False)
         if [k for k in missing if not k.endswith("bias")] or unexpected:
             raise BiaslabError(f"stamp export: the widened model's parameters do not match ({missing[:3]}, {unexpected[:3]})")
         if getattr(cfg, "tie_word_embeddings", False):
