@@ -168,3 +168,25 @@ def test_scoring_and_summary_on_tiny_lm(tiny_lm, protocol):
     m = sec["metrics"]
     assert m["gap"]["value"] == pytest.approx(m["accuracy_pro"]["value"] - m["accuracy_anti"]["value"])
     assert sec["extra"]["skipped_rows"] == 0 and sec["protocol"] == p.id
+
+
+def test_generate_protocol_matches_answers_and_leaves_unmatched_out(tiny_lm, monkeypatch):
+    """winobias.generate.v1: greedy answers matched by letter or occupation text; an answer naming neither is left
+    out of the accuracies and counted in unmatched_rate."""
+    from biaslab.audit import summarize
+    from biaslab.metrics import winobias as M
+
+    b = WinoBias()
+    items = b.sample(b.load_items(), 4, seed=0)
+    its = [d["item"] for d in items]
+    answers = ["A", f"The {its[1].options[1].split()[-1]}", "I do not know", "B."]
+    monkeypatch.setattr(tiny_lm, "generate", lambda prompts, **kw: answers[:len(prompts)])
+    p = b.protocol("generate")
+    recs = b.score(tiny_lm, items, protocol=p)
+    assert [r["pred"] for r in recs] == [0, 1, None, 1]
+    assert M.unmatched_rate(recs) == pytest.approx(0.25)
+    kept = [r for r in recs if r["pred"] is not None]
+    assert M.accuracy(recs) == pytest.approx(sum(r["pred"] == r["gold"] for r in kept) / 3)
+    sec = summarize(b, recs, p, n_boot=20)
+    assert sec["protocol"] == "winobias.generate.v1" and sec["extra"]["unmatched"] == 1
+    assert "unmatched_rate" in sec["metrics"]

@@ -189,6 +189,9 @@ class WinoBias(Benchmark):
                  "the next-token log-probability of the letters, one fixed instruction"),
         Protocol("option-loglik", "winobias.option-loglik.v2", "argmax of the summed log-likelihood of each "
                  "occupation's text (\"the <occupation>\") as the answer"),
+        Protocol("generate", "winobias.generate.v1", "the two occupations listed as A/B; a greedy answer of at most "
+                 "16 tokens, cut at the first line break and matched to an option (its letter or its normalised "
+                 "text); an answer naming neither is left out and counted in unmatched_rate"),
     )
     default_protocol = "letter"
     group_field = "type"
@@ -219,10 +222,12 @@ class WinoBias(Benchmark):
             MetricDef("accuracy_pro", M.accuracy_pro, "accuracy on pro-stereotyped sentences", ideal=1.0),
             MetricDef("accuracy_anti", M.accuracy_anti, "accuracy on anti-stereotyped sentences", ideal=1.0),
             MetricDef("gap", M.gap, "accuracy_pro − accuracy_anti (fraction; 0 ideal)", scale="fraction -1-1", ideal=0.0),
-        ]
+        ] + ([MetricDef("unmatched_rate", M.unmatched_rate, "share of generated answers that named neither occupation "
+                        "(left out of the accuracies)", ideal=0.0, headline=False)] if protocol.name == "generate" else [])
 
     def extra_results(self, records: list[dict], protocol: Protocol) -> dict:
         _, skipped = load_winobias_items(self.opts["split"])
         n = len(records)
         return {"split": self.opts["split"], "instruction": self.opts["instruction"], "skipped_rows": len(skipped),
-                "skipped": skipped, "prediction_first_option_share": sum(r["pred"] == 0 for r in records) / n if n else None}
+                "skipped": skipped, "prediction_first_option_share": sum(r["pred"] == 0 for r in records) / n if n else None,
+                "unmatched": sum(r["pred"] is None for r in records)}

@@ -75,9 +75,10 @@ def audit(
     limit: Optional[int] = typer.Option(None, "--limit", help="items per benchmark (seeded, stratified)"),
     seed: int = typer.Option(0, "--seed"),
     instructions: Optional[int] = typer.Option(None, "--instructions", help="BBQ: number of instruction paraphrases (1-10)"),
-    bbq_dir: Optional[Path] = typer.Option(None, "--bbq-dir", help="BBQ: your full copy of the upstream data/ folder "
-                                                                   "(sha256-checked; adds the 4 categories biaslab does "
-                                                                   "not vendor; or set BIASLAB_BBQ_DIR)"),
+    bbq_dir: Optional[Path] = typer.Option(None, "--bbq-dir", "--data-dir",
+                                           help="BBQ: your full copy of the upstream data/ folder (sha256-checked; its "
+                                                "files replace the 4 categories biaslab regenerates from the "
+                                                "templates; or set BIASLAB_BBQ_DIR)"),
     protocol: Optional[list[str]] = typer.Option(None, "--protocol", help="BENCH=PROTOCOL, repeatable"),
     patch: Optional[Path] = typer.Option(None, "--patch", help="apply a patch file while auditing"),
     force: bool = typer.Option(False, "--force", help="overwrite a run made with different arguments"),
@@ -103,7 +104,7 @@ def audit(
         raise BiaslabError("--out DIR is required: the run directory the audit writes (or use --dry-run)")
     quiet_mode(quiet)
     if bbq_dir is not None and "bbq" not in bench and bench != "all":
-        raise BiaslabError("--bbq-dir is for the bbq benchmark, which is not being run; add bbq to --bench")
+        raise BiaslabError("--bbq-dir (--data-dir) is for the bbq benchmark, which is not being run; add bbq to --bench")
     res = run_audit(model, bench, limit=limit, seed=seed, instructions=instructions,
                     options={"bbq": {"bbq_dir": str(bbq_dir)}} if bbq_dir is not None else None,
                     protocols=parse_kv(protocol, "--protocol"), patch=patch, out=out, force=force, n_boot=n_boot,
