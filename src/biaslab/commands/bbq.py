@@ -19,6 +19,9 @@ def bbq_generate(
     out: Optional[Path] = typer.Option(None, "--out", help="directory for <Category>.jsonl, "
                                        "target_loc_regenerated.csv and PROVENANCE.json"),
     seed: int = typer.Option(0, "--seed", help="seed of the filler draws, answer order and UNKNOWN paraphrase"),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="a directory of template files "
+                                             "(<Category>.csv, vocabulary.csv, vocabulary_proper_names.csv) to use "
+                                             "instead of the vendored authors' templates"),
     validate: bool = typer.Option(False, "--validate", help="instead: compare the generator with the upstream "
                                   "files of the 7 vendored categories (counts per template cell, identical items, "
                                   "target_loc) and print the table"),
@@ -63,7 +66,9 @@ def bbq_generate(
         cats = list(G.CATEGORIES)
     else:
         cats = category
-    prov = G.write(cats, out, seed=seed)
+    if templates is not None and not templates.is_dir():
+        raise BiaslabError(f"--templates {templates} is not a directory")
+    prov = G.write(cats, out, seed=seed, root=templates)
     for name, f in prov["files"].items():
         console.print(f"{Path(out) / name}: {f['rows']:,} rows, sha256 {f['sha256'][:16]}…", markup=False,
                       highlight=False, soft_wrap=True)

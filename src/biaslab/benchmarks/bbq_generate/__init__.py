@@ -102,20 +102,22 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write(categories, out: Path, *, seed: int = 0) -> dict:
+def write(categories, out: Path, *, seed: int = 0, root: Path | None = None) -> dict:
     """Write ``<Category>.jsonl`` and ``target_loc_regenerated.csv`` (all categories written) into ``out``, with a
     ``PROVENANCE.json`` that records the generator, the seed, the template hashes and each file's sha256. A file in
     ``out`` that this command did not write is never replaced."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    prov_path = out / PROVENANCE
-    previous = json.loads(prov_path.read_text()) if prov_path.is_file() else {"files": {}}
     texts, targets = {}, []
-    for cat in categories:
-        rows, trows = generate(cat, seed=seed)
+    for cat in categories:   # everything is generated (and every template checked) before anything is written
+        rows, trows = generate(cat, seed=seed, root=root)
         texts[f"{cat}.jsonl"] = rows_text(rows)
         targets += trows
     texts["target_loc_regenerated.csv"] = targets_text(targets)
+    if out.exists() and not out.is_dir():
+        raise BiaslabError(f"--out {out} is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    prov_path = out / PROVENANCE
+    previous = json.loads(prov_path.read_text()) if prov_path.is_file() else {"files": {}}
     for name in texts:  # check everything before writing anything
         p = out / name
         if p.exists() and previous.get("files", {}).get(name, {}).get("sha256") != hashlib.sha256(p.read_bytes()).hexdigest():
@@ -125,9 +127,10 @@ def write(categories, out: Path, *, seed: int = 0) -> dict:
         _atomic_write(out / name, text)
     prov = {
         "generator": GENERATOR_VERSION, "seed": seed, "label": "regenerated from templates",
-        "templates": "nyu-mll/BBQ templates/ @ bea11bd97d79217245b5871acd247b9d6eb24598 (CC BY 4.0)",
+        "templates": ("nyu-mll/BBQ templates/ @ bea11bd97d79217245b5871acd247b9d6eb24598 (CC BY 4.0)"
+                      if root is None else str(root)),
         "template_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                            for p in sorted(TEMPLATES.glob("*.csv"))},
+                            for p in sorted(Path(root or TEMPLATES).glob("*.csv"))},
         "files": {**previous.get("files", {}),
                   **{name: {"sha256": _sha(text), "seed": seed,
                             "rows": text.count("\n") - (1 if name.endswith(".csv") else 0)}
