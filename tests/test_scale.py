@@ -195,3 +195,65 @@ def test_a_process_group_that_cannot_start_is_one_line(tmp_path):
     assert r.returncode == 2
     assert "could not start the gloo backend" in r.stderr and "MASTER_PORT=" in r.stderr, r.stderr[-800:]
     assert "frame #" not in r.stderr and "Traceback" not in r.stderr
+
+
+TRACE_WORKER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from biaslab import distributed as D
+D.init_from_env()
+from conftest import make_tiny_llama
+from biaslab.models import LanguageModel
+from biaslab.tracing import TraceItem, trace
+model, tok = make_tiny_llama(seed=3, layers=3)
+lm = LanguageModel(model, tok, spec="t", progress=False)
+words = ["nurse", "doctor", "cat", "software engineer", "x"]
+items = [TraceItem(f"t{i}", f"The {w} is", (4, 4 + len(w)), " here") for i, w in enumerate(words)]
+res = trace(lm, items, n_noise=2, seed=5)
+if D.rank() == 0:
+    print(json.dumps({**{k: v.tolist() for k, v in res.per_item.items()}, "clean": res.p_clean.tolist(),
+                      "corrupt": res.p_corrupt.tolist(), "params": res.params}))
+"""
+
+
+def test_two_process_causal_tracing_equals_one_process(tmp_path):
+    """FAST's causal tracing is sharded over pairs (pair n on rank n mod W); each rank still draws every pair's
+    noise in order, so the per-pair effects — and the decisive layer — equal the one-process run exactly."""
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+
+    def run(world):
+        port = _free_port()
+        procs = []
+        for r in range(world):
+            env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                   "BIASLAB_PROGRESS": "0", "BIASLAB_DIST_TIMEOUT": "120"}
+            procs.append(subprocess.Popen([sys.executable, "-c", TRACE_WORKER, tests], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=300) for p in procs]
+        for p, (o, e) in zip(procs, outs):
+            assert p.returncode == 0, e[-2000:]
+        return json.loads(outs[0][0])
+
+    one, two = run(1), run(2)
+    assert one == two and len(one["mlp"]) == 5
+
+
+def test_two_process_soft_prompt_probe_equals_one_process(tiny_dir, tmp_path):
+    """The sweep's prompts are shared out across ranks (each trained whole on one rank, as alone) and gathered;
+    the scoring is sharded by chunk: the same prompts, the same kept runs, the same gaps and intervals."""
+    def args(tag):
+        return ["probe", "softprompt", "--model", str(tiny_dir), "--runs", "2", "--seeds", "0,1", "--lrs", "0.01",
+                "--train-limit", "12", "--val-limit", "8", "--test-limit", "8", "--template-limit", "12",
+                "--epochs", "1", "--batch-size", "4", "--virtual-tokens", "2", "--no-hand-prompts", "--format", "json",
+                "-q", "--prompt-cache", str(tmp_path / f"cache-{tag}"), "--out", str(tmp_path / tag)]
+    one = json.loads(_run(args("one"), 1, tmp_path))
+    two = json.loads(_run(args("two"), 2, tmp_path))
+    for d in (one, two):
+        for k in ("timings_s", "cpu_s"):
+            d.pop(k, None)
+        for r in d.get("sweep", []):
+            r.pop("train_cpu_s", None)
+    assert one == two and len(list((tmp_path / "two" / "prompts").iterdir())) == 2

@@ -179,8 +179,16 @@ def trace(lm, items: list[TraceItem], *, kinds=("hidden", "mlp"), noise_scale: f
     per = {k: np.zeros((len(items), L)) for k in kinds}
     p_clean = np.zeros(len(items))
     p_corr = np.zeros(len(items))
+    from . import distributed as D
+
+    W, me = D.world_size(), D.rank()
+    d_emb = emb.weight.shape[1]
     with progress_bar(len(items), "causal tracing", enabled=lm.progress) as advance:
         for n, (ids, spos, n_ctx, cont) in enumerate(prepared):
+            if n % W != me:   # another rank's pair: draw its noise anyway, so every pair gets the noise it gets alone
+                for _ in range(n_noise):
+                    torch.randn((len(spos), d_emb), generator=gen)
+                continue
             t = max(spos)
             x = torch.tensor([ids], device=dev)
             # clean run, capturing each layer's output and MLP output at t
@@ -226,6 +234,13 @@ def trace(lm, items: list[TraceItem], *, kinds=("hidden", "mlp"), noise_scale: f
             for r, (k, li) in enumerate(plan):
                 per[k][n, li] = acc[r]
             advance(1)
+    if W > 1:   # pair n was traced on rank n mod W; every rank ends with all of them
+        for r, got in enumerate(D.all_gather({n: (p_clean[n], p_corr[n], {k: per[k][n] for k in kinds})
+                                              for n in range(me, len(items), W)})):
+            for n, (pc_n, pr_n, rows) in got.items():
+                p_clean[n], p_corr[n] = pc_n, pr_n
+                for k in kinds:
+                    per[k][n] = rows[k]
     params = {"noise_scale": noise_scale, "noise_std": sigma, "embedding_std": std, "n_noise": n_noise,
               "window": window, "seed": seed, "position": "last subject token",
               "effect": "log P(object) restored - corrupted, mean over object tokens (nats)"}

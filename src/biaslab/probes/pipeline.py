@@ -137,12 +137,13 @@ def run_probe(model="smollm2-135m-instruct", out: str | Path | None = None, *, r
     c, t = _cpu(), Timer()
     sw = sweep(lm, base, seeds=seeds, lrs=lrs, keep=runs, cache_dir=cache)
     timings["sweep"], cpu["sweep"] = t.elapsed(), round(_cpu() - c, 1)
-    pdir = run.path / "prompts"
-    pdir.mkdir(exist_ok=True)
-    for sp in sw.kept:
-        dst = pdir / f"{sp.id}.safetensors"
-        if not dst.exists():
-            shutil.copyfile(sw.files[sp.id], dst)
+    if not run.follower:   # under torch.distributed rank 0 alone writes the run directory
+        pdir = run.path / "prompts"
+        pdir.mkdir(exist_ok=True)
+        for sp in sw.kept:
+            dst = pdir / f"{sp.id}.safetensors"
+            if not dst.exists():
+                shutil.copyfile(sw.files[sp.id], dst)
 
     test_items = [s.as_item() for s in _sample(load_sst3("test"), test_limit, seed + 2)]
     templates = sample_templates(template_limit, seed)
@@ -209,7 +210,7 @@ def run_probe(model="smollm2-135m-instruct", out: str | Path | None = None, *, r
         f"dev sentences, report test accuracy on {len(test_items)} test sentences, probe {len(templates)} of 31,972 "
         "templates (stratified by category, group, label) — reduced to fit the CPU budget; the paper used the full sets.")
     run.write_results(results)
-    if report:
+    if report and not run.follower:
         from .report import softprompt_report
 
         softprompt_report(clean_nan(results), run.path / "report.html")

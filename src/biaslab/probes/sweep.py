@@ -49,28 +49,46 @@ class Sweep:
 
 def sweep(lm, base: SoftPromptConfig, *, seeds=(0, 1, 2), lrs=(5e-3, 1e-2), keep: int = 5,
           cache_dir: Path | str | None = None, progress: bool | None = None) -> Sweep:
-    """Train (or load from the cache) one prompt per (lr, seed); keep the ``keep`` best by validation accuracy."""
+    """Train (or load from the cache) one prompt per (lr, seed); keep the ``keep`` best by validation accuracy.
+    Under torch.distributed the prompts to train are shared out across ranks (each is trained whole, on one rank,
+    exactly as alone), then gathered on every rank."""
     if keep < 1:
         raise BiaslabError(f"--runs must be ≥ 1, got {keep}")
     configs = [replace(base, lr=float(lr), seed=int(s)) for lr in lrs for s in seeds]
     if len(configs) < keep:
         raise BiaslabError(f"the sweep has {len(configs)} runs (seeds × learning rates) but --runs asks to keep {keep}")
+    from .. import distributed as D
+
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     dsha = data_sha()
     data = None
-    runs, trained, files = [], [], {}
-    for cfg in configs:
-        path = cache / f"softprompt-{cfg.key(lm.fingerprint, dsha)}.safetensors"
-        sp = None
+    paths = [cache / f"softprompt-{cfg.key(lm.fingerprint, dsha)}.safetensors" for cfg in configs]
+    got: dict[int, SoftPrompt] = {}
+    for k, path in enumerate(paths):
         if path.is_file():
-            sp = SoftPrompt.load(path)
-            sp.check_base(lm)
-        if sp is None:
-            if data is None:
-                data = training_data(base)
-            sp = train_soft_prompt(lm, cfg, *data, progress=progress)
-            sp.info["cache_key"] = path.stem
-            sp.save(path)
+            got[k] = SoftPrompt.load(path)
+            got[k].check_base(lm)
+    todo = [k for k in range(len(configs)) if k not in got]
+    W, me = D.world_size(), D.rank()
+    mine = {}
+    for j, k in enumerate(todo):   # under torch.distributed each rank trains every W-th missing prompt
+        if j % W != me:
+            continue
+        if data is None:
+            data = training_data(base)
+        mine[k] = train_soft_prompt(lm, configs[k], *data, progress=progress)
+        mine[k].info["cache_key"] = paths[k].stem
+    if W > 1:   # every rank ends with every prompt; rank 0 alone writes the cache
+        for part in D.all_gather(mine):
+            got.update(part)
+    else:
+        got.update(mine)
+    runs, trained, files = [], [], {}
+    for k, path in enumerate(paths):
+        sp = got[k]
+        if k in todo:
+            if D.is_main():
+                sp.save(path)
             trained.append(sp.id)
         runs.append(sp)
         files[sp.id] = str(path)
