@@ -36,27 +36,14 @@ costing ``m × n_layers`` forward+backward passes — the comparison in ``bench/
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 
-from .interventions import Hooks, Intervention
+from .attribution_core import (OBJECTIVES, REDUCES, SPANS, _frozen_params_grad_from_embeddings,  # noqa: F401
+                               _SiteHooks, check_options, reduce_positions, span_mask)
 from .errors import BiaslabError, UnknownNameError
 from .models.packing import batch_rows
 from .models.sites import Site, find_sites
-
-SPANS = ("all", "prompt", "answer")
-REDUCES = ("max", "mean", "sum")
-OBJECTIVES = ("logprob", "prob")
-
-
-def check_options(*, span: str = "all", reduce: str = "max", objective: str = "logprob") -> None:
-    if span not in SPANS:
-        raise UnknownNameError("attribution span", span, SPANS)
-    if reduce not in REDUCES:
-        raise UnknownNameError("attribution reduction", reduce, REDUCES)
-    if objective not in OBJECTIVES:
-        raise UnknownNameError("attribution objective", objective, OBJECTIVES)
 
 
 def resolve_sites(lm, sites: str | Sequence[Site]) -> list[Site]:
@@ -64,94 +51,6 @@ def resolve_sites(lm, sites: str | Sequence[Site]) -> list[Site]:
         raise BiaslabError("attribution needs a causal (decoder-only) language model; "
                            f"{type(lm.model).__name__} is an encoder-decoder")
     return find_sites(lm.model, sites) if isinstance(sites, str) else list(sites)
-
-
-@contextmanager
-def _frozen_params_grad_from_embeddings(model):
-    """Freeze parameters (so the backward computes activation gradients only and the forward saves less) and
-    make the input embeddings' output require grad, so every downstream activation is in the graph."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    embs = [model.get_input_embeddings()]
-    if getattr(model.config, "is_encoder_decoder", False):   # T5's stacks may hold their own embedding modules
-        for stack in (model.get_encoder(), model.get_decoder()):
-            e = stack.get_input_embeddings()
-            if all(e is not x for x in embs):
-                embs.append(e)
-    try:
-        with Hooks([Intervention(f"attribution:embeddings-require-grad:{k}", e, "replace_output",
-                                 lambda o: o.requires_grad_(True)) for k, e in enumerate(embs)]), torch.enable_grad():
-            yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
-
-class _SiteHooks:
-    """Captures each site's activation h (pre-gate) and the tensor s = g·h actually used downstream, whose
-    gradient is taken. Gates default to 1 (then s is h itself)."""
-
-    def __init__(self, sites: list[Site], gates: dict[str, float] | None = None):
-        self.sites = sites
-        self.gates = gates or {}
-        self.h: dict[str, torch.Tensor] = {}
-        self.s: dict[str, torch.Tensor] = {}
-
-    bt: tuple[int, int] | None = None   # (batch, tokens) of the pass: OPT feeds its FFN (B·T, U) matrices
-
-    def _gate(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        g = self.gates.get(name, 1.0)
-        flat = h.dim() == 2 and self.bt is not None and h.shape[0] == self.bt[0] * self.bt[1]
-        h3 = h.view(*self.bt, h.shape[-1]) if flat else h      # always (B, T, U) for the scores
-        s = h3 if g == 1.0 else h3 * g
-        self.h[name] = h3.detach()
-        self.s[name] = s
-        return s.reshape(h.shape) if flat else s
-
-    def __enter__(self):
-        ivs = []
-        for site in self.sites:
-            if site.kind not in ("ffn", "linear"):
-                raise UnknownNameError("site kind", site.kind, ("ffn", "linear"))
-            # ffn: the down projection's input; linear: the layer's output
-            ivs.append(Intervention(f"attribution:{site.name}", site.module,
-                                    "edit_input" if site.kind == "ffn" else "replace_output",
-                                    lambda h, name=site.name: self._gate(name, h)))
-        self.hooks = Hooks(ivs).attach()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.remove()
-
-
-def span_mask(mask: torch.Tensor, answer_cols: torch.Tensor, span: str, answer_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean (B, T) mask of the positions that enter the reduction. The answer positions are
-    ``(answer_rows[k], answer_cols[k])`` (default: one per row, ``answer_cols[r]`` for row r)."""
-    m = mask.bool().clone()
-    ans = torch.zeros_like(m)
-    rows = torch.arange(m.shape[0], device=m.device) if answer_rows is None else answer_rows
-    ans[rows, answer_cols] = True
-    if span == "all":
-        return m
-    if span == "answer":
-        return ans
-    if span == "prompt":
-        return m & ~ans
-    raise UnknownNameError("attribution span", span, SPANS)
-
-
-def reduce_positions(a: torch.Tensor, pmask: torch.Tensor, reduce: str) -> torch.Tensor:
-    """(B, T, U) per-position scores → (B, U) over the masked positions."""
-    pm = pmask[:, :, None]
-    if reduce == "max":
-        return a.masked_fill(~pm, float("-inf")).amax(dim=1)
-    s = a.masked_fill(~pm, 0.0).sum(dim=1)
-    if reduce == "sum":
-        return s
-    if reduce == "mean":
-        return s / pmask.sum(dim=1, keepdim=True).clamp(min=1).to(s.dtype)
-    raise UnknownNameError("attribution reduction", reduce, REDUCES)
 
 
 class AttributionPass:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .attribution import _frozen_params_grad_from_embeddings, _SiteHooks, check_options, reduce_positions
+from .attribution_core import _frozen_params_grad_from_embeddings, _SiteHooks, check_options, reduce_positions
 from .errors import BiaslabError
 
 

@@ -24,12 +24,11 @@ def match_exact(answer: str, options) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def generate_pairs(lm, pairs, desc: str, protocol: str) -> list[dict]:
+def generate_pairs(lm, pairs, prompts: list[str], desc: str, protocol: str, max_new_tokens: int) -> list[dict]:
+    """Records of (item, instruction) ``pairs`` from greedy answers to their ``prompts``."""
     from .answers import match_option
-    from .tasks import GENERATE_TOKENS, prompt_text
 
-    texts = lm.generate([prompt_text(lm, it, i, protocol=protocol) for it, i in pairs],
-                        max_new_tokens=GENERATE_TOKENS, desc=desc)
+    texts = lm.generate(prompts, max_new_tokens=max_new_tokens, desc=desc)
     out = []
     for (it, i), text in zip(pairs, texts):
         if protocol == "generation":

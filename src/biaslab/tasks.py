@@ -195,7 +195,8 @@ def score_mc(lm, items: list[MCItem], instructions: list[int], *, protocol: str 
     if protocol in ("generate", "generation"):   # greedy answers matched to an option (biaslab.task_generation)
         from .task_generation import generate_pairs
 
-        return generate_pairs(lm, pairs, desc, protocol)
+        return generate_pairs(lm, pairs, [prompt_text(lm, it, i, protocol=protocol) for it, i in pairs], desc,
+                              protocol, GENERATE_TOKENS)
     with protocol_context(lm, protocol):
         scores = _score_pairs(lm, pairs, protocol, desc)
     out = []
