@@ -39,8 +39,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .attribution_core import (OBJECTIVES, REDUCES, SPANS, _frozen_params_grad_from_embeddings,  # noqa: F401
-                               _SiteHooks, check_options, reduce_positions, span_mask)
+from .attribution_core import (OBJECTIVES, REDUCES, SPANS, PassMethods,  # noqa: F401
+                               _frozen_params_grad_from_embeddings, _SiteHooks, check_options, reduce_positions,
+                               span_mask)
 from .errors import BiaslabError, UnknownNameError
 from .models.packing import batch_rows
 from .models.sites import Site, find_sites
@@ -53,7 +54,7 @@ def resolve_sites(lm, sites: str | Sequence[Site]) -> list[Site]:
     return find_sites(lm.model, sites) if isinstance(sites, str) else list(sites)
 
 
-class AttributionPass:
+class AttributionPass(PassMethods):
     """One batched forward pass with every site hooked; call :meth:`attribute` once per objective.
 
     >>> with AttributionPass(lm, sites, token_seqs) as ap:
@@ -81,30 +82,26 @@ class AttributionPass:
 
     def __enter__(self):
         lm = self.lm
-        self._ctx = _frozen_params_grad_from_embeddings(lm.model)
-        self._ctx.__enter__()
-        self.hooks = _SiteHooks(self.sites, self.gates)
-        try:
-            with self.hooks:
-                ids, mask, pos, offs = lm.pad(self.seqs, side="right")
-                self.hooks.bt = tuple(ids.shape)
-                if self.continuation is None:
-                    self.rows = torch.arange(len(self.seqs), device=ids.device)
-                    self.cols = torch.tensor([offs[k] + len(s) - 1 for k, s in enumerate(self.seqs)], device=ids.device)
-                else:  # the positions that predict each continuation token: len − c − 1 … len − 2
-                    rows, cols, nxt = [], [], []
-                    for k, (s, c) in enumerate(zip(self.seqs, self.continuation)):
-                        for t in range(len(s) - c - 1, len(s) - 1):
-                            rows.append(k)
-                            cols.append(offs[k] + t)
-                            nxt.append(s[t + 1])
-                    self.rows = torch.tensor(rows, device=ids.device)
-                    self.cols = torch.tensor(cols, device=ids.device)
-                    self._next = torch.tensor(nxt, device=ids.device)
-                logits = lm.logits_at(ids, mask, pos, self.rows, self.cols)
-        except BaseException:
-            self._ctx.__exit__(None, None, None)
-            raise
+
+        def forward():
+            ids, mask, pos, offs = lm.pad(self.seqs, side="right")
+            self.hooks.bt = tuple(ids.shape)
+            if self.continuation is None:
+                self.rows = torch.arange(len(self.seqs), device=ids.device)
+                self.cols = torch.tensor([offs[k] + len(s) - 1 for k, s in enumerate(self.seqs)], device=ids.device)
+            else:  # the positions that predict each continuation token: len − c − 1 … len − 2
+                rows, cols, nxt = [], [], []
+                for k, (s, c) in enumerate(zip(self.seqs, self.continuation)):
+                    for t in range(len(s) - c - 1, len(s) - 1):
+                        rows.append(k)
+                        cols.append(offs[k] + t)
+                        nxt.append(s[t + 1])
+                self.rows = torch.tensor(rows, device=ids.device)
+                self.cols = torch.tensor(cols, device=ids.device)
+                self._next = torch.tensor(nxt, device=ids.device)
+            return lm.logits_at(ids, mask, pos, self.rows, self.cols), mask
+
+        logits, mask = self.hooked_forward(forward)
         self.logprobs = torch.log_softmax(logits, dim=-1)
         if self.continuation is None:
             self.pmask = span_mask(mask, self.cols, self.span)
@@ -114,38 +111,6 @@ class AttributionPass:
                 0, self.rows, tok)
             self.pmask = span_mask(mask, self.cols, self.span, answer_rows=self.rows)
         return self
-
-    def __exit__(self, *exc):
-        self.hooks = None
-        self.logprobs = None
-        self._ctx.__exit__(*exc)
-
-    def objective(self, targets: Sequence[int] | None = None, objective: str = "logprob") -> torch.Tensor:
-        """(B,) log P(target_r) or P(target_r) at each row's answer position (graph-connected). In continuation
-        mode (``continuation=`` given) ``targets`` must be None: the objective is the log-probability of each row's
-        continuation (the sum over its tokens), or its probability."""
-        check_options(objective=objective)
-        if self.continuation is not None:
-            if targets is not None:
-                raise BiaslabError("in continuation mode the targets are the sequences' own continuation tokens")
-            lp = self.continuation_logprob
-            return lp if objective == "logprob" else lp.exp()
-        t = torch.as_tensor(list(targets), device=self.logprobs.device)
-        lp = self.logprobs[self.rows, t]
-        return lp if objective == "logprob" else lp.exp()
-
-    def attribute(self, values: torch.Tensor, *, retain_graph: bool = True) -> dict[str, torch.Tensor]:
-        """{site: (B, n_units)} activation × ∂(values_r)/∂activation, reduced over the span of each row."""
-        names = [s.name for s in self.sites]
-        grads = torch.autograd.grad(values.sum(), [self.hooks.s[n] for n in names], retain_graph=retain_graph,
-                                    allow_unused=True)
-        self._n_backward += 1
-        out = {}
-        for n, g in zip(names, grads):
-            h = self.hooks.h[n]
-            a = torch.zeros_like(h, dtype=torch.float32) if g is None else h.float() * g.float()
-            out[n] = reduce_positions(a, self.pmask, self.reduce).cpu()
-        return out
 
 
 def attribution_pass(lm, sites: list[Site], seqs: list[list[int]], **kw):

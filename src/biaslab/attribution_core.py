@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import UnknownNameError
+from .errors import BiaslabError, UnknownNameError
 from .interventions import Hooks, Intervention
 from .models.sites import Site
 
@@ -111,3 +111,56 @@ def reduce_positions(a: torch.Tensor, pmask: torch.Tensor, reduce: str) -> torch
     if reduce == "mean":
         return s / pmask.sum(dim=1, keepdim=True).clamp(min=1).to(s.dtype)
     raise UnknownNameError("attribution reduction", reduce, REDUCES)
+
+
+class PassMethods:
+    """What every attribution pass shares once its forward ran (``logprobs``, ``rows``, ``hooks``, the
+    continuation's log-probability): the objective, the reduced activation × gradient, and the exit."""
+
+    def hooked_forward(self, forward):
+        """Run ``forward()`` with every site hooked and the graph rooted at the input embeddings; the pass keeps
+        that state until its exit (which undoes it; an error in ``forward`` undoes it at once)."""
+        self._ctx = _frozen_params_grad_from_embeddings(self.lm.model)
+        self._ctx.__enter__()
+        self.hooks = _SiteHooks(self.sites, self.gates)
+        try:
+            with self.hooks:
+                return forward()
+        except BaseException:
+            self._ctx.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc):
+        self.hooks = None
+        self.logprobs = None
+        self._ctx.__exit__(*exc)
+
+    def objective(self, targets=None, objective: str = "logprob") -> torch.Tensor:
+        """(B,) log P(target_r) or P(target_r) at each row's answer position (graph-connected). In continuation
+        mode (``continuation=`` given) ``targets`` must be None: the objective is the log-probability of each row's
+        continuation (the sum over its tokens), or its probability."""
+        check_options(objective=objective)
+        if self.continuation is not None:
+            if targets is not None:
+                raise BiaslabError("in continuation mode the targets are the sequences' own continuation tokens")
+            lp = self.continuation_logprob
+        else:
+            lp = self.logprobs[self.rows, torch.as_tensor(list(targets), device=self.logprobs.device)]
+        return lp if objective == "logprob" else lp.exp()
+
+    def site_mask(self, name: str) -> torch.Tensor:
+        """The (B, T) positions a site's scores are reduced over."""
+        return self.pmask
+
+    def attribute(self, values: torch.Tensor, *, retain_graph: bool = True) -> dict[str, torch.Tensor]:
+        """{site: (B, n_units)} activation × ∂(values_r)/∂activation, reduced over the span of each row."""
+        names = [s.name for s in self.sites]
+        grads = torch.autograd.grad(values.sum(), [self.hooks.s[n] for n in names], retain_graph=retain_graph,
+                                    allow_unused=True)
+        self._n_backward += 1
+        out = {}
+        for n, g in zip(names, grads):
+            h = self.hooks.h[n]
+            a = torch.zeros_like(h, dtype=torch.float32) if g is None else h.float() * g.float()
+            out[n] = reduce_positions(a, self.site_mask(n), self.reduce).cpu()
+        return out

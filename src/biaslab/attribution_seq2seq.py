@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .attribution_core import _frozen_params_grad_from_embeddings, _SiteHooks, check_options, reduce_positions
+from .attribution_core import PassMethods, check_options
 from .errors import BiaslabError
 
 
@@ -25,7 +25,7 @@ def on_input_positions(site_name: str) -> bool:
     return site_name.startswith("encoder.") or site_name.endswith(("EncDecAttention.k", "EncDecAttention.v"))
 
 
-class Seq2SeqAttributionPass:
+class Seq2SeqAttributionPass(PassMethods):
     def __init__(self, lm, sites, seqs: list[list[int]], *, span: str = "all", reduce: str = "max",
                  gates: dict[str, float] | None = None, continuation: Sequence[int] | None = None):
         check_options(span=span, reduce=reduce)
@@ -40,21 +40,14 @@ class Seq2SeqAttributionPass:
             raise BiaslabError("each continuation must be shorter than its sequence: an input must precede it")
         self.lm, self.sites, self.seqs, self.reduce, self.gates = lm, sites, seqs, reduce, gates
         self.continuation = continuation
+        self._n_backward = 0
         self.enc = [s[:len(s) - k] for s, k in zip(seqs, c)]
         self.targets = [s[len(s) - k:] for s, k in zip(seqs, c)]
 
     def __enter__(self):
         lm = self.lm
-        self._ctx = _frozen_params_grad_from_embeddings(lm.model)
-        self._ctx.__enter__()
-        self.hooks = _SiteHooks(self.sites, self.gates)
-        try:
-            with self.hooks:
-                dec_in = [[lm.start_id] + t[:-1] if t else [lm.start_id] for t in self.targets]
-                logits, emask, dmask = lm.decoder_forward(self.enc, dec_in)
-        except BaseException:
-            self._ctx.__exit__(None, None, None)
-            raise
+        dec_in = [[lm.start_id] + t[:-1] if t else [lm.start_id] for t in self.targets]
+        logits, emask, dmask = self.hooked_forward(lambda: lm.decoder_forward(self.enc, dec_in))
         n = [max(len(t), 1) for t in self.targets]
         self.rows = torch.tensor([k for k, m in enumerate(n) for _ in range(m)], device=logits.device)
         self.cols = torch.tensor([j for m in n for j in range(m)], device=logits.device)
@@ -73,30 +66,5 @@ class Seq2SeqAttributionPass:
         self.pmask = answer
         return self
 
-    def __exit__(self, *exc):
-        self.hooks = None
-        self.logprobs = None
-        self._ctx.__exit__(*exc)
-
-    def objective(self, targets: Sequence[int] | None = None, objective: str = "logprob") -> torch.Tensor:
-        check_options(objective=objective)
-        if self.continuation is not None:
-            if targets is not None:
-                raise BiaslabError("in continuation mode the targets are the sequences' own continuation tokens")
-            lp = self.continuation_logprob
-        else:
-            t = torch.as_tensor(list(targets), device=self.logprobs.device)
-            lp = self.logprobs[self.rows, t]
-        return lp if objective == "logprob" else lp.exp()
-
-    def attribute(self, values: torch.Tensor, *, retain_graph: bool = True) -> dict[str, torch.Tensor]:
-        names = [s.name for s in self.sites]
-        grads = torch.autograd.grad(values.sum(), [self.hooks.s[n] for n in names], retain_graph=retain_graph,
-                                    allow_unused=True)
-        out = {}
-        for name, g in zip(names, grads):
-            h = self.hooks.h[name]
-            a = torch.zeros_like(h, dtype=torch.float32) if g is None else h.float() * g.float()
-            out[name] = reduce_positions(a, self.masks["input" if on_input_positions(name) else "answer"],
-                                         self.reduce).cpu()
-        return out
+    def site_mask(self, name: str) -> torch.Tensor:
+        return self.masks["input" if on_input_positions(name) else "answer"]
