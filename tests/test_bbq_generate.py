@@ -156,3 +156,16 @@ def test_writer_never_replaces_a_file_it_did_not_write(tmp_path):
     assert prov["files"]["SES.jsonl"]["rows"] == 6864
     G.write(["SES"], out, seed=1)   # its own file: replaced
     assert json.loads((out / G.PROVENANCE).read_text())["files"]["SES.jsonl"]["seed"] == 1
+
+
+def test_cli_check_and_a_bad_template_directory(tmp_path):
+    from typer.testing import CliRunner
+
+    from biaslab.cli import app
+
+    r = CliRunner().invoke(app, ["bbq-generate", "--check"])
+    assert r.exit_code == 0 and r.output.count("reproduced byte for byte") == 5, r.output
+    root = make_root(tmp_path, [dict(ROW, Answer_negative="The {{NAME1}")])
+    r = CliRunner().invoke(app, ["bbq-generate", "-c", "Age", "--templates", str(root), "--out", str(tmp_path / "o")])
+    assert isinstance(r.exception, DataError) and "malformed slot" in str(r.exception)
+    assert not (tmp_path / "o").exists()   # nothing half-written: not even the directory

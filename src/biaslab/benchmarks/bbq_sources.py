@@ -1,9 +1,10 @@
-"""Where each BBQ category comes from: the vendored files (7 of the 11, upstream byte for byte), or a user's own
-full copy of the upstream ``data/`` folder (``--bbq-dir DIR`` / ``BIASLAB_BBQ_DIR``), every file checked against
-the upstream sha256 (``data/bbq/README.md``) before it is used and labelled ``upstream`` in the results. A file whose
-hash differs is refused, naming the file and both hashes. The four categories biaslab does not vendor need their
-bias targets too: the upstream ``additional_metadata.csv`` (``analysis_scripts/`` in nyu-mll/BBQ) in the same
-directory supplies ``target_loc`` for them."""
+"""Where each BBQ category comes from: the vendored upstream files (7 of the 11, byte for byte), the 4 regenerated
+from the authors' templates (:mod:`biaslab.benchmarks.bbq_generate`), or a user's own full copy of the upstream
+``data/`` folder (``--bbq-dir`` / ``--data-dir`` / ``BIASLAB_BBQ_DIR``), every file checked against the upstream
+sha256 (``data/bbq/README.md``) before it is used and labelled ``upstream`` in the results; a user's file replaces
+the vendored or regenerated one. A file whose hash differs is refused, naming the file and both hashes. The four
+categories biaslab does not vendor upstream need their bias targets too: the upstream ``additional_metadata.csv``
+(``analysis_scripts/`` in nyu-mll/BBQ) in the same directory supplies ``target_loc`` for them."""
 from __future__ import annotations
 
 import os
