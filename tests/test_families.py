@@ -313,3 +313,30 @@ def test_stamp_export_with_the_models_own_activation(name, tmp_path):
         assert (tmp_path / "out" / "config.json").is_file()
     else:
         assert got.startswith("no: ") and "\n" not in got and not (tmp_path / "out").exists(), got
+
+
+def test_checkpointed_attribution_equals_plain(family):
+    """Activation checkpointing (the backward pass recomputes each layer) gives the same scores at every site, and
+    really recomputes: the last layer runs twice."""
+    from biaslab import attribution as A
+
+    name, model, lm = family
+    seqs = [lm.encode("the nurse told the doctor that"), lm.encode("a b c d e f g h")]
+    tg = [lm.candidate_token_id(c) for c in (" yes", " no")]
+    for kind in ("ffn", "linear"):
+        plain = A.activation_x_gradient(lm, seqs, tg, sites=kind)
+        ckpt = A.activation_x_gradient(lm, seqs, tg, sites=kind, checkpoint_layers=True)
+        assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain), (name, kind)
+    from biaslab.tracing import layer_modules
+
+    calls: dict = {}
+    last = layer_modules(model)[0][-1] if name != "opt" else model.model.decoder.layers[-1]
+    hks = [m.register_forward_hook(lambda mod, a, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+           for n, m in last.named_modules() if n]
+    try:
+        A.activation_x_gradient(lm, seqs[:1], tg[:1], sites=[A.resolve_sites(lm, "ffn")[0]], checkpoint_layers=True)
+    finally:
+        for hk in hks:
+            hk.remove()
+    assert max(calls.values()) == 2, (name, calls)    # the backward pass re-ran the last layer
+    assert all("forward" not in m.__dict__ for m in model.modules()), name   # the wrappers are gone

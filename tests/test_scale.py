@@ -212,7 +212,11 @@ items = [TraceItem(f"t{i}", f"The {w} is", (4, 4 + len(w)), " here") for i, w in
 res = trace(lm, items, n_noise=2, seed=5)
 if D.rank() == 0:
     print(json.dumps({**{k: v.tolist() for k, v in res.per_item.items()}, "clean": res.p_clean.tolist(),
-                      "corrupt": res.p_corrupt.tolist(), "params": res.params}))
+                      "corrupt": res.p_corrupt.tolist(), "params": res.params}), flush=True)
+if D.world_size() > 1:   # leave together: a rank that exits while its peer still tears down gloo can abort
+    import torch.distributed as dist
+    D.barrier()
+    dist.destroy_process_group()
 """
 
 

@@ -63,8 +63,10 @@ class AttributionPass(PassMethods):
     """
 
     def __init__(self, lm, sites: list[Site], seqs: list[list[int]], *, span: str = "all", reduce: str = "max",
-                 gates: dict[str, float] | None = None, continuation: Sequence[int] | None = None):
+                 gates: dict[str, float] | None = None, continuation: Sequence[int] | None = None,
+                 checkpoint_layers: bool = False):
         check_options(span=span, reduce=reduce)
+        self.checkpoint_layers = checkpoint_layers
         if not seqs or any(len(s) == 0 for s in seqs):
             raise BiaslabError("attribution needs at least one non-empty token sequence")
         if continuation is not None:
@@ -131,7 +133,7 @@ def token_batches(lm, seqs: list[list[int]], token_budget: int = 1024, max_batch
 
 def activation_x_gradient(lm, seqs: list[list[int]], targets: Sequence[int], *, sites: str | Sequence[Site] = "ffn",
                           span: str = "all", reduce: str = "max", objective: str = "logprob",
-                          token_budget: int = 1024) -> dict[str, torch.Tensor]:
+                          token_budget: int = 1024, checkpoint_layers: bool = False) -> dict[str, torch.Tensor]:
     """{site: (N, n_units)} activation × gradient of F_r = log P / P(targets[r] | seqs[r]) for every row,
     batched by a token budget (results do not depend on the batching)."""
     check_options(span=span, reduce=reduce, objective=objective)
@@ -140,7 +142,8 @@ def activation_x_gradient(lm, seqs: list[list[int]], targets: Sequence[int], *, 
         raise BiaslabError(f"{len(seqs)} sequences but {len(targets)} targets")
     out = {s.name: torch.zeros(len(seqs), s.n_units) for s in site_list}
     for batch in token_batches(lm, seqs, token_budget):
-        with attribution_pass(lm, site_list, [seqs[i] for i in batch], span=span, reduce=reduce) as ap:
+        with attribution_pass(lm, site_list, [seqs[i] for i in batch], span=span, reduce=reduce,
+                              checkpoint_layers=checkpoint_layers) as ap:
             a = ap.attribute(ap.objective([targets[i] for i in batch], objective), retain_graph=False)
         for n, v in a.items():
             out[n][batch] = v

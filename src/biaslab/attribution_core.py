@@ -64,8 +64,9 @@ class _SiteHooks:
         flat = h.dim() == 2 and self.bt is not None and h.shape[0] == self.bt[0] * self.bt[1]
         h3 = h.view(*self.bt, h.shape[-1]) if flat else h      # always (B, T, U) for the scores
         s = h3 if g == 1.0 else h3 * g
-        self.h[name] = h3.detach()
-        self.s[name] = s
+        if name not in self.s:   # the forward pass; a checkpointed layer's recomputation in backward is not recorded
+            self.h[name] = h3.detach()
+            self.s[name] = s
         return s.reshape(h.shape) if flat else s
 
     def __enter__(self):
@@ -117,23 +118,42 @@ class PassMethods:
     """What every attribution pass shares once its forward ran (``logprobs``, ``rows``, ``hooks``, the
     continuation's log-probability): the objective, the reduced activation × gradient, and the exit."""
 
+    checkpoint_layers: bool = False
+
     def hooked_forward(self, forward):
         """Run ``forward()`` with every site hooked and the graph rooted at the input embeddings; the pass keeps
-        that state until its exit (which undoes it; an error in ``forward`` undoes it at once)."""
+        that state until its exit (which undoes it; an error in ``forward`` undoes it at once).
+
+        With ``checkpoint_layers`` each layer is checkpointed (:func:`checkpointed_layers`): the backward pass
+        recomputes a layer's activations instead of keeping them, so the site hooks stay attached (and gate the
+        recomputation the same way) until the pass exits."""
         self._ctx = _frozen_params_grad_from_embeddings(self.lm.model)
         self._ctx.__enter__()
         self.hooks = _SiteHooks(self.sites, self.gates)
+        self._ckpt = None
         try:
+            if self.checkpoint_layers:
+                self._ckpt = checkpointed_layers(self.lm.model)
+                self._ckpt.__enter__()
+                self.hooks.__enter__()
+                return forward()
             with self.hooks:
                 return forward()
         except BaseException:
-            self._ctx.__exit__(None, None, None)
+            self._release()
             raise
 
+    def _release(self):
+        if self._ckpt is not None:
+            self.hooks.__exit__(None, None, None)
+            self._ckpt.__exit__(None, None, None)
+            self._ckpt = None
+        self._ctx.__exit__(None, None, None)
+
     def __exit__(self, *exc):
+        self._release()
         self.hooks = None
         self.logprobs = None
-        self._ctx.__exit__(*exc)
 
     def objective(self, targets=None, objective: str = "logprob") -> torch.Tensor:
         """(B,) log P(target_r) or P(target_r) at each row's answer position (graph-connected). In continuation
@@ -164,3 +184,41 @@ class PassMethods:
             a = torch.zeros_like(h, dtype=torch.float32) if g is None else h.float() * g.float()
             out[n] = reduce_positions(a, self.site_mask(n), self.reduce).cpu()
         return out
+
+
+@contextmanager
+def checkpointed_layers(model):
+    """Activation checkpointing of every transformer layer (``torch.utils.checkpoint``, non-reentrant) for the
+    block: a backward pass recomputes each layer's internals instead of keeping them, so attribution over every
+    layer needs about one layer's activations at a time (plus the sites' own activations) — at the cost of one more
+    forward pass. The layers are the containers of the neuron-site table."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    from .models.sites import SITE_TABLE, model_family
+
+    layers = []
+    for container in SITE_TABLE[model_family(model)]["layers"]:
+        try:
+            layers += list(model.get_submodule(container))
+        except AttributeError:
+            continue
+
+    def wrapped(orig, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return orig(*args, **kwargs)
+        return checkpoint(orig, *args, use_reentrant=False, **kwargs)
+
+    saved = []
+    try:
+        for layer in layers:
+            saved.append((layer, layer.__dict__.get("forward")))
+            layer.forward = functools.partial(wrapped, layer.forward)
+        yield
+    finally:
+        for layer, own in saved:
+            if own is None:
+                del layer.forward      # back to the class's forward
+            else:
+                layer.forward = own

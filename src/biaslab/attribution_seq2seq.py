@@ -27,8 +27,10 @@ def on_input_positions(site_name: str) -> bool:
 
 class Seq2SeqAttributionPass(PassMethods):
     def __init__(self, lm, sites, seqs: list[list[int]], *, span: str = "all", reduce: str = "max",
-                 gates: dict[str, float] | None = None, continuation: Sequence[int] | None = None):
+                 gates: dict[str, float] | None = None, continuation: Sequence[int] | None = None,
+                 checkpoint_layers: bool = False):
         check_options(span=span, reduce=reduce)
+        self.checkpoint_layers = checkpoint_layers
         if span != "all":
             raise BiaslabError("on an encoder-decoder the attribution span is fixed by the architecture: encoder sites "
                                "over the input tokens, decoder sites over the answer tokens (the released code); use "

@@ -43,6 +43,18 @@ def join_process_group() -> None:
         err_console.quiet = True            # notes too; errors are printed (main() turns it back on)
 
 
+def leave_process_group() -> None:
+    """After a command that finished: the ranks leave together (a barrier, then the group is destroyed), since a rank
+    that exits while a peer still tears gloo down can abort ("terminate called without an active exception")."""
+    from . import distributed as D
+
+    if D.world_size() > 1:
+        import torch.distributed as dist
+
+        D.barrier()
+        dist.destroy_process_group()
+
+
 def main() -> None:
     """Run the CLI. Every BiaslabError is one line (exit 2); Ctrl-C prints how to resume (exit 130): the app runs
     in non-standalone mode, because typer's standalone mode turns an interrupt into a silent exit 130."""
@@ -50,6 +62,7 @@ def main() -> None:
     try:
         join_process_group()
         rv = app(standalone_mode=False)
+        leave_process_group()
     except BiaslabError as e:
         err_console.quiet = False
         if os.environ.get("BIASLAB_DEBUG"):

@@ -59,6 +59,9 @@ class CrisprConfig:
                                              "ambiguous and disambiguated accuracy; a deviation)")
     search_small: int = option(0, "also try every n in 1..K on dev (a deviation; guards against plateaus)")
     token_budget: int = option(1024, "tokens per attribution batch")
+    checkpoint_layers: bool = option(False, "activation checkpointing in attribution: the backward pass recomputes "
+                                            "each layer instead of keeping its activations (large models; the same "
+                                            "scores, about one more forward pass)")
     control_seeds: int = option(3, "random-pruning control seeds (site-matched, never CRISPR's own units)")
     constant_controls: bool = option(True, "also compare with always giving the same answer (each option letter, and "
                                            "'unknown' on BBQ)")

@@ -134,7 +134,8 @@ def _answer_token_batches(lm, site_list, items, i: int, cfg: CrisprConfig, owned
         if not owned(k_batch):
             yield k_batch, batch, None, None, None, None, None
             continue
-        with attr.attribution_pass(lm, site_list, [seqs[j] for j in batch], span=cfg.span, reduce=cfg.reduce) as ap:
+        with attr.attribution_pass(lm, site_list, [seqs[j] for j in batch], span=cfg.span, reduce=cfg.reduce,
+                                   checkpoint_layers=cfg.checkpoint_layers) as ap:
             with torch.no_grad():
                 opt_lp = [ap.logprobs[k, cands[j]].detach() for k, j in enumerate(batch)]
             yhat, pred = zip(*(_biased_option([float(x) for x in opt_lp[k]], items[j].gold) for k, j in enumerate(batch)))
@@ -170,7 +171,8 @@ def _continuation_batches(lm, site_list, items, i: int, cfg: CrisprConfig, owned
         def attribute(options):
             pp = [parts[j, c] for j, c in zip(batch, options)]
             with attr.attribution_pass(lm, site_list, [a + b for a, b in pp], span=cfg.span, reduce=cfg.reduce,
-                                      continuation=[len(b) for _, b in pp]) as ap:
+                                       checkpoint_layers=cfg.checkpoint_layers,
+                                       continuation=[len(b) for _, b in pp]) as ap:
                 return ap.attribute(ap.objective(None, cfg.objective), retain_graph=False)
 
         a_bias = attribute(yhat)
