@@ -20,9 +20,19 @@ def data_path(*parts: str) -> Path:
     return p
 
 
-def sha256_file(path: Path) -> str:
+def open_data(path: Path):
+    """A data file opened for binary reading; ``*.gz`` is decompressed on the fly."""
+    if str(path).endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def sha256_file(path: Path, *, content: bool = False) -> str:
+    """sha256 of a file's bytes, or with ``content`` of what it holds (a ``*.gz`` file decompressed)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (open_data(path) if content else open(path, "rb")) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -38,7 +48,7 @@ def read_jsonl(path: Path, required: Iterable[str] = ()) -> list[dict]:
     rows = []
     if not Path(path).is_file():
         raise DataError(path, None, None, "data file is missing")
-    with open(path, "rb") as f:
+    with open_data(path) as f:
         for n, raw_bytes in enumerate(f, 1):
             try:
                 raw = raw_bytes.decode("utf-8-sig" if n == 1 else "utf-8")   # a leading BOM is not an error

@@ -24,7 +24,7 @@ import functools
 from collections import Counter
 from pathlib import Path
 
-from ..data import DATA_ROOT, check_fields, read_csv, read_jsonl, sha256_file
+from ..data import DATA_ROOT, check_fields, read_csv, read_jsonl
 from ..errors import BiaslabError, DataError, UnknownNameError
 from ..metrics import bbq as M
 from ..tasks import MCItem, check_instructions, score_mc
@@ -53,19 +53,31 @@ def regenerated_dir() -> Path:
     return DATA_ROOT / "bbq" / "regenerated"
 
 
+REGEN_SUFFIX = ".jsonl.gz"   # vendored compressed (biaslab bbq-generate --gzip)
+
+
 @functools.lru_cache(maxsize=1)
-def regenerated_label() -> str:
+def _provenance() -> dict:
     import json
 
-    prov = json.loads((regenerated_dir() / "PROVENANCE.json").read_text())
+    return json.loads((regenerated_dir() / "PROVENANCE.json").read_text())
+
+
+def regenerated_label() -> str:
+    prov = _provenance()
     return f"regenerated from templates ({prov['generator']}, seed {prov['seed']}; not the upstream file)"
+
+
+def regenerated_sha256(cat: str) -> str:
+    """The recorded sha256 of a regenerated category's content (``bbq-generate --check`` verifies it)."""
+    return _provenance()["files"][cat + REGEN_SUFFIX]["sha256"]
 
 
 def category_files(cat: str) -> dict[str, Path]:
     """The vendored files one category is read from (hashed into run manifests)."""
     if cat in REGENERATED_CATEGORIES:
         d = regenerated_dir()
-        return {f"bbq/regenerated/{n}": d / n for n in (f"{cat}.jsonl", REGEN_TARGET_FILE, "PROVENANCE.json")}
+        return {f"bbq/regenerated/{n}": d / n for n in (cat + REGEN_SUFFIX, REGEN_TARGET_FILE, "PROVENANCE.json")}
     return {f"bbq/{cat}.jsonl": DATA_ROOT / "bbq" / f"{cat}.jsonl", f"bbq/{TARGET_FILE}": DATA_ROOT / "bbq" / TARGET_FILE}
 
 
@@ -162,7 +174,7 @@ def _load(categories: tuple[str, ...], data_dir: str | None) -> tuple[MCItem, ..
         if cat in REGENERATED_CATEGORIES and data_dir is None:
             if regen_targets is None:
                 regen_targets = _vendored_targets(regenerated_dir() / REGEN_TARGET_FILE)
-            path, cat_targets = regenerated_dir() / f"{cat}.jsonl", regen_targets
+            path, cat_targets = regenerated_dir() / (cat + REGEN_SUFFIX), regen_targets
             kw = {"id_prefix": "bbq-regen", "source": regenerated_label()}
         if not path.exists():
             raise DataError(path, None, None, f"BBQ file for category {cat} is missing")
@@ -260,8 +272,8 @@ class BBQ(Benchmark):
         from_user = [c for c in self.sources if c not in UPSTREAM_CATEGORIES]
         for c in REGENERATED_CATEGORIES:
             if c not in self.sources:
-                self.sources[c] = {"path": regenerated_dir() / f"{c}.jsonl", "label": regenerated_label(),
-                                   "sha256": sha256_file(regenerated_dir() / f"{c}.jsonl")}
+                self.sources[c] = {"path": regenerated_dir() / (c + REGEN_SUFFIX), "label": regenerated_label(),
+                                   "sha256": regenerated_sha256(c)}
         self.sources = {c: self.sources[c] for c in BBQ_CATEGORIES}
         items = load_bbq_items(tuple(c for c in BBQ_CATEGORIES if c not in from_user))
         if from_user:

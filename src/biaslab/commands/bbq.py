@@ -2,6 +2,8 @@
 against the upstream files that are present."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +27,7 @@ def bbq_generate(
     validate: bool = typer.Option(False, "--validate", help="instead: compare the generator with the upstream "
                                   "files of the 7 vendored categories (counts per template cell, identical items, "
                                   "target_loc) and print the table"),
+    gzip: bool = typer.Option(False, "--gzip", help="write <Category>.jsonl.gz (as biaslab vendors them)"),
     check: bool = typer.Option(False, "--check", help="instead: regenerate the vendored regenerated files in memory "
                                "and confirm they are reproduced byte for byte"),
 ):
@@ -43,20 +46,13 @@ def bbq_generate(
             raise BiaslabError(f"the generator departs from upstream for {', '.join(bad)}")
         return
     if check:
-        import hashlib
-        import json
-
         prov = json.loads((regenerated_dir() / G.PROVENANCE).read_text())
-        cats = [c for c in REGENERATED_CATEGORIES]
-        texts = {f"{c}.jsonl": G.rows_text(G.generate(c, seed=prov["seed"])[0]) for c in cats}
-        texts["target_loc_regenerated.csv"] = G.targets_text(
-            [t for c in cats for t in G.generate(c, seed=prov["seed"])[1]])
-        for name, text in texts.items():
-            got = hashlib.sha256(text.encode("utf-8")).hexdigest()
-            want = prov["files"][name]["sha256"]
-            if got != want:
-                raise BiaslabError(f"{regenerated_dir() / name}: regenerated sha256 {got} differs from the vendored {want}")
-            console.print(f"{name}: reproduced byte for byte (sha256 {got[:16]}…)", markup=False, highlight=False)
+        targets = []
+        for c in REGENERATED_CATEGORIES:
+            rows, trows = G.generate(c, seed=prov["seed"])
+            targets += trows
+            _check_reproduced(G.jsonl_name(c, True), G.rows_text(rows), prov)
+        _check_reproduced("target_loc_regenerated.csv", G.targets_text(targets), prov)
         return
     if out is None:
         raise BiaslabError("--out DIR is required (or use --validate / --check)")
@@ -68,7 +64,20 @@ def bbq_generate(
         cats = category
     if templates is not None and not templates.is_dir():
         raise BiaslabError(f"--templates {templates} is not a directory")
-    prov = G.write(cats, out, seed=seed, root=templates)
+    prov = G.write(cats, out, seed=seed, root=templates, compress=gzip)
     for name, f in prov["files"].items():
         console.print(f"{Path(out) / name}: {f['rows']:,} rows, sha256 {f['sha256'][:16]}…", markup=False,
                       highlight=False, soft_wrap=True)
+
+
+def _check_reproduced(name: str, text: str, prov: dict) -> None:
+    """The vendored file ``name`` holds exactly ``text`` (what the generator makes now), as PROVENANCE.json says."""
+    from ..benchmarks.bbq import regenerated_dir
+    from ..data import sha256_file
+
+    got = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    vendored = sha256_file(regenerated_dir() / name, content=True)
+    if not got == vendored == prov["files"][name]["sha256"]:
+        raise BiaslabError(f"{regenerated_dir() / name}: regenerated sha256 {got}, vendored {vendored}, recorded "
+                           f"{prov['files'][name]['sha256']} — they must be equal")
+    console.print(f"{name}: reproduced byte for byte (sha256 {got[:16]}…)", markup=False, highlight=False)

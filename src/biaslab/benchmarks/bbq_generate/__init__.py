@@ -16,7 +16,7 @@ import os
 import random
 from pathlib import Path
 
-from ...data import DATA_ROOT
+from ...data import DATA_ROOT, sha256_file
 from ...errors import BiaslabError
 from .intersectional import generate_intersectional
 from .single import generate_single
@@ -98,19 +98,36 @@ def _sha(text: str) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    data = text.encode("utf-8")
+    if path.name.endswith(".gz"):   # mtime 0: the same text gives the same file
+        import gzip
+
+        data = gzip.compress(data, compresslevel=9, mtime=0)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
-def write(categories, out: Path, *, seed: int = 0, root: Path | None = None) -> dict:
-    """Write ``<Category>.jsonl`` and ``target_loc_regenerated.csv`` (all categories written) into ``out``, with a
-    ``PROVENANCE.json`` that records the generator, the seed, the template hashes and each file's sha256. A file in
+def _content_sha(path: Path) -> str | None:
+    try:
+        return sha256_file(path, content=True)
+    except (OSError, EOFError):   # e.g. a file named .gz that is not gzip: not one of ours
+        return None
+
+
+def jsonl_name(category: str, compress: bool) -> str:
+    return f"{category}.jsonl" + (".gz" if compress else "")
+
+
+def write(categories, out: Path, *, seed: int = 0, root: Path | None = None, compress: bool = False) -> dict:
+    """Write ``<Category>.jsonl`` (``.jsonl.gz`` with ``compress``, as biaslab vendors them) and
+    ``target_loc_regenerated.csv`` (all categories written) into ``out``, with a ``PROVENANCE.json`` that records
+    the generator, the seed, the template hashes and each file's sha256 — of its content, decompressed. A file in
     ``out`` that this command did not write is never replaced."""
     out = Path(out)
     texts, targets = {}, []
     for cat in categories:   # everything is generated (and every template checked) before anything is written
         rows, trows = generate(cat, seed=seed, root=root)
-        texts[f"{cat}.jsonl"] = rows_text(rows)
+        texts[jsonl_name(cat, compress)] = rows_text(rows)
         targets += trows
     texts["target_loc_regenerated.csv"] = targets_text(targets)
     if out.exists() and not out.is_dir():
@@ -120,7 +137,7 @@ def write(categories, out: Path, *, seed: int = 0, root: Path | None = None) -> 
     previous = json.loads(prov_path.read_text()) if prov_path.is_file() else {"files": {}}
     for name in texts:  # check everything before writing anything
         p = out / name
-        if p.exists() and previous.get("files", {}).get(name, {}).get("sha256") != hashlib.sha256(p.read_bytes()).hexdigest():
+        if p.exists() and previous.get("files", {}).get(name, {}).get("sha256") != _content_sha(p):
             raise BiaslabError(f"{p} exists and was not written by biaslab bbq-generate (it is not in {prov_path}); "
                                "choose another --out directory or move the file away")
     for name, text in texts.items():
