@@ -69,3 +69,15 @@ def match_option_bbq_authors(text: str, options, labels) -> int | None:
         if hit:
             return k
     return None
+
+
+def _released_code_clean(text: str) -> str:
+    return text.strip().strip(".").strip().lower()
+
+
+def match_option_exact(answer: str, options) -> int | None:
+    """The released CRISPR code's match: exact equality after stripping whitespace and periods and lower-casing
+    (the ``generation`` task protocol; no match is wrong there)."""
+    a = _released_code_clean(answer)
+    hits = [k for k, o in enumerate(options) if _released_code_clean(o) == a]
+    return hits[0] if len(hits) == 1 else None

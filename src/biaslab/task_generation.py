@@ -13,27 +13,16 @@ most :data:`biaslab.tasks.GENERATE_TOKENS` tokens, matched to an option afterwar
 from __future__ import annotations
 
 
-def _released_code_clean(text: str) -> str:
-    return text.strip().strip(".").strip().lower()
-
-
-def match_exact(answer: str, options) -> int | None:
-    """The released CRISPR code's match: exact equality after stripping whitespace and periods and lower-casing."""
-    a = _released_code_clean(answer)
-    hits = [k for k, o in enumerate(options) if _released_code_clean(o) == a]
-    return hits[0] if len(hits) == 1 else None
-
-
 def generate_pairs(lm, pairs, prompts: list[str], desc: str, protocol: str, max_new_tokens: int) -> list[dict]:
     """Records of (item, instruction) ``pairs`` from greedy answers to their ``prompts``."""
-    from .answers import match_option
+    from .answers import match_option, match_option_exact
 
     texts = lm.generate(prompts, max_new_tokens=max_new_tokens, desc=desc)
     out = []
     for (it, i), text in zip(pairs, texts):
         if protocol == "generation":
             answer = text.strip()
-            pred = match_exact(answer, it.options)
+            pred = match_option_exact(answer, it.options)
             extra = {"no_match": "wrong"} if pred is None else {}
         else:
             answer = text.split("\n")[0].strip()

@@ -65,9 +65,9 @@ def generate(category: str, *, seed: int = 0, root: Path | None = None,
     kind = "intersectional" if category in INTERSECTIONAL else "single"
     templates = read_templates(root / f"{category}.csv", kind)
     fillers, order = FillerRandom(_seed(category, seed, "fillers")), random.Random(_seed(category, seed, "order"))
-    rows, made_from = [], {}
-    for t in templates:  # one template at a time, so each row knows the template it came from
-        fn = generate_intersectional if kind == "intersectional" else generate_single
+    fn = generate_intersectional if kind == "intersectional" else generate_single
+    rows, targets = [], []
+    for t in templates:  # one template at a time: its rows' targets come from it
         before = fillers.draws
         part = fn(category, [t], vocab, fillers, order)
         if sampled is not None:
@@ -75,9 +75,9 @@ def generate(category: str, *, seed: int = 0, root: Path | None = None,
             sampled[key] = sampled.get(key, False) or fillers.draws > before
         for r in part:
             r["example_id"] += len(rows)
-            made_from[id(r)] = t
         rows += part
-    return rows, target_rows(rows, made_from)
+        targets += target_rows(part, t)
+    return rows, targets
 
 
 def rows_text(rows: list[dict]) -> str:

@@ -44,6 +44,7 @@ def _names(vocab: Vocabulary, kind: str) -> list[dict]:
 def generate_single(cat: str, templates: list[Template], vocab: Vocabulary, rng: random.Random,
                             order: random.Random) -> list[dict]:
     rows: list[dict] = []
+    firsts_all, lasts_all = _names(vocab, "first"), _names(vocab, "last")
     for t in templates:
         words = vocab.category(cat)
         possible = unique(w["Name"] for w in words)
@@ -68,7 +69,6 @@ def generate_single(cat: str, templates: list[Template], vocab: Vocabulary, rng:
         new_list: list[str] = []
         if from_names:
             word_list, new_list = slot_lists(t, "Names", "NAME1", "NAME2")
-        firsts_all = _names(vocab, "first")
         first_names: list[dict] = []
         if proper:
             if cat == "Race_ethnicity":
@@ -102,11 +102,11 @@ def generate_single(cat: str, templates: list[Template], vocab: Vocabulary, rng:
                 if cat == "Race_ethnicity" and proper:
                     me = _first(first_names, w1, t, "name")
                     info1 = me["gender"] + "-" + me["ethnicity"]
-                    w1 = w1 + " " + rng.choice(unique(n["Name"] for n in _names(vocab, "last")
+                    w1 = w1 + " " + rng.choice(unique(n["Name"] for n in lasts_all
                                                       if n["ethnicity"] == me["ethnicity"]))
                     others = rng.sample([n for n in firsts_all if n["ethnicity"] not in bias_targets
                                          and n["gender"] == me["gender"]], 5)
-                    lasts = [n for n in _names(vocab, "last") if n["ethnicity"] not in bias_targets]
+                    lasts = [n for n in lasts_all if n["ethnicity"] not in bias_targets]
                     new_list = []
                     for o in others:
                         full = o["Name"] + " " + rng.choice(unique(n["Name"] for n in lasts

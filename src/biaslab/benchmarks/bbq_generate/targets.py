@@ -135,11 +135,10 @@ def label_type(row: dict, t: Template) -> str:
     return "name" if int(row["question_index"]) > 25 else "label"
 
 
-def target_rows(rows: list[dict], templates_of: dict) -> list[dict]:
-    """One ``target_loc_*.csv`` row per BBQ row; ``templates_of[id(row)]`` is the template it came from."""
+def target_rows(rows: list[dict], t: Template) -> list[dict]:
+    """One ``target_loc_*.csv`` row per BBQ row, for rows made from template ``t``."""
     out = []
     for row in rows:
-        t = templates_of[id(row)]
         if "_x_" in row["category"]:
             target = intersectional_target(row, t)
             groups = f"{_strip_list(t['Known_stereotyped_race'])}; {t['Known_stereotyped_var2']}"
