@@ -84,6 +84,12 @@ class _SiteHooks:
     def __exit__(self, *exc):
         self.hooks.remove()
 
+    def release(self) -> None:
+        """Drop the captured activations and the hooks (whose closures point back here): without this the
+        reference cycle keeps every site's activation alive until Python's cycle collector happens to run, so
+        successive attribution passes pile up memory."""
+        self.h, self.s, self.hooks = {}, {}, None
+
 
 def span_mask(mask: torch.Tensor, answer_cols: torch.Tensor, span: str, answer_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (B, T) mask of the positions that enter the reduction. The answer positions are
@@ -152,8 +158,12 @@ class PassMethods:
 
     def __exit__(self, *exc):
         self._release()
+        if self.hooks is not None:
+            self.hooks.release()
         self.hooks = None
         self.logprobs = None
+        if getattr(self, "continuation_logprob", None) is not None:   # graph-connected
+            self.continuation_logprob = None
 
     def objective(self, targets=None, objective: str = "logprob") -> torch.Tensor:
         """(B,) log P(target_r) or P(target_r) at each row's answer position (graph-connected). In continuation
