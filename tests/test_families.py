@@ -231,7 +231,7 @@ def test_lora_trains_on_the_family_targets_and_the_soft_prompt_steps(family):
     the model's own weights."""
     from biaslab.methods.srllm.config import SRLLMConfig
     from biaslab.methods.srllm.data import RewritePair
-    from biaslab.methods.srllm.lora import train_lora
+    from biaslab.methods.srllm.training import train_lora
     from biaslab.models.sites import lora_targets
     from biaslab.probes.softprompt import SoftPromptConfig, encode, frozen, make_prompt_encoder, train_step
 

@@ -210,9 +210,21 @@ lm = LanguageModel(model, tok, spec="t", progress=False)
 words = ["nurse", "doctor", "cat", "software engineer", "x"]
 items = [TraceItem(f"t{i}", f"The {w} is", (4, 4 + len(w)), " here") for i, w in enumerate(words)]
 res = trace(lm, items, n_noise=2, seed=5)
+out = {"trace": {**{k: v.tolist() for k, v in res.per_item.items()}, "clean": res.p_clean.tolist(),
+                 "corrupt": res.p_corrupt.tolist(), "params": res.params}}
+# SR_LLM's LoRA with gradient parts: batches of 5 in parts of 2 (3 parts: rank 1 idles in the second round, and
+# the last batch of 1 is a single part), dropout on, early-stopping checks every step
+from biaslab.methods.srllm.config import SRLLMConfig
+from biaslab.methods.srllm.data import RewritePair
+from biaslab.methods.srllm.training import train_lora
+pairs = [RewritePair(f"t:{i}", "wnc", f"the brilliant singer number {i} performed .", f"the singer number {i} performed .",
+                     "subjective") for i in range(6)]
+cfg = SRLLMConfig(r=4, alpha=8, dropout=0.1, lr=2e-2, batch_size=5, micro_batch_size=2, eval_every=1, patience=5, epochs=2)
+fit = train_lora(lm, pairs, pairs[:3], cfg, progress=False, max_steps=3)
+out["lora"] = {"tensors": {k: v.flatten().tolist() for k, v in sorted(fit.patch.tensors.items())},
+               "train_loss": fit.history["train_loss"], "val_loss": fit.history["val_loss"]}
 if D.rank() == 0:
-    print(json.dumps({**{k: v.tolist() for k, v in res.per_item.items()}, "clean": res.p_clean.tolist(),
-                      "corrupt": res.p_corrupt.tolist(), "params": res.params}), flush=True)
+    print(json.dumps(out), flush=True)
 if D.world_size() > 1:   # leave together: a rank that exits while its peer still tears down gloo can abort
     import torch.distributed as dist
     D.barrier()
@@ -220,9 +232,11 @@ if D.world_size() > 1:   # leave together: a rank that exits while its peer stil
 """
 
 
-def test_two_process_causal_tracing_equals_one_process(tmp_path):
+def test_two_process_causal_tracing_and_lora_training_equal_one_process(tmp_path):
     """FAST's causal tracing is sharded over pairs (pair n on rank n mod W); each rank still draws every pair's
-    noise in order, so the per-pair effects — and the decisive layer — equal the one-process run exactly."""
+    noise in order, so the per-pair effects — and the decisive layer — equal the one-process run exactly.
+    SR_LLM's LoRA with --micro-batch-size shares each batch's parts across ranks and adds their gradients in part
+    order: the adapter, the losses and the validation losses equal the one-process run bit for bit."""
     from pathlib import Path
 
     tests = str(Path(__file__).parent)
@@ -242,7 +256,8 @@ def test_two_process_causal_tracing_equals_one_process(tmp_path):
         return json.loads(outs[0][0])
 
     one, two = run(1), run(2)
-    assert one == two and len(one["mlp"]) == 5
+    assert one["trace"] == two["trace"] and len(one["trace"]["mlp"]) == 5
+    assert one["lora"] == two["lora"] and len(one["lora"]["train_loss"]) == 3 and len(one["lora"]["val_loss"]) == 3
 
 
 def test_two_process_soft_prompt_probe_equals_one_process(tiny_dir, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from biaslab.errors import BiaslabError, DataError, PatchMismatchError
 from biaslab.metrics import rewrite as rm
 from biaslab.methods.srllm import data as sd
 from biaslab.methods.srllm.lora import (LoraPatch, SRLLMConfig, collate, completion_loss, encode_example, inject_lora,
-                                       lora_weights, remove_lora, train_lora)
+                                       lora_weights, remove_lora)
+from biaslab.methods.srllm.training import train_lora
 from biaslab.methods.srllm.rewriting import rewrite
 
 from conftest import make_tiny_llama
@@ -277,3 +279,37 @@ def test_cli_rewrite_empty_input(tmp_path):
     empty.write_text("\n\n")
     r = CliRunner().invoke(app, ["rewrite", "--model", "smollm2-135m-instruct", "--input", str(empty)])
     assert r.exit_code != 0 and "no text" in str(r.exception or r.output).lower()
+
+
+def test_micro_batches_add_up_to_the_batch_gradient(trained):
+    """--micro-batch-size cuts a batch into parts whose token-weighted losses add up to the batch's mean loss: with
+    no dropout the summed part gradients are the whole batch's (to float rounding), whatever the part size."""
+    from biaslab.methods.srllm.training import batch_gradients
+
+    lm = trained[0]
+    train = [encode_example(lm, p.biased, p.neutral) for p in _pairs(5)]
+    cfg = SRLLMConfig(r=4, alpha=8, dropout=0.0)
+    flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
+    layers = inject_lora(lm.model, cfg)
+    try:
+        with torch.no_grad():   # B = 0 at init would leave A's gradient 0: give B values
+            for m in layers.values():
+                m.lora_B["default"].weight.normal_(0, 0.1)
+        params = [p for p in lm.model.parameters() if p.requires_grad]
+        grads = {}
+        for m in (None, 1, 2, 5):
+            loss = batch_gradients(lm, train, list(range(5)), params, replace(cfg, micro_batch_size=m), step=0)
+            grads[m] = (loss, [p.grad.clone() for p in params])
+        for m in (1, 2, 5):
+            assert grads[m][0] == pytest.approx(grads[None][0], rel=1e-6)
+            assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(grads[m][1], grads[None][1]))
+        assert any(g.abs().sum() > 0 for g in grads[1][1])
+    finally:
+        remove_lora(lm.model)
+        for n, p in lm.model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
+def test_micro_batch_size_is_checked():
+    with pytest.raises(BiaslabError, match="--micro-batch-size must be between 1 and the batch size"):
+        SRLLMConfig(batch_size=4, micro_batch_size=5)

@@ -207,3 +207,49 @@ def sharded_map(fn, items: list, chunk: int) -> list:
             if k is not None:
                 done[k] = rs
     return [r for k in range(len(chunks)) for r in done[k]]
+
+
+def summed_gradients(params: list, n_parts: int, part_loss) -> list[float]:
+    """Data-parallel gradients that equal one process's bit for bit: set each of ``params``' ``.grad`` to
+    Σ_k ∇ ``part_loss(k)`` over the parts k = 0 … n_parts − 1, on every rank, and return each part's loss value.
+
+    Part k is computed on rank k mod world. Each part's gradient (one flat vector of all ``params``) is broadcast
+    from its rank in part order and added left to right, so the sum is the same float sequence in one process (the
+    same parts, one after another) and in N. This replaces DistributedDataParallel, whose bucketed all-reduce adds
+    in an order that depends on the world size. Memory: two flat copies of the trainable parameters (an adapter or
+    a prompt, not the model); traffic: one broadcast of that size per part.
+
+    ``part_loss`` is called once per part on its rank; it must depend only on ``k`` (seed any dropout from ``k``)."""
+    import torch
+
+    W, me, d = world_size(), rank(), _dist()
+    if n_parts < 1:
+        raise BiaslabError("summed_gradients needs at least one part")
+    dtype = params[0].dtype if all(p.dtype == params[0].dtype for p in params) else torch.float32
+    device = params[0].device
+    numel = sum(p.numel() for p in params)
+    total, mine_losses = None, {}
+    for r0 in range(0, n_parts, W):
+        k = r0 + me
+        flat = None
+        if k < n_parts:
+            loss = part_loss(k)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(dtype)
+                              for g, p in zip(grads, params)])
+            mine_losses[k] = float(loss.detach())
+        for src in range(min(W, n_parts - r0)):
+            if d is None:
+                g = flat
+            else:
+                g = flat if src == me else torch.empty(numel, dtype=dtype, device=device)
+                d.broadcast(g, src)
+            total = g.clone() if total is None else total.add_(g)
+    off = 0
+    for p in params:
+        p.grad = total[off:off + p.numel()].view_as(p).to(p.dtype).clone()
+        off += p.numel()
+    losses: dict[int, float] = {}
+    for part in all_gather(mine_losses):
+        losses.update(part)
+    return [losses[k] for k in range(n_parts)]

@@ -27,6 +27,10 @@ class SRLLMConfig:
     warmup: float = option(0.03, "warmup share of the steps")
     epochs: float = option(1.0, "passes over the training pairs (early stopping may end sooner)")
     batch_size: int = option(8, "training batch size")
+    micro_batch_size: int | None = option(None, "examples per gradient part: each batch is cut into parts of this "
+                                                "many, shared across torch.distributed ranks and summed in part "
+                                                "order, so any number of processes trains the same adapter "
+                                                "(default: the whole batch in one part, trained by every rank)")
     max_length: int = option(128, "longest training example in tokens (longer are skipped)")
     eval_every: int = option(25, "optimizer steps between validation-loss checks")
     patience: int = option(3, "validation checks without improvement before stopping")
@@ -37,6 +41,9 @@ class SRLLMConfig:
     split_seed: int = option(0, "seed of the train / validation / test split")
     retention: bool = option(True, "audit stereoset, crows and retention without / with the adapter")
     retention_limit: int | None = option(200, "items per retention benchmark")
+    rewrite_chunk: int | None = option(None, "held-out pairs per evaluation chunk, the unit of resume and of sharing "
+                                             "across ranks (default: all in one chunk; rewrites are batched inside a "
+                                             "chunk, so another size may change a rewrite by float rounding)")
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
@@ -53,7 +60,12 @@ class SRLLMConfig:
         checks += [(self.train_limit is None or self.train_limit > 0, f"--train-limit must be positive, got {self.train_limit}"),
                    (self.val_limit is None or self.val_limit > 0, f"--val-limit must be positive, got {self.val_limit}"),
                    (self.retention_limit is None or self.retention_limit > 0,
-                    f"--retention-limit must be positive, got {self.retention_limit}")]
+                    f"--retention-limit must be positive, got {self.retention_limit}"),
+                   (self.micro_batch_size is None or 1 <= self.micro_batch_size <= self.batch_size,
+                    f"--micro-batch-size must be between 1 and the batch size ({self.batch_size}), got "
+                    f"{self.micro_batch_size}"),
+                   (self.rewrite_chunk is None or self.rewrite_chunk > 0,
+                    f"--rewrite-chunk must be positive, got {self.rewrite_chunk}")]
         for ok, msg in checks:
             if not ok:
                 raise BiaslabError(msg)

@@ -12,8 +12,8 @@ Recipe (paper code → biaslab):
   learned (the tokenizer's EOS, ``<|im_end|>`` for SmolLM2, appended to every completion), a seeded split.
 - Added: early stopping on validation loss (the paper trains one fixed epoch); the best adapter is kept.
 - Data: the public pairs in ``data/debias_rewrites`` (the paper's own data was never released); see
-  :mod:`biaslab.mitigations.srllm_data`. Examples longer than ``max_length`` tokens are skipped (counted), so no
-  completion is ever cut.
+  :mod:`.data`. Examples longer than ``max_length`` tokens are skipped (counted), so no completion is ever cut.
+- The training loop, and its data parallelism over processes, is :mod:`.training`.
 
 The result is a :class:`LoraPatch` (kind ``lora``): applied by forward hooks adding ``scale·B·A·x`` to the
 target Linear layers (weights untouched, so removal is exact) and exported by merging ``W += scale·B·A``.
@@ -21,10 +21,6 @@ target Linear layers (weights untouched, so removal is exact) and exported by me
 from __future__ import annotations
 
 import copy
-import math
-import random
-import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +28,7 @@ import torch.nn.functional as F
 from ...interventions import Hooks, Intervention
 from ...errors import BiaslabError
 from ...patches import Patch
-from ...progress import progress_bar
-from .config import INSTRUCTION, PROTOCOL_ID, SYSTEM_PROMPT, SRLLMConfig
+from .config import INSTRUCTION, SYSTEM_PROMPT, SRLLMConfig
 
 # ---------------------------------------------------------------------------------------------- prompts
 def build_prompt(lm, text: str) -> str:
@@ -153,141 +148,6 @@ def _load_lora_weights(layers, weights) -> None:
         for n, (a, b) in weights.items():
             layers[n].lora_A["default"].weight.copy_(a)
             layers[n].lora_B["default"].weight.copy_(b)
-
-
-def _batches(n: int, batch_size: int, lengths: list[int], rng: random.Random) -> list[list[int]]:
-    """Seeded shuffle, then length-sorted inside windows of 16 batches (less padding), batch order shuffled."""
-    order = list(range(n))
-    rng.shuffle(order)
-    win = batch_size * 16
-    batches = []
-    for w in range(0, n, win):
-        chunk = sorted(order[w:w + win], key=lambda i: lengths[i])
-        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-@torch.no_grad()
-def validation_loss(lm, examples, batch_size: int) -> float:
-    total = count = 0.0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    for k in range(0, len(order), batch_size):
-        loss, n = completion_loss(lm, collate([examples[i] for i in order[k:k + batch_size]], lm.pad_id))
-        total += float(loss) * n
-        count += n
-    return total / count if count else math.nan
-
-
-@dataclass
-class TrainResult:
-    patch: "LoraPatch"
-    history: dict = field(default_factory=dict)
-
-
-def train_lora(lm, train_pairs, val_pairs, cfg: SRLLMConfig | None = None, *, progress: bool | None = None,
-               provenance: dict | None = None, max_steps: int | None = None, log=None) -> TrainResult:
-    """Fit a LoRA rewriter on ``train_pairs`` with early stopping on ``val_pairs`` (lists of RewritePair).
-
-    ``lm.model`` is left exactly as it was (adapter removed, requires_grad flags and train/eval mode restored)."""
-    cfg = cfg or SRLLMConfig()
-    if not cfg.target_modules:  # the family's projections, from the sites table
-        from dataclasses import replace
-
-        from ...models.sites import lora_targets
-
-        cfg = replace(cfg, target_modules=lora_targets(lm.model))
-    used_sources: dict = {}
-    train, skipped = encode_pairs(lm, train_pairs, cfg.max_length, kept_sources=used_sources)
-    val, val_skipped = encode_pairs(lm, val_pairs, cfg.max_length)
-    if not train:
-        raise BiaslabError(f"no training example fits in max_length={cfg.max_length} tokens "
-                           f"({skipped} skipped); raise --max-length")
-    model = lm.model
-    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training = model.training
-    rng = random.Random(cfg.seed)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    if max_steps is not None:
-        total_steps = min(total_steps, max_steps)
-    warm = max(1, round(cfg.warmup * total_steps)) if cfg.warmup > 0 else 0
-    history = {"train_loss": [], "val_loss": [], "n_train": len(train), "n_train_skipped_too_long": skipped,
-               "n_val": len(val), "n_val_skipped_too_long": val_skipped, "n_train_by_source": used_sources, "total_steps_planned": total_steps,
-               "train_tokens": 0}
-    t0 = time.perf_counter()
-    layers = inject_lora(model, cfg)
-    try:
-        params = [p for n, p in model.named_parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        best = (math.inf, lora_weights(layers), 0)
-        bad_checks, step, stopped_early = 0, 0, False
-        lengths = [len(x) for x, _ in train]
-
-        def check(step):
-            nonlocal best, bad_checks
-            if not val:
-                return False
-            model.eval()
-            vl = validation_loss(lm, val, cfg.batch_size)
-            model.train()
-            history["val_loss"].append({"step": step, "loss": vl})
-            if vl < best[0] - 1e-4:
-                best, bad_checks = (vl, lora_weights(layers), step), 0
-            else:
-                bad_checks += 1
-            if log:
-                recent = history["train_loss"][-cfg.eval_every:]
-                log(f"step {step}/{total_steps}: train loss {sum(recent) / len(recent):.4f}, validation loss "
-                    f"{vl:.4f} (best {best[0]:.4f} at step {best[2]}), {time.perf_counter() - t0:.0f} s")
-            return bad_checks >= cfg.patience
-
-        with progress_bar(total_steps, "SR_LLM LoRA training", unit="steps", enabled=progress) as advance:
-            model.train()
-            epoch = 0
-            while step < total_steps and not stopped_early:
-                for b in _batches(len(train), cfg.batch_size, lengths, rng):
-                    if step >= total_steps:
-                        break
-                    batch = collate([train[i] for i in b], lm.pad_id)
-                    loss, n_tok = completion_loss(lm, batch)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    opt.step()
-                    sched.step()
-                    step += 1
-                    history["train_tokens"] += int(batch["attention_mask"].sum())
-                    history["train_loss"].append(float(loss.detach()))
-                    info = {"loss": history["train_loss"][-1]}
-                    if step % cfg.eval_every == 0 or step == total_steps:
-                        stopped_early = check(step) and step < total_steps
-                        if history["val_loss"]:
-                            info["val"] = history["val_loss"][-1]["loss"]
-                    advance(1, **info)
-                    if stopped_early:
-                        break
-                epoch += 1
-        if val:
-            _load_lora_weights(layers, best[1])
-        weights = lora_weights(layers)
-        history.update({"steps": step, "epochs_run": round(step / steps_per_epoch, 3), "stopped_early": stopped_early,
-                        "best_step": best[2] if val else step, "best_val_loss": best[0] if val else None,
-                        "train_seconds": round(time.perf_counter() - t0, 1)})
-    finally:
-        remove_lora(model)
-        for n, p in model.named_parameters():
-            p.requires_grad_(grad_flags.get(n, True))
-        model.train(was_training)
-    params_ = {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "target_modules": list(cfg.target_modules),
-               "scale": cfg.scale, "system_prompt": SYSTEM_PROMPT, "instruction": INSTRUCTION, "protocol": PROTOCOL_ID}
-    prov = {"method": "srllm", "paper": "Raza et al. 2024, arXiv 2404.01399", "config": cfg.to_dict(),
-            **{k: v for k, v in history.items() if k not in ("train_loss", "val_loss", "train_seconds")},
-            **(provenance or {})}
-    patch = LoraPatch.from_weights(lm, weights, params=params_, provenance=prov)
-    return TrainResult(patch, history)
 
 
 # ---------------------------------------------------------------------------------------------- the patch

@@ -52,7 +52,7 @@ class SRLLM(Method):
 
     def fit(self, lm, task: TaskData, cfg: SRLLMConfig, *, seed: int, cache, log) -> FitResult:
         from . import data as sd
-        from .lora import train_lora
+        from .training import train_lora
 
         cfg = replace(cfg, seed=seed)
         splits = task.data["splits"]
@@ -96,7 +96,7 @@ class SRLLM(Method):
 
         pairs = sd.sample_pairs(task.data["splits"]["test"], limit, seed=seed)
         return [EvalSet("rewrite", pairs, lambda lm_, part: evaluate_rewriter(lm_, part, embedder=self._embedder()),
-                        rewrite_metrics(), protocol=PROTOCOL_ID, chunk=10_000, item_id=lambda p: p.id,
+                        rewrite_metrics(), protocol=PROTOCOL_ID, chunk=cfg.rewrite_chunk or 10_000, item_id=lambda p: p.id,
                         group_field="source")]
 
     def metrics_for(self, task: TaskData, cfg: SRLLMConfig) -> dict[str, list]:
