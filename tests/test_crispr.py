@@ -178,6 +178,8 @@ def test_bad_input_is_a_clear_error():
         C.CrisprConfig().validate()
     with pytest.raises(BiaslabError, match="exclusive"):
         C.CrisprConfig(neurons=3, search=True).validate()
+    with pytest.raises(BiaslabError, match="--layers-per-pass must be ≥ 1"):
+        C.CrisprConfig(neurons=3, layers_per_pass=0).validate()
     with pytest.raises(BiaslabError, match="supports the task protocols 'letter'"):
         C.CrisprConfig(neurons=3, protocol="generate").validate()
     with pytest.raises(UnknownNameError, match="reduction"):
@@ -203,6 +205,10 @@ def test_bias_scores_aggregation_options(tiny_lm):
     assert set(s_full) == {s.name for s in sites}
     assert all(v.shape == (s.n_units,) and torch.isfinite(v).all() for s, v in zip(sites, s_full.values()))
     assert st.n_instances == 8 and 0 < st.mean_confusion < 1
+    # layer chunking (one layer's sites per pass) gives the very same scores and statistics
+    chunked, st_c = C.bias_scores(tiny_lm, items, [0, 1], cfg(layers_per_pass=1))
+    assert list(chunked) == list(s_full) and all(torch.equal(s_full[k], chunked[k]) for k in s_full)
+    assert st_c.to_dict() == st.to_dict()
     # deterministic, and instance order / batching do not matter
     rev, _ = C.bias_scores(tiny_lm, items[::-1], [0, 1], cfg(token_budget=150))
     scale = max(float(v.abs().max()) for v in s_full.values())

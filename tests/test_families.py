@@ -315,9 +315,10 @@ def test_stamp_export_with_the_models_own_activation(name, tmp_path):
         assert got.startswith("no: ") and "\n" not in got and not (tmp_path / "out").exists(), got
 
 
-def test_checkpointed_attribution_equals_plain(family):
+def test_checkpointed_and_layer_chunked_attribution_equal_plain(family):
     """Activation checkpointing (the backward pass recomputes each layer) gives the same scores at every site, and
-    really recomputes: the last layer runs twice."""
+    really recomputes: the last layer runs twice. Layer chunking (one layer's sites per pass) gives the very same
+    scores, alone and with checkpointing."""
     from biaslab import attribution as A
 
     name, model, lm = family
@@ -327,6 +328,13 @@ def test_checkpointed_attribution_equals_plain(family):
         plain = A.activation_x_gradient(lm, seqs, tg, sites=kind)
         ckpt = A.activation_x_gradient(lm, seqs, tg, sites=kind, checkpoint_layers=True)
         assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain), (name, kind)
+        chunked = A.activation_x_gradient(lm, seqs, tg, sites=kind, layers_per_pass=1)
+        assert list(chunked) == list(plain) and all(torch.equal(plain[k], chunked[k]) for k in plain), (name, kind)
+        both = A.activation_x_gradient(lm, seqs, tg, sites=kind, layers_per_pass=2, checkpoint_layers=True)
+        assert all(torch.equal(ckpt[k], both[k]) for k in plain), (name, kind)
+    groups = A.site_groups(A.resolve_sites(lm, "linear"), 2)
+    assert [sorted({s.layer for s in g}) for g in groups][0] == [0, 1] and sum(map(len, groups)) == len(
+        A.resolve_sites(lm, "linear"))
     from biaslab.tracing import layer_modules
 
     calls: dict = {}

@@ -125,6 +125,22 @@ def attribution_pass(lm, sites: list[Site], seqs: list[list[int]], **kw):
     return AttributionPass(lm, sites, seqs, **kw)
 
 
+def site_groups(sites: list[Site], layers_per_pass: int | None) -> list[list[Site]]:
+    """The sites cut into groups of ``layers_per_pass`` consecutive layers (one group: all of them, when None).
+
+    Layer chunking: each group gets its own forward and backward passes, so only its activations and gradients are
+    held at once (memory ∝ the group, time ∝ the number of groups). The forward values do not depend on which sites
+    are hooked (an ungated hook passes the activation through), so every site's score is the one an all-sites pass
+    gives (the tests check it on every family)."""
+    if layers_per_pass is None:
+        return [list(sites)]
+    if layers_per_pass < 1:
+        raise BiaslabError(f"layers per attribution pass must be >= 1, got {layers_per_pass}")
+    layers = sorted({s.layer for s in sites})
+    chunks = [set(layers[k:k + layers_per_pass]) for k in range(0, len(layers), layers_per_pass)]
+    return [[s for s in sites if s.layer in c] for c in chunks]
+
+
 def token_batches(lm, seqs: list[list[int]], token_budget: int = 1024, max_batch: int = 16) -> list[list[int]]:
     """Indices of ``seqs`` packed longest-first so that batch_size × max_len ≤ token_budget (the engine's
     :func:`~biaslab.models.packing.batch_rows` on the sequences' lengths)."""
@@ -133,20 +149,23 @@ def token_batches(lm, seqs: list[list[int]], token_budget: int = 1024, max_batch
 
 def activation_x_gradient(lm, seqs: list[list[int]], targets: Sequence[int], *, sites: str | Sequence[Site] = "ffn",
                           span: str = "all", reduce: str = "max", objective: str = "logprob",
-                          token_budget: int = 1024, checkpoint_layers: bool = False) -> dict[str, torch.Tensor]:
+                          token_budget: int = 1024, checkpoint_layers: bool = False,
+                          layers_per_pass: int | None = None) -> dict[str, torch.Tensor]:
     """{site: (N, n_units)} activation × gradient of F_r = log P / P(targets[r] | seqs[r]) for every row,
-    batched by a token budget (results do not depend on the batching)."""
+    batched by a token budget (results do not depend on the batching), ``layers_per_pass`` layers' sites per
+    pass (:func:`site_groups`; default all)."""
     check_options(span=span, reduce=reduce, objective=objective)
     site_list = resolve_sites(lm, sites)
     if len(targets) != len(seqs):
         raise BiaslabError(f"{len(seqs)} sequences but {len(targets)} targets")
     out = {s.name: torch.zeros(len(seqs), s.n_units) for s in site_list}
-    for batch in token_batches(lm, seqs, token_budget):
-        with attribution_pass(lm, site_list, [seqs[i] for i in batch], span=span, reduce=reduce,
-                              checkpoint_layers=checkpoint_layers) as ap:
-            a = ap.attribute(ap.objective([targets[i] for i in batch], objective), retain_graph=False)
-        for n, v in a.items():
-            out[n][batch] = v
+    for group in site_groups(site_list, layers_per_pass):
+        for batch in token_batches(lm, seqs, token_budget):
+            with attribution_pass(lm, group, [seqs[i] for i in batch], span=span, reduce=reduce,
+                                  checkpoint_layers=checkpoint_layers) as ap:
+                a = ap.attribute(ap.objective([targets[i] for i in batch], objective), retain_graph=False)
+            for n, v in a.items():
+                out[n][batch] = v
     return out
 
 

@@ -62,6 +62,10 @@ class CrisprConfig:
     checkpoint_layers: bool = option(False, "activation checkpointing in attribution: the backward pass recomputes "
                                             "each layer instead of keeping its activations (large models; the same "
                                             "scores, about one more forward pass)")
+    layers_per_pass: int | None = option(None, "layer chunking in attribution: each pass hooks the sites of this "
+                                               "many consecutive layers only, so only their activations and "
+                                               "gradients are held (large models, --sites linear; the same scores, "
+                                               "one forward + backward per chunk; default: all layers in one pass)")
     control_seeds: int = option(3, "random-pruning control seeds (site-matched, never CRISPR's own units)")
     constant_controls: bool = option(True, "also compare with always giving the same answer (each option letter, and "
                                            "'unknown' on BBQ)")
@@ -97,6 +101,9 @@ class CrisprConfig:
             raise BiaslabError("--neurons and --search are exclusive")
         if self.neurons is not None and self.neurons < 0:
             raise BiaslabError(f"--neurons must be ≥ 0, got {self.neurons}")
+        if self.layers_per_pass is not None and self.layers_per_pass < 1:
+            raise BiaslabError(f"--layers-per-pass must be ≥ 1 (or left out for all layers in one pass), "
+                               f"got {self.layers_per_pass}")
         if self.search_objective not in SEARCH_OBJECTIVES:
             raise UnknownNameError("search objective", self.search_objective, SEARCH_OBJECTIVES)
         if self.search_small < 0:

@@ -38,6 +38,17 @@ def bias_scores(lm, items: Sequence[MCItem], instructions: Sequence[int], cfg: C
     released code's "argmax of option sequence probability" scoring mode), and the attribution pass runs on
     prompt + option, one pass for the biased option and one for the gold one."""
     site_list = attr.resolve_sites(lm, sites or cfg.sites)
+    groups = attr.site_groups(site_list, cfg.layers_per_pass)
+    scores, st = {}, None
+    for g, group in enumerate(groups):   # layer chunking: the same instances, fewer sites held per pass
+        label = desc if len(groups) == 1 else f"{desc} (layers {group[0].layer}–{group[-1].layer})"
+        sc, st_g = _bias_scores(lm, items, instructions, cfg, group, label)
+        scores.update(sc)
+        st = st or st_g   # the predictions do not depend on the hooked sites: every group's stats are the same
+    return {s.name: scores[s.name] for s in site_list}, st
+
+
+def _bias_scores(lm, items, instructions, cfg: CrisprConfig, site_list, desc: str):
     total = {s.name: torch.zeros(s.n_units, dtype=torch.float64) for s in site_list}
     st = AttributionStats()
     conf_sum, correct = 0.0, 0
