@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -260,6 +261,42 @@ def test_training_is_deterministic(tiny_lm):
     b = F.train(tiny_lm, PAIRS, 0, cfg)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
     assert all(torch.equal(x, y) for x, y in zip(a.stamp.state_dict().values(), b.stamp.state_dict().values()))
+
+
+@pytest.mark.parametrize("fairness", ["gap", "gap+js"])
+def test_a_step_in_parts_adds_up_to_the_whole_step(tiny_lm, fairness):
+    """--micro-batch-pairs: the parts' losses (shares of the step's pairs and KL positions) add up to the whole
+    step's loss terms and their gradients to its gradient; a run in parts is reproducible and close to the whole."""
+    cfg = F.FastConfig(steps=3, lr=1e-2, width=8, batch_pairs=4, batch_subject=2, batch_text=1, n_subject_prompts=3,
+                       n_text=2, text_tokens=8, seed=0, fairness=fairness, micro_batch_pairs=3)
+    kl = F.make_kl_sets(tiny_lm, PAIRS, cfg)
+    stamp = F.StampFFN(tiny_lm.model.config.hidden_size, 8, "relu", "normal")
+    torch.nn.init.normal_(stamp.w2.weight, std=0.05)   # not zero: the gradient then reaches both layers
+    params = list(stamp.parameters())
+    handle = F.attach_stamp(tiny_lm, 1, stamp)
+    try:
+        with torch.enable_grad():
+            rec = F.step_in_parts(tiny_lm, params, cfg, PAIRS, kl["subject"], [0, 2], kl["text"], [1], 0.7, 1.3)
+            parts = [p.grad.clone() for p in params]
+            le, js = F.fairness_loss(tiny_lm, PAIRS, cfg)
+            ls1, ls2 = kl["subject"].kl([0, 2]), kl["text"].kl([1])
+            for p in params:
+                p.grad = None
+            (le + 0.7 * ls1 + 1.3 * ls2).backward()
+    finally:
+        handle.remove()
+    assert rec["L_e"] == pytest.approx(le.item(), rel=1e-5) and rec["JS"] == pytest.approx(js.item(), rel=1e-5, abs=1e-9)
+    assert rec["L_s1"] == pytest.approx(ls1.item(), rel=1e-5) and rec["L_s2"] == pytest.approx(ls2.item(), rel=1e-5)
+    assert rec["loss"] == pytest.approx((le + 0.7 * ls1 + 1.3 * ls2).item(), rel=1e-5)
+    assert all(torch.allclose(a, p.grad, rtol=1e-4, atol=1e-6) for a, p in zip(parts, params))   # float32 sums
+    assert any(float(a.abs().max()) > 0 for a in parts)
+    a, b = F.train(tiny_lm, PAIRS, 1, cfg, kl_sets=kl), F.train(tiny_lm, PAIRS, 1, cfg, kl_sets=kl)
+    whole = F.train(tiny_lm, PAIRS, 1, replace(cfg, micro_batch_pairs=None), kl_sets=kl)
+    assert a.history == b.history and all(torch.equal(x, y) for x, y in zip(a.stamp.parameters(), b.stamp.parameters()))
+    assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-4)
+    assert ("JS" in a.history[0]) == (fairness == "gap+js") == ("JS" in whole.history[0])
+    with pytest.raises(BiaslabError, match="--micro-batch-pairs must be ≥ 1"):
+        F.FastConfig(micro_batch_pairs=0)
 
 
 def test_on_step_sees_the_edit_and_model_is_restored(tiny_lm):

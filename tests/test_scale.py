@@ -223,6 +223,19 @@ cfg = SRLLMConfig(r=4, alpha=8, dropout=0.1, lr=2e-2, batch_size=5, micro_batch_
 fit = train_lora(lm, pairs, pairs[:3], cfg, progress=False, max_steps=3)
 out["lora"] = {"tensors": {k: v.flatten().tolist() for k, v in sorted(fit.patch.tensors.items())},
                "train_loss": fit.history["train_loss"], "val_loss": fit.history["val_loss"]}
+# FAST's stamp with --micro-batch-pairs 2: 3 pairs (2 parts) + 2 subject prompts (1) + 1 window (1) per step, JS on
+from biaslab.methods import fast as F
+def pair(i, p1, p2, obj, t1, t2):
+    a, b = p1.index(t1), p2.index(t2)
+    return F.KnowledgePair(id=f"p{i}", bias_type="gender", target=t1, counterpart=t2, prompt_1=p1, prompt_2=p2,
+                           object=obj, span_1=(a, a + len(t1)), span_2=(b, b + len(t2)), statement=f"s{i}")
+kp = [pair(0, "The schoolgirl was very", "The schoolboy was very", "emotional", "schoolgirl", "schoolboy"),
+      pair(1, "My mother is always", "My father is always", "cooking", "mother", "father"),
+      pair(2, "Her sister is so", "His brother is so", "gossipy", "sister", "brother")]
+fcfg = F.FastConfig(steps=2, lr=1e-2, width=8, batch_pairs=3, batch_subject=2, batch_text=1, n_subject_prompts=3,
+                    n_text=2, text_tokens=8, fairness="gap+js", micro_batch_pairs=2)
+st = F.train(lm, kp, 1, fcfg)
+out["fast"] = {"history": st.history, "stamp": {k: v.flatten().tolist() for k, v in st.stamp.state_dict().items()}}
 if D.rank() == 0:
     print(json.dumps(out), flush=True)
 if D.world_size() > 1:   # leave together: a rank that exits while its peer still tears down gloo can abort
@@ -232,11 +245,12 @@ if D.world_size() > 1:   # leave together: a rank that exits while its peer stil
 """
 
 
-def test_two_process_causal_tracing_and_lora_training_equal_one_process(tmp_path):
+def test_two_process_causal_tracing_lora_and_stamp_training_equal_one_process(tmp_path):
     """FAST's causal tracing is sharded over pairs (pair n on rank n mod W); each rank still draws every pair's
     noise in order, so the per-pair effects — and the decisive layer — equal the one-process run exactly.
     SR_LLM's LoRA with --micro-batch-size shares each batch's parts across ranks and adds their gradients in part
-    order: the adapter, the losses and the validation losses equal the one-process run bit for bit."""
+    order: the adapter, the losses and the validation losses equal the one-process run bit for bit. FAST's stamp
+    with --micro-batch-pairs likewise: the same stamp and loss terms."""
     from pathlib import Path
 
     tests = str(Path(__file__).parent)
@@ -258,6 +272,7 @@ def test_two_process_causal_tracing_and_lora_training_equal_one_process(tmp_path
     one, two = run(1), run(2)
     assert one["trace"] == two["trace"] and len(one["trace"]["mlp"]) == 5
     assert one["lora"] == two["lora"] and len(one["lora"]["train_loss"]) == 3 and len(one["lora"]["val_loss"]) == 3
+    assert one["fast"] == two["fast"] and len(one["fast"]["history"]) == 2 and one["fast"]["history"][0]["JS"] > 0
 
 
 def test_two_process_soft_prompt_probe_equals_one_process(tiny_dir, tmp_path):

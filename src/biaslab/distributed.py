@@ -209,7 +209,7 @@ def sharded_map(fn, items: list, chunk: int) -> list:
     return [r for k in range(len(chunks)) for r in done[k]]
 
 
-def summed_gradients(params: list, n_parts: int, part_loss) -> list[float]:
+def summed_gradients(params: list, n_parts: int, part_loss) -> list:
     """Data-parallel gradients that equal one process's bit for bit: set each of ``params``' ``.grad`` to
     Σ_k ∇ ``part_loss(k)`` over the parts k = 0 … n_parts − 1, on every rank, and return each part's loss value.
 
@@ -219,7 +219,9 @@ def summed_gradients(params: list, n_parts: int, part_loss) -> list[float]:
     in an order that depends on the world size. Memory: two flat copies of the trainable parameters (an adapter or
     a prompt, not the model); traffic: one broadcast of that size per part.
 
-    ``part_loss`` is called once per part on its rank; it must depend only on ``k`` (seed any dropout from ``k``)."""
+    ``part_loss`` is called once per part on its rank; it must depend only on ``k`` (seed any dropout from ``k``).
+    It returns the loss tensor, or ``(loss, info)`` with a dict of floats to report; the result is then each
+    part's ``(loss value, info)``."""
     import torch
 
     W, me, d = world_size(), rank(), _dist()
@@ -233,11 +235,12 @@ def summed_gradients(params: list, n_parts: int, part_loss) -> list[float]:
         k = r0 + me
         flat = None
         if k < n_parts:
-            loss = part_loss(k)
+            out = part_loss(k)
+            loss, info = out if isinstance(out, tuple) else (out, None)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(dtype)
                               for g, p in zip(grads, params)])
-            mine_losses[k] = float(loss.detach())
+            mine_losses[k] = float(loss.detach()) if info is None else (float(loss.detach()), info)
         for src in range(min(W, n_parts - r0)):
             if d is None:
                 g = flat

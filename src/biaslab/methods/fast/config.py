@@ -53,6 +53,10 @@ class FastConfig:
     n_noise: int = option(3, "noise samples per pair in causal tracing")
     baselines: bool = option(True, "also train FT-L and the α=β=0 stamp as controls")
     retention_limit: int | None = option(60, "retention items (WikiText windows + facts); 0 = skip")
+    micro_batch_pairs: int | None = option(None, "under torchrun: cut every training step into parts of this many "
+                                                 "pairs / prompts / windows, shared across ranks and added in part "
+                                                 "order (the same stamp as one process with this setting; default: "
+                                                 "every rank trains each step whole)")
 
     def __post_init__(self):
         self.ftl_lrs = tuple(float(x) for x in self.ftl_lrs)
@@ -70,7 +74,9 @@ class FastConfig:
                    f"--ftl-lrs needs one or more positive learning rates, got {list(self.ftl_lrs)}"),
                   (self.n_trace >= 1 and self.n_noise >= 1, "--n-trace and --n-noise must be at least 1"),
                   (self.retention_limit is None or self.retention_limit >= 0,
-                   f"--retention-limit must be ≥ 0, got {self.retention_limit}")]
+                   f"--retention-limit must be ≥ 0, got {self.retention_limit}"),
+                  (self.micro_batch_pairs is None or self.micro_batch_pairs >= 1,
+                   f"--micro-batch-pairs must be ≥ 1 (or left out), got {self.micro_batch_pairs}")]
         for ok, msg in checks:
             if not ok:
                 raise BiaslabError(msg)

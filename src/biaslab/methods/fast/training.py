@@ -1,5 +1,12 @@
 """FAST training (docs/methods/fast.md): L = L_e + α·L_s1 + β·L_s2 for the stamp, or for the layer's MLP weights
-(the FT-L baseline, kept at the checkpoint matched to FAST on dev), and the dev diagnostics used to choose."""
+(the FT-L baseline, kept at the checkpoint matched to FAST on dev), and the dev diagnostics used to choose.
+
+Several processes: with ``micro_batch_pairs`` M every step's work is cut into parts — the pairs of L_e, the
+subject prompts of L_s1 and the WikiText windows of L_s2, M at a time — each part's loss is its share of the
+step's loss (sums over its pairs / positions divided by the step's counts), and
+:func:`biaslab.distributed.summed_gradients` adds the parts' gradients in part order, part k on rank k mod world.
+One process with the same M computes the same parts in turn, so 1 and N processes train the same stamp bit for
+bit. Without it (the default: the recorded numbers) every rank computes each step whole."""
 from __future__ import annotations
 
 import math
@@ -8,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ... import distributed as D
 from ...interventions import Hooks, Intervention
 from ...errors import BiaslabError
 from ...progress import progress_bar
@@ -87,6 +95,18 @@ class _TextSet:
             orig = torch.log_softmax(head(torch.cat([self.cache[i] for i in idx])).float(), -1)
         return (orig.exp() * (orig - cur)).sum(-1).mean()
 
+    def kl_sum(self, idx: list[int]) -> torch.Tensor:
+        """The sum over positions of the same KL (differentiable): a part of a step shared across processes."""
+        seqs = [self.seqs[i] for i in idx]
+        cur = torch.log_softmax(self._logits(seqs), -1)
+        head = self.lm.model.get_output_embeddings()
+        with torch.no_grad():
+            orig = torch.log_softmax(head(torch.cat([self.cache[i] for i in idx])).float(), -1)
+        return (orig.exp() * (orig - cur)).sum(-1).sum()
+
+    def positions(self, idx: list[int]) -> int:
+        return sum(len(self.seqs[i]) for i in idx)
+
 
 def pair_logprobs(lm, prompts: list[str], objects: list[str], *, with_first: bool = False):
     """Differentiable mean log P(object tokens | prompt), tokenised exactly as ``lm.loglikelihood`` does.
@@ -121,6 +141,20 @@ def js_divergence(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((lp.exp() * (lp - lm_)).sum(-1) + (lq.exp() * (lq - lm_)).sum(-1))
 
 
+def fairness_terms(lm, pairs: list[KnowledgePair], cfg: "FastConfig") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per pair: the squared log-prob gap of the object (n,) and, under ``gap+js``, the JS divergence (n,)
+    (None under ``gap``)."""
+    n = len(pairs)
+    prompts = [p.prompt_1 for p in pairs] + [p.prompt_2 for p in pairs]
+    objects = [p.object for p in pairs] * 2
+    if cfg.fairness == "gap":
+        lps, js = pair_logprobs(lm, prompts, objects), None
+    else:
+        lps, first = pair_logprobs(lm, prompts, objects, with_first=True)
+        js = js_divergence(first[:n].float(), first[n:].float())
+    return (lps[:n] - lps[n:]) ** 2, js
+
+
 def fairness_loss(lm, pairs: list[KnowledgePair], cfg: "FastConfig") -> tuple[torch.Tensor, torch.Tensor]:
     """L_e of a batch of pairs, and the Jensen-Shannon part alone (0 under ``fairness="gap"``).
 
@@ -129,15 +163,40 @@ def fairness_loss(lm, pairs: list[KnowledgePair], cfg: "FastConfig") -> tuple[to
     next-token distributions at the object position — "indifferent between s1 and s2 for this r" for every
     candidate object, not only the stereotype filler o, so the stamp is taught what the group term must not change
     rather than one object's offset."""
-    n = len(pairs)
-    prompts = [p.prompt_1 for p in pairs] + [p.prompt_2 for p in pairs]
-    objects = [p.object for p in pairs] * 2
-    if cfg.fairness == "gap":
-        lps, js = pair_logprobs(lm, prompts, objects), torch.zeros(())
-    else:
-        lps, first = pair_logprobs(lm, prompts, objects, with_first=True)
-        js = js_divergence(first[:n].float(), first[n:].float()).mean()
-    return ((lps[:n] - lps[n:]) ** 2).mean() + cfg.js_weight * js, js
+    sq, js = fairness_terms(lm, pairs, cfg)
+    js = torch.zeros(()) if js is None else js.mean()
+    return sq.mean() + cfg.js_weight * js, js
+
+
+def step_in_parts(lm, params, cfg: "FastConfig", pairs: list[KnowledgePair], subj, s_idx, text, t_idx,
+                  alpha: float, beta: float) -> dict:
+    """One step's gradients in parts of ``cfg.micro_batch_pairs`` (module docstring), set on ``params``; returns
+    the step's loss terms (each the sum of its parts' values, in part order)."""
+    m = cfg.micro_batch_pairs
+    cut = lambda xs: [xs[k:k + m] for k in range(0, len(xs), m)]  # noqa: E731
+    parts = [("L_e", c) for c in cut(pairs)]
+    parts += [("L_s1", c) for c in cut(s_idx)] if subj else []
+    parts += [("L_s2", c) for c in cut(t_idx)] if text else []
+    counts = {"L_e": len(pairs), "L_s1": subj.positions(s_idx) if subj else 0,
+              "L_s2": text.positions(t_idx) if text else 0}
+
+    def part_loss(k):
+        kind, chunk = parts[k]
+        if kind == "L_e":
+            sq, js = fairness_terms(lm, chunk, cfg)
+            js_sum = torch.zeros(()) if js is None else js.sum()
+            le = (sq.sum() + cfg.js_weight * js_sum) / counts[kind]
+            return le, {"L_e": float(le.detach()), "JS": float(js_sum.detach()) / counts[kind]}
+        kl = (subj if kind == "L_s1" else text).kl_sum(chunk) / counts[kind]
+        return (alpha if kind == "L_s1" else beta) * kl, {kind: float(kl.detach())}
+
+    out = D.summed_gradients(params, len(parts), part_loss)
+    rec = {"loss": 0.0, "L_e": 0.0, "L_s1": 0.0, "L_s2": 0.0, "JS": 0.0}
+    for loss, info in out:
+        rec["loss"] += loss
+        for key, v in info.items():
+            rec[key] += v
+    return rec
 
 
 def pair_preference_ss(lm, pairs: list[KnowledgePair]) -> float:
@@ -231,17 +290,22 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
                 with torch.enable_grad():
                     batch = rng.sample(range(len(pairs)), min(cfg.batch_pairs, len(pairs)))
                     bp = [pairs[i] for i in batch]
-                    le, js = fairness_loss(lm, bp, cfg)
-                    ls1 = subj.kl(rng.sample(range(len(subj.seqs)), min(cfg.batch_subject, len(subj.seqs)))) if subj else torch.zeros(())
-                    ls2 = text.kl(rng.sample(range(len(text.seqs)), min(cfg.batch_text, len(text.seqs)))) if text else torch.zeros(())
-                    loss = le + alpha * ls1 + beta * ls2
-                    opt.zero_grad()
-                    loss.backward()
+                    s_idx = rng.sample(range(len(subj.seqs)), min(cfg.batch_subject, len(subj.seqs))) if subj else []
+                    t_idx = rng.sample(range(len(text.seqs)), min(cfg.batch_text, len(text.seqs))) if text else []
+                    if cfg.micro_batch_pairs:   # shared across ranks, the same numbers as one process
+                        rec = {"step": step, **step_in_parts(lm, params, cfg, bp, subj, s_idx, text, t_idx, alpha, beta)}
+                    else:
+                        le, js = fairness_loss(lm, bp, cfg)
+                        ls1 = subj.kl(s_idx) if subj else torch.zeros(())
+                        ls2 = text.kl(t_idx) if text else torch.zeros(())
+                        loss = le + alpha * ls1 + beta * ls2
+                        opt.zero_grad()
+                        loss.backward()
+                        rec = {"step": step, "loss": loss.item(), "L_e": le.item(), "L_s1": float(ls1.detach()),
+                               "L_s2": float(ls2.detach()), "JS": float(js.detach())}
                     opt.step()
-                rec = {"step": step, "loss": loss.item(), "L_e": le.item(), "L_s1": float(ls1.detach()),
-                       "L_s2": float(ls2.detach())}
-                if cfg.fairness != "gap":
-                    rec["JS"] = float(js.detach())
+                if cfg.fairness == "gap":
+                    rec.pop("JS")
                 if mode == "ftl" and match_dev_ss is not None and dev_pairs and (step % cfg.ftl_eval_every == 0 or step == cfg.steps):
                     st = dev_stats(lm, dev_pairs)
                     rec["dev_ss"], rec["dev_mean_abs_gap"] = st["ss"], st["mean_abs_gap"]
