@@ -66,11 +66,13 @@ def _lms(**kw):
             LanguageModel(model, tok, spec="tiny", packing=False, max_batch=1))
 
 
-@pytest.mark.parametrize("tree", [True, False])
+@pytest.mark.parametrize("tree", [True, False, "flex"])
 @pytest.mark.parametrize("row_tokens", [512, 40])
 def test_packed_scores_equal_unpacked(row_tokens, tree):
-    packed, alone = _lms(row_tokens=row_tokens, tree_attention=tree, token_budget=96)
+    kernel = {"tree_kernel": "flex"} if tree == "flex" else {}
+    packed, alone = _lms(row_tokens=row_tokens, tree_attention=bool(tree), token_budget=96, **kernel)
     assert packed.scoring_mode() == ("tree" if tree else "dense")
+    assert packed.describe().get("tree_kernel") == ("flex" if tree == "flex" else None)
     items = ["Context: the doctor and the nurse met.", "Context: the doctor and the nurse met.",
              "Context: the doctor left early.", "Something else entirely, and rather longer than the others."]
     prompts = [packed.render(f"{c}\nInstruction {k}: pick A or B.") for c in items for k in range(3)]
@@ -147,6 +149,31 @@ def test_tree_plan_attends_exactly_to_ancestors(max_query):
     want = {off + j: {off + a for a in _ancestors(r, j)} for r, off in zip(rows, offsets) for j in range(len(r))}
     assert seen == want
     assert plan.pairs_needed == sum(len(v) for v in want.values()) <= plan.pairs_executed
+
+
+def test_flex_subtree_ends_give_exactly_the_ancestor_mask(monkeypatch):
+    """The flex kernel's mask k ≤ q < end[k] is the ancestor relation, on hand rows and on pack()'s layout of
+    random sequences (sorted, so every row is in pre-order); the block mask is built from it."""
+    from biaslab.errors import BiaslabError
+    from biaslab.models.flex import ancestor_mask, default_tree_kernel, flex_plan, subtree_ends
+
+    rng = np.random.default_rng(0)
+    seqs = [[int(t) for t in rng.integers(1, 4, size=rng.integers(1, 7))] for _ in range(40)]
+    for rows in ([_row([-1, 0, 1, 1, 0, 4, 5, 5, -1, 8]), _row([-1, 0, 1, 2]), _row([-1])], pack(seqs, 30).rows):
+        ends = torch.from_numpy(subtree_ends([r.parent for r in rows]))
+        offs = np.cumsum([0] + [len(r) for r in rows])
+        want = torch.zeros(int(offs[-1]), int(offs[-1]), dtype=torch.bool)
+        for r, off in zip(rows, offs):
+            for j in range(len(r)):
+                for a in _ancestors(r, j):
+                    want[off + j, off + a] = True
+        assert torch.equal(ancestor_mask(ends), want)
+        ids, pos, offsets, plan = flex_plan(rows, "cpu")
+        assert offsets == offs[:-1].tolist() and plan.n_nodes == ids.shape[1] == len(want)
+        assert torch.equal(plan.ends, ends) and plan.block_mask.shape[-2:] == (len(want), len(want))
+    monkeypatch.setenv("BIASLAB_TREE_KERNEL", "cuda-magic")
+    with pytest.raises(BiaslabError, match="BIASLAB_TREE_KERNEL='cuda-magic': expected one of sdpa, flex"):
+        default_tree_kernel()
 
 
 def test_tree_attention_falls_back_to_dense_rows_when_the_model_drops_attention_kwargs():

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..progress import progress_bar
-from .packing import (PLAN_KWARG, ROW_TOKENS, batch_rows, flat_batches, pack, row_tensors, tree_attention_supported, tree_plan,
+from .flex import FLEX_ATTENTION, TREE_KERNELS, default_tree_kernel, flex_plan
+from .flex import PLAN_KWARG as FLEX_PLAN_KWARG
+from .packing import (PLAN_KWARG, ROW_TOKENS, TREE_ATTENTION, batch_rows, flat_batches, pack, row_tensors, tree_attention_supported, tree_plan,
                       use_tree_attention)
 
 
@@ -65,7 +67,7 @@ class LanguageModel:
     def __init__(self, model, tokenizer, *, spec: str = "custom", fingerprint: str | None = None,
                  chat_template: bool | None = None, token_budget: int = 4096, max_batch: int = 64,
                  padding_side: str = "right", progress: bool | None = None, packing: bool | None = None,
-                 row_tokens: int | None = None, tree_attention: bool | None = None):
+                 row_tokens: int | None = None, tree_attention: bool | None = None, tree_kernel: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
@@ -88,6 +90,9 @@ class LanguageModel:
         self.packing = packing          # None: on when the model passes a one-off self-check (_packing_ok)
         self.row_tokens = row_tokens    # None: ROW_TOKENS[mode] (tree attention affords longer rows)
         self.tree_attention = tree_attention  # None: on when supported and it passes the self-check
+        self.tree_kernel = tree_kernel or default_tree_kernel()   # "sdpa" (chain buckets) | "flex" (models/flex.py)
+        if self.tree_kernel not in TREE_KERNELS:
+            raise ValueError(f"tree_kernel must be one of {TREE_KERNELS}, got {self.tree_kernel!r}")
         self._mode_checked: dict[str, bool] = {}
         self.span_fallbacks = 0         # scoring calls sent to padded mode by a sliding window (describe())
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -115,6 +120,7 @@ class LanguageModel:
                 "dtype": str(self.dtype).replace("torch.", ""), "chat_template": self.use_chat_template,
                 "architecture": (self.config.architectures or [type(self.model).__name__])[0],
                 "scoring_mode": self.scoring_mode(),
+                **({"tree_kernel": "flex"} if self.tree_kernel == "flex" and self.scoring_mode() == "tree" else {}),
                 **({"attention_span": attention_span(self.model),
                     "span_fallbacks_to_padded": self.span_fallbacks} if attention_span(self.model) else {})}
 
@@ -189,7 +195,8 @@ class LanguageModel:
     def _self_check(self, mode: str) -> bool:
         """Whether scoring in ``mode`` ("tree" or "dense") gives the same logits as each sequence alone, on three
         short sequences that share prefixes and sit side by side (checked once per mode; any error = no)."""
-        if mode not in self._mode_checked:
+        key = f"tree:{self.tree_kernel}" if mode == "tree" and self.tree_kernel != "sdpa" else mode
+        if key not in self._mode_checked:
             base = [self.prefix_id] + [5, 17, 29, 41, 53, 65]
             seqs = [base + [77, 89], base[:4] + [91], [self.prefix_id, 13, 23]]
             wanted = [[len(s) - 2, len(s) - 1] for s in seqs]
@@ -197,10 +204,10 @@ class LanguageModel:
                 packed = dict(self._padded_or_packed(seqs, wanted, mode=mode))
                 alone = dict(self._padded_or_packed(seqs, wanted, mode="padded"))
                 tol = 1e-3 if self.dtype in (torch.float32, torch.float64) else 5e-2
-                self._mode_checked[mode] = all(torch.allclose(packed[i], alone[i], atol=tol) for i in range(len(seqs)))
+                self._mode_checked[key] = all(torch.allclose(packed[i], alone[i], atol=tol) for i in range(len(seqs)))
             except Exception:  # noqa: BLE001 - any failure means: do not use this mode for this model
-                self._mode_checked[mode] = False
-        return self._mode_checked[mode]
+                self._mode_checked[key] = False
+        return self._mode_checked[key]
 
     def scoring_mode(self) -> str:
         """How sequences are batched: ``"tree"`` (prefix-sharing packing with tree attention: only ancestor
@@ -241,12 +248,17 @@ class LanguageModel:
             for batch in groups:
                 rows = [layout.rows[b] for b in batch]
                 if mode == "tree":  # one flat sequence; the plan travels as a forward kwarg
-                    ids, pos, offsets, plan = tree_plan(rows, self.dtype, self.device)
+                    if self.tree_kernel == "flex":
+                        ids, pos, offsets, plan = flex_plan(rows, self.device)
+                        impl, kw = FLEX_ATTENTION, {FLEX_PLAN_KWARG: plan}
+                    else:
+                        ids, pos, offsets, plan = tree_plan(rows, self.dtype, self.device)
+                        impl, kw = TREE_ATTENTION, {PLAN_KWARG: plan}
                     node = lambda k, n: (0, offsets[k] + n)  # noqa: E731
 
                     def forward(r, c):
-                        with use_tree_attention(self.model):
-                            return self.logits_at(ids, None, pos, r, c, **{PLAN_KWARG: plan})
+                        with use_tree_attention(self.model, impl):
+                            return self.logits_at(ids, None, pos, r, c, **kw)
                 else:  # one row per trie under its dense 4-D mask
                     ids, mask, pos = row_tensors(rows, self.pad_id, self.dtype, self.device)
                     node = lambda k, n: (k, n)  # noqa: E731

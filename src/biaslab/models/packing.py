@@ -313,15 +313,20 @@ _registered = False
 
 
 def register_tree_attention() -> None:
-    """Register :func:`tree_attention` (and a mask function that builds no dense mask) with transformers, once."""
+    """Register :func:`tree_attention` and its flex-attention twin (:mod:`.flex`), each with a mask function that
+    builds no dense mask, with transformers, once."""
     global _registered
     if _registered:
         return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    from .flex import FLEX_ATTENTION, flex_tree_attention
+
     AttentionInterface.register(TREE_ATTENTION, tree_attention)
     AttentionMaskInterface.register(TREE_ATTENTION, _no_mask)
+    AttentionInterface.register(FLEX_ATTENTION, flex_tree_attention)
+    AttentionMaskInterface.register(FLEX_ATTENTION, _no_mask)
     _registered = True
 
 
@@ -341,15 +346,17 @@ def tree_attention_supported(model) -> bool:
 
 
 class use_tree_attention:
-    """Context manager: the model's attention implementation is :data:`TREE_ATTENTION` inside, restored on exit."""
+    """Context manager: the model's attention implementation is ``impl`` (default :data:`TREE_ATTENTION`) inside,
+    restored on exit."""
 
-    def __init__(self, model):
+    def __init__(self, model, impl: str = TREE_ATTENTION):
         self.cfg = model.config
+        self.impl = impl
 
     def __enter__(self):
         register_tree_attention()
         self.saved = self.cfg._attn_implementation
-        self.cfg._attn_implementation = TREE_ATTENTION
+        self.cfg._attn_implementation = self.impl
         return self
 
     def __exit__(self, *exc):
