@@ -24,9 +24,10 @@ torch.manual_seed(0)
 torch.set_num_threads(2)
 from transformers import LlamaConfig, LlamaForCausalLM
 layers, hidden, ffn, tokens, batch, kind, ckpt, per_pass = sys.argv[1:9]
+heads, dtype = (int(sys.argv[9]), sys.argv[10]) if len(sys.argv) > 10 else (8, "float32")
 cfg = LlamaConfig(vocab_size=4096, hidden_size=int(hidden), intermediate_size=int(ffn), num_hidden_layers=int(layers),
-                  num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)
-model = LlamaForCausalLM(cfg).eval()
+                  num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096)
+model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
 class Tok:
     pad_token_id, eos_token_id, bos_token_id, chat_template = 0, 1, 2, None
 from biaslab.models import LanguageModel
