@@ -5,14 +5,16 @@
 On the embedded default model, in about 8 minutes or less:
 
 1. **correctness** of every scoring mode in bf16 and fp16 against fp32 padded scoring (the reference): tree
-   (packed, tree attention), dense (packed, dense-mask rows) and padded, on the same BBQ option-log-likelihood
+   (packed, tree attention with SDPA chain buckets), tree-flex (the same through flex attention with a block mask,
+   ``models/flex.py``), dense (packed, dense-mask rows) and padded, on the same BBQ option-log-likelihood
    requests — same argmax prediction per item (share), max |Δ log-prob|;
-2. **throughput**: BBQ items/s and tokens/s of the default audit protocol in bf16, the bf16 matmul peak measured
+2. **throughput**: BBQ items/s and tokens/s of the default audit protocol in bf16, with each tree kernel, the bf16 matmul peak measured
    in the same run (best of large square ``torch.matmul``), and the share of it the scoring achieves
    (forward FLOPs ≈ 2 · non-embedding parameters · real tokens);
 3. **memory**: peak GPU memory of the scoring and of a CRISPR attribution pass (all FFN sites), and the
    attribution's time per instance;
-4. **processes**: where N > 1 GPUs exist, the same audit under ``torchrun --nproc_per_node=N`` and its items/s.
+4. **processes**: where N > 1 GPUs exist, the same audit under ``torchrun --nproc_per_node=1`` and ``=N``: wall
+   time of each, and whether predictions, log-probs and metric intervals are identical.
 
 Nothing in the tests or CI runs this; its numbers go in bench/README.md when a GPU machine is available.
 """
@@ -33,7 +35,7 @@ def sync():
     import torch
 
     if torch.cuda.is_available():
-        sync()
+        torch.cuda.synchronize()
 
 
 def matmul_peak(dtype, device: str, n: int = 8192, reps: int = 10) -> float:
@@ -60,9 +62,38 @@ def requests(n_items: int):
 
 def score_mode(lm, reqs, mode: str):
     lm.packing = mode != "padded"
-    lm.tree_attention = {"tree": True, "dense": False, "padded": None}[mode]
+    lm.tree_attention = {"tree": True, "tree-flex": True, "dense": False, "padded": None}[mode]
+    lm.tree_kernel = "flex" if mode == "tree-flex" else "sdpa"
     lm._mode_checked = {}
     return [r.logprob for r in lm.loglikelihood(reqs, desc=mode)]
+
+
+def processes(n: int, limit: int) -> dict:
+    """The same BBQ audit under ``torchrun --nproc_per_node=1`` and ``=n``: wall time of each and whether the
+    records (predictions and log-probs) and the metric values with their intervals are identical."""
+    import shutil
+
+    runs = {}
+    for k in sorted({1, n}):
+        out = Path(f"/tmp/biaslab_gpu_check_audit_{k}")
+        if out.exists():
+            shutil.rmtree(out)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}", "-m", "biaslab",
+               "audit", "--model", "smollm2-135m-instruct", "--bench", "bbq", "--limit", str(limit), "-q",
+               "--out", str(out)]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env={**os.environ, "BIASLAB_PROGRESS": "0"})
+        lines = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines() if x.strip()]
+        recs = sorted((r for r in lines if "id" in r), key=lambda r: (r["id"], r["instruction"]))  # not the markers
+        runs[k] = {"wall_s": round(time.perf_counter() - t, 2), "records": recs,
+                   "metrics": json.loads((out / "results.json").read_text())["benchmarks"]}
+    one, many = runs[1], runs[max(runs)]
+    return {"n": n, "items": limit, "wall_s": {str(k): r["wall_s"] for k, r in runs.items()},
+            "ratio_n_over_1": round(many["wall_s"] / one["wall_s"], 3),
+            "same_predictions": [r["pred"] for r in one["records"]] == [r["pred"] for r in many["records"]],
+            "max_abs_dlogprob": max((abs(x - y) for r, q in zip(one["records"], many["records"])
+                                     for x, y in zip(r.get("logprobs", []), q.get("logprobs", []))), default=0.0),
+            "same_metrics_and_intervals": one["metrics"] == many["metrics"]}
 
 
 def main(argv=None) -> int:
@@ -113,7 +144,7 @@ def main(argv=None) -> int:
     del ref_lm
     for dt in ("bfloat16", "float16"):
         lm = load_model("smollm2-135m-instruct", device=dev, dtype=dt)
-        for mode in ("tree", "dense", "padded"):
+        for mode in ("tree", "tree-flex", "dense", "padded"):
             t = time.perf_counter()
             try:
                 got = score_mode(lm, reqs, mode)
@@ -130,26 +161,31 @@ def main(argv=None) -> int:
         if dev == "cuda":
             torch.cuda.empty_cache()
 
-    # throughput of the default audit protocol in bf16
+    # throughput of the default audit protocol in bf16, with each tree-attention kernel (the first 16 items warm up:
+    # flex attention compiles there)
     lm = load_model("smollm2-135m-instruct", device=dev, dtype="bfloat16")
-    lm.packing, lm.tree_attention, lm._mode_checked = None, None, {}
     proto = bench.protocol()
-    reset()
-    bench.score(lm, items[:16], protocol=proto)
-    sync()
-    t = time.perf_counter()
-    recs = bench.score(lm, items, protocol=proto)
-    sync()
-    dt_s = time.perf_counter() - t
-    toks = sum(len(lm.encode(prompt_text(lm, it, 0, protocol=proto.name))) for it in mc)
-    n_nonemb = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n)
     peak = matmul_peak(torch.bfloat16, dev, n=1024 if a.cpu_smoke else 8192, reps=2 if a.cpu_smoke else 10)
-    achieved = 2 * n_nonemb * toks / dt_s / 1e12
-    res["throughput"] = {"protocol": proto.id, "items": len(items), "records": len(recs), "s": round(dt_s, 2),
-                         "items_per_s": round(len(items) / dt_s, 1), "tokens_per_s": round(toks / dt_s, 1),
-                         "scoring_mode": lm.scoring_mode(), "bf16_matmul_peak_tflops": round(peak, 1),
-                         "achieved_tflops": round(achieved, 3), "share_of_peak": round(achieved / peak, 4),
-                         "peak_gpu_mem_gb": mem()}
+    n_nonemb = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n)
+    res["throughput"] = []
+    for kernel in ("sdpa", "flex"):
+        lm.packing, lm.tree_attention, lm.tree_kernel, lm._mode_checked = None, None, kernel, {}
+        reset()
+        bench.score(lm, items[:16], protocol=proto)
+        sync()
+        t = time.perf_counter()
+        recs = bench.score(lm, items, protocol=proto)
+        sync()
+        dt_s = time.perf_counter() - t
+        toks = sum(len(lm.encode(prompt_text(lm, it, 0, protocol=proto.name))) for it in mc)
+        achieved = 2 * n_nonemb * toks / dt_s / 1e12
+        res["throughput"].append({
+            "protocol": proto.id, "tree_kernel": kernel, "items": len(items), "records": len(recs), "s": round(dt_s, 2),
+            "items_per_s": round(len(items) / dt_s, 1), "tokens_per_s": round(toks / dt_s, 1),
+            "scoring_mode": lm.scoring_mode(), "bf16_matmul_peak_tflops": round(peak, 1),
+            "achieved_tflops": round(achieved, 3), "share_of_peak": round(achieved / peak, 4),
+            "peak_gpu_mem_gb": mem()})
+    lm.tree_kernel, lm._mode_checked = "sdpa", {}
 
     # attribution memory and time per instance (all FFN sites, letter protocol)
     from biaslab.methods import METHODS
@@ -166,13 +202,8 @@ def main(argv=None) -> int:
                           "peak_gpu_mem_gb": mem(), "sites": cfg.sites}
 
     n = torch.cuda.device_count()
-    if n > 1 and not a.cpu_smoke:
-        out = Path("/tmp/biaslab_gpu_check_audit")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "biaslab",
-               "audit", "--bench", "bbq", "--limit", str(a.items), "--force", "-q", "--out", str(out)]
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, env={**os.environ, "BIASLAB_PROGRESS": "0"})
-        res["processes"] = {"n": n, "wall_s": round(time.perf_counter() - t, 2)}
+    if n > 1 or a.cpu_smoke:
+        res["processes"] = processes(2 if a.cpu_smoke else n, 4 if a.cpu_smoke else a.items)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
