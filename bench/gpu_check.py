@@ -60,11 +60,38 @@ def requests(n_items: int):
     return b, items
 
 
-def score_mode(lm, reqs, mode: str):
+def option_requests(lm, items) -> tuple[list, list[int]]:
+    """Every (prompt, option) request of the items under the option log-likelihood protocol, and its item index."""
+    from biaslab.tasks import answer_targets, prompt_text
+
+    reqs, owner = [], []
+    for k, it in enumerate(items):
+        p = prompt_text(lm, it, 0, protocol="option-loglik")
+        for t in answer_targets(lm, it, "option-loglik"):
+            reqs.append((p, t))
+            owner.append(k)
+    return reqs, owner
+
+
+def argmax_per_item(owner: list[int], lps: list[float]) -> list[int]:
+    """Per item, the index of its best-scored request (the predicted option)."""
+    best = {}
+    for j, (k, lp) in enumerate(zip(owner, lps)):
+        if k not in best or lp > best[k][0]:
+            best[k] = (lp, j)
+    return [best[k][1] for k in sorted(best)]
+
+
+def set_mode(lm, mode: str) -> None:
+    """Scoring mode ``tree`` | ``tree-flex`` | ``dense`` | ``padded``, forced (no self-check is reused)."""
     lm.packing = mode != "padded"
     lm.tree_attention = {"tree": True, "tree-flex": True, "dense": False, "padded": None}[mode]
     lm.tree_kernel = "flex" if mode == "tree-flex" else "sdpa"
     lm._mode_checked = {}
+
+
+def score_mode(lm, reqs, mode: str):
+    set_mode(lm, mode)
     return [r.logprob for r in lm.loglikelihood(reqs, desc=mode)]
 
 
@@ -117,29 +144,16 @@ def main(argv=None) -> int:
     mem = (lambda: torch.cuda.max_memory_allocated() / 2**30) if dev == "cuda" else (lambda: None)
     reset = torch.cuda.reset_peak_memory_stats if dev == "cuda" else (lambda: None)
     from biaslab.models import load_model
-    from biaslab.tasks import answer_targets, prompt_text
+    from biaslab.tasks import prompt_text
 
     res = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke run: not a GPU measurement)",
            "gpus": torch.cuda.device_count(), "torch": torch.__version__}
     bench, items = requests(a.items)
     ref_lm = load_model("smollm2-135m-instruct", device=dev, dtype="float32")
     mc = [it["item"] if "item" in it else it for it in items]
-    reqs, owner = [], []
-    for k, it in enumerate(mc):
-        p = prompt_text(ref_lm, it, 0, protocol="option-loglik")
-        for t in answer_targets(ref_lm, it, "option-loglik"):
-            reqs.append((p, t))
-            owner.append(k)
+    reqs, owner = option_requests(ref_lm, mc)
     ref = score_mode(ref_lm, reqs, "padded")
-
-    def argmax_per_item(lps):
-        best = {}
-        for k, lp, j in zip(owner, lps, range(len(lps))):
-            if k not in best or lp > best[k][0]:
-                best[k] = (lp, j)
-        return [best[k][1] for k in sorted(best)]
-
-    ref_pred = argmax_per_item(ref)
+    ref_pred = argmax_per_item(owner, ref)
     res["correctness"] = []
     del ref_lm
     for dt in ("bfloat16", "float16"):
@@ -152,7 +166,7 @@ def main(argv=None) -> int:
                 res["correctness"].append({"dtype": dt, "mode": mode, "error": f"{type(e).__name__}: {e}"[:300]})
                 continue
             sync()
-            pred = argmax_per_item(got)
+            pred = argmax_per_item(owner, got)
             res["correctness"].append({
                 "dtype": dt, "mode": mode, "requests": len(reqs), "s": round(time.perf_counter() - t, 2),
                 "same_prediction_share": sum(p == q for p, q in zip(pred, ref_pred)) / len(pred),

@@ -37,25 +37,17 @@ def main(argv=None) -> int:
     from biaslab.benchmarks import get_benchmark
     from biaslab.models import load_model
     from biaslab.models.flex import compile_flex
-    from biaslab.tasks import answer_targets, prompt_text
+    from gpu_check import argmax_per_item, option_requests, set_mode
 
     torch.set_num_threads(2)
     b = get_benchmark("bbq", instructions=1)
     items = [it["item"] if "item" in it else it for it in b.sample(b.load_items(), a.items, 0)]
     lm = load_model("smollm2-135m-instruct", device=a.device, dtype=a.dtype, progress=False)
-    reqs, owner = [], []
-    for k, it in enumerate(items):
-        p = prompt_text(lm, it, 0, protocol="option-loglik")
-        for t in answer_targets(lm, it, "option-loglik"):
-            reqs.append((p, t))
-            owner.append(k)
+    reqs, owner = option_requests(lm, items)
     warm = sum(1 for k in owner if k < max(1, a.items // 4))
 
     def run(mode):
-        lm.packing = mode != "padded"
-        lm.tree_attention = mode != "padded" or None
-        lm.tree_kernel = "flex" if mode == "tree-flex" else "sdpa"
-        lm._mode_checked = {}
+        set_mode(lm, mode)
         lm.loglikelihood(reqs[:warm], desc=mode)
         if a.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -65,20 +57,13 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         return got, time.perf_counter() - t
 
-    def argmax(lps):
-        best = {}
-        for k, lp, j in zip(owner, lps, range(len(lps))):
-            if k not in best or lp > best[k][0]:
-                best[k] = (lp, j)
-        return [best[k][1] for k in sorted(best)]
-
     ref, ref_s = run("padded")
     rows = [{"mode": "padded", "s": round(ref_s, 2), "requests_per_s": round(len(reqs) / ref_s, 1)}]
     for mode in ("tree", "tree-flex"):
         got, s = run(mode)
         rows.append({"mode": mode, "s": round(s, 2), "requests_per_s": round(len(reqs) / s, 1),
                      "max_abs_dlogprob_vs_padded": max(abs(x - y) for x, y in zip(got, ref)),
-                     "same_prediction_share": sum(p == q for p, q in zip(argmax(got), argmax(ref))) / len(items)})
+                     "same_prediction_share": sum(p == q for p, q in zip(argmax_per_item(owner, got), argmax_per_item(owner, ref))) / len(items)})
         print(rows[-1], flush=True)
     res = {"date": time.strftime("%Y-%m-%d"), "device": a.device, "dtype": a.dtype, "items": a.items,
            "flex_compiled": compile_flex(a.device.split(":")[0]),

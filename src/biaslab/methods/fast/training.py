@@ -86,23 +86,22 @@ class _TextSet:
         dev = ids.device
         return self.lm.logits_at(ids, mask, pos, torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
 
+    def _kl_rows(self, idx: list[int]) -> torch.Tensor:
+        """KL(P_orig ‖ P_current) at every position of texts ``idx`` (differentiable)."""
+        seqs = [self.seqs[i] for i in idx]
+        cur = torch.log_softmax(self._logits(seqs), -1)
+        head = self.lm.model.get_output_embeddings()
+        with torch.no_grad():
+            orig = torch.log_softmax(head(torch.cat([self.cache[i] for i in idx])).float(), -1)
+        return (orig.exp() * (orig - cur)).sum(-1)
+
     def kl(self, idx: list[int]) -> torch.Tensor:
         """Mean over positions of KL(P_orig ‖ P_current) for texts ``idx`` (differentiable)."""
-        seqs = [self.seqs[i] for i in idx]
-        cur = torch.log_softmax(self._logits(seqs), -1)
-        head = self.lm.model.get_output_embeddings()
-        with torch.no_grad():
-            orig = torch.log_softmax(head(torch.cat([self.cache[i] for i in idx])).float(), -1)
-        return (orig.exp() * (orig - cur)).sum(-1).mean()
+        return self._kl_rows(idx).mean()
 
     def kl_sum(self, idx: list[int]) -> torch.Tensor:
-        """The sum over positions of the same KL (differentiable): a part of a step shared across processes."""
-        seqs = [self.seqs[i] for i in idx]
-        cur = torch.log_softmax(self._logits(seqs), -1)
-        head = self.lm.model.get_output_embeddings()
-        with torch.no_grad():
-            orig = torch.log_softmax(head(torch.cat([self.cache[i] for i in idx])).float(), -1)
-        return (orig.exp() * (orig - cur)).sum(-1).sum()
+        """The sum over positions of the same KL: a part of a step shared across processes."""
+        return self._kl_rows(idx).sum()
 
     def positions(self, idx: list[int]) -> int:
         return sum(len(self.seqs[i]) for i in idx)
