@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import BiaslabError
+from .packing import _no_mask, flat_sequence
 
 FLEX_ATTENTION = "biaslab_tree_flex"
 PLAN_KWARG = "biaslab_flex_plan"
@@ -61,35 +62,44 @@ def subtree_ends(parents: list[list[int]]) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
+def is_ancestor(ends: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """Whether key node ``kv`` is an ancestor of (or is) query node ``q``: ``kv ≤ q < end[kv]`` (the block
+    mask's rule)."""
+    return (kv <= q) & (q < ends[kv])
+
+
 def ancestor_mask(ends: torch.Tensor) -> torch.Tensor:
-    """The (N, N) boolean mask ``k ≤ q < end[k]`` (query rows, key columns): for tests and the CPU check."""
-    n = len(ends)
-    q = torch.arange(n)[:, None]
-    k = torch.arange(n)[None, :]
-    return (k <= q) & (q < ends.cpu()[None, :])
+    """The (N, N) boolean mask of :func:`is_ancestor` (query rows, key columns), materialised (tests)."""
+    idx = torch.arange(len(ends), device=ends.device)
+    return is_ancestor(ends, idx[:, None], idx[None, :])
 
 
 def flex_plan(rows, device) -> tuple[torch.Tensor, torch.Tensor, list[int], FlexPlan]:
     """The rows concatenated into one flat sequence (input ids, position ids, row offsets) and its block mask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    offsets, ids, pos = [], [], []
-    for r in rows:
-        offsets.append(len(ids))
-        ids += r.tokens
-        pos += r.depth
-    n = len(ids)
+    _register()
+    ids, pos, offsets = flat_sequence(rows, device)
+    n = ids.shape[1]
     ends = torch.from_numpy(subtree_ends([r.parent for r in rows])).to(device)
-
-    def is_ancestor(b, h, q, kv):
-        return (kv <= q) & (q < ends[kv])
-
-    block = create_block_mask(is_ancestor, None, None, n, n, device=str(device))
-    return (torch.tensor([ids], dtype=torch.long, device=device), torch.tensor([pos], dtype=torch.long, device=device),
-            offsets, FlexPlan(n, ends, block))
+    block = create_block_mask(lambda b, h, q, kv: is_ancestor(ends, q, kv), None, None, n, n, device=str(device))
+    return ids, pos, offsets, FlexPlan(n, ends, block)
 
 
 _compiled = None
+_registered = False
+
+
+def _register() -> None:
+    """Register :func:`flex_tree_attention` (and a mask function that builds no dense mask) with transformers, once."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(FLEX_ATTENTION, flex_tree_attention)
+        AttentionMaskInterface.register(FLEX_ATTENTION, _no_mask)
+        _registered = True
 
 
 def compile_flex(device_type: str) -> bool:

@@ -114,13 +114,14 @@ class LanguageModel:
     def describe(self) -> dict:
         """Provenance for run manifests; ``scoring_mode`` says how sequences were batched (numbers agree across
         modes to float noise)."""
+        mode = self.scoring_mode()
         return {"spec": self.spec, "fingerprint": self.fingerprint, "fingerprint_kind": self.fingerprint_kind,
                 **({"device_map": sorted({str(v) for v in self.device_map.values()})} if self.device_map else {}),
                 "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "chat_template": self.use_chat_template,
                 "architecture": (self.config.architectures or [type(self.model).__name__])[0],
-                "scoring_mode": self.scoring_mode(),
-                **({"tree_kernel": "flex"} if self.tree_kernel == "flex" and self.scoring_mode() == "tree" else {}),
+                "scoring_mode": mode,
+                **({"tree_kernel": "flex"} if self.tree_kernel == "flex" and mode == "tree" else {}),
                 **({"attention_span": attention_span(self.model),
                     "span_fallbacks_to_padded": self.span_fallbacks} if attention_span(self.model) else {})}
 

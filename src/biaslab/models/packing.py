@@ -229,6 +229,17 @@ def _buckets(items: list[tuple[list[int], int, int]], waste: float) -> list[list
     return groups
 
 
+def flat_sequence(rows: list[PackedRow], device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The rows concatenated into one unpadded sequence: input ids (1, N), position ids (1, N), each row's offset."""
+    offsets, ids, pos = [], [], []
+    for r in rows:
+        offsets.append(len(ids))
+        ids += r.tokens
+        pos += r.depth
+    return (torch.tensor([ids], dtype=torch.long, device=device), torch.tensor([pos], dtype=torch.long, device=device),
+            offsets)
+
+
 def tree_plan(rows: list[PackedRow], dtype: torch.dtype, device, *, waste: float = WASTE,
               max_query: int = MAX_QUERY) -> tuple[torch.Tensor, torch.Tensor, list[int], TreePlan]:
     """The rows concatenated into one unpadded sequence: input_ids (1, N), position ids (1, N), each row's
@@ -236,12 +247,9 @@ def tree_plan(rows: list[PackedRow], dtype: torch.dtype, device, *, waste: float
 
     Chains longer than ``max_query`` are cut into pieces of at most that many queries (each piece sees the
     ancestors and the chain's earlier nodes), which keeps the masked-out causal triangle of long chains small."""
-    offsets, items, ids, pos = [], [], [], []
-    for r in rows:
-        off = len(ids)
-        offsets.append(off)
-        ids += r.tokens
-        pos += r.depth
+    ids, pos, offsets = flat_sequence(rows, device)
+    items = []
+    for r, off in zip(rows, offsets):
         for anc, s, e in chains(r):
             before = [off + a for a in anc]
             for a in range(s, e, max_query):
@@ -273,9 +281,7 @@ def tree_plan(rows: list[PackedRow], dtype: torch.dtype, device, *, waste: float
                                   torch.from_numpy(qi.reshape(-1)[flat_real]).to(device)))
         executed += n * Q * K
     needed = sum(d + 1 for r in rows for d in r.depth)
-    plan = TreePlan(len(ids), buckets, needed, executed)
-    return (torch.tensor([ids], dtype=torch.long, device=device), torch.tensor([pos], dtype=torch.long, device=device),
-            offsets, plan)
+    return ids, pos, offsets, TreePlan(ids.shape[1], buckets, needed, executed)
 
 
 def tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -313,20 +319,15 @@ _registered = False
 
 
 def register_tree_attention() -> None:
-    """Register :func:`tree_attention` and its flex-attention twin (:mod:`.flex`), each with a mask function that
-    builds no dense mask, with transformers, once."""
+    """Register :func:`tree_attention` (and a mask function that builds no dense mask) with transformers, once."""
     global _registered
     if _registered:
         return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from .flex import FLEX_ATTENTION, flex_tree_attention
-
     AttentionInterface.register(TREE_ATTENTION, tree_attention)
     AttentionMaskInterface.register(TREE_ATTENTION, _no_mask)
-    AttentionInterface.register(FLEX_ATTENTION, flex_tree_attention)
-    AttentionMaskInterface.register(FLEX_ATTENTION, _no_mask)
     _registered = True
 
 

@@ -36,19 +36,10 @@ def bias_scores(lm, items: Sequence[MCItem], instructions: Sequence[int], cfg: C
     Under ``letter`` / ``cloze`` an option is one answer token at the prompt's last position; under
     ``option-loglik`` it is the option's text, P(option) is the probability of that whole continuation (the
     released code's "argmax of option sequence probability" scoring mode), and the attribution pass runs on
-    prompt + option, one pass for the biased option and one for the gold one."""
+    prompt + option, one pass for the biased option and one for the gold one. With ``cfg.layers_per_pass`` each
+    attribution batch runs one pass per group of layers (:func:`~biaslab.attribution.site_groups`); the option
+    scores and the biased-option choice are made once per batch."""
     site_list = attr.resolve_sites(lm, sites or cfg.sites)
-    groups = attr.site_groups(site_list, cfg.layers_per_pass)
-    scores, st = {}, None
-    for g, group in enumerate(groups):   # layer chunking: the same instances, fewer sites held per pass
-        label = desc if len(groups) == 1 else f"{desc} (layers {group[0].layer}–{group[-1].layer})"
-        sc, st_g = _bias_scores(lm, items, instructions, cfg, group, label)
-        scores.update(sc)
-        st = st or st_g   # the predictions do not depend on the hooked sites: every group's stats are the same
-    return {s.name: scores[s.name] for s in site_list}, st
-
-
-def _bias_scores(lm, items, instructions, cfg: CrisprConfig, site_list, desc: str):
     total = {s.name: torch.zeros(s.n_units, dtype=torch.float64) for s in site_list}
     st = AttributionStats()
     conf_sum, correct = 0.0, 0
@@ -141,20 +132,26 @@ def _answer_token_batches(lm, site_list, items, i: int, cfg: CrisprConfig, owned
     with protocol_context(lm, cfg.protocol):
         seqs = [lm.encode(prompt_text(lm, it, i, protocol=cfg.protocol)) for it in items]
         cands = [answer_token_ids(lm, it, cfg.protocol) for it in items]
+    groups = attr.site_groups(site_list, cfg.layers_per_pass)
     for k_batch, batch in enumerate(attr.token_batches(lm, seqs, cfg.token_budget)):
         if not owned(k_batch):
             yield k_batch, batch, None, None, None, None, None
             continue
-        with attr.attribution_pass(lm, site_list, [seqs[j] for j in batch], span=cfg.span, reduce=cfg.reduce,
-                                   checkpoint_layers=cfg.checkpoint_layers) as ap:
-            with torch.no_grad():
-                opt_lp = [ap.logprobs[k, cands[j]].detach() for k, j in enumerate(batch)]
-            yhat, pred = zip(*(_biased_option([float(x) for x in opt_lp[k]], items[j].gold) for k, j in enumerate(batch)))
-            alpha = [float(opt_lp[k][y].exp()) for k, y in enumerate(yhat)]
-            a_bias = ap.attribute(ap.objective([cands[j][y] for j, y in zip(batch, yhat)], cfg.objective),
-                                  retain_graph=cfg.skill_disentanglement)
-            a_skill = (ap.attribute(ap.objective([cands[j][items[j].gold] for j in batch], cfg.objective),
-                                    retain_graph=False) if cfg.skill_disentanglement else None)
+        a_bias, a_skill = {}, ({} if cfg.skill_disentanglement else None)
+        for g, group in enumerate(groups):   # the forward values do not depend on the hooked sites
+            with attr.attribution_pass(lm, group, [seqs[j] for j in batch], span=cfg.span, reduce=cfg.reduce,
+                                       checkpoint_layers=cfg.checkpoint_layers) as ap:
+                if g == 0:
+                    with torch.no_grad():
+                        opt_lp = [ap.logprobs[k, cands[j]].detach() for k, j in enumerate(batch)]
+                    yhat, pred = zip(*(_biased_option([float(x) for x in opt_lp[k]], items[j].gold)
+                                       for k, j in enumerate(batch)))
+                    alpha = [float(opt_lp[k][y].exp()) for k, y in enumerate(yhat)]
+                a_bias.update(ap.attribute(ap.objective([cands[j][y] for j, y in zip(batch, yhat)], cfg.objective),
+                                           retain_graph=cfg.skill_disentanglement))
+                if cfg.skill_disentanglement:
+                    a_skill.update(ap.attribute(ap.objective([cands[j][items[j].gold] for j in batch], cfg.objective),
+                                                retain_graph=False))
         yield k_batch, batch, list(yhat), alpha, list(pred), a_bias, a_skill
 
 
@@ -172,6 +169,7 @@ def _continuation_batches(lm, site_list, items, i: int, cfg: CrisprConfig, owned
              for j, (y, _) in enumerate(choice) for c in {y, items[j].gold}}
     longer = [max((parts[j, y][0] + parts[j, y][1], parts[j, it.gold][0] + parts[j, it.gold][1]), key=len)
               for j, ((y, _), it) in enumerate(zip(choice, items))]
+    groups = attr.site_groups(site_list, cfg.layers_per_pass)
     for k_batch, batch in enumerate(attr.token_batches(lm, longer, cfg.token_budget)):
         if not owned(k_batch):
             yield k_batch, batch, None, None, None, None, None
@@ -181,10 +179,13 @@ def _continuation_batches(lm, site_list, items, i: int, cfg: CrisprConfig, owned
 
         def attribute(options):
             pp = [parts[j, c] for j, c in zip(batch, options)]
-            with attr.attribution_pass(lm, site_list, [a + b for a, b in pp], span=cfg.span, reduce=cfg.reduce,
-                                       checkpoint_layers=cfg.checkpoint_layers,
-                                       continuation=[len(b) for _, b in pp]) as ap:
-                return ap.attribute(ap.objective(None, cfg.objective), retain_graph=False)
+            out = {}
+            for group in groups:
+                with attr.attribution_pass(lm, group, [a + b for a, b in pp], span=cfg.span, reduce=cfg.reduce,
+                                           checkpoint_layers=cfg.checkpoint_layers,
+                                           continuation=[len(b) for _, b in pp]) as ap:
+                    out.update(ap.attribute(ap.objective(None, cfg.objective), retain_graph=False))
+            return out
 
         a_bias = attribute(yhat)
         a_skill = attribute([items[j].gold for j in batch]) if cfg.skill_disentanglement else None

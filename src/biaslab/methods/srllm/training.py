@@ -156,7 +156,6 @@ def train_lora(lm, train_pairs, val_pairs, cfg: SRLLMConfig | None = None, *, pr
 
         with progress_bar(total_steps, "SR_LLM LoRA training", unit="steps", enabled=progress) as advance:
             model.train()
-            epoch = 0
             while step < total_steps and not stopped_early:
                 for b in _batches(len(train), cfg.batch_size, lengths, rng):
                     if step >= total_steps:
@@ -177,7 +176,6 @@ def train_lora(lm, train_pairs, val_pairs, cfg: SRLLMConfig | None = None, *, pr
                     advance(1, **info)
                     if stopped_early:
                         break
-                epoch += 1
         if val:
             _load_lora_weights(layers, best[1])
         weights = lora_weights(layers)
@@ -196,5 +194,3 @@ def train_lora(lm, train_pairs, val_pairs, cfg: SRLLMConfig | None = None, *, pr
             **(provenance or {})}
     patch = LoraPatch.from_weights(lm, weights, params=params_, provenance=prov)
     return TrainResult(patch, history)
-
-
