@@ -72,6 +72,58 @@ def test_bad_device_maps_are_one_clear_line(tiny_dir, dm, mm, match):
         load_model(str(tiny_dir), device_map=dm, max_memory=mm)
 
 
+@pytest.mark.parametrize("n_gpus, ranks, want", [
+    (8, 8, [[0], [1], [2], [3], [4], [5], [6], [7]]),
+    (8, 2, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    (7, 2, [[0, 1, 2], [3, 4, 5]]),                    # the remainder (GPU 6) idles: every rank holds as many
+    (4, 1, [[0, 1, 2, 3]]),
+])
+def test_each_rank_owns_its_block_of_the_node_gpus(n_gpus, ranks, want):
+    from biaslab.distributed import gpu_share
+
+    assert [gpu_share(n_gpus, r, ranks) for r in range(ranks)] == want
+
+
+def test_more_ranks_than_gpus_or_a_bad_local_rank_is_one_line(monkeypatch):
+    from biaslab import distributed as D
+
+    with pytest.raises(BiaslabError, match="4 processes on this node but only 2 GPU"):
+        D.gpu_share(2, 0, 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(BiaslabError, match="LOCAL_RANK=3 is outside"):
+        D.node_share(8)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert D.node_share(8) == [4, 5, 6, 7]
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")                 # a launcher that sets no LOCAL_WORLD_SIZE: one GPU each
+    assert D.node_share(8) == [1]
+
+
+def test_a_device_map_under_several_ranks_stays_on_the_rank_own_gpus():
+    """Rank 1 of 2 on an 8-GPU node owns GPUs 4-7: a strategy is capped to them (the user's per-GPU caps count
+    within the share), host memory is split between the ranks, and a JSON map's GPU numbers are shifted."""
+    from biaslab.models.placement import place_on_share
+
+    free = {g: 1000 + g for g in range(8)}
+    kw = dict(free_gpu=free.__getitem__, cpu_free=900, ranks_on_node=2)
+    dm, mm = place_on_share("auto", None, [4, 5, 6, 7], **kw)
+    assert dm == "auto" and mm == {4: 1004, 5: 1005, 6: 1006, 7: 1007, "cpu": 450}
+    _, mm = place_on_share("balanced", {0: "70GiB", "cpu": "100GiB", "disk": "1TiB"}, [4, 5, 6, 7], **kw)
+    assert mm == {4: "70GiB", 5: 1005, 6: 1006, 7: 1007, "cpu": "100GiB", "disk": "1TiB"}
+    dm, _ = place_on_share({"model.embed": 0, "model.layers.0": "cuda:1", "lm_head": "cpu"}, None, [4, 5, 6, 7], **kw)
+    assert dm == {"model.embed": 4, "model.layers.0": "cuda:5", "lm_head": "cpu"}
+    with pytest.raises(BiaslabError, match="names GPU 4, but each process of this run owns 4 GPU"):
+        place_on_share({"model": 4}, None, [4, 5, 6, 7], **kw)
+    with pytest.raises(BiaslabError, match="--max-memory names GPU 5"):
+        place_on_share("auto", {5: "1GiB"}, [4, 5, 6, 7], **kw)
+
+
+def test_without_nccl_a_device_map_is_left_as_given():
+    from biaslab.models.placement import placement_for_this_rank
+
+    assert placement_for_this_rank("auto", {"cpu": "1GiB"}) == ("auto", {"cpu": "1GiB"})
+
+
 def test_checkpoint_fingerprint_rehashes_only_a_changed_file(tmp_path):
     from biaslab.models.fingerprint import checkpoint_fingerprint
 
@@ -111,6 +163,7 @@ def _launch(args, world: int, tmp_path, port=None):
     procs = []
     for r in range(world):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "BIASLAB_PROGRESS": "0", "BIASLAB_CACHE": str(tmp_path / "cache"), "BIASLAB_DIST_TIMEOUT": "120"}
         procs.append(subprocess.Popen([sys.executable, "-m", "biaslab", *args], env=env, stdout=subprocess.PIPE,
@@ -134,9 +187,9 @@ def test_two_process_audit_equals_one_process(tiny_dir, tmp_path):
     args = ["audit", "--model", str(tiny_dir), "--bench", "crows,winobias", "--limit", "70", "--n-boot", "200",
             "--format", "json", "-q"]
     one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))
-    two = json.loads(_run(args + ["--out", str(tmp_path / "two")], 2, tmp_path))
+    two = json.loads(_run(args + ["--out", str(tmp_path / "two"), "--device-map", "auto"], 2, tmp_path))
     assert one["benchmarks"] == two["benchmarks"]                       # values and bootstrap intervals identical
-    assert _records(tmp_path / "one") == _records(tmp_path / "two")
+    assert _records(tmp_path / "one") == _records(tmp_path / "two")     # (each rank loaded through a device map)
     assert (tmp_path / "two" / "report.html").is_file()
 
 
@@ -260,6 +313,7 @@ def test_two_process_causal_tracing_lora_and_stamp_training_equal_one_process(tm
         procs = []
         for r in range(world):
             env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                    "BIASLAB_PROGRESS": "0", "BIASLAB_DIST_TIMEOUT": "120"}
             procs.append(subprocess.Popen([sys.executable, "-c", TRACE_WORKER, tests], env=env, stdout=subprocess.PIPE,

@@ -22,7 +22,7 @@ from datetime import timedelta
 
 from .errors import BiaslabError
 
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 _local = contextvars.ContextVar("biaslab_local_only", default=False)
@@ -90,9 +90,9 @@ def init_from_env(backend: str | None = None) -> bool:
     if _group() is not None:
         return True
     backend = backend or os.environ.get("BIASLAB_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":   # a bad share (more ranks on this node than GPUs) is its own clear line
+        torch.cuda.set_device(node_share()[0])
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s()))
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     except Exception as e:
@@ -115,12 +115,51 @@ def peer_failure_message(e: BaseException) -> str:
             f"(collectives time out after BIASLAB_DIST_TIMEOUT={timeout_s():g} s)")
 
 
-def local_device() -> str | None:
-    """The device this rank should use: ``cuda:LOCAL_RANK`` under NCCL, else None (the default choice)."""
+def gpu_share(n_gpus: int, local_rank: int, local_world: int) -> list[int]:
+    """The GPUs of a node that belong to one of its ranks: the node's ``n_gpus`` cut into ``local_world`` equal
+    blocks of consecutive indices, block ``local_rank`` to that rank (8 GPUs, 2 ranks: 0-3 and 4-7). A remainder
+    (7 GPUs, 2 ranks) stays idle, so that every rank holds the same number of devices."""
+    if not 0 <= local_rank < local_world:
+        raise BiaslabError(f"LOCAL_RANK={local_rank} is outside 0 … LOCAL_WORLD_SIZE-1={local_world - 1}")
+    if n_gpus < local_world:
+        raise BiaslabError(f"{local_world} processes on this node but only {n_gpus} GPU(s) — start at most one "
+                           f"process per GPU (torchrun --nproc_per_node={n_gpus}), or use gloo "
+                           f"(BIASLAB_DIST_BACKEND=gloo) on CPUs")
+    per = n_gpus // local_world
+    return list(range(local_rank * per, (local_rank + 1) * per))
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, str(default)))
+    except ValueError:
+        raise BiaslabError(f"{name} must be an integer, got {os.environ.get(name)!r}") from None
+
+
+def node_share(n_gpus: int | None = None) -> list[int]:
+    """This rank's GPUs (:func:`gpu_share` of ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE``, which torchrun and accelerate
+    set). Without ``LOCAL_WORLD_SIZE`` every rank gets the one GPU ``LOCAL_RANK``, as before the share existed."""
+    if n_gpus is None:
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+    lr = _env_int("LOCAL_RANK", 0)
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        if lr >= n_gpus:
+            raise BiaslabError(f"LOCAL_RANK={lr} but this node has {n_gpus} GPU(s) — start at most one process per GPU")
+        return [lr]
+    return gpu_share(n_gpus, lr, _env_int("LOCAL_WORLD_SIZE", 1))
+
+
+def uses_gpu_share() -> bool:
+    """True under NCCL: each rank then owns :func:`node_share` (its device, and the devices a device map may use)."""
     d = _group()
-    if d is None or d.get_backend() != "nccl":
-        return None
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return d is not None and d.get_backend() == "nccl"
+
+
+def local_device() -> str | None:
+    """The device this rank should use: the first GPU of its share under NCCL, else None (the default choice)."""
+    return f"cuda:{node_share()[0]}" if uses_gpu_share() else None
 
 
 def broadcast(obj, src: int = 0):

@@ -14,6 +14,7 @@ from .embedded import (DEFAULT_MODEL, EMBEDDED, EmbeddedModel, _file_record, _lo
                        cache_dir, cache_problem, embedded_gguf_path, embedded_license_files, embedded_model_dir,
                        list_models)
 from .fingerprint import weights_fingerprint
+from .placement import memory_error, parse_device_map, parse_max_memory, placement_for_this_rank
 
 # biaslab never downloads at run time: keep the HF libraries offline (a user may still override explicitly).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -104,53 +105,6 @@ def pick_dtype(device: str, dtype: str | None = None):
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def parse_device_map(device_map):
-    """``auto | balanced | balanced_low_0 | sequential``, a JSON object (inline or a file) mapping module names to
-    devices, or a dict; None keeps the whole model on one device."""
-    if device_map is None or isinstance(device_map, dict):
-        return device_map
-    dm = str(device_map).strip()
-    if dm in DEVICE_MAPS:
-        return dm
-    text = dm
-    if not dm.startswith("{"):
-        f = Path(dm)
-        if not f.is_file():
-            raise UnknownNameError("device map", dm, list(DEVICE_MAPS) + ["<JSON object>", "<JSON file>"])
-        text = f.read_text(encoding="utf-8")
-    try:
-        obj = json.loads(text)
-    except ValueError as e:
-        raise BiaslabError(f"--device-map {dm[:80]}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict) or not obj:
-        raise BiaslabError(f"--device-map {dm[:80]}: expected a JSON object of module name → device")
-    return obj
-
-
-def parse_max_memory(max_memory):
-    """``0=70GiB,1=70GiB,cpu=200GiB`` (or a dict) → Accelerate's max_memory dict."""
-    if max_memory is None or isinstance(max_memory, dict):
-        return max_memory
-    out = {}
-    for part in str(max_memory).split(","):
-        k, sep, v = part.partition("=")
-        if not sep or not k.strip() or not v.strip():
-            raise BiaslabError(f"--max-memory expects DEVICE=SIZE pairs such as 0=70GiB,cpu=200GiB, got {part!r}")
-        k = k.strip()
-        out[int(k) if k.isdigit() else k] = v.strip()
-    return out
-
-
-def _memory_error(e: Exception, device_map, max_memory) -> BiaslabError:
-    msg = str(e)
-    return BiaslabError(f"the model does not fit with --device-map {device_map}"
-                        + (f" and --max-memory {max_memory}" if max_memory else "") +
-                        f": {msg[:300]} — give more devices or memory (--max-memory), or a smaller --dtype")
-
-
 def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: str | None = None,
                chat_template: bool | None = None, progress: bool = True, device_map=None, max_memory=None):
     """Load a model spec into a :class:`~biaslab.models.lm.LanguageModel`.
@@ -176,6 +130,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     dm, mm = parse_device_map(device_map), parse_max_memory(max_memory)
     if mm is not None and dm is None:
         raise BiaslabError("--max-memory limits a --device-map; give --device-map auto (or another map) with it")
+    dm, mm = placement_for_this_rank(dm, mm)   # several ranks per node: each maps onto its own GPUs only
     place = {"device_map": dm, **({"max_memory": mm} if mm else {})} if dm is not None else {}
     meta_f, fp_source = None, None
     from transformers.utils import logging as hf_logging
@@ -210,7 +165,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
                 tok = AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError) as e:
                 if dm is not None and ("memory" in str(e).lower() or "offload" in str(e).lower()):
-                    raise _memory_error(e, device_map, max_memory) from None
+                    raise memory_error(e, device_map, max_memory) from None
                 where = "the local Hugging Face cache" if kind == "hub" else ref
                 raise BiaslabError(
                     f"could not load model {spec!r} from {where} (biaslab never downloads at run time; "
@@ -224,7 +179,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
             fp_source = local
     except RuntimeError as e:   # accelerate: a device map that does not fit
         if dm is not None:
-            raise _memory_error(e, device_map, max_memory) from None
+            raise memory_error(e, device_map, max_memory) from None
         raise
     meta = json.loads(meta_f.read_text()) if meta_f is not None else {}
     if meta.get("fingerprint"):  # computed once on the verified weights of the converted cache

@@ -1,0 +1,108 @@
+"""Where a model's weights go: ``--device-map`` / ``--max-memory`` parsed for Accelerate's big-model loading, and,
+under several processes per node (torchrun, NCCL), rewritten so that each rank places its copy of the model on
+its own share of the node's GPUs (:func:`biaslab.distributed.node_share`) and never on another rank's."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import BiaslabError, UnknownNameError
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(device_map):
+    """``auto | balanced | balanced_low_0 | sequential``, a JSON object (inline or a file) mapping module names to
+    devices, or a dict; None keeps the whole model on one device."""
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    dm = str(device_map).strip()
+    if dm in DEVICE_MAPS:
+        return dm
+    text = dm
+    if not dm.startswith("{"):
+        f = Path(dm)
+        if not f.is_file():
+            raise UnknownNameError("device map", dm, list(DEVICE_MAPS) + ["<JSON object>", "<JSON file>"])
+        text = f.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise BiaslabError(f"--device-map {dm[:80]}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict) or not obj:
+        raise BiaslabError(f"--device-map {dm[:80]}: expected a JSON object of module name → device")
+    return obj
+
+
+def parse_max_memory(max_memory):
+    """``0=70GiB,1=70GiB,cpu=200GiB`` (or a dict) → Accelerate's max_memory dict."""
+    if max_memory is None or isinstance(max_memory, dict):
+        return max_memory
+    out = {}
+    for part in str(max_memory).split(","):
+        k, sep, v = part.partition("=")
+        if not sep or not k.strip() or not v.strip():
+            raise BiaslabError(f"--max-memory expects DEVICE=SIZE pairs such as 0=70GiB,cpu=200GiB, got {part!r}")
+        k = k.strip()
+        out[int(k) if k.isdigit() else k] = v.strip()
+    return out
+
+
+def memory_error(e: Exception, device_map, max_memory) -> BiaslabError:
+    msg = str(e)
+    return BiaslabError(f"the model does not fit with --device-map {device_map}"
+                        + (f" and --max-memory {max_memory}" if max_memory else "") +
+                        f": {msg[:300]} — give more devices or memory (--max-memory), or a smaller --dtype")
+
+
+def _own(share: list[int], i: int, flag: str) -> int:
+    if not 0 <= i < len(share):
+        raise BiaslabError(f"{flag} names GPU {i}, but each process of this run owns {len(share)} GPU(s) (this one: "
+                           f"GPUs {share}) — under several processes per node, GPU numbers in --device-map and "
+                           f"--max-memory count within a process's own GPUs (0 … {len(share) - 1})")
+    return share[i]
+
+
+def place_on_share(dm, mm, share: list[int], *, free_gpu, cpu_free: int, ranks_on_node: int):
+    """``(device_map, max_memory)`` for one of ``ranks_on_node`` ranks that owns the GPUs ``share``.
+
+    GPU numbers the user gave count within the share (GPU ``i`` is ``share[i]``), so one command line serves every
+    rank. A strategy (``auto``, ``balanced`` …) gets a ``max_memory`` that lists only the share — each GPU capped by
+    the user's ``--max-memory`` entry or its free memory ``free_gpu(index)`` — and, unless the user capped it, a
+    ``1/ranks_on_node`` part of the free host memory ``cpu_free`` (every rank holds a whole copy of the model)."""
+    mm = dict(mm or {})
+    ints = {k: v for k, v in mm.items() if isinstance(k, int)}
+    for k in ints:
+        _own(share, k, "--max-memory")
+    if isinstance(dm, dict):
+        def move(v):
+            if isinstance(v, int) and not isinstance(v, bool):
+                return _own(share, v, "--device-map")
+            if isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit():
+                return f"cuda:{_own(share, int(v[5:]), '--device-map')}"
+            return v
+        out_mm = ({share[k]: v for k, v in ints.items()} | {k: v for k, v in mm.items() if not isinstance(k, int)}
+                  if mm else None)
+        return {k: move(v) for k, v in dm.items()}, out_mm
+    out = {g: ints.get(i, free_gpu(g)) for i, g in enumerate(share)}
+    out["cpu"] = mm.get("cpu", cpu_free // max(1, ranks_on_node))
+    if "disk" in mm:
+        out["disk"] = mm["disk"]
+    return dm, out
+
+
+def placement_for_this_rank(dm, mm):
+    """:func:`place_on_share` for this process when it is one of several NCCL ranks and a device map was asked
+    for; otherwise ``(dm, mm)`` unchanged (one process, or gloo on CPUs, places as Accelerate would)."""
+    from .. import distributed as D
+
+    if dm is None or not D.uses_gpu_share():
+        return dm, mm
+    import os
+
+    import psutil
+    import torch
+
+    return place_on_share(dm, mm, D.node_share(), free_gpu=lambda g: torch.cuda.mem_get_info(g)[0],
+                          cpu_free=psutil.virtual_memory().available,
+                          ranks_on_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
