@@ -233,7 +233,8 @@ def test_lora_trains_on_the_family_targets_and_the_soft_prompt_steps(family):
     from biaslab.methods.srllm.data import RewritePair
     from biaslab.methods.srllm.training import train_lora
     from biaslab.models.sites import lora_targets
-    from biaslab.probes.softprompt import SoftPromptConfig, encode, frozen, make_prompt_encoder, train_step
+    from biaslab.probes.prompt_training import frozen, make_prompt_encoder, train_step
+    from biaslab.probes.softprompt import SoftPromptConfig, encode
 
     name, model, lm = family
     state = {k: v.clone() for k, v in model.state_dict().items()}

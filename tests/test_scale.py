@@ -345,3 +345,27 @@ def test_two_process_soft_prompt_probe_equals_one_process(tiny_dir, tmp_path):
         for r in d.get("sweep", []):
             r.pop("train_cpu_s", None)
     assert one == two and len(list((tmp_path / "two" / "prompts").iterdir())) == 2
+
+
+def test_two_processes_train_one_soft_prompt_together_as_one_process_does(tiny_dir, tmp_path):
+    """--micro-batch-size: a single prompt's batches cut into parts of 2, part k on rank k mod 2, the gradients
+    added in part order: the same prompt file, losses and results as 1 process with the same parts."""
+    def args(tag):
+        return ["probe", "softprompt", "--model", str(tiny_dir), "--runs", "1", "--seeds", "0", "--lrs", "0.01",
+                "--train-limit", "12", "--val-limit", "8", "--test-limit", "8", "--template-limit", "12",
+                "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "2", "--virtual-tokens", "2",
+                "--no-hand-prompts", "--format", "json", "-q", "--prompt-cache", str(tmp_path / f"cache-{tag}"),
+                "--out", str(tmp_path / tag)]
+    one = json.loads(_run(args("one"), 1, tmp_path))
+    two = json.loads(_run(args("two"), 2, tmp_path))
+    for d in (one, two):
+        for k in ("timings_s", "cpu_s"):
+            d.pop(k, None)
+        for r in d.get("sweep", []):
+            r.pop("train_cpu_s", None)
+    assert one == two
+    from biaslab.probes.softprompt import SoftPrompt
+
+    a, b = (SoftPrompt.load(tmp_path / t / "prompts" / "soft-lr0.01-s0.safetensors") for t in ("one", "two"))
+    assert torch.equal(a.embeddings, b.embeddings) and a.info["losses"] == b.info["losses"]
+    assert a.info["micro_batch_size"] == 2 and a.val_accuracy == b.val_accuracy

@@ -11,8 +11,9 @@ import torch
 from biaslab.errors import BiaslabError, DataError, PatchMismatchError
 from biaslab.metrics import fairness as F
 from biaslab.probes.data import Sentence, detokenize, load_sst3, load_templates
-from biaslab.probes.softprompt import (HAND_PROMPTS, SoftPrompt, SoftPromptConfig, encode, frozen, hand_prompt,
-                                       label_logits, make_prompt_encoder, predict, train_soft_prompt, train_step)
+from biaslab.probes.prompt_training import (frozen, make_prompt_encoder, train_soft_prompt, train_step,
+                                           train_step_in_parts)
+from biaslab.probes.softprompt import HAND_PROMPTS, SoftPrompt, SoftPromptConfig, encode, hand_prompt, label_logits, predict
 from biaslab.probes.sweep import sweep
 
 
@@ -143,6 +144,35 @@ def test_train_step_changes_only_the_prompt(tiny_lm):
     assert all(p.requires_grad for p in tiny_lm.model.parameters())   # flags restored
 
 
+def test_a_step_in_parts_adds_up_to_the_whole_batch(tiny_lm):
+    """Parts of 1, 2 and 3 sentences (the last part short) give the whole batch's loss and gradient."""
+    cfg = SoftPromptConfig(virtual_tokens=3, lr=0.05)
+    e = encode(tiny_lm, cfg, SENTS)
+    golds = [2, 0, 1, 2]
+
+    def step(micro):
+        enc, _ = make_prompt_encoder(tiny_lm, cfg)
+        seen = {}
+
+        class Opt:   # records the gradient the step hands to the optimiser
+            def step(self):
+                seen["grad"] = enc.embedding.weight.grad.clone()
+        with frozen(tiny_lm.model):
+            if micro is None:
+                opt = Opt()
+                opt.zero_grad = lambda set_to_none=True: None
+                loss = train_step(tiny_lm, enc, e.rows, golds, e.label_ids, opt, clip=0)
+            else:
+                loss = train_step_in_parts(tiny_lm, enc, e.rows, golds, e.label_ids, Opt(), micro, clip=0)
+        return loss, seen["grad"]
+
+    whole_loss, whole = step(None)
+    assert whole.abs().sum() > 0
+    for micro in (1, 2, 3):
+        loss, grad = step(micro)
+        assert loss == pytest.approx(whole_loss, rel=1e-5) and torch.allclose(grad, whole, rtol=1e-4, atol=1e-6)
+
+
 def _data():
     train = [Sentence(f"t{i}", s, lab) for i, (s, lab) in enumerate(zip(SENTS * 2, [2, 0, 1, 2] * 2))]
     val = [Sentence(f"v{i}", s, lab) for i, (s, lab) in enumerate(zip(SENTS, [2, 0, 1, 2]))]
@@ -190,8 +220,25 @@ def test_sweep_keeps_top_runs_and_reuses_cache(tiny_lm, tmp_path):
     assert torch.equal(s2.kept[0].embeddings, s1.kept[0].embeddings)
     with pytest.raises(BiaslabError, match="keep 3"):
         sweep(tiny_lm, base, seeds=(0, 1), lrs=(0.01,), keep=3, cache_dir=tmp_path)
+    s3 = sweep(tiny_lm, base, seeds=(0,), lrs=(0.01,), keep=1, cache_dir=tmp_path, progress=False, micro_batch_size=3)
+    assert s3.trained == ["soft-lr0.01-s0"] and s3.files["soft-lr0.01-s0"] != s1.files["soft-lr0.01-s0"]
+    assert s3.kept[0].info["micro_batch_size"] == 3        # trained in parts: its own cache entry, said in its info
+    with pytest.raises(BiaslabError, match="--micro-batch-size must be between 1 and the batch size"):
+        sweep(tiny_lm, base, seeds=(0,), lrs=(0.01,), keep=1, cache_dir=tmp_path, micro_batch_size=9)
     with pytest.raises(BiaslabError):
         SoftPromptConfig(virtual_tokens=0)
+
+
+def test_a_sweep_with_fewer_prompts_than_ranks_says_how_to_share_them(tiny_lm, tmp_path, monkeypatch):
+    from biaslab import distributed as D
+
+    monkeypatch.setattr(D, "world_size", lambda: 4)          # rank 0 of 4; the other ranks' parts come back empty
+    monkeypatch.setattr(D, "all_gather", lambda obj: [obj, {}, {}, {}])
+    said = []
+    base = SoftPromptConfig(virtual_tokens=2, train_limit=8, val_limit=4, batch_size=8)
+    sweep(tiny_lm, base, seeds=(0,), lrs=(0.01,), keep=1, cache_dir=tmp_path, progress=False, log=said.append)
+    assert said == ["4 processes but 1 prompt(s) to train: 3 rank(s) idle while prompts train "
+                    "(--micro-batch-size 2 shares each prompt's batches instead)"]
 
 
 # ---------------------------------------------------------------- pipeline, benchmark, CLI (tiny model)

@@ -36,6 +36,10 @@ def softprompt(
     lrs: str = typer.Option("0.005,0.01", "--lrs", help="sweep: comma-separated learning rates"),
     epochs: int = typer.Option(1, "--epochs"),
     batch_size: int = typer.Option(16, "--batch-size"),
+    micro_batch_size: Optional[int] = typer.Option(
+        None, "--micro-batch-size", help="sentences per gradient part: each batch is cut into parts shared across "
+                                         "processes (torchrun), the same prompts as 1 process with the same value; "
+                                         "default: each prompt trained whole on one process"),
     max_length: int = typer.Option(64, "--max-length", help="sentence tokens kept"),
     no_hand: bool = typer.Option(False, "--no-hand-prompts", help="skip the hand-written prompt comparison"),
     prompt_cache: Optional[Path] = typer.Option(None, "--prompt-cache",
@@ -59,7 +63,8 @@ def softprompt(
     res = run_probe(model, out, runs=runs, virtual_tokens=virtual_tokens, train_limit=train_limit, val_limit=val_limit,
                     test_limit=test_limit, template_limit=template_limit or None, seeds=seed_list,
                     lrs=_floats(lrs, "--lrs"), epochs=epochs, batch_size=batch_size, max_length=max_length,
-                    hand_prompts=() if no_hand else HAND_PROMPTS, prompt_cache=prompt_cache, seed=seed, force=force)
+                    hand_prompts=() if no_hand else HAND_PROMPTS, prompt_cache=prompt_cache, seed=seed, force=force,
+                    micro_batch_size=micro_batch_size, console=err_console)
     head = ["prompt", "kind", "test acc", "template acc"]
     rows = [[pid, a["kind"], f"{a['test']:.3f}", f"{a['templates']:.3f}"] for pid, a in res["accuracy"].items()]
     flags = [[c, g, m, f"{res['fairness']['soft'][c]['groups'][g][m]['mean']:+.3f}"] for c, g, m in res["flags"]["soft"]]

@@ -102,8 +102,9 @@ def run_probe(model="smollm2-135m-instruct", out: str | Path | None = None, *, r
               epochs: int = DEFAULTS["epochs"], batch_size: int = DEFAULTS["batch_size"],
               max_length: int = DEFAULTS["max_length"], hand_prompts: tuple[HandPrompt, ...] | None = HAND_PROMPTS,
               prompt_cache: str | Path | None = None, seed: int = 0, force: bool = False, report: bool = True,
-              console=None) -> dict:
-    """Run the soft-prompt bias audit; returns the results dict (also written to ``out``)."""
+              console=None, micro_batch_size: int | None = None) -> dict:
+    """Run the soft-prompt bias audit; returns the results dict (also written to ``out``). ``micro_batch_size``:
+    train each prompt's batches in parts shared across ranks (:func:`~biaslab.probes.sweep.sweep`)."""
     from ..data import data_path, sha256_file
     from ..models import LanguageModel, load_model
     from ..runs import clean_nan
@@ -127,7 +128,8 @@ def run_probe(model="smollm2-135m-instruct", out: str | Path | None = None, *, r
             "soft_prompt": {k: v for k, v in asdict(base).items()}, "seeds": list(seeds), "lrs": list(lrs),
             "test_limit": test_limit, "template_limit": template_limit, "seed": seed,
             "hand_prompts": [{"name": h.name, "template": h.template, "label_words": list(h.label_words),
-                              "chat": h.chat} for h in hand]}
+                              "chat": h.chat} for h in hand],
+            **({"micro_batch_size": micro_batch_size} if micro_batch_size else {})}
     data_files = [("sst", "sst5_train.tsv"), ("sst", "sst5_dev.tsv"), ("sst", "sst5_test.tsv"), TEMPLATES_FILE]
     run = RunDir(out, args, force=force, extra_manifest={
         "model": lm.describe(), "prompt_cache": str(cache),
@@ -135,7 +137,8 @@ def run_probe(model="smollm2-135m-instruct", out: str | Path | None = None, *, r
     timings, cpu = {}, {}
 
     c, t = _cpu(), Timer()
-    sw = sweep(lm, base, seeds=seeds, lrs=lrs, keep=runs, cache_dir=cache)
+    sw = sweep(lm, base, seeds=seeds, lrs=lrs, keep=runs, cache_dir=cache, micro_batch_size=micro_batch_size,
+               log=console.print if console is not None else None)
     timings["sweep"], cpu["sweep"] = t.elapsed(), round(_cpu() - c, 1)
     if not run.follower:   # under torch.distributed rank 0 alone writes the run directory
         pdir = run.path / "prompts"
