@@ -193,6 +193,30 @@ def test_two_process_audit_equals_one_process(tiny_dir, tmp_path):
     assert (tmp_path / "two" / "report.html").is_file()
 
 
+def test_torchrun_on_two_nodes_equals_one_process(tiny_dir, tmp_path):
+    """The SLURM recipe's shape with torchrun itself: two agents (``--nnodes=2 --node_rank=0/1``, one process
+    each, so both ranks have LOCAL_RANK 0) meet on a static rendezvous; rank 0 alone writes, the results equal one
+    process's, and the manifest records the layout."""
+    args = ["audit", "--model", str(tiny_dir), "--bench", "crows", "--limit", "70", "--n-boot", "50",
+            "--format", "json", "-q"]
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BIASLAB_PROGRESS": "0", "BIASLAB_CACHE": str(tmp_path / "cache"),
+           "BIASLAB_DIST_TIMEOUT": "120"}
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                                f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                "-m", "biaslab", *args, "--out", str(tmp_path / "two")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    outs = [a.communicate(timeout=600) for a in agents]
+    assert all(a.returncode == 0 for a in agents), outs[0][1][-1500:] + outs[1][1][-1500:]
+    assert outs[1][0] == ""                                             # node 1's rank prints nothing
+    one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))
+    assert one["benchmarks"] == json.loads(outs[0][0])["benchmarks"]
+    assert _records(tmp_path / "one") == _records(tmp_path / "two")
+    env_two = json.loads((tmp_path / "two" / "manifest.json").read_text())["environment"]
+    assert env_two["processes"] == {"world_size": 2, "backend": "gloo", "processes_per_node": 1, "nodes": 2}
+    assert "processes" not in json.loads((tmp_path / "one" / "manifest.json").read_text())["environment"]
+
+
 def test_more_ranks_than_chunks_idle_cleanly(tiny_dir, tmp_path):
     out = _run(["audit", "--model", str(tiny_dir), "--bench", "crows", "--limit", "3", "--n-boot", "20",
                 "--format", "json", "-q", "--out", str(tmp_path / "a")], 2, tmp_path)

@@ -61,6 +61,20 @@ def local_only():
         _local.reset(tok)
 
 
+def describe() -> dict | None:
+    """What the manifest records of a distributed run (None in one process): world size, backend, and the
+    launcher's per-node layout where it set one (torchrun / accelerate: ``LOCAL_WORLD_SIZE``,
+    ``GROUP_WORLD_SIZE`` = nodes)."""
+    d = _group()
+    if d is None:
+        return None
+    out = {"world_size": d.get_world_size(), "backend": str(d.get_backend())}
+    for key, env in (("processes_per_node", "LOCAL_WORLD_SIZE"), ("nodes", "GROUP_WORLD_SIZE")):
+        if os.environ.get(env, "").isdigit():
+            out[key] = int(os.environ[env])
+    return out
+
+
 def is_main() -> bool:
     return rank() == 0
 

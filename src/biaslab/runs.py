@@ -96,7 +96,11 @@ def environment_info() -> dict:
                                 cwd=Path(__file__).resolve().parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": pkgs, "git_commit": commit}
+    from .distributed import describe
+
+    procs = describe()
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": pkgs, "git_commit": commit,
+            **({"processes": procs} if procs else {})}
 
 
 def _parse_journal(path: Path) -> tuple[dict[tuple[str, int], list[dict]], list[str], bool]:
