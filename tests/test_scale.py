@@ -183,35 +183,32 @@ def _records(run_dir):
     return sorted(json.dumps(json.loads(line), sort_keys=True) for line in open(run_dir / "records.jsonl"))
 
 
-def test_two_process_audit_equals_one_process(tiny_dir, tmp_path):
-    args = ["audit", "--model", str(tiny_dir), "--bench", "crows,winobias", "--limit", "70", "--n-boot", "200",
-            "--format", "json", "-q"]
-    one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))
-    two = json.loads(_run(args + ["--out", str(tmp_path / "two"), "--device-map", "auto"], 2, tmp_path))
-    assert one["benchmarks"] == two["benchmarks"]                       # values and bootstrap intervals identical
-    assert _records(tmp_path / "one") == _records(tmp_path / "two")     # (each rank loaded through a device map)
-    assert (tmp_path / "two" / "report.html").is_file()
-
-
-def test_torchrun_on_two_nodes_equals_one_process(tiny_dir, tmp_path):
-    """The SLURM recipe's shape with torchrun itself: two agents (``--nnodes=2 --node_rank=0/1``, one process
-    each, so both ranks have LOCAL_RANK 0) meet on a static rendezvous; rank 0 alone writes, the results equal one
-    process's, and the manifest records the layout."""
-    args = ["audit", "--model", str(tiny_dir), "--bench", "crows", "--limit", "70", "--n-boot", "50",
-            "--format", "json", "-q"]
+def _torchrun_two_nodes(args, tmp_path) -> str:
+    """The SLURM recipe's shape with torchrun itself: two agents (``--nnodes=2 --node_rank=0|1``, one process each,
+    so both ranks have LOCAL_RANK 0) meeting on a static rendezvous; returns rank 0's stdout."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BIASLAB_PROGRESS": "0", "BIASLAB_CACHE": str(tmp_path / "cache"),
            "BIASLAB_DIST_TIMEOUT": "120"}
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                                 f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                                "-m", "biaslab", *args, "--out", str(tmp_path / "two")],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+                                "-m", "biaslab", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for n in (0, 1)]
     outs = [a.communicate(timeout=600) for a in agents]
     assert all(a.returncode == 0 for a in agents), outs[0][1][-1500:] + outs[1][1][-1500:]
     assert outs[1][0] == ""                                             # node 1's rank prints nothing
+    return outs[0][0]
+
+
+def test_two_process_audit_equals_one_process(tiny_dir, tmp_path):
+    """Launched by torchrun as two nodes, each rank loading through --device-map auto: rank 0 alone writes, and
+    the values, bootstrap intervals and records equal one process's; the manifest records the layout."""
+    args = ["audit", "--model", str(tiny_dir), "--bench", "crows,winobias", "--limit", "70", "--n-boot", "200",
+            "--format", "json", "-q"]
     one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))
-    assert one["benchmarks"] == json.loads(outs[0][0])["benchmarks"]
+    two = json.loads(_torchrun_two_nodes(args + ["--out", str(tmp_path / "two"), "--device-map", "auto"], tmp_path))
+    assert one["benchmarks"] == two["benchmarks"]                       # values and bootstrap intervals identical
     assert _records(tmp_path / "one") == _records(tmp_path / "two")
+    assert (tmp_path / "two" / "report.html").is_file()
     env_two = json.loads((tmp_path / "two" / "manifest.json").read_text())["environment"]
     assert env_two["processes"] == {"world_size": 2, "backend": "gloo", "processes_per_node": 1, "nodes": 2}
     assert "processes" not in json.loads((tmp_path / "one" / "manifest.json").read_text())["environment"]
@@ -313,6 +310,15 @@ fcfg = F.FastConfig(steps=2, lr=1e-2, width=8, batch_pairs=3, batch_subject=2, b
                     n_text=2, text_tokens=8, fairness="gap+js", micro_batch_pairs=2)
 st = F.train(lm, kp, 1, fcfg)
 out["fast"] = {"history": st.history, "stamp": {k: v.flatten().tolist() for k, v in st.stamp.state_dict().items()}}
+# a soft prompt with --micro-batch-size 2: batches of 5 in 3 parts (rank 1 idles in the second round), then of 1
+from biaslab.probes.data import Sentence
+from biaslab.probes.prompt_training import train_soft_prompt
+from biaslab.probes.softprompt import SoftPromptConfig
+sents = [Sentence(f"s{i}", t, i % 3) for i, t in enumerate(
+    ["a fine film .", "dull and slow", "it was fine", "the best ever made", "not good", "okay i guess"])]
+sp = train_soft_prompt(lm, SoftPromptConfig(virtual_tokens=2, batch_size=5, lr=0.05), sents, sents[:3],
+                       progress=False, micro_batch_size=2)
+out["prompt"] = {"embeddings": sp.embeddings.flatten().tolist(), "losses": sp.info["losses"], "val": sp.val_accuracy}
 if D.rank() == 0:
     print(json.dumps(out), flush=True)
 if D.world_size() > 1:   # leave together: a rank that exits while its peer still tears down gloo can abort
@@ -327,7 +333,7 @@ def test_two_process_causal_tracing_lora_and_stamp_training_equal_one_process(tm
     noise in order, so the per-pair effects — and the decisive layer — equal the one-process run exactly.
     SR_LLM's LoRA with --micro-batch-size shares each batch's parts across ranks and adds their gradients in part
     order: the adapter, the losses and the validation losses equal the one-process run bit for bit. FAST's stamp
-    with --micro-batch-pairs likewise: the same stamp and loss terms."""
+    with --micro-batch-pairs likewise: the same stamp and loss terms, and a soft prompt with --micro-batch-size."""
     from pathlib import Path
 
     tests = str(Path(__file__).parent)
@@ -337,8 +343,7 @@ def test_two_process_causal_tracing_lora_and_stamp_training_equal_one_process(tm
         procs = []
         for r in range(world):
             env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-               "LOCAL_WORLD_SIZE": str(world),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                   "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                    "BIASLAB_PROGRESS": "0", "BIASLAB_DIST_TIMEOUT": "120"}
             procs.append(subprocess.Popen([sys.executable, "-c", TRACE_WORKER, tests], env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True))
@@ -351,6 +356,7 @@ def test_two_process_causal_tracing_lora_and_stamp_training_equal_one_process(tm
     assert one["trace"] == two["trace"] and len(one["trace"]["mlp"]) == 5
     assert one["lora"] == two["lora"] and len(one["lora"]["train_loss"]) == 3 and len(one["lora"]["val_loss"]) == 3
     assert one["fast"] == two["fast"] and len(one["fast"]["history"]) == 2 and one["fast"]["history"][0]["JS"] > 0
+    assert one["prompt"] == two["prompt"] and len(one["prompt"]["losses"]) == 2
 
 
 def test_two_process_soft_prompt_probe_equals_one_process(tiny_dir, tmp_path):
@@ -369,27 +375,3 @@ def test_two_process_soft_prompt_probe_equals_one_process(tiny_dir, tmp_path):
         for r in d.get("sweep", []):
             r.pop("train_cpu_s", None)
     assert one == two and len(list((tmp_path / "two" / "prompts").iterdir())) == 2
-
-
-def test_two_processes_train_one_soft_prompt_together_as_one_process_does(tiny_dir, tmp_path):
-    """--micro-batch-size: a single prompt's batches cut into parts of 2, part k on rank k mod 2, the gradients
-    added in part order: the same prompt file, losses and results as 1 process with the same parts."""
-    def args(tag):
-        return ["probe", "softprompt", "--model", str(tiny_dir), "--runs", "1", "--seeds", "0", "--lrs", "0.01",
-                "--train-limit", "12", "--val-limit", "8", "--test-limit", "8", "--template-limit", "12",
-                "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "2", "--virtual-tokens", "2",
-                "--no-hand-prompts", "--format", "json", "-q", "--prompt-cache", str(tmp_path / f"cache-{tag}"),
-                "--out", str(tmp_path / tag)]
-    one = json.loads(_run(args("one"), 1, tmp_path))
-    two = json.loads(_run(args("two"), 2, tmp_path))
-    for d in (one, two):
-        for k in ("timings_s", "cpu_s"):
-            d.pop(k, None)
-        for r in d.get("sweep", []):
-            r.pop("train_cpu_s", None)
-    assert one == two
-    from biaslab.probes.softprompt import SoftPrompt
-
-    a, b = (SoftPrompt.load(tmp_path / t / "prompts" / "soft-lr0.01-s0.safetensors") for t in ("one", "two"))
-    assert torch.equal(a.embeddings, b.embeddings) and a.info["losses"] == b.info["losses"]
-    assert a.info["micro_batch_size"] == 2 and a.val_accuracy == b.val_accuracy
