@@ -99,6 +99,27 @@ def test_more_ranks_than_gpus_or_a_bad_local_rank_is_one_line(monkeypatch):
     assert D.node_share(8) == [1]
 
 
+def test_mpi_launched_processes_take_their_ranks_from_mpi(monkeypatch):
+    """mpirun (accelerate launch's CPU multi-process path) sets MPI's variables, not torch's: they are adopted."""
+    from biaslab import distributed as D
+
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for v in names:
+        monkeypatch.setenv(v, "")            # restored (unset) after the test, as adopt_mpi_env writes os.environ
+        monkeypatch.delenv(v)
+    assert D.adopt_mpi_env() is False        # no launcher at all: one process
+    for k, v in {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(BiaslabError, match="4 MPI processes on several nodes but no MASTER_ADDR"):
+        D.adopt_mpi_env()
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    assert D.adopt_mpi_env() is True
+    assert {v: os.environ[v] for v in names} == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                                 "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
+                                                 "MASTER_PORT": "29500"}
+    assert D.adopt_mpi_env() is False        # torch's own variables, once set, win
+
+
 def test_a_device_map_under_several_ranks_stays_on_the_rank_own_gpus():
     """Rank 1 of 2 on an 8-GPU node owns GPUs 4-7: a strategy is capped to them (the user's per-GPU caps count
     within the share), host memory is split between the ranks, and a JSON map's GPU numbers are shifted."""
@@ -157,22 +178,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args, world: int, tmp_path, port=None):
-    """The ranks of one job, started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_* in the env)."""
+def _launch(args, world: int, tmp_path, port=None, mpi: bool = False):
+    """The ranks of one job, started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_* in the env), or with
+    ``mpi`` the way Open MPI's mpirun does (OMPI_COMM_WORLD_*, MASTER_PORT only, as accelerate's launcher)."""
     port = port or _free_port()
     procs = []
     for r in range(world):
-        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-               "LOCAL_WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+        ranks = ({"OMPI_COMM_WORLD_RANK": str(r), "OMPI_COMM_WORLD_LOCAL_RANK": str(r),
+                  "OMPI_COMM_WORLD_SIZE": str(world), "OMPI_COMM_WORLD_LOCAL_SIZE": str(world)} if mpi else
+                 {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+                  "MASTER_ADDR": "127.0.0.1"})
+        env = {**os.environ, **ranks, "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "BIASLAB_PROGRESS": "0", "BIASLAB_CACHE": str(tmp_path / "cache"), "BIASLAB_DIST_TIMEOUT": "120"}
         procs.append(subprocess.Popen([sys.executable, "-m", "biaslab", *args], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     return procs
 
 
-def _run(args, world, tmp_path):
-    procs = _launch(args, world, tmp_path)
+def _run(args, world, tmp_path, mpi: bool = False):
+    procs = _launch(args, world, tmp_path, mpi=mpi)
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-2000:]
@@ -215,9 +239,11 @@ def test_two_process_audit_equals_one_process(tiny_dir, tmp_path):
 
 
 def test_more_ranks_than_chunks_idle_cleanly(tiny_dir, tmp_path):
+    """Launched the way mpirun launches (accelerate launch on CPUs): the ranks come from MPI's variables."""
     out = _run(["audit", "--model", str(tiny_dir), "--bench", "crows", "--limit", "3", "--n-boot", "20",
-                "--format", "json", "-q", "--out", str(tmp_path / "a")], 2, tmp_path)
+                "--format", "json", "-q", "--out", str(tmp_path / "a")], 2, tmp_path, mpi=True)
     assert json.loads(out)["benchmarks"]["crows"]["n_items"] == 3
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["environment"]["processes"]["world_size"] == 2
 
 
 def test_two_process_crispr_fit_chooses_the_same_neurons(tiny_dir, tmp_path):

@@ -87,9 +87,37 @@ def timeout_s() -> float:
                            f"{os.environ['BIASLAB_DIST_TIMEOUT']!r}") from None
 
 
+MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def adopt_mpi_env() -> bool:
+    """Processes started by ``mpirun`` (as ``accelerate launch`` starts several CPU processes) carry MPI's rank
+    variables, not torch's: copy them into ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` (read
+    with Accelerate's own reader) when the launcher set no ``WORLD_SIZE``. ``MASTER_ADDR`` defaults to 127.0.0.1
+    on one node (accelerate's launcher sets it), ``MASTER_PORT`` to 29500. True when it adopted them."""
+    if "WORLD_SIZE" in os.environ or not any(os.environ.get(v, "").isdigit() and int(os.environ[v]) > 1
+                                             for v in MPI_SIZE_VARS):
+        return False
+    from accelerate.utils.environment import get_cpu_distributed_information
+
+    info = get_cpu_distributed_information()
+    if "MASTER_ADDR" not in os.environ:
+        if info.local_world_size < info.world_size:
+            raise BiaslabError(f"{info.world_size} MPI processes on several nodes but no MASTER_ADDR — export rank "
+                               f"0's host name as MASTER_ADDR (and a free MASTER_PORT) for every process")
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ.setdefault("MASTER_PORT", "29500")
+    for name, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
+                        ("LOCAL_WORLD_SIZE", info.local_world_size)):
+        os.environ[name] = str(value)
+    return True
+
+
 def init_from_env(backend: str | None = None) -> bool:
-    """Join the process group a launcher described in the environment (``WORLD_SIZE`` > 1); False when this is a
-    single process. gloo on CPU, NCCL when CUDA is available (``BIASLAB_DIST_BACKEND`` overrides)."""
+    """Join the process group a launcher described in the environment (``WORLD_SIZE`` > 1, or MPI's variables:
+    :func:`adopt_mpi_env`); False when this is a single process. gloo on CPU, NCCL when CUDA is available
+    (``BIASLAB_DIST_BACKEND`` overrides)."""
+    adopt_mpi_env()
     try:
         ws = int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
