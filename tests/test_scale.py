@@ -64,6 +64,10 @@ def test_device_map_auto_on_cpu_scores_like_a_plain_load(tiny_dir):
     ("{not json", None, "not valid JSON"),
     (None, "0=1GiB", "--max-memory limits a --device-map"),
     ("auto", "0:1GiB", "DEVICE=SIZE pairs"),
+    # the tiny model's 20 tensors are 6.1 MiB in float32; 10 KB of host memory holds none of them
+    ("auto", "cpu=10KB", r"does not fit with --device-map auto and --max-memory cpu=10KB: 6\.1 MiB of weights "
+                         r"\(20 tensors, first model\.embed_tokens\.weight\) found no room on the devices \(they "
+                         r"could hold: cpu 9\.8 KiB\) and would have gone to disk"),
 ])
 def test_bad_device_maps_are_one_clear_line(tiny_dir, dm, mm, match):
     from biaslab.models import load_model

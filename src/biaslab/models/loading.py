@@ -14,7 +14,8 @@ from .embedded import (DEFAULT_MODEL, EMBEDDED, EmbeddedModel, _file_record, _lo
                        cache_dir, cache_problem, embedded_gguf_path, embedded_license_files, embedded_model_dir,
                        list_models)
 from .fingerprint import weights_fingerprint
-from .placement import memory_error, parse_device_map, parse_max_memory, placement_for_this_rank
+from .placement import (check_all_placed, memory_error, parse_device_map, parse_max_memory,
+                        placement_for_this_rank)
 
 # biaslab never downloads at run time: keep the HF libraries offline (a user may still override explicitly).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -181,6 +182,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
         if dm is not None:
             raise memory_error(e, device_map, max_memory) from None
         raise
+    if dm is not None:
+        check_all_placed(model, device_map, max_memory, mm)
     meta = json.loads(meta_f.read_text()) if meta_f is not None else {}
     if meta.get("fingerprint"):  # computed once on the verified weights of the converted cache
         fingerprint, fp_kind = meta["fingerprint"], "weights (recorded at conversion)"

@@ -55,6 +55,42 @@ def memory_error(e: Exception, device_map, max_memory) -> BiaslabError:
                         f": {msg[:300]} — give more devices or memory (--max-memory), or a smaller --dtype")
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_all_placed(model, device_map, max_memory, budget: dict | None = None, caps: dict | None = None) -> None:
+    """Refuse a model some of whose weights found no device: Accelerate sends what the devices cannot hold to
+    ``disk`` and, without an offload folder, leaves it as data-less meta tensors that fail only at the first forward
+    pass. biaslab never offloads to disk, so this is the "does not fit" error, with how much is missing and what
+    each device could hold (``caps``: Accelerate's reading of ``budget``, the parsed max_memory; the free memory
+    when there is none). ``device_map`` and ``max_memory`` are the user's words, for the message."""
+    import itertools
+
+    left = [(n, t.numel() * t.element_size()) for n, t in itertools.chain(model.named_parameters(),
+                                                                          model.named_buffers())
+            if t.device.type == "meta"]
+    if not left:
+        return
+    if caps is None:
+        from accelerate.utils import get_max_memory
+
+        caps = get_max_memory(dict(budget) if budget else None)
+    held = ", ".join(f"{'GPU ' if isinstance(k, int) else ''}{k} {_size(v)}" for k, v in caps.items()
+                     if k != "disk")
+    missing = sum(b for _, b in left)
+    raise BiaslabError(
+        f"the model does not fit with --device-map {device_map}" + (f" and --max-memory {max_memory}" if max_memory
+                                                                     else "") +
+        f": {_size(missing)} of weights ({len(left)} tensors, first {left[0][0]}) found no room on the devices "
+        f"(they could hold: {held}) and would have gone to disk, which biaslab does not use — give the devices "
+        f"at least {_size(missing)} more (--max-memory), more GPUs, or a smaller --dtype")
+
+
 def _own(share: list[int], i: int, flag: str) -> int:
     if not 0 <= i < len(share):
         raise BiaslabError(f"{flag} names GPU {i}, but each process of this run owns {len(share)} GPU(s) (this one: "
