@@ -309,7 +309,9 @@ def summed_gradients(params: list, n_parts: int, part_loss) -> list:
     if n_parts < 1:
         raise BiaslabError("summed_gradients needs at least one part")
     dtype = params[0].dtype if all(p.dtype == params[0].dtype for p in params) else torch.float32
-    device = params[0].device
+    # one device for every broadcast: this rank's own GPU under NCCL (the parameters of a model spread by a device
+    # map live on several), else the parameters' device
+    device = torch.device(local_device()) if d is not None and uses_gpu_share() else params[0].device
     numel = sum(p.numel() for p in params)
     total, mine_losses = None, {}
     for r0 in range(0, n_parts, W):
@@ -319,7 +321,7 @@ def summed_gradients(params: list, n_parts: int, part_loss) -> list:
             out = part_loss(k)
             loss, info = out if isinstance(out, tuple) else (out, None)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(dtype)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(device=device, dtype=dtype)
                               for g, p in zip(grads, params)])
             mine_losses[k] = float(loss.detach()) if info is None else (float(loss.detach()), info)
         for src in range(min(W, n_parts - r0)):
@@ -331,7 +333,7 @@ def summed_gradients(params: list, n_parts: int, part_loss) -> list:
             total = g.clone() if total is None else total.add_(g)
     off = 0
     for p in params:
-        p.grad = total[off:off + p.numel()].view_as(p).to(p.dtype).clone()
+        p.grad = total[off:off + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype).clone()
         off += p.numel()
     losses: dict[int, float] = {}
     for part in all_gather(mine_losses):
