@@ -204,24 +204,50 @@ def local_device() -> str | None:
     return f"cuda:{node_share()[0]}" if uses_gpu_share() else None
 
 
+def _pack(obj) -> bytes:
+    """``obj`` as bytes for an object collective (``torch.save``: tensors anywhere inside keep their device)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes):
+    """The object a rank packed, its CUDA tensors on *this* rank's GPU. Plain pickling would rebuild them on the
+    sender's device index — another rank's GPU, or one this node does not have; CPU tensors stay on the CPU."""
+    import io
+
+    import torch
+
+    dev = local_device()
+
+    def place(storage, location):
+        return storage.cuda(torch.device(dev).index) if dev and location.startswith("cuda") else None
+
+    return torch.load(io.BytesIO(data), map_location=place, weights_only=False)   # our own ranks' objects
+
+
 def broadcast(obj, src: int = 0):
-    """``obj`` from rank ``src`` on every rank (a picklable object)."""
+    """``obj`` from rank ``src`` on every rank (a picklable object; its tensors land on each rank's device)."""
     d = _dist()
     if d is None:
         return obj
-    box = [obj if d.get_rank() == src else None]
+    box = [_pack(obj) if d.get_rank() == src else None]
     d.broadcast_object_list(box, src=src)
-    return box[0]
+    return obj if d.get_rank() == src else _unpack(box[0])
 
 
 def all_gather(obj) -> list:
-    """Every rank's ``obj``, in rank order, on every rank."""
+    """Every rank's ``obj``, in rank order, on every rank (tensors inside land on each rank's device)."""
     d = _dist()
     if d is None:
         return [obj]
     out = [None] * d.get_world_size()
-    d.all_gather_object(out, obj)
-    return out
+    d.all_gather_object(out, _pack(obj))
+    return [_unpack(b) for b in out]
 
 
 def barrier() -> None:
