@@ -22,8 +22,10 @@ err_console = Console(stderr=True)
 
 
 DEVICE_MAP_HELP = ("spread a model larger than one device: auto | balanced | sequential | a JSON object or file "
-                   "of module → device (Accelerate big-model inference)")
-MAX_MEMORY_HELP = "with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB"
+                   "of module → device (Accelerate big-model inference); under torchrun each process maps onto its "
+                   "own block of the node's GPUs, numbered from 0 within it")
+MAX_MEMORY_HELP = ("with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (per process under "
+                   "torchrun, GPUs numbered within its block)")
 
 
 def parse_kv(values: list[str] | None, flag: str) -> dict[str, str]:
