@@ -342,8 +342,10 @@ st = F.train(lm, kp, 1, fcfg)
 out["fast"] = {"history": st.history, "stamp": {k: v.flatten().tolist() for k, v in st.stamp.state_dict().items()}}
 # a soft prompt with --micro-batch-size 2: batches of 5 in 3 parts (rank 1 idles in the second round), then of 1
 from biaslab.probes.data import Sentence
+from biaslab.probes import prompt_training
 from biaslab.probes.prompt_training import train_soft_prompt
 from biaslab.probes.softprompt import SoftPromptConfig
+prompt_training.VAL_CHUNK = 2       # the 3 validation sentences in 2 shards, one per rank
 sents = [Sentence(f"s{i}", t, i % 3) for i, t in enumerate(
     ["a fine film .", "dull and slow", "it was fine", "the best ever made", "not good", "okay i guess"])]
 sp = train_soft_prompt(lm, SoftPromptConfig(virtual_tokens=2, batch_size=5, lr=0.05), sents, sents[:3],

@@ -94,11 +94,15 @@ def train_step_in_parts(lm, encoder, rows, golds, label_ids, opt, micro: int, cl
     return loss
 
 
+VAL_CHUNK = 32   # validation sentences per shard when a prompt is trained in parts (one scoring batch)
+
+
 def train_soft_prompt(lm, cfg: SoftPromptConfig, train: list[Sentence], val: list[Sentence], *,
                       progress: bool | None = None, micro_batch_size: int | None = None) -> SoftPrompt:
     """Prompt-tune on ``train``; measure accuracy on ``val``. The base model's weights are never changed.
     ``micro_batch_size``: every batch in parts of that many sentences shared across ranks
-    (:func:`train_step_in_parts`); None trains each batch whole, on this rank alone."""
+    (:func:`train_step_in_parts`), and the validation in chunks of ``VAL_CHUNK`` shared likewise; None trains
+    each batch whole, on this rank alone."""
     t0, c0 = time.perf_counter(), time.process_time()
     encoder, pdict = make_prompt_encoder(lm, cfg)
     enc = encode(lm, cfg, [s.text for s in train], cfg.max_length)
@@ -122,7 +126,14 @@ def train_soft_prompt(lm, cfg: SoftPromptConfig, train: list[Sentence], val: lis
                 advance(len(batch), loss=sum(recent) / len(recent))
     lm.model.train(was_training)
     sp = SoftPrompt(encoder.embedding.weight.detach().cpu().clone(), cfg, lm.fingerprint, lm.spec)
-    preds = predict(lm, sp, [s.text for s in val], desc=f"validating {cfg.name}", progress=progress)
+    texts = [s.text for s in val]
+    if micro_batch_size:   # every rank holds the prompt: the validation is sharded too (the same chunks in 1 and N)
+        from .. import distributed as D
+
+        preds = D.sharded_map(lambda part: predict(lm, sp, part, desc=f"validating {cfg.name}", progress=progress),
+                              texts, VAL_CHUNK)
+    else:
+        preds = predict(lm, sp, texts, desc=f"validating {cfg.name}", progress=progress)
     sp.val_accuracy = accuracy(preds, [s.label for s in val])
     sp.info = {"losses": losses, "n_train": len(train), "n_val": len(val), "train_wall_s": round(time.perf_counter() - t0, 1),
                "train_cpu_s": round(time.process_time() - c0, 1), "peft_config": pdict,
