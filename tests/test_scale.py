@@ -114,7 +114,7 @@ def test_mpi_launched_processes_take_their_ranks_from_mpi(monkeypatch):
     assert D.adopt_mpi_env() is False        # no launcher at all: one process
     for k, v in {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}.items():
         monkeypatch.setenv(k, v)
-    with pytest.raises(BiaslabError, match="4 MPI processes on several nodes but no MASTER_ADDR"):
+    with pytest.raises(BiaslabError, match="4 MPI processes, 2 of them known to be on this node, and no MASTER_ADDR"):
         D.adopt_mpi_env()
     monkeypatch.setenv("MASTER_ADDR", "node0")
     assert D.adopt_mpi_env() is True

@@ -103,8 +103,9 @@ def adopt_mpi_env() -> bool:
     info = get_cpu_distributed_information()
     if "MASTER_ADDR" not in os.environ:
         if info.local_world_size < info.world_size:
-            raise BiaslabError(f"{info.world_size} MPI processes on several nodes but no MASTER_ADDR — export rank "
-                               f"0's host name as MASTER_ADDR (and a free MASTER_PORT) for every process")
+            raise BiaslabError(f"{info.world_size} MPI processes, {info.local_world_size} of them known to be on this "
+                               f"node, and no MASTER_ADDR — export rank 0's host name as MASTER_ADDR (and a free "
+                               f"MASTER_PORT) for every process")
         os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ.setdefault("MASTER_PORT", "29500")
     for name, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),

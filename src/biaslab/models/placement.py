@@ -56,19 +56,22 @@ def memory_error(e: Exception, device_map, max_memory) -> BiaslabError:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    """Bytes in binary units: 512 B, 9.8 KiB, 6.1 MiB, 70.0 GiB."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return f"{n:.1f} TiB"
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
 
 
-def check_all_placed(model, device_map, max_memory, budget: dict | None = None, caps: dict | None = None) -> None:
+def check_all_placed(model, device_map, max_memory, budget: dict | None = None) -> None:
     """Refuse a model some of whose weights found no device: Accelerate sends what the devices cannot hold to
     ``disk`` and, without an offload folder, leaves it as data-less meta tensors that fail only at the first forward
     pass. biaslab never offloads to disk, so this is the "does not fit" error, with how much is missing and what
-    each device could hold (``caps``: Accelerate's reading of ``budget``, the parsed max_memory; the free memory
-    when there is none). ``device_map`` and ``max_memory`` are the user's words, for the message."""
+    each device could hold (Accelerate's reading of ``budget``, the parsed max_memory, or the free memory when
+    there is none). ``device_map`` and ``max_memory`` are the user's words, for the message."""
     import itertools
 
     left = [(n, t.numel() * t.element_size()) for n, t in itertools.chain(model.named_parameters(),
@@ -76,10 +79,9 @@ def check_all_placed(model, device_map, max_memory, budget: dict | None = None, 
             if t.device.type == "meta"]
     if not left:
         return
-    if caps is None:
-        from accelerate.utils import get_max_memory
+    from accelerate.utils import get_max_memory
 
-        caps = get_max_memory(dict(budget) if budget else None)
+    caps = get_max_memory(dict(budget) if budget else None)
     held = ", ".join(f"{'GPU ' if isinstance(k, int) else ''}{k} {_size(v)}" for k, v in caps.items()
                      if k != "disk")
     missing = sum(b for _, b in left)
