@@ -14,7 +14,8 @@ On the embedded default model, in about 8 minutes or less:
 3. **memory**: peak GPU memory of the scoring and of a CRISPR attribution pass (all FFN sites), and the
    attribution's time per instance;
 4. **processes**: where N > 1 GPUs exist, the same audit under ``torchrun --nproc_per_node=1`` and ``=N``: wall
-   time of each, and whether predictions, log-probs and metric intervals are identical.
+   time of each, and whether predictions, log-probs and metric intervals are identical; with one GPU, a CRISPR
+   fit in 1 process and in 2 gloo processes sharing it: whether the neurons, results and patch are identical.
 
 Nothing in the tests or CI runs this; its numbers go in bench/README.md when a GPU machine is available.
 """
@@ -109,7 +110,7 @@ def processes(n: int, limit: int) -> dict:
                "audit", "--model", "smollm2-135m-instruct", "--bench", "bbq", "--limit", str(limit), "-q",
                "--out", str(out)]
         t = time.perf_counter()
-        subprocess.run(cmd, check=True, env={**os.environ, "BIASLAB_PROGRESS": "0"})
+        subprocess.run(cmd, check=True, env={**os.environ, "BIASLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"})
         lines = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines() if x.strip()]
         recs = sorted((r for r in lines if "id" in r), key=lambda r: (r["id"], r["instruction"]))  # not the markers
         runs[k] = {"wall_s": round(time.perf_counter() - t, 2), "records": recs,
@@ -121,6 +122,40 @@ def processes(n: int, limit: int) -> dict:
             "max_abs_dlogprob": max((abs(x - y) for r, q in zip(one["records"], many["records"])
                                      for x, y in zip(r.get("logprobs", []), q.get("logprobs", []))), default=0.0),
             "same_metrics_and_intervals": one["metrics"] == many["metrics"]}
+
+
+def shared_gpu_fit(small: bool) -> dict:
+    """With one GPU: a CRISPR fit (attribution sharded by batch, dev search sharded by chunk) in 1 process and in 2
+    gloo processes sharing the GPU (NCCL refuses two ranks on one device). Every attribution contribution and
+    record crosses between the ranks as CUDA tensors or their values, so this checks the object collectives and
+    the sharding on CUDA: the same neurons, the same results, the same patch tensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    size = (["--search-dev-limit", "20", "--dev-size", "8", "--limit", "10"] if small else
+            ["--search-dev-limit", "130", "--dev-size", "24", "--limit", "60"])
+    runs = {}
+    for k in (1, 2):
+        out = Path(f"/tmp/biaslab_gpu_check_fit_{k}")
+        if out.exists():
+            shutil.rmtree(out)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}", "-m", "biaslab",
+               "mitigate", "crispr", "--model", "smollm2-135m-instruct", "--task", "sst2", "--search", "--search-max",
+               "8", "--instructions", "2", "--control-seeds", "1", "--no-retention", "--n-boot", "100", *size,
+               "--format", "json", "-q", "--out", str(out)]
+        t = time.perf_counter()
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                              env={**os.environ, "BIASLAB_PROGRESS": "0", "BIASLAB_DIST_BACKEND": "gloo",
+                                   "OMP_NUM_THREADS": "1"})   # CPU reductions split by thread (docs/SCALE.md)
+        res = json.loads(done.stdout)
+        res.pop("timings_s", None)
+        runs[k] = {"wall_s": round(time.perf_counter() - t, 2), "result": res,
+                   "patch": load_file(out / "patch.safetensors")}
+    a, b = runs[1]["patch"], runs[2]["patch"]
+    return {"backend": "gloo, 2 processes on one GPU", "wall_s": {str(k): r["wall_s"] for k, r in runs.items()},
+            "same_results": runs[1]["result"] == runs[2]["result"],
+            "same_patch": a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)}
 
 
 def main(argv=None) -> int:
@@ -218,6 +253,8 @@ def main(argv=None) -> int:
     n = torch.cuda.device_count()
     if n > 1 or a.cpu_smoke:
         res["processes"] = processes(2 if a.cpu_smoke else n, 4 if a.cpu_smoke else a.items)
+    if n == 1 or a.cpu_smoke:
+        res["shared_gpu_fit"] = shared_gpu_fit(small=a.cpu_smoke)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
