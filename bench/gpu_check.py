@@ -13,7 +13,8 @@ On the embedded default model, in about 8 minutes or less:
    (forward FLOPs ≈ 2 · non-embedding parameters · real tokens);
 3. **memory**: peak GPU memory of the scoring and of a CRISPR attribution pass (all FFN sites), and the
    attribution's time per instance;
-4. **processes**: where N > 1 GPUs exist, the same audit under ``torchrun --nproc_per_node=1`` and ``=N``: wall
+4. **processes**: where N > 1 GPUs exist, the same audit under ``torchrun --nproc_per_node=1`` and ``=N`` (and,
+   with N ≥ 4, under 2 processes each spreading the model over its half of the GPUs with ``--device-map``): wall
    time of each, and whether predictions, log-probs and metric intervals are identical; with one GPU, a CRISPR
    fit in 1 process and in 2 gloo processes sharing it: whether the neurons, results and patch are identical.
 
@@ -97,31 +98,43 @@ def score_mode(lm, reqs, mode: str):
 
 
 def processes(n: int, limit: int) -> dict:
-    """The same BBQ audit under ``torchrun --nproc_per_node=1`` and ``=n``: wall time of each and whether the
-    records (predictions and log-probs) and the metric values with their intervals are identical."""
+    """The same BBQ audit under ``torchrun --nproc_per_node=1`` and ``=n``, and — with 4 or more GPUs — under 2
+    processes that each spread the model over their half of the GPUs (``--device-map balanced``, the per-rank GPU
+    blocks of ``distributed.gpu_share``): wall time of each and whether the records (predictions and log-probs)
+    and the metric values with their intervals are identical to one process's."""
     import shutil
 
+    layouts = [(1, None), (n, None)] + ([(2, "balanced")] if n >= 4 else [])
     runs = {}
-    for k in sorted({1, n}):
-        out = Path(f"/tmp/biaslab_gpu_check_audit_{k}")
+    for k, dm in layouts:
+        name = f"{k}" + (f"-{dm}" if dm else "")
+        if name in runs:
+            continue
+        out = Path(f"/tmp/biaslab_gpu_check_audit_{name}")
         if out.exists():
             shutil.rmtree(out)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}", "-m", "biaslab",
                "audit", "--model", "smollm2-135m-instruct", "--bench", "bbq", "--limit", str(limit), "-q",
-               "--out", str(out)]
+               "--out", str(out), *(["--device-map", dm] if dm else [])]
         t = time.perf_counter()
         subprocess.run(cmd, check=True, env={**os.environ, "BIASLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"})
         lines = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines() if x.strip()]
         recs = sorted((r for r in lines if "id" in r), key=lambda r: (r["id"], r["instruction"]))  # not the markers
-        runs[k] = {"wall_s": round(time.perf_counter() - t, 2), "records": recs,
-                   "metrics": json.loads((out / "results.json").read_text())["benchmarks"]}
-    one, many = runs[1], runs[max(runs)]
-    return {"n": n, "items": limit, "wall_s": {str(k): r["wall_s"] for k, r in runs.items()},
-            "ratio_n_over_1": round(many["wall_s"] / one["wall_s"], 3),
-            "same_predictions": [r["pred"] for r in one["records"]] == [r["pred"] for r in many["records"]],
-            "max_abs_dlogprob": max((abs(x - y) for r, q in zip(one["records"], many["records"])
-                                     for x, y in zip(r.get("logprobs", []), q.get("logprobs", []))), default=0.0),
-            "same_metrics_and_intervals": one["metrics"] == many["metrics"]}
+        runs[name] = {"wall_s": round(time.perf_counter() - t, 2), "records": recs,
+                      "metrics": json.loads((out / "results.json").read_text())["benchmarks"],
+                      "model_devices": json.loads((out / "manifest.json").read_text())["model"].get("device_map")}
+    one = runs["1"]
+
+    def versus(other):
+        return {"wall_s": other["wall_s"], "ratio_over_1": round(other["wall_s"] / one["wall_s"], 3),
+                "same_predictions": [r["pred"] for r in one["records"]] == [r["pred"] for r in other["records"]],
+                "max_abs_dlogprob": max((abs(x - y) for r, q in zip(one["records"], other["records"])
+                                         for x, y in zip(r.get("logprobs", []), q.get("logprobs", []))), default=0.0),
+                "same_metrics_and_intervals": one["metrics"] == other["metrics"],
+                "rank0_model_devices": other["model_devices"]}
+
+    return {"n": n, "items": limit, "wall_s_1": one["wall_s"],
+            "layouts": {name: versus(r) for name, r in runs.items() if name != "1"}}
 
 
 def shared_gpu_fit(small: bool) -> dict:
@@ -252,7 +265,7 @@ def main(argv=None) -> int:
 
     n = torch.cuda.device_count()
     if n > 1 or a.cpu_smoke:
-        res["processes"] = processes(2 if a.cpu_smoke else n, 4 if a.cpu_smoke else a.items)
+        res["processes"] = processes(4 if a.cpu_smoke else n, 4 if a.cpu_smoke else a.items)
     if n == 1 or a.cpu_smoke:
         res["shared_gpu_fit"] = shared_gpu_fit(small=a.cpu_smoke)
     a.out.parent.mkdir(parents=True, exist_ok=True)
