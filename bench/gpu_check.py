@@ -108,8 +108,6 @@ def processes(n: int, limit: int) -> dict:
     runs = {}
     for k, dm in layouts:
         name = f"{k}" + (f"-{dm}" if dm else "")
-        if name in runs:
-            continue
         out = Path(f"/tmp/biaslab_gpu_check_audit_{name}")
         if out.exists():
             shutil.rmtree(out)
