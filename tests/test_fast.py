@@ -293,7 +293,11 @@ def test_a_step_in_parts_adds_up_to_the_whole_step(tiny_lm, fairness):
     a, b = F.train(tiny_lm, PAIRS, 1, cfg, kl_sets=kl), F.train(tiny_lm, PAIRS, 1, cfg, kl_sets=kl)
     whole = F.train(tiny_lm, PAIRS, 1, replace(cfg, micro_batch_pairs=None), kl_sets=kl)
     assert a.history == b.history and all(torch.equal(x, y) for x, y in zip(a.stamp.parameters(), b.stamp.parameters()))
-    assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-4)
+    # the first step starts from the same weights, so only the order of the float32 sums differs; after it, Adam
+    # divides each update by its running RMS, which magnifies that last-bit difference in near-zero gradient
+    # components (measured on an AMD EPYC: 1.1e-4 relative by step 3, under 1e-4 on another CPU)
+    assert a.history[0]["loss"] == pytest.approx(whole.history[0]["loss"], rel=1e-5)
+    assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-3)
     assert ("JS" in a.history[0]) == (fairness == "gap+js") == ("JS" in whole.history[0])
     with pytest.raises(BiaslabError, match="--micro-batch-pairs must be ≥ 1"):
         F.FastConfig(micro_batch_pairs=0)
