@@ -169,6 +169,7 @@ def test_checkpoint_fingerprint_rehashes_only_a_changed_file(tmp_path):
 # ------------------------------------------------------------------------------------------------ data parallel
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -267,7 +268,7 @@ def test_two_process_crispr_fit_chooses_the_same_neurons(tiny_dir, tmp_path):
 
 
 def test_a_killed_rank_then_a_rerun_ends_with_the_same_results(tiny_dir, tmp_path):
-    args = ["audit", "--model", str(tiny_dir), "--bench", "crows", "--limit", "320", "--n-boot", "50", "--format",
+    args = ["audit", "--model", str(tiny_dir), "--bench", "crows", "--limit", "640", "--n-boot", "50", "--format",
             "json", "-q"]
     procs = _launch(args + ["--out", str(tmp_path / "two")], 2, tmp_path)
     journal = tmp_path / "two" / "records.jsonl"
@@ -281,11 +282,20 @@ def test_a_killed_rank_then_a_rerun_ends_with_the_same_results(tiny_dir, tmp_pat
     procs[1].communicate(timeout=60)
     done = journal.read_text().count("chunk_done")
     assert procs[0].returncode != 0 and "rerun the same command to resume" in err0, err0[-1500:]
-    assert 2 <= done < 5                                                # 320 pairs / 64 per chunk = 5 chunks
+    assert 2 <= done < 5                                                # 640 pairs / 128 per chunk = 5 chunks
+    shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
+    before = [json.loads(x)["chunk_done"] for x in open(journal) if "chunk_done" in x]
     two = json.loads(_run(args + ["--out", str(tmp_path / "two")], 2, tmp_path))   # the rerun resumes
     one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))
     assert one["benchmarks"] == two["benchmarks"]
     assert _records(tmp_path / "one") == _records(tmp_path / "two")
+    # the chunks do not depend on the world size, so the job may resume on fewer processes (a preempted job
+    # given fewer GPUs): one process scores only the missing chunks and ends with the same results
+    switched = json.loads(_run(args + ["--out", str(tmp_path / "two_then_one")], 1, tmp_path))
+    assert switched["benchmarks"] == one["benchmarks"]
+    assert _records(tmp_path / "two_then_one") == _records(tmp_path / "one")
+    chunks = [json.loads(x)["chunk_done"] for x in open(tmp_path / "two_then_one" / "records.jsonl") if "chunk_done" in x]
+    assert sorted(chunks) == list(range(5)) and chunks[:done] == before        # the finished chunks were kept, not redone
 
 
 def test_a_process_group_that_cannot_start_is_one_line(tmp_path):
