@@ -166,6 +166,52 @@ def test_checkpoint_fingerprint_rehashes_only_a_changed_file(tmp_path):
         checkpoint_fingerprint(tmp_path / "e")
 
 
+def _shards(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    for k, byte in enumerate(b"abc"):
+        (d / f"model-0000{k + 1}-of-00003.safetensors").write_bytes(bytes([byte]) * (1000 + k))
+    (d / "config.json").write_text('{"x": 1}')
+    return d
+
+
+def test_checkpoint_fingerprint_is_the_sha256_of_the_files_hashes(tmp_path):
+    """The definition, recomputed by hand: sha256 over "name:sha256(file)\n" for the weights in name order, then
+    config.json — whichever thread hashed which file."""
+    import hashlib
+
+    from biaslab.models.fingerprint import checkpoint_fingerprint
+
+    d = _shards(tmp_path)
+    lines = "".join(f"{f}:{hashlib.sha256((d / f).read_bytes()).hexdigest()}\n" for f in
+                    ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                     "model-00003-of-00003.safetensors", "config.json"])
+    assert checkpoint_fingerprint(d) == "sha256-files:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
+def test_under_several_ranks_each_file_is_hashed_by_one_rank(tmp_path, monkeypatch):
+    """Rank 1 of 2 hashes files 1 and 3 only, takes files 0 and 2 from rank 0's gathered hashes, gets the
+    single-process fingerprint, and leaves the cache to rank 0."""
+    import biaslab.distributed as D
+    from biaslab.models import fingerprint as FP
+
+    d = _shards(tmp_path)
+    one = FP.checkpoint_fingerprint(d)
+    hashed, real = [], FP._hash_files
+    monkeypatch.setattr(FP, "_hash_files", lambda files, progress: hashed.extend(f.name for f in files) or real(files, progress))
+    rank0 = {i: {"sha256": h} for i, h in zip((0, 2), real([sorted(d.glob("*.safetensors"))[i] for i in (0, 2)], False))}
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    monkeypatch.setattr(D, "rank", lambda: 1)
+    monkeypatch.setattr(D, "all_gather", lambda obj: [(rank0, True), obj])
+    cache = tmp_path / "fp.json"
+    assert FP.checkpoint_fingerprint(d, cache) == one
+    assert hashed == ["model-00002-of-00003.safetensors", "config.json"] and not cache.exists()
+    monkeypatch.setattr(D, "rank", lambda: 0)
+    monkeypatch.setattr(D, "all_gather", lambda obj: [obj, ({1: {"sha256": "x"}, 3: {"sha256": "y"}}, True)])
+    assert FP.checkpoint_fingerprint(d, cache) != one                    # rank 1's hashes are used as given
+    assert len(json.loads(cache.read_text())) == 4                       # rank 0 writes every file's record
+
+
 # ------------------------------------------------------------------------------------------------ data parallel
 import json
 import os
@@ -233,9 +279,13 @@ def test_two_process_audit_equals_one_process(tiny_dir, tmp_path):
     the values, bootstrap intervals and records equal one process's; the manifest records the layout."""
     args = ["audit", "--model", str(tiny_dir), "--bench", "crows,winobias", "--limit", "70", "--n-boot", "200",
             "--format", "json", "-q"]
-    one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))
     two = json.loads(_torchrun_two_nodes(args + ["--out", str(tmp_path / "two"), "--device-map", "auto"], tmp_path))
+    one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))   # reads the fingerprints cached by two
     assert one["benchmarks"] == two["benchmarks"]                       # values and bootstrap intervals identical
+    from biaslab.models.fingerprint import checkpoint_fingerprint
+
+    fps = {json.loads((tmp_path / r / "manifest.json").read_text())["model"]["fingerprint"] for r in ("one", "two")}
+    assert fps == {checkpoint_fingerprint(tiny_dir)}                     # the files hashed one per rank, then gathered
     assert _records(tmp_path / "one") == _records(tmp_path / "two")
     assert (tmp_path / "two" / "report.html").is_file()
     env_two = json.loads((tmp_path / "two" / "manifest.json").read_text())["environment"]

@@ -31,17 +31,6 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
 CHUNK = 8 << 20
 
 
-def _sha256_stream(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(CHUNK)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def checkpoint_files(path) -> list:
     """The files that define a checkpoint: its weights (safetensors shards, else PyTorch .bin shards, or one .gguf
     file) and config.json, in name order."""
@@ -55,42 +44,113 @@ def checkpoint_files(path) -> list:
     return weights + ([cfg] if cfg.is_file() else [])
 
 
-def checkpoint_fingerprint(path, cache_file=None) -> str:
-    """The identity of a checkpoint on disk, from its files, never from the loaded weights: sha256 over each file's
-    name and streamed sha256 (read once, 8 MiB at a time), so it is the same whatever dtype or device map the
-    model is loaded with, and a 70 B checkpoint is not re-hashed at every load — each file's hash is cached in
-    ``cache_file`` by absolute path, size and mtime. Prefix ``sha256-files:`` (weights hashes are ``sha256:``)."""
+def _read_cache(cache_file) -> dict:
+    import json
+    from pathlib import Path
+
+    if cache_file is None or not Path(cache_file).is_file():
+        return {}
+    try:
+        cache = json.loads(Path(cache_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_cache(cache_file, cache: dict) -> None:
+    """Atomically (a temp file renamed over it); a read-only cache only costs a re-hash next time."""
     import json
     import os
     from pathlib import Path
+
+    cf = Path(cache_file)
+    try:
+        cf.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cf.with_name(f".{cf.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, cf)
+    except OSError:
+        pass
+
+
+def _hash_threads(n_files: int) -> int:
+    """Threads for hashing (hashlib releases the GIL on large blocks): the CPUs this process may use, shared with
+    the other processes of the node, at most 8 and at most one per file."""
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit() else 1
+    return max(1, min(8, n_files, cpus // max(1, per_node)))
+
+
+def _hash_files(files: list, progress: bool) -> list[str]:
+    """The streamed sha256 of each file, several files at a time, with a progress bar (MiB, ETA) over them."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..progress import progress_bar
+
+    total = sum(f.stat().st_size for f in files)
+    lock = threading.Lock()
+    with progress_bar(total >> 20, f"hashing {len(files)} checkpoint file(s) for the fingerprint", unit="MiB",
+                      enabled=None if progress and total >= 1 << 30 else False) as advance:
+        def one(f) -> str:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                while True:
+                    b = fh.read(CHUNK)
+                    if not b:
+                        break
+                    h.update(b)
+                    with lock:
+                        advance(len(b) / (1 << 20))
+            return h.hexdigest()
+
+        with ThreadPoolExecutor(_hash_threads(len(files))) as pool:
+            return list(pool.map(one, files))
+
+
+def checkpoint_fingerprint(path, cache_file=None, *, progress: bool = False) -> str:
+    """The identity of a checkpoint on disk, from its files, never from the loaded weights: sha256 over each file's
+    name and streamed sha256, so it is the same whatever dtype or device map the model is loaded with. Each file's
+    hash is cached in ``cache_file`` by absolute path, size and mtime: a 70 B checkpoint is hashed once, not at
+    every load. Files are hashed several at a time (threads); under ``torch.distributed`` file *i* is hashed by
+    rank *i* mod N and the hashes gathered, so the job reads each file once for the fingerprint and every rank
+    gets the same one; rank 0 alone writes the cache. Prefix ``sha256-files:`` (weights hashes are ``sha256:``)."""
+    from .. import distributed as D
 
     files = checkpoint_files(path)
     if not files:
         from ..errors import BiaslabError
 
         raise BiaslabError(f"{path} holds no weights file (*.safetensors, pytorch_model*.bin or *.gguf)")
-    cache = {}
-    if cache_file is not None and Path(cache_file).is_file():
-        try:
-            cache = json.loads(Path(cache_file).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            cache = {}
-    h, dirty = hashlib.sha256(), False
-    for f in files:
-        st = f.stat()
-        key = str(f.resolve())
-        rec = cache.get(key)
-        if not (isinstance(rec, dict) and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns):
-            rec = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256_stream(f)}
-            cache[key], dirty = rec, True
-        h.update(f"{f.name}:{rec['sha256']}\n".encode())
-    if dirty and cache_file is not None:
-        cf = Path(cache_file)
-        try:
-            cf.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cf.with_name(f".{cf.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(cache, indent=1))
-            os.replace(tmp, cf)
-        except OSError:
-            pass   # a read-only cache only costs a re-hash next time
+    cache = _read_cache(cache_file)
+    W = D.world_size()
+    me = D.rank() % W
+    recs, todo = {}, []
+    for i, f in enumerate(files):
+        if i % W != me:
+            continue
+        st, rec = f.stat(), cache.get(str(f.resolve()))
+        if isinstance(rec, dict) and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns:
+            recs[i] = rec
+        else:
+            recs[i] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            todo.append(i)
+    for i, digest in zip(todo, _hash_files([files[i] for i in todo], progress) if todo else []):
+        recs[i]["sha256"] = digest
+    dirty = bool(todo)
+    if W > 1:   # every rank calls this (the model is loaded on every rank): one gather, the same hashes everywhere
+        gathered = D.all_gather((recs, dirty))
+        recs = {i: r for part, _ in gathered for i, r in part.items()}
+        dirty = any(d for _, d in gathered)
+    h = hashlib.sha256()
+    for i, f in enumerate(files):
+        h.update(f"{f.name}:{recs[i]['sha256']}\n".encode())
+        cache[str(f.resolve())] = recs[i]
+    if dirty and cache_file is not None and D.is_main():
+        _write_cache(cache_file, cache)
     return "sha256-files:" + h.hexdigest()

@@ -188,7 +188,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     if meta.get("fingerprint"):  # computed once on the verified weights of the converted cache
         fingerprint, fp_kind = meta["fingerprint"], "weights (recorded at conversion)"
     elif fp_source is not None:
-        fingerprint, fp_kind = checkpoint_fingerprint(fp_source, cache_dir() / "fingerprints.json"), "checkpoint files"
+        fingerprint, fp_kind = checkpoint_fingerprint(fp_source, cache_dir() / "fingerprints.json",
+                                                         progress=progress), "checkpoint files"
     else:
         fingerprint = weights_fingerprint(model)
         fp_kind = "weights (recorded at conversion)" if meta_f is not None else "weights"
