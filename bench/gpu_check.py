@@ -2,7 +2,7 @@
 
     bash bench/gpu_check.sh            # or: python bench/gpu_check.py --out bench/results/gpu_check.json
 
-On the embedded default model, in about 8 minutes or less:
+On the embedded default model (or a random-weight model of its shape, below), in about 8 minutes or less:
 
 1. **correctness** of every scoring mode in bf16 and fp16 against fp32 padded scoring (the reference): tree
    (packed, tree attention with SDPA chain buckets), tree-flex (the same through flex attention with a block mask,
@@ -13,12 +13,19 @@ On the embedded default model, in about 8 minutes or less:
    (forward FLOPs ≈ 2 · non-embedding parameters · real tokens);
 3. **memory**: peak GPU memory of the scoring and of a CRISPR attribution pass (all FFN sites), and the
    attribution's time per instance;
-4. **processes**: where N > 1 GPUs exist, the same audit under ``torchrun --nproc_per_node=1`` and ``=N`` (and,
+4. **attribution at 7 B** (``bench/gpu_models.py``): a random Llama-2-7B-shaped model built on the GPU in bf16,
+   CRISPR's attribution over BBQ instances with each memory switch — peak GPU memory, whether it fits 80 GB, time
+   per instance (``--skip-7b`` leaves it out);
+5. **processes**: where N > 1 GPUs exist, the same audit under ``torchrun --nproc_per_node=1`` and ``=N`` (and,
    with N ≥ 4, under 2 processes each spreading the model over its half of the GPUs with ``--device-map``): wall
    time of each, and whether predictions, log-probs and metric intervals are identical; with one GPU, a CRISPR
    fit in 1 process and in 2 gloo processes sharing it: whether the neurons, results and patch are identical.
 
-Nothing in the tests or CI runs this; its numbers go in bench/README.md when a GPU machine is available.
+On the lent GPU machines (their own image's python3; nothing can be downloaded; 64 MiB travels with the
+repository, too little for the default model's GGUF) ``bench/gpu_check.sh`` runs it with ``--random-from
+.gpu/smollm2-shape`` — a random-weight model of the default model's shape built there from the config and
+tokenizer that ``bench/gpu_prepare.py`` copies (see that file for the device call). Results are saved after every
+step. Nothing in the tests or CI runs this; its numbers go in bench/README.md when a GPU machine is available.
 """
 from __future__ import annotations
 
@@ -97,7 +104,7 @@ def score_mode(lm, reqs, mode: str):
     return [r.logprob for r in lm.loglikelihood(reqs, desc=mode)]
 
 
-def processes(n: int, limit: int) -> dict:
+def processes(model: str, n: int, limit: int) -> dict:
     """The same BBQ audit under ``torchrun --nproc_per_node=1`` and ``=n``, and — with 4 or more GPUs — under 2
     processes that each spread the model over their half of the GPUs (``--device-map balanced``, the per-rank GPU
     blocks of ``distributed.gpu_share``): wall time of each and whether the records (predictions and log-probs)
@@ -112,7 +119,7 @@ def processes(n: int, limit: int) -> dict:
         if out.exists():
             shutil.rmtree(out)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}", "-m", "biaslab",
-               "audit", "--model", "smollm2-135m-instruct", "--bench", "bbq", "--limit", str(limit), "-q",
+               "audit", "--model", model, "--bench", "bbq", "--limit", str(limit), "-q",
                "--out", str(out), *(["--device-map", dm] if dm else [])]
         t = time.perf_counter()
         subprocess.run(cmd, check=True, env={**os.environ, "BIASLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"})
@@ -135,7 +142,7 @@ def processes(n: int, limit: int) -> dict:
             "layouts": {name: versus(r) for name, r in runs.items() if name != "1"}}
 
 
-def shared_gpu_fit(small: bool) -> dict:
+def shared_gpu_fit(model: str, small: bool) -> dict:
     """With one GPU: a CRISPR fit (attribution sharded by batch, dev search sharded by chunk) in 1 process and in 2
     gloo processes sharing the GPU (NCCL refuses two ranks on one device). Every attribution contribution and
     record crosses between the ranks as CUDA tensors or their values, so this checks the object collectives and
@@ -152,7 +159,7 @@ def shared_gpu_fit(small: bool) -> dict:
         if out.exists():
             shutil.rmtree(out)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}", "-m", "biaslab",
-               "mitigate", "crispr", "--model", "smollm2-135m-instruct", "--task", "sst2", "--search", "--search-max",
+               "mitigate", "crispr", "--model", model, "--task", "sst2", "--search", "--search-max",
                "8", "--instructions", "2", "--control-seeds", "1", "--no-retention", "--n-boot", "100", *size,
                "--format", "json", "-q", "--out", str(out)]
         t = time.perf_counter()
@@ -174,6 +181,10 @@ def main(argv=None) -> int:
     ap.add_argument("--items", type=int, default=300, help="BBQ items for correctness and throughput")
     ap.add_argument("--attr-items", type=int, default=16, help="instances for the attribution memory check")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_check.json")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model spec (default: the embedded default model)")
+    ap.add_argument("--random-from", type=Path, help="build a random-weight model with this directory's config and "
+                    "tokenizer (bench/gpu_prepare.py writes .gpu/smollm2-shape) and check with it instead of --model")
+    ap.add_argument("--skip-7b", action="store_true", help="leave out the 7 B-shaped attribution memory step")
     ap.add_argument("--cpu-smoke", action="store_true", help="run every step on the CPU with tiny sizes (checks the "
                                                              "script itself where no GPU is available)")
     a = ap.parse_args(argv)
@@ -192,10 +203,29 @@ def main(argv=None) -> int:
     from biaslab.models import load_model
     from biaslab.tasks import prompt_text
 
+    import transformers
+
     res = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke run: not a GPU measurement)",
-           "gpus": torch.cuda.device_count(), "torch": torch.__version__}
+           "gpus": torch.cuda.device_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M")}
+    model = a.model
+    if a.random_from:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from gpu_models import random_like
+
+        model = str(random_like(a.random_from, Path("/tmp/biaslab_gpu_check_model")))
+        res["model"] = {"spec": f"random weights (seed 0) with the config, tokenizer and chat template of "
+                                f"{a.random_from}", "path": model,
+                        "note": "kernels, memory and speed are the shape's; predictions are a random model's"}
+    else:
+        res["model"] = {"spec": model}
+
+    def save():   # after every step: a run cut short by its time limit still leaves what it measured
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(res, indent=2) + "\n")
+
     bench, items = requests(a.items)
-    ref_lm = load_model("smollm2-135m-instruct", device=dev, dtype="float32")
+    ref_lm = load_model(model, device=dev, dtype="float32")
     mc = [it["item"] if "item" in it else it for it in items]
     reqs, owner = option_requests(ref_lm, mc)
     ref = score_mode(ref_lm, reqs, "padded")
@@ -203,7 +233,7 @@ def main(argv=None) -> int:
     res["correctness"] = []
     del ref_lm
     for dt in ("bfloat16", "float16"):
-        lm = load_model("smollm2-135m-instruct", device=dev, dtype=dt)
+        lm = load_model(model, device=dev, dtype=dt)
         for mode in ("tree", "tree-flex", "dense", "padded"):
             t = time.perf_counter()
             try:
@@ -221,9 +251,10 @@ def main(argv=None) -> int:
         if dev == "cuda":
             torch.cuda.empty_cache()
 
+    save()
     # throughput of the default audit protocol in bf16, with each tree-attention kernel (the first 16 items warm up:
     # flex attention compiles there)
-    lm = load_model("smollm2-135m-instruct", device=dev, dtype="bfloat16")
+    lm = load_model(model, device=dev, dtype="bfloat16")
     proto = bench.protocol()
     peak = matmul_peak(torch.bfloat16, dev, n=1024 if a.cpu_smoke else 8192, reps=2 if a.cpu_smoke else 10)
     n_nonemb = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n)
@@ -245,6 +276,7 @@ def main(argv=None) -> int:
             "scoring_mode": lm.scoring_mode(), "bf16_matmul_peak_tflops": round(peak, 1),
             "achieved_tflops": round(achieved, 3), "share_of_peak": round(achieved / peak, 4),
             "peak_gpu_mem_gb": mem()})
+        save()
     lm.tree_kernel, lm._mode_checked = "sdpa", {}
 
     # attribution memory and time per instance (all FFN sites, letter protocol)
@@ -261,13 +293,27 @@ def main(argv=None) -> int:
     res["attribution"] = {"instances": len(inst), "s_per_instance": round((time.perf_counter() - t) / len(inst), 4),
                           "peak_gpu_mem_gb": mem(), "sites": cfg.sites}
 
+    save()
+    if not a.skip_7b:   # all-layer attribution at 7 B: does it fit an 80 GB GPU, with which switch
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from gpu_models import attribution_7b
+
+        tok_dir = a.random_from or Path(lm.model.name_or_path)
+        del lm
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        res["attribution_7b"] = attribution_7b(dev, tok_dir, inst, smoke=a.cpu_smoke)
+        save()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
     n = torch.cuda.device_count()
     if n > 1 or a.cpu_smoke:
-        res["processes"] = processes(4 if a.cpu_smoke else n, 4 if a.cpu_smoke else a.items)
+        res["processes"] = processes(model, 4 if a.cpu_smoke else n, 4 if a.cpu_smoke else a.items)
+        save()
     if n == 1 or a.cpu_smoke:
-        res["shared_gpu_fit"] = shared_gpu_fit(small=a.cpu_smoke)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=2) + "\n")
+        res["shared_gpu_fit"] = shared_gpu_fit(model, small=a.cpu_smoke)
+    save()
     print(json.dumps(res, indent=2))
     return 0
 
