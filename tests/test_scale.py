@@ -189,6 +189,33 @@ def test_checkpoint_fingerprint_is_the_sha256_of_the_files_hashes(tmp_path):
     assert checkpoint_fingerprint(d) == "sha256-files:" + hashlib.sha256(lines.encode()).hexdigest()
 
 
+def test_the_fingerprint_covers_the_files_transformers_loads(tmp_path):
+    """Shards named by model.safetensors.index.json (a Mistral-style consolidated.safetensors beside them is not
+    part of the checkpoint: deleting it keeps the fingerprint), model.safetensors before other safetensors files;
+    an index naming a missing shard, or not an index, is one line."""
+    from biaslab.models.fingerprint import checkpoint_files, checkpoint_fingerprint
+
+    d = _shards(tmp_path)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "a": "model-00001-of-00003.safetensors", "b": "model-00002-of-00003.safetensors",
+        "c": "model-00003-of-00003.safetensors", "d": "model-00001-of-00003.safetensors"}}))
+    with_index = checkpoint_fingerprint(d)
+    (d / "consolidated.safetensors").write_bytes(b"z" * 3000)
+    assert [f.name for f in checkpoint_files(d)] == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                                                     "model-00003-of-00003.safetensors", "config.json"]
+    assert checkpoint_fingerprint(d) == with_index
+    (d / "model-00003-of-00003.safetensors").unlink()
+    with pytest.raises(BiaslabError, match="names the shard model-00003-of-00003.safetensors, which is not in"):
+        checkpoint_fingerprint(d)
+    (d / "model.safetensors.index.json").write_text("[1]")
+    with pytest.raises(BiaslabError, match="not a weights index"):
+        checkpoint_files(d)
+    (d / "model.safetensors.index.json").unlink()
+    (d / "model.safetensors").write_bytes(b"m" * 10)
+    (d / "adapter_model.safetensors").write_bytes(b"p" * 10)
+    assert [f.name for f in checkpoint_files(d)] == ["model.safetensors", "config.json"]
+
+
 def test_under_several_ranks_each_file_is_hashed_by_one_rank(tmp_path, monkeypatch):
     """Rank 1 of 2 hashes files 1 and 3 only, takes files 0 and 2 from rank 0's gathered hashes, gets the
     single-process fingerprint, and leaves the cache to rank 0."""

@@ -27,19 +27,52 @@ def weights_fingerprint(model) -> str:
     return "sha256:" + h.hexdigest()
 
 
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
 CHUNK = 8 << 20
 
 
+WEIGHT_LAYOUTS = (("model.safetensors.index.json", "model.safetensors", "*.safetensors"),
+                  ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"))
+
+
+def _indexed_shards(index) -> list:
+    """The shard files a ``*.index.json`` maps the weights to, in name order (what transformers loads)."""
+    import json
+
+    from ..errors import BiaslabError
+
+    try:
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise BiaslabError(f"{index}: not a weights index (expected a JSON object whose 'weight_map' maps tensor "
+                           "names to shard files); restore it from the checkpoint's source") from None
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing or not names:
+        raise BiaslabError(f"{index} names the shard {missing[0] if missing else '(none)'}, which is not in "
+                           f"{index.parent}: the checkpoint is incomplete — download or copy the missing shards")
+    return [index.parent / n for n in names]
+
+
 def checkpoint_files(path) -> list:
-    """The files that define a checkpoint: its weights (safetensors shards, else PyTorch .bin shards, or one .gguf
-    file) and config.json, in name order."""
+    """The files that define a checkpoint — the weights transformers loads, then config.json: the shards a
+    ``model.safetensors.index.json`` names, else ``model.safetensors``, else every ``*.safetensors``; the same for
+    PyTorch ``.bin``; else one ``.gguf``. Other files (a ``consolidated.safetensors`` beside the shards, as
+    Mistral's repositories ship) are not part of it, so deleting one leaves the fingerprint as it was."""
     from pathlib import Path
 
     p = Path(path)
     if p.is_file():
         return [p]
-    weights = sorted(p.glob("*.safetensors")) or sorted(p.glob("pytorch_model*.bin")) or sorted(p.glob("*.gguf"))
+    weights = []
+    for index, single, pattern in WEIGHT_LAYOUTS:
+        if (p / index).is_file():
+            weights = _indexed_shards(p / index)
+        elif (p / single).is_file():
+            weights = [p / single]
+        else:
+            weights = sorted(p.glob(pattern))
+        if weights:
+            break
+    weights = weights or sorted(p.glob("*.gguf"))
     cfg = p / "config.json"
     return weights + ([cfg] if cfg.is_file() else [])
 
