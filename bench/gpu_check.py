@@ -13,10 +13,13 @@ On the embedded default model (or a random-weight model of its shape, below), in
    (forward FLOPs ≈ 2 · non-embedding parameters · real tokens);
 3. **memory**: peak GPU memory of the scoring and of a CRISPR attribution pass (all FFN sites), and the
    attribution's time per instance;
-4. **attribution at 7 B** (``bench/gpu_models.py``): a random Llama-2-7B-shaped model built on the GPU in bf16,
+4. **a model over two devices** (``gpu_models.split_device_check``): half the layers on the GPU, half on the
+   CPU, against the model on the GPU alone — scoring in each mode, the mode the self-check picks, attribution and
+   a FAST stamp on a CPU layer (the cross-device paths of ``--device-map``);
+5. **attribution at 7 B** (``bench/gpu_models.py``): a random Llama-2-7B-shaped model built on the GPU in bf16,
    CRISPR's attribution over BBQ instances with each memory switch — peak GPU memory, whether it fits 80 GB, time
    per instance (``--skip-7b`` leaves it out);
-5. **processes**: where N > 1 GPUs exist, the same audit under ``torchrun --nproc_per_node=1`` and ``=N`` (and,
+6. **processes**: where N > 1 GPUs exist, the same audit under ``torchrun --nproc_per_node=1`` and ``=N`` (and,
    with N ≥ 4, under 2 processes each spreading the model over its half of the GPUs with ``--device-map``): wall
    time of each, and whether predictions, log-probs and metric intervals are identical; with one GPU, a CRISPR
    fit in 1 process and in 2 gloo processes sharing it: whether the neurons, results and patch are identical.
@@ -293,6 +296,12 @@ def main(argv=None) -> int:
     res["attribution"] = {"instances": len(inst), "s_per_instance": round((time.perf_counter() - t) / len(inst), 4),
                           "peak_gpu_mem_gb": mem(), "sites": cfg.sites}
 
+    save()
+    # the cross-device paths of a device map: half the layers on the GPU, half on the CPU
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_models import split_device_check
+
+    res["split_device_map"] = split_device_check(model, dev, reqs, owner, inst)
     save()
     if not a.skip_7b:   # all-layer attribution at 7 B: does it fit an 80 GB GPU, with which switch
         sys.path.insert(0, str(Path(__file__).resolve().parent))

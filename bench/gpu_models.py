@@ -98,3 +98,79 @@ def attribution_7b(dev: str, tok_dir: Path, items: list, smoke: bool) -> dict:
     return {"params": n_params, "built_s": round(built_s, 1), "dtype": "bfloat16", "instances": len(items),
             "weights_gpu_gb": round(weights_gb, 2) if cuda else None, "shape": shape | {"vocab": len(tok)},
             "weights": "random (seed 0): memory and time depend on the shape only", "rows": rows}
+
+
+def split_map(lm, first) -> dict:
+    """A device map with the embeddings, the LM head (tied to them) and the first half of the layers on ``first``,
+    the second half and the final norm on the CPU: on a one-GPU machine, a model spread over two devices."""
+    n = lm.model.config.num_hidden_layers
+    dm = {"model.embed_tokens": first, "model.rotary_emb": first, "lm_head": first, "model.norm": "cpu"}
+    dm.update({f"model.layers.{i}": first if i < n // 2 else "cpu" for i in range(n)})
+    return dm
+
+
+def split_device_check(spec: str, dev: str, reqs: list, owner: list, inst: list) -> dict:
+    """The cross-device paths of ``--device-map`` (tests/test_device_map.py checks the pieces on CPU): the same
+    model in float32 on one device and split between the GPU and the CPU (:func:`split_map`) — scoring in each mode
+    (and which mode the self-check picks), CRISPR attribution, and a FAST stamp on a layer of the second device."""
+    import json
+
+    import torch
+
+    from biaslab.methods import METHODS
+    from biaslab.methods.crispr.scores import bias_scores
+    from biaslab.methods.fast.stamp import StampFFN, attach_stamp, stamp_device
+    from biaslab.models import load_model
+
+    one = load_model(spec, device=dev, dtype="float32")
+    dm = split_map(one, 0 if dev == "cuda" else "cpu")
+    split = load_model(spec, dtype="float32", device_map=json.dumps(dm))
+    out = {"device_map": {"first_half": dm["model.layers.0"], "second_half": "cpu"},
+           "placed": sorted({str(p.device) for p in split.model.parameters()}),
+           "auto_scoring_mode": split.scoring_mode(), "modes": []}
+    sys_modes = {"tree": (True, True), "dense": (True, False), "padded": (False, None)}
+    for mode, (packing, tree) in sys_modes.items():
+        got = {}
+        for name, lm in (("one", one), ("split", split)):
+            lm.packing, lm.tree_attention, lm.tree_kernel, lm._mode_checked = packing, tree, "sdpa", {}
+            try:
+                got[name] = [r.logprob for r in lm.loglikelihood(reqs, desc=f"{mode} {name}")]
+            except Exception as e:   # reported, not hidden
+                got[name] = f"{type(e).__name__}: {e}"[:300]
+        row = {"mode": mode}
+        if all(isinstance(v, list) for v in got.values()):
+            best = lambda lps: [max((lp, j) for j, (k2, lp) in enumerate(zip(owner, lps)) if k2 == k)[1]  # noqa: E731
+                                for k in sorted(set(owner))]
+            row.update(max_abs_dlogprob=max(abs(x - y) for x, y in zip(got["one"], got["split"])),
+                       same_predictions=best(got["one"]) == best(got["split"]))
+        else:
+            row["errors"] = {k: v for k, v in got.items() if isinstance(v, str)}
+        out["modes"].append(row)
+    for lm in (one, split):
+        lm.packing, lm.tree_attention, lm._mode_checked = None, None, {}
+    cfg = METHODS.get("crispr")().make_config({"neurons": 3, "instructions": 1})
+    try:
+        a, _ = bias_scores(one, inst, [0], cfg)
+        b, _ = bias_scores(split, inst, [0], cfg)
+        rel = max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-30)) for k in a)
+        top = lambda s: set(torch.cat(list(s.values())).topk(10).indices.tolist())  # noqa: E731
+        out["attribution"] = {"max_rel_diff": rel, "top10_overlap": len(top(a) & top(b))}
+    except Exception as e:
+        out["attribution"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    layer = one.model.config.num_hidden_layers - 1   # on the CPU in the split model
+    torch.manual_seed(0)
+    stamp = StampFFN(one.model.config.hidden_size, 4, "relu", "normal")
+    torch.nn.init.normal_(stamp.w2.weight, std=0.05)
+    lps = {}
+    for name, lm in (("one", one), ("split", split)):
+        h = attach_stamp(lm, layer, stamp.to(stamp_device(lm, layer)))
+        try:
+            lps[name] = [r.logprob for r in lm.loglikelihood(reqs[:32], desc=f"stamp {name}")]
+        except Exception as e:
+            lps[name] = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            h.remove()
+    out["stamp"] = ({"layer_device": str(stamp_device(split, layer)),
+                     "max_abs_dlogprob": max(abs(x - y) for x, y in zip(lps["one"], lps["split"]))}
+                    if all(isinstance(v, list) for v in lps.values()) else {"errors": lps})
+    return out

@@ -108,15 +108,16 @@ def span_mask(mask: torch.Tensor, answer_cols: torch.Tensor, span: str, answer_r
 
 
 def reduce_positions(a: torch.Tensor, pmask: torch.Tensor, reduce: str) -> torch.Tensor:
-    """(B, T, U) per-position scores → (B, U) over the masked positions."""
-    pm = pmask[:, :, None]
+    """(B, T, U) per-position scores → (B, U) over the masked positions (the mask moves to the scores' device:
+    under a device map a layer's activations sit on its own GPU)."""
+    pm = pmask[:, :, None].to(a.device)
     if reduce == "max":
         return a.masked_fill(~pm, float("-inf")).amax(dim=1)
     s = a.masked_fill(~pm, 0.0).sum(dim=1)
     if reduce == "sum":
         return s
     if reduce == "mean":
-        return s / pmask.sum(dim=1, keepdim=True).clamp(min=1).to(s.dtype)
+        return s / pm.sum(dim=1).clamp(min=1).to(s.dtype)
     raise UnknownNameError("attribution reduction", reduce, REDUCES)
 
 

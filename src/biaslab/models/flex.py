@@ -45,6 +45,17 @@ class FlexPlan:
     ends: torch.Tensor        # (N,) exclusive end of each node's subtree in the flat sequence
     block_mask: object        # torch.nn.attention.flex_attention.BlockMask
 
+    def to(self, device, non_blocking: bool = False) -> "FlexPlan":
+        """The plan on ``device`` (once per device, then reused; see ``TreePlan.to``: device-map hooks move every
+        forward kwarg to each layer's GPU)."""
+        device = torch.device(device)
+        if self.ends.device == device:
+            return self
+        moved = self.__dict__.setdefault("_moved", {})
+        if device not in moved:
+            moved[device] = FlexPlan(self.n_nodes, self.ends.to(device), self.block_mask.to(device))
+        return moved[device]
+
 
 def subtree_ends(parents: list[list[int]]) -> np.ndarray:
     """For rows given by their parent arrays (laid out one after another), each node's subtree end in the flat

@@ -181,16 +181,19 @@ class LanguageModel:
         """Logits (float32) at positions (rows[k], cols[k]); runs the LM head on those positions only.
 
         ``model_kwargs`` go to the model's forward (tree attention passes its plan this way). Gradients flow
-        when called under ``torch.enable_grad()`` (the attribution engine uses this)."""
+        when called under ``torch.enable_grad()`` (the attribution engine uses this). Under a device map the
+        last layers sit on another GPU than the inputs: the positions are picked on the hidden states' device and
+        the logits come back on the inputs' device, as from a model on one device."""
         m = self.model
         if self._use_head_split():
             out = m.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False, **model_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-            return _upcast(m.get_output_embeddings()(hidden[rows, cols]))
+            picked = hidden[rows.to(hidden.device), cols.to(hidden.device)]
+            return _upcast(m.get_output_embeddings()(picked)).to(input_ids.device)
         out = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                 **model_kwargs)
-        return _upcast(out.logits[rows, cols])
+        return _upcast(out.logits[rows.to(out.logits.device), cols.to(out.logits.device)]).to(input_ids.device)
 
     # ------------------------------------------------------------------ scoring passes
     def _self_check(self, mode: str) -> bool:

@@ -178,6 +178,20 @@ class TreePlan:
     pairs_needed: int       # Σ over nodes of (number of ancestors + 1): the attention work that must be done
     pairs_executed: int     # Σ over buckets of n·Q·K: what the batched kernels compute
 
+    def to(self, device, non_blocking: bool = False) -> "TreePlan":
+        """This plan's tensors on ``device`` (copied once per device, then reused): Accelerate's device-map hooks
+        call ``.to`` on every forward kwarg, so each layer of a model spread over GPUs gets the plan on its GPU."""
+        device = torch.device(device)
+        if self.buckets and self.buckets[0].mask.device == device:
+            return self
+        moved = self.__dict__.setdefault("_moved", {})
+        if device not in moved:
+            mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+            moved[device] = TreePlan(self.n_nodes, [TreeBucket(mv(b.q_index), mv(b.k_index), mv(b.mask), mv(b.src),
+                                                               mv(b.dst)) for b in self.buckets],
+                                     self.pairs_needed, self.pairs_executed)
+        return moved[device]
+
 
 def chains(row: PackedRow) -> list[tuple[list[int], int, int]]:
     """The row's chains as ``(ancestors of the head, start, end)``: nodes ``start..end-1`` each have the node

@@ -46,6 +46,15 @@ class StampFFN(nn.Module):
         return self.w2(self.act(self.w1(x)))
 
 
+def stamp_device(lm, layer: int):
+    """Where a stamp at ``layer`` runs: that layer's MLP's device (under a device map, not necessarily the
+    model's first device)."""
+    from ...tracing import check_layer, layer_modules
+
+    check_layer(lm.model, layer)
+    return next(layer_modules(lm.model)[1][layer].parameters()).device
+
+
 def attach_stamp(lm, layer: int, stamp: StampFFN):
     """Register the stamp on the MLP of ``layer``: MLP(x) + stamp(x). Returns the hooks (``.remove()`` undoes)."""
     from ...tracing import check_layer, layer_modules
@@ -110,7 +119,7 @@ class StampPatch(Patch):
             raise BiaslabError(f"stamp input width {d} does not match the model's hidden size {hidden}")
         st = StampFFN(hidden, int(self.params["width"]), self.params["activation"])
         st.load_state_dict({k[len("stamp."):]: v for k, v in self.tensors.items() if k.startswith("stamp.")})
-        return st.to(device=lm.device, dtype=lm.dtype).eval().requires_grad_(False)
+        return st.to(device=stamp_device(lm, int(self.params["layer"])), dtype=lm.dtype).eval().requires_grad_(False)
 
     def _apply(self, lm):
         stamp = self.build_stamp(lm)

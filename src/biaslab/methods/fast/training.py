@@ -266,7 +266,8 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
     handle, stamp, saved = None, None, None
     if mode == "stamp":
         d = model.get_input_embeddings().weight.shape[1]
-        stamp = StampFFN(d, cfg.width, cfg.activation, cfg.init).to(device=lm.device, dtype=lm.dtype)
+        stamp = StampFFN(d, cfg.width, cfg.activation, cfg.init).to(device=next(mlp.parameters()).device,
+                                                                     dtype=lm.dtype)
         handle = attach_stamp(lm, layer, stamp)
         params = list(stamp.parameters())
         lr = cfg.lr
