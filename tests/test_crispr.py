@@ -122,6 +122,7 @@ def test_export_check_refuses_a_directory_that_does_not_reproduce_the_patch(tiny
     assert all(torch.equal(v, before[k]) for k, v in tiny_lm.model.state_dict().items())   # patch undone
     p.export(tiny_lm, tmp_path / "unchecked", verify=False)   # --no-verify skips the check (and records none)
     assert "export_check" not in json.loads((tmp_path / "unchecked" / "biaslab_patch.json").read_text())
+    assert "Not verified at export" in (tmp_path / "unchecked" / "README.md").read_text()   # and the card says so
 
 
 def test_patch_for_another_base_is_refused_naming_both_fingerprints(tiny_lm):

@@ -60,3 +60,35 @@ def test_a_stamp_runs_on_its_layers_device():
     layer = model.config.num_hidden_layers - 1
     model.model.layers[layer].mlp.to("meta")                                  # "another GPU"
     assert stamp_device(lm, layer).type == "meta" and stamp_device(lm, 0).type == "cpu"
+
+
+def test_export_takes_the_placement_options_and_checks_with_the_same_map(tmp_path):
+    """`biaslab export --device-map auto --dtype float32` loads through Accelerate and exports; a model spread over
+    devices (transformers then records ``hf_device_map``, which it never does on one CPU — set here by hand) has
+    its export reloaded with that same map for the logit check, not gathered onto one device."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from biaslab.cli import app
+    from biaslab.models import load_model
+    from biaslab.models.sites import find_sites
+    from biaslab.patches import NeuronMaskPatch
+
+    model, tok = make_tiny_llama()
+    d = tmp_path / "tiny"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    lm = load_model(str(d), dtype="float32")
+    site = find_sites(lm.model, "ffn")[1].name
+    NeuronMaskPatch.from_units(lm, {site: [0, 3, 5]}, sites="ffn").save(tmp_path / "p.safetensors")
+    res = CliRunner().invoke(app, ["export", "--model", str(d), "--patch", str(tmp_path / "p.safetensors"), "--out",
+                                   str(tmp_path / "out"), "--device-map", "auto", "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    check = json.loads((tmp_path / "out" / "biaslab_patch.json").read_text())["export_check"]
+    assert check["max_abs_logit_diff"] == 0
+    spread = load_model(str(d), dtype="float32", device_map="auto")
+    spread.model.hf_device_map = {"": "cpu"}
+    p = NeuronMaskPatch.from_units(spread, {site: [0, 3, 5]}, sites="ffn")
+    check = json.loads((p.export(spread, tmp_path / "out2") / "biaslab_patch.json").read_text())["export_check"]
+    assert check["loaded_with"].endswith("with the same device map") and check["max_abs_logit_diff"] == 0

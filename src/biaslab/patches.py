@@ -166,7 +166,13 @@ class Patch:
                 return model(input_ids=ids, **kw).logits.float()
 
         want = logits(lm.model)
-        plain = type(lm.model).from_pretrained(path, torch_dtype=lm.model.dtype).to(lm.device).eval()
+        placed = getattr(lm.model, "hf_device_map", None) if getattr(lm, "device_map", None) else None
+        if placed:   # a model spread over devices: the export is reloaded with the same map (not all on one device)
+            plain = type(lm.model).from_pretrained(path, dtype=lm.model.dtype, device_map=placed,
+                                                   local_files_only=True, trust_remote_code=False).eval()
+        else:
+            plain = type(lm.model).from_pretrained(path, dtype=lm.model.dtype, local_files_only=True,
+                                                   trust_remote_code=False).to(lm.device).eval()
         try:
             diff = float((logits(plain) - want).abs().max())
         finally:
@@ -175,7 +181,8 @@ class Patch:
             raise BiaslabError(f"export check failed: the exported model's logits differ from the patched model's by "
                                f"{diff:.3g} (allowed {self.EXPORT_ATOL:g}) on the probe sentence; nothing was written")
         return {"probe": self.EXPORT_PROBE, "max_abs_logit_diff": diff, "atol": self.EXPORT_ATOL,
-                "loaded_with": f"transformers {type(lm.model).__name__}.from_pretrained"}
+                "loaded_with": f"transformers {type(lm.model).__name__}.from_pretrained"
+                               + (" with the same device map" if placed else "")}
 
     def _export_model(self, lm):
         return lm.model

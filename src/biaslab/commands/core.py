@@ -128,6 +128,12 @@ def export(
     summary: Optional[Path] = typer.Option(None, "--summary", help="the run's summary.json for the model card "
                                                                    "(default: the one beside the patch, if it is this "
                                                                    "patch's run)"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16: the exported weights' "
+                                                              "dtype (default: bf16 on GPU, fp32 on CPU)"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP + "; the check reloads "
+                                                                        "the export with the same map"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
     """Bake a patch into a plain Hugging Face model directory (loads with transformers alone)."""
     import json
@@ -140,7 +146,7 @@ def export(
     check_target(out)  # a bad --out fails before the model loads
     p = load_patch(patch)
     card = _run_summary(summary, patch, p)
-    lm = load_model(model)
+    lm = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     path = p.export(lm, out, verify=verify, force=force, summary=card)
     console.print(f"exported {p.kind} patch onto {model} → {path}", markup=False, highlight=False)
     if verify:

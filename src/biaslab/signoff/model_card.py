@@ -56,6 +56,9 @@ def model_card(patch, summary: dict | None = None, *, export_check: dict | None 
     if export_check:
         lines += ["", f"Verified at export: reloaded with {export_check['loaded_with']}, max |logit difference| from the "
                       f"patched model {export_check['max_abs_logit_diff']:.2g} (allowed {export_check['atol']:g})."]
+    else:
+        lines += ["", "Not verified at export (`--no-verify`): the directory was not reloaded and compared with the "
+                      "patched model."]
     if not summary:
         lines += ["", "## Evidence", "", "No run summary was given to the export, so this card carries no measurements. "
                   "Export from a run directory (`biaslab export --patch RUN/patch.safetensors`) to include them."]
