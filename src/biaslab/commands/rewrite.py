@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import BiaslabError
-from ._app import app, console, err_console
+from ._app import DEVICE_MAP_HELP, MAX_MEMORY_HELP, app, console, err_console
 
 
 @app.command("rewrite")
@@ -20,6 +20,10 @@ def rewrite_cmd(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write JSON lines {input, rewrite} here"),
     max_input_tokens: int = typer.Option(256, "--max-input-tokens", help="longer texts are cut (with a notice)"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="cap on generated tokens per text"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
     """Rewrite biased text into neutral text (greedy; with --patch, the SR_LLM-tuned rewriter)."""
     texts = list(text or [])
@@ -51,7 +55,7 @@ def rewrite_cmd(
     p = load_patch(patch) if patch else None
     if p is not None and p.kind != "lora":
         raise BiaslabError(f"{patch} is a {p.kind} patch; `biaslab rewrite` needs a lora patch from `biaslab mitigate srllm`")
-    lm = load_model(model)
+    lm = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     from ..models.seq2seq import require_decoder_only
 
     require_decoder_only(lm, "biaslab rewrite")

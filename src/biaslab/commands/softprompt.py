@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ._app import err_console, console, probe_app
+from ._app import DEVICE_MAP_HELP, MAX_MEMORY_HELP, err_console, console, probe_app
 from ..errors import BiaslabError
 
 
@@ -48,6 +48,10 @@ def softprompt(
     force: bool = typer.Option(False, "--force", help="overwrite a run made with different arguments"),
     format: str = typer.Option("table", "--format", help="table | markdown | csv | json (results on stdout)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
     """Prompt-tune the frozen model on SST-5 (3 classes), then measure per-group FPR/TPR gaps on the Czarnowska
     templates with 95 % intervals over runs, next to hand-written prompts. Trained prompts are cached and reused."""
@@ -64,7 +68,8 @@ def softprompt(
                     test_limit=test_limit, template_limit=template_limit or None, seeds=seed_list,
                     lrs=_floats(lrs, "--lrs"), epochs=epochs, batch_size=batch_size, max_length=max_length,
                     hand_prompts=() if no_hand else HAND_PROMPTS, prompt_cache=prompt_cache, seed=seed, force=force,
-                    micro_batch_size=micro_batch_size, console=err_console)
+                    micro_batch_size=micro_batch_size, console=err_console, device=device, dtype=dtype,
+                    device_map=device_map, max_memory=max_memory)
     head = ["prompt", "kind", "test acc", "template acc"]
     rows = [[pid, a["kind"], f"{a['test']:.3f}", f"{a['templates']:.3f}"] for pid, a in res["accuracy"].items()]
     flags = [[c, g, m, f"{res['fairness']['soft'][c]['groups'][g][m]['mean']:+.3f}"] for c, g, m in res["flags"]["soft"]]

@@ -102,7 +102,8 @@ def run_probe(model="smollm2-135m-instruct", out: str | Path | None = None, *, r
               epochs: int = DEFAULTS["epochs"], batch_size: int = DEFAULTS["batch_size"],
               max_length: int = DEFAULTS["max_length"], hand_prompts: tuple[HandPrompt, ...] | None = HAND_PROMPTS,
               prompt_cache: str | Path | None = None, seed: int = 0, force: bool = False, report: bool = True,
-              console=None, micro_batch_size: int | None = None) -> dict:
+              console=None, micro_batch_size: int | None = None, device=None, dtype=None, device_map=None,
+              max_memory=None) -> dict:
     """Run the soft-prompt bias audit; returns the results dict (also written to ``out``). ``micro_batch_size``:
     train each prompt's batches in parts shared across ranks (:func:`~biaslab.probes.sweep.sweep`)."""
     from ..data import data_path, sha256_file
@@ -118,7 +119,8 @@ def run_probe(model="smollm2-135m-instruct", out: str | Path | None = None, *, r
     base = SoftPromptConfig(virtual_tokens=virtual_tokens, epochs=epochs, batch_size=batch_size, max_length=max_length,
                             train_limit=train_limit, val_limit=val_limit, data_seed=seed)
     seeds, lrs = tuple(int(s) for s in seeds), tuple(float(x) for x in lrs)
-    lm = model if isinstance(model, LanguageModel) else load_model(model)
+    lm = model if isinstance(model, LanguageModel) else load_model(model, device=device, dtype=dtype,
+                                                                    device_map=device_map, max_memory=max_memory)
     from ..models.seq2seq import require_decoder_only
 
     require_decoder_only(lm, "the soft-prompt probe")

@@ -262,15 +262,16 @@ def label_logits(lm, prefix, rows: list[list[int]], label_ids: list[int]) -> tor
     last = torch.tensor([len(r) - 1 for r in rows], device=dev)
     rows_ix = torch.arange(B, device=dev)
     lab = torch.tensor(label_ids, device=dev)
-    if split:
+    if split:   # under a device map the last hidden states and the head may sit on other GPUs than the inputs
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        head = m.get_output_embeddings()
-        logits = hidden[rows_ix, last] @ head.weight[lab].T
+        head, hd = m.get_output_embeddings(), hidden.device
+        logits = hidden[rows_ix.to(hd), last.to(hd)] @ head.weight[lab.to(head.weight.device)].to(hd).T
         if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[lab]
+            logits = logits + head.bias[lab.to(head.bias.device)].to(hd)
     else:
-        logits = out.logits[rows_ix, last][:, lab]
-    return logits.float()
+        lg = out.logits
+        logits = lg[rows_ix.to(lg.device), last.to(lg.device)][:, lab.to(lg.device)]
+    return logits.float().to(dev)
 
 
 def _prefix_tensor(lm, prompt, enc: _Encoded):
