@@ -447,3 +447,26 @@ def test_stamp_export_needs_the_models_own_activation(tiny_lm, tmp_path):
                                 activation="silu")
     plain = q._export_model(tiny_lm)
     assert plain.config.intermediate_size == tiny_lm.model.config.intermediate_size + 4 and plain.config.mlp_bias
+
+
+def test_on_a_bf16_model_the_stamp_trains_in_float32():
+    """bf16 (the GPU default): the stamp's parameters stay float32 while it trains (Adam's small updates on bf16
+    weights round away), its output is cast to the layer's dtype, and a loaded stamp patch applies in bf16."""
+    from biaslab.models import LanguageModel
+    from conftest import make_tiny_llama
+
+    model, tok = make_tiny_llama()
+    lm = LanguageModel(model.to(torch.bfloat16), tok, spec="tiny-bf16")
+    cfg = F.FastConfig(steps=2, lr=1e-2, width=8, batch_pairs=2, batch_subject=1, batch_text=1, n_subject_prompts=2,
+                       n_text=1, text_tokens=8, seed=0)
+    res = F.train(lm, PAIRS, 1, cfg)
+    assert all(p.dtype == torch.float32 for p in res.stamp.parameters())
+    assert all(math.isfinite(h["loss"]) for h in res.history)
+    assert any(float(p.abs().max()) > 0 for p in res.stamp.w2.parameters())   # the zero-initialised layer moved
+    patch = F.StampPatch.from_stamp(lm, res.stamp, layer=1, activation=cfg.activation)
+    ids = torch.tensor([lm.encode("The schoolgirl was very")])
+    with torch.no_grad():
+        plain = lm.model(input_ids=ids).logits
+        with patch.applied(lm):
+            stamped = lm.model(input_ids=ids).logits
+    assert stamped.dtype == torch.bfloat16 and not torch.equal(plain, stamped)

@@ -313,3 +313,28 @@ def test_micro_batches_add_up_to_the_batch_gradient(trained):
 def test_micro_batch_size_is_checked():
     with pytest.raises(BiaslabError, match="--micro-batch-size must be between 1 and the batch size"):
         SRLLMConfig(batch_size=4, micro_batch_size=5)
+
+
+def test_on_a_bf16_model_the_adapters_train_in_float32():
+    """The GPU default dtype is bf16: the LoRA weights are float32 (peft's get_peft_model default), the step runs
+    through the bf16 base layers, the outputs stay bf16, and Adam's step changes the adapter."""
+    from biaslab.models import LanguageModel
+    from conftest import make_tiny_llama
+
+    model, tok = make_tiny_llama()
+    lm = LanguageModel(model.to(torch.bfloat16), tok, spec="tiny-bf16")
+    layers = inject_lora(lm.model, SRLLMConfig(r=4, alpha=8, dropout=0.0))
+    lora = [p for n, p in lm.model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert all(p.dtype == torch.bfloat16 for n, p in lm.model.named_parameters() if "lora_" not in n)
+    opt = torch.optim.AdamW(lora, lr=1e-2)
+    for _ in range(2):
+        batch = collate([encode_example(lm, p.biased, p.neutral) for p in _pairs(2)], lm.pad_id)
+        loss, _ = completion_loss(lm, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert math.isfinite(loss.item()) and any(float(b.abs().max()) > 0 for _, b in lora_weights(layers).values())
+    x = torch.zeros(1, 3, model.config.hidden_size, dtype=torch.bfloat16)
+    name, layer = next(iter(layers.items()))
+    assert layer(x).dtype == torch.bfloat16

@@ -43,7 +43,9 @@ class StampFFN(nn.Module):
         nn.init.zeros_(self.w2.bias)
 
     def forward(self, x):
-        return self.w2(self.act(self.w1(x)))
+        """In the stamp's own dtype (float32 while it is trained on a bf16/fp16 model); the hook casts the sum back
+        to the layer's dtype."""
+        return self.w2(self.act(self.w1(x.to(self.w1.weight.dtype))))
 
 
 def stamp_device(lm, layer: int):

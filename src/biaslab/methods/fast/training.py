@@ -266,8 +266,9 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
     handle, stamp, saved = None, None, None
     if mode == "stamp":
         d = model.get_input_embeddings().weight.shape[1]
+        # trained in float32 whatever the model's dtype (bf16 on a GPU: Adam's small updates would round away)
         stamp = StampFFN(d, cfg.width, cfg.activation, cfg.init).to(device=next(mlp.parameters()).device,
-                                                                     dtype=lm.dtype)
+                                                                     dtype=torch.float32)
         handle = attach_stamp(lm, layer, stamp)
         params = list(stamp.parameters())
         lr = cfg.lr
