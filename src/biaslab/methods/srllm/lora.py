@@ -122,9 +122,15 @@ def inject_lora(model, cfg: SRLLMConfig) -> dict[str, torch.nn.Module]:
     # peft gives the adapters the base layer's dtype; on a bf16/fp16 model (the GPU default) they are trained in
     # float32, as peft's own get_peft_model does (autocast_adapter_dtype): Adam's small updates on bf16 weights
     # round away. peft's LoRA forward casts the input to the adapter's dtype and the sum back to the layer's.
-    from peft.tuners.tuners_utils import cast_adapter_dtype
-
-    cast_adapter_dtype(model, "default")
+    try:
+        from peft.tuners.tuners_utils import cast_adapter_dtype
+    except ImportError:   # an older peft: the same upcast by hand
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n and p.dtype in (torch.bfloat16, torch.float16):
+                    p.data = p.data.float()
+    else:
+        cast_adapter_dtype(model, "default")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
