@@ -223,7 +223,12 @@ def main(argv=None) -> int:
     else:
         res["model"] = {"spec": model}
 
-    def save():   # after every step: a run cut short by its time limit still leaves what it measured
+    t_start = time.perf_counter()
+
+    def save():   # after every step: a run cut short by its time limit still leaves what it measured, and when
+        res["elapsed_s"] = round(time.perf_counter() - t_start, 1)   # (to plan the next run's time budget)
+        res.setdefault("elapsed_after", {})[next(k for k in reversed(res) if k not in ("elapsed_s", "elapsed_after"))] \
+            = res["elapsed_s"]
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=2) + "\n")
 

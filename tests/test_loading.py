@@ -52,3 +52,33 @@ def test_missing_hub_model_says_no_download():
 
     with pytest.raises(BiaslabError, match="never downloads"):
         load_model("no-such-org/no-such-model-xyz", progress=False)
+
+
+def test_under_several_ranks_rank_0_converts_the_embedded_model_first(monkeypatch):
+    """torchrun on a fresh cache: rank 0 converts while the others wait at the broadcast, then they find its
+    conversion; an error of rank 0 reaches the others instead of leaving them waiting."""
+    import biaslab.distributed as D
+    from biaslab.errors import BiaslabError
+    from biaslab.models import embedded as E
+
+    calls = []
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    monkeypatch.setattr(D, "broadcast", lambda obj: calls.append(("broadcast", obj)) or obj)
+    monkeypatch.setattr(E, "embedded_model_dir", lambda name, progress=True: calls.append(("convert", progress)) or "dir")
+    for rank, want in ((0, [("convert", True), ("broadcast", None)]), (1, [("broadcast", None), ("convert", False)])):
+        calls.clear()
+        monkeypatch.setattr(D, "is_main", lambda rank=rank: rank == 0)
+        assert E.embedded_model_dir_once("m") == "dir" and calls == want
+
+    def broken(name, progress=True):
+        raise BiaslabError("the embedded model 'm' needs the package x")
+
+    monkeypatch.setattr(E, "embedded_model_dir", broken)
+    monkeypatch.setattr(D, "is_main", lambda: True)
+    with pytest.raises(BiaslabError, match="needs the package x"):
+        E.embedded_model_dir_once("m")
+    monkeypatch.setattr(D, "is_main", lambda: False)                      # rank 1 gets rank 0's error
+    monkeypatch.setattr(D, "broadcast", lambda obj: "the embedded model 'm' needs the package x")
+    monkeypatch.setattr(E, "embedded_model_dir", lambda *a, **k: pytest.fail("rank 1 converted after rank 0 failed"))
+    with pytest.raises(BiaslabError, match="needs the package x"):
+        E.embedded_model_dir_once("m")

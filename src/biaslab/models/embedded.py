@@ -270,6 +270,29 @@ def embedded_model_dir(name: str, *, progress: bool = True) -> Path:
     return target
 
 
+def embedded_model_dir_once(name: str, *, progress: bool = True) -> Path:
+    """:func:`embedded_model_dir` for every rank of a job: rank 0 converts while the others wait, so a first run
+    under ``torchrun --nproc_per_node=8`` converts once, not eight times side by side. The others then find rank
+    0's conversion (or, with a cache of their node's own, convert it there). An error of rank 0 reaches every
+    rank, so none waits for it."""
+    from .. import distributed as D
+
+    if D.world_size() <= 1:
+        return embedded_model_dir(name, progress=progress)
+    path, mine = None, None
+    if D.is_main():
+        try:
+            path = embedded_model_dir(name, progress=progress)
+        except BiaslabError as e:
+            mine = e
+    err = D.broadcast(str(mine) if mine is not None else None)
+    if mine is not None:
+        raise mine
+    if err is not None:
+        raise BiaslabError(err)
+    return path if path is not None else embedded_model_dir(name, progress=False)
+
+
 def list_models() -> list[dict]:
     """Embedded models (and whether their package is installed / converted) plus converted cache entries."""
     rows = []

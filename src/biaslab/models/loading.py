@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import BiaslabError, UnknownNameError
 from .embedded import (DEFAULT_MODEL, EMBEDDED, EmbeddedModel, _file_record, _load_gguf, _write_json,  # noqa: F401
                        cache_dir, cache_problem, embedded_gguf_path, embedded_license_files, embedded_model_dir,
+                       embedded_model_dir_once,
                        list_models)
 from .fingerprint import weights_fingerprint
 from .placement import (check_all_placed, memory_error, parse_device_map, parse_max_memory,
@@ -138,7 +139,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
 
     try:
         if kind == "embedded":
-            path = embedded_model_dir(ref, progress=progress)
+            path = embedded_model_dir_once(ref, progress=progress)
             meta_f = path / "biaslab.json"
             hf_logging.disable_progress_bar()  # a sub-second local load needs no "Loading weights" bar
             try:
