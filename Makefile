@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.biaslab-setup-v1
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo audit-demo test test-fast bench clean
+.PHONY: setup demo audit-demo test test-fast bench gpu-prepare clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ test-fast: setup
 bench: setup
 	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/audit_throughput.py
+
+# what the GPU check needs on a lent GPU machine (no downloads there; bench/README.md, "GPU check"): .gpu/
+gpu-prepare: setup
+	$(PY) bench/gpu_prepare.py
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info
