@@ -225,10 +225,9 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
 
-    def save():   # after every step: a run cut short by its time limit still leaves what it measured, and when
-        res["elapsed_s"] = round(time.perf_counter() - t_start, 1)   # (to plan the next run's time budget)
-        res.setdefault("elapsed_after", {})[next(k for k in reversed(res) if k not in ("elapsed_s", "elapsed_after"))] \
-            = res["elapsed_s"]
+    def save(step: str):   # after every step: a run cut short by its time limit still leaves what it measured,
+        res["elapsed_s"] = round(time.perf_counter() - t_start, 1)   # and when (to plan the next run's budget)
+        res.setdefault("elapsed_after", {})[step] = res["elapsed_s"]
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=2) + "\n")
 
@@ -259,7 +258,7 @@ def main(argv=None) -> int:
         if dev == "cuda":
             torch.cuda.empty_cache()
 
-    save()
+    save("correctness")
     # throughput of the default audit protocol in bf16, with each tree-attention kernel (the first 16 items warm up:
     # flex attention compiles there)
     lm = load_model(model, device=dev, dtype="bfloat16")
@@ -284,7 +283,7 @@ def main(argv=None) -> int:
             "scoring_mode": lm.scoring_mode(), "bf16_matmul_peak_tflops": round(peak, 1),
             "achieved_tflops": round(achieved, 3), "share_of_peak": round(achieved / peak, 4),
             "peak_gpu_mem_gb": mem()})
-        save()
+        save("throughput")
     lm.tree_kernel, lm._mode_checked = "sdpa", {}
 
     # attribution memory and time per instance (all FFN sites, letter protocol)
@@ -301,13 +300,13 @@ def main(argv=None) -> int:
     res["attribution"] = {"instances": len(inst), "s_per_instance": round((time.perf_counter() - t) / len(inst), 4),
                           "peak_gpu_mem_gb": mem(), "sites": cfg.sites}
 
-    save()
+    save("attribution")
     # the cross-device paths of a device map: half the layers on the GPU, half on the CPU
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_models import split_device_check
 
     res["split_device_map"] = split_device_check(model, dev, reqs, owner, inst)
-    save()
+    save("split_device_map")
     if not a.skip_7b:   # all-layer attribution at 7 B: does it fit an 80 GB GPU, with which switch
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from gpu_models import attribution_7b
@@ -317,17 +316,17 @@ def main(argv=None) -> int:
         if dev == "cuda":
             torch.cuda.empty_cache()
         res["attribution_7b"] = attribution_7b(dev, tok_dir, inst, smoke=a.cpu_smoke)
-        save()
+        save("attribution_7b")
         if dev == "cuda":
             torch.cuda.empty_cache()
 
     n = torch.cuda.device_count()
     if n > 1 or a.cpu_smoke:
         res["processes"] = processes(model, 4 if a.cpu_smoke else n, 4 if a.cpu_smoke else a.items)
-        save()
+        save("processes")
     if n == 1 or a.cpu_smoke:
         res["shared_gpu_fit"] = shared_gpu_fit(model, small=a.cpu_smoke)
-    save()
+        save("shared_gpu_fit")
     print(json.dumps(res, indent=2))
     return 0
 

@@ -125,24 +125,22 @@ def split_device_check(spec: str, dev: str, reqs: list, owner: list, inst: list)
     one = load_model(spec, device=dev, dtype="float32")
     dm = split_map(one, 0 if dev == "cuda" else "cpu")
     split = load_model(spec, dtype="float32", device_map=json.dumps(dm))
+    from gpu_check import argmax_per_item, score_mode   # the check's own scoring helpers (imported when it runs)
+
     out = {"device_map": {"first_half": dm["model.layers.0"], "second_half": "cpu"},
            "placed": sorted({str(p.device) for p in split.model.parameters()}),
            "auto_scoring_mode": split.scoring_mode(), "modes": []}
-    sys_modes = {"tree": (True, True), "dense": (True, False), "padded": (False, None)}
-    for mode, (packing, tree) in sys_modes.items():
+    for mode in ("tree", "dense", "padded"):
         got = {}
         for name, lm in (("one", one), ("split", split)):
-            lm.packing, lm.tree_attention, lm.tree_kernel, lm._mode_checked = packing, tree, "sdpa", {}
             try:
-                got[name] = [r.logprob for r in lm.loglikelihood(reqs, desc=f"{mode} {name}")]
+                got[name] = score_mode(lm, reqs, mode)
             except Exception as e:   # reported, not hidden
                 got[name] = f"{type(e).__name__}: {e}"[:300]
         row = {"mode": mode}
         if all(isinstance(v, list) for v in got.values()):
-            best = lambda lps: [max((lp, j) for j, (k2, lp) in enumerate(zip(owner, lps)) if k2 == k)[1]  # noqa: E731
-                                for k in sorted(set(owner))]
             row.update(max_abs_dlogprob=max(abs(x - y) for x, y in zip(got["one"], got["split"])),
-                       same_predictions=best(got["one"]) == best(got["split"]))
+                       same_predictions=argmax_per_item(owner, got["one"]) == argmax_per_item(owner, got["split"]))
         else:
             row["errors"] = {k: v for k, v in got.items() if isinstance(v, str)}
         out["modes"].append(row)

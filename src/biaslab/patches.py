@@ -167,12 +167,10 @@ class Patch:
 
         want = logits(lm.model)
         placed = getattr(lm.model, "hf_device_map", None) if getattr(lm, "device_map", None) else None
-        if placed:   # a model spread over devices: the export is reloaded with the same map (not all on one device)
-            plain = type(lm.model).from_pretrained(path, dtype=lm.model.dtype, device_map=placed,
-                                                   local_files_only=True, trust_remote_code=False).eval()
-        else:
-            plain = type(lm.model).from_pretrained(path, dtype=lm.model.dtype, local_files_only=True,
-                                                   trust_remote_code=False).to(lm.device).eval()
+        # a model spread over devices: the export is reloaded with the same map (not gathered onto one device)
+        plain = type(lm.model).from_pretrained(path, dtype=lm.model.dtype, local_files_only=True,
+                                               trust_remote_code=False, **({"device_map": placed} if placed else {}))
+        plain = (plain if placed else plain.to(lm.device)).eval()
         try:
             diff = float((logits(plain) - want).abs().max())
         finally:

@@ -91,19 +91,17 @@ def _read_cache(cache_file) -> dict:
 
 
 def _write_cache(cache_file, cache: dict) -> None:
-    """Atomically (a temp file renamed over it); a read-only cache only costs a re-hash next time."""
-    import json
-    import os
+    """Atomically (the model cache's own writer); a read-only cache only costs a re-hash next time."""
     from pathlib import Path
+
+    from .embedded import _write_json
 
     cf = Path(cache_file)
     try:
         cf.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cf.with_name(f".{cf.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, cf)
     except OSError:
-        pass
+        return
+    _write_json(cf, cache)
 
 
 def _hash_threads(n_files: int) -> int:
@@ -115,8 +113,8 @@ def _hash_threads(n_files: int) -> int:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit() else 1
-    return max(1, min(8, n_files, cpus // max(1, per_node)))
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return max(1, min(8, n_files, cpus // max(1, int(per_node) if per_node.isdigit() else 1)))
 
 
 def _hash_files(files: list, progress: bool) -> list[str]:
