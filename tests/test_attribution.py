@@ -138,6 +138,8 @@ def test_rank_neurons_deterministic_and_global():
     assert [(n, u) for n, u, _ in r] == [("a", 1), ("b", 1), ("b", 0), ("a", 2), ("a", 0)]
     assert len(A.rank_neurons(scores, 2)) == 2
     assert A.spearman(torch.tensor([1., 2, 3]), torch.tensor([10., 20, 30])) == pytest.approx(1.0)
+    with pytest.raises(BiaslabError, match=r"NaN at 1 of 2 sites \(first: b\).*--dtype float32"):
+        A.rank_neurons({"a": torch.tensor([0.1, 0.9]), "b": torch.tensor([float("nan"), 0.2])})
 
 
 def test_bad_options_are_clear_errors(tiny_lm):

@@ -189,6 +189,19 @@ def test_tracing_finds_planted_layer(k):
     assert js["curves"]["mlp"]["argmax"] == k and len(js["curves"]["hidden"]["ci95"]) == 4
 
 
+def test_tracing_refuses_nan_rather_than_picking_a_layer():
+    """np.argmax over a NaN curve returns the first NaN's layer: an overflowing model is an error instead."""
+    from biaslab.errors import BiaslabError
+
+    lm = _planted_model(1)
+    hook = lm.model.model.layers[2].mlp.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    try:
+        with pytest.raises(BiaslabError, match="NaN log-probabilities in float32: its weights"):
+            trace(lm, [TraceItem("t0", "The Paris", (0, 9), " city")], n_noise=1, seed=0)
+    finally:
+        hook.remove()
+
+
 def test_layer_modules_are_generic(tiny_lm):
     layers, mlps = layer_modules(tiny_lm.model)
     assert len(layers) == 2 and mlps[0] is tiny_lm.model.model.layers[0].mlp

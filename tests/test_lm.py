@@ -87,3 +87,30 @@ def test_chat_template_toggle():
 def test_empty_continuation_is_an_error():
     with pytest.raises(ValueError, match="no tokens"):
         _lm().loglikelihood([("abc", "")])
+
+
+@pytest.mark.parametrize("packing,dtype,advice", [
+    (False, torch.float32, "in float32: its weights .* hold NaN or inf values"),
+    (None, torch.float32, "in float32: its weights"),
+    (None, torch.bfloat16, r"in bfloat16 \(an overflow .*rerun with --dtype float32"),
+    (False, torch.float16, "in float16 .*--dtype bfloat16 on a GPU that has it, or --dtype float32")])
+def test_nan_logits_are_an_error_not_a_prediction(packing, dtype, advice):
+    """A float16 overflow makes logits NaN; an argmax over them would be a silent wrong answer (padded and packed).
+    The advice fits the dtype: no dtype escapes NaN weights."""
+    from biaslab.errors import BiaslabError
+
+    model, tok = make_tiny_llama(seed=1)
+    lm = LanguageModel(model.to(dtype), tok, spec="tiny", packing=packing)
+    prompts = [lm.render(t) for t in TEXTS]
+    assert all(math.isfinite(v) for row in lm.next_token_logprobs(prompts, ["A", "B"]) for v in row)
+    lm.scoring_mode()   # the self-check runs on the sound model
+    hook = lm.model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: out * float("inf"))
+    try:
+        with pytest.raises(BiaslabError, match="NaN log-probabilities " + advice):
+            lm.next_token_logprobs(prompts, ["A", "B"])
+        with pytest.raises(BiaslabError, match="NaN log-probabilities"):
+            lm.loglikelihood([(prompts[0], " yes")])
+        with pytest.raises(BiaslabError, match="NaN next-token scores while generating"):
+            lm.generate(prompts[:2], max_new_tokens=3)
+    finally:
+        hook.remove()

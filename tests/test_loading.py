@@ -47,6 +47,26 @@ def test_dtype_choice():
         pick_dtype("cpu", "float8")
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_auto_dtype_follows_the_gpu_bf16_hardware(device, monkeypatch):
+    """`--device cuda:1` is a GPU too (it got float32 before); a GPU without native bf16 (compute capability
+    below 8: V100, T4, where torch only emulates it) gets float16, with a warning naming --dtype float32."""
+    class Props:
+        major = 8
+    seen = []
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: (seen.append(i), Props)[1])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla V100-SXM2-16GB")
+    assert pick_dtype(device) == torch.bfloat16
+    assert seen == [1 if device == "cuda:1" else 0]
+    Props.major = 7
+    with pytest.warns(UserWarning, match=r"V100.*no native bfloat16.*float16.*--dtype float32"):
+        assert pick_dtype(device) == torch.float16
+    assert pick_dtype(device, "bf16") == torch.bfloat16   # asked for: given, emulated or not
+
+
 def test_missing_hub_model_says_no_download():
     from biaslab.models import load_model
 

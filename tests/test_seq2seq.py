@@ -52,6 +52,39 @@ def test_scoring_primitives(t5):
         t5.loglikelihood([("", "A sentence alone.")])
 
 
+def test_nan_at_a_scored_position_is_an_error_nan_in_the_padding_is_not(t5):
+    """T5 overflows in float16 (NaN logits); only the positions that are scored count, not the decoder's padding."""
+    seen = {}
+    pre = t5.model.register_forward_pre_hook(lambda mod, args, kw: seen.update(kw), with_kwargs=True)
+
+    def nan_where(pad_only):
+        def hook(mod, args, out):
+            mask = seen["decoder_attention_mask"].bool()
+            return out.masked_fill(~mask[..., None] if pad_only else mask[..., None], float("nan"))
+        return hook
+
+    reqs = [("Question: is it good?", " yes"), ("Q", " no way at all, not ever")]   # one batch, unequal targets
+    want = [r.logprob for r in t5.loglikelihood(reqs)]
+    hook = t5.model.lm_head.register_forward_hook(nan_where(pad_only=True))
+    try:
+        assert [r.logprob for r in t5.loglikelihood(reqs)] == want
+    finally:
+        hook.remove()
+    hook = t5.model.lm_head.register_forward_hook(nan_where(pad_only=False))
+    try:
+        with pytest.raises(BiaslabError, match="NaN log-probabilities"):
+            t5.loglikelihood(reqs)
+    finally:
+        hook.remove()
+        pre.remove()
+    hook = t5.model.lm_head.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    try:
+        with pytest.raises(BiaslabError, match="NaN next-token scores while generating"):
+            t5.generate(["Question: is it good?"], max_new_tokens=2)
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("site_name", ["encoder.block.1.layer.1.DenseReluDense.wi_0",
                                        "decoder.block.0.layer.0.SelfAttention.v",
                                        "decoder.block.1.layer.1.EncDecAttention.k",

@@ -210,6 +210,16 @@ def test_hand_prompts_score(tiny_lm):
         assert len(out) == 4 and all(r["pred"] in (0, 1, 2) and len(r["logprobs"]) == 3 for r in out)
 
 
+def test_nan_label_scores_are_an_error_not_a_prediction(tiny_lm):
+    """max() over NaN log-probabilities would pick label 0 and count it in the FPR/TPR gaps."""
+    hook = tiny_lm.model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    try:
+        with pytest.raises(BiaslabError, match="NaN log-probabilities"):
+            predict(tiny_lm, HAND_PROMPTS[0], SENTS, progress=False)
+    finally:
+        hook.remove()
+
+
 def test_sweep_keeps_top_runs_and_reuses_cache(tiny_lm, tmp_path):
     base = SoftPromptConfig(virtual_tokens=2, train_limit=16, val_limit=8, batch_size=8)
     s1 = sweep(tiny_lm, base, seeds=(0, 1), lrs=(0.01,), keep=1, cache_dir=tmp_path, progress=False)

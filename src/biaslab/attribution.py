@@ -232,8 +232,14 @@ def objective_values(lm, seqs: list[list[int]], targets: Sequence[int], *, objec
 
 def rank_neurons(scores: dict[str, torch.Tensor], n: int | None = None) -> list[tuple[str, int, float]]:
     """All neurons of all sites ranked together by score (highest first); ties broken by site order, then
-    unit index, so the ranking is deterministic."""
+    unit index, so the ranking is deterministic. NaN scores (an overflow in a half-precision model) are an error:
+    a sort would quietly put them last, or first."""
     names = list(scores)
+    bad = [k for k in names if scores[k].isnan().any()]
+    if bad:
+        raise BiaslabError(f"attribution scores are NaN at {len(bad)} of {len(names)} sites (first: {bad[0]}): an "
+                           "overflow inside a half-precision model (rerun with --dtype float32) or NaN/inf weights (check "
+                           "the checkpoint)")
     flat = torch.cat([scores[k].reshape(-1).double() for k in names])
     site_of = torch.cat([torch.full((scores[k].numel(),), j, dtype=torch.long) for j, k in enumerate(names)])
     unit_of = torch.cat([torch.arange(scores[k].numel()) for k in names])

@@ -16,10 +16,20 @@ INTERRUPTED = "interrupted; finished work is kept in the run directory: rerun th
 
 
 def quiet_libraries() -> None:
-    """Library warnings (deprecations, transformers' advice) stay out of the console; BIASLAB_DEBUG=1 keeps them."""
+    """Library warnings (deprecations, transformers' advice) stay out of the console; BIASLAB_DEBUG=1 keeps them.
+    biaslab's own warnings print as one ``warning: …`` line."""
+    import warnings
+
+    default_format, ours = warnings.formatwarning, os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def one_line(message, category, filename, lineno, line=None):   # biaslab's own warnings: one line each
+        if os.path.abspath(filename).startswith(ours):
+            return f"warning: {message}\n"
+        return default_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
     if os.environ.get("BIASLAB_DEBUG"):
         return
-    import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")   # c10d's retry logs and C++ stacks: our one line says it

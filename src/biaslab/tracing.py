@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .interventions import Hooks, Intervention
 from .errors import BiaslabError
+from .interventions import Hooks, Intervention
+from .models.finite import refuse_nan
 from .progress import progress_bar
 
 TRACE_PROTOCOL = "tracing.rome-noise.v1"
@@ -172,7 +173,7 @@ def trace(lm, items: list[TraceItem], *, kinds=("hidden", "mlp"), noise_scale: f
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def object_lp(logits, n_ctx, cont):  # (B, T, V) -> (B,) mean log-prob of the object tokens
-        lp = torch.log_softmax(logits[:, n_ctx - 1:n_ctx - 1 + len(cont)].float(), -1)
+        lp = refuse_nan(torch.log_softmax(logits[:, n_ctx - 1:n_ctx - 1 + len(cont)].float(), -1), lm.spec, lm.dtype)
         tgt = torch.tensor(cont, device=lp.device)
         return lp[:, torch.arange(len(cont)), tgt].mean(-1)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..progress import progress_bar
+from .finite import NanGuard, refuse_nan
 from .flex import FLEX_ATTENTION, TREE_KERNELS, default_tree_kernel, flex_plan
 from .flex import PLAN_KWARG as FLEX_PLAN_KWARG
 from .packing import (PLAN_KWARG, ROW_TOKENS, TREE_ATTENTION, batch_rows, flat_batches, pack, row_tensors, tree_attention_supported, tree_plan,
@@ -238,6 +239,10 @@ class LanguageModel:
         """Whether prefix-sharing packing (either kind) is used for this model."""
         return self.scoring_mode() != "padded"
 
+    def _log_softmax(self, logits: torch.Tensor, used=slice(None)) -> torch.Tensor:
+        """Log-softmax over the vocabulary; NaN at the ``used`` positions is an error (:mod:`.finite`)."""
+        return refuse_nan(torch.log_softmax(logits, dim=-1), self.spec, self.dtype, used)
+
     def _padded_or_packed(self, seqs: list[list[int]], wanted: list[list[int]], *, mode: str, advance=None):
         """Yield ``(i, logprobs)`` for every sequence i: log-softmax over the vocabulary (float32) at the
         positions ``wanted[i]`` of ``seqs[i]`` (position t holds the distribution of token t + 1).
@@ -277,7 +282,7 @@ class LanguageModel:
                         for t in wanted[i]:
                             where.setdefault(node(k, layout.nodes_of[i][t]), len(where))
                 rc = torch.tensor(list(where), dtype=torch.long, device=ids.device).reshape(-1, 2)
-                lp = torch.log_softmax(forward(rc[:, 0], rc[:, 1]), dim=-1)
+                lp = self._log_softmax(forward(rc[:, 0], rc[:, 1]))
                 for k, r in enumerate(rows):
                     for i in r.members:
                         cols = [where[node(k, layout.nodes_of[i][t])] for t in wanted[i]]
@@ -292,8 +297,8 @@ class LanguageModel:
                 rows += [k] * len(wanted[i])
                 cols += [offs[k] + t for t in wanted[i]]
                 spans.append((len(rows) - len(wanted[i]), len(rows)))
-            lp = torch.log_softmax(self.logits_at(ids, mask, pos, torch.tensor(rows, device=ids.device),
-                                                  torch.tensor(cols, device=ids.device)), dim=-1)
+            lp = self._log_softmax(self.logits_at(ids, mask, pos, torch.tensor(rows, device=ids.device),
+                                                  torch.tensor(cols, device=ids.device)))
             for k, i in enumerate(batch):
                 yield i, lp[spans[k][0]:spans[k][1]]
             if advance:
@@ -383,7 +388,8 @@ class LanguageModel:
                 ids, mask, _, _ = self.pad([enc[i] for i in batch], side="left")
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                           do_sample=False, num_beams=1, pad_token_id=self.pad_id,
-                                          eos_token_id=eos or None, temperature=None, top_p=None, top_k=None)
+                                          eos_token_id=eos or None, temperature=None, top_p=None, top_k=None,
+                                          logits_processor=NanGuard.processors(self.spec, self.dtype))
                 for k, i in enumerate(batch):
                     out[i] = self.tokenizer.decode(gen[k, ids.shape[1]:], skip_special_tokens=True).strip()
                 advance(len(batch))

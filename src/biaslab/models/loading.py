@@ -104,7 +104,33 @@ def pick_dtype(device: str, dtype: str | None = None):
                     "float16": torch.float16, "fp16": torch.float16}[dtype]
         except KeyError:
             raise UnknownNameError("dtype", dtype, ["auto", "float32", "bfloat16", "float16"]) from None
-    return torch.bfloat16 if device == "cuda" else torch.float32
+    if device.split(":", 1)[0] != "cuda":   # cpu, mps
+        return torch.float32
+    if _native_bf16(device):
+        return torch.bfloat16
+    import warnings
+
+    warnings.warn(f"{device}: {torch.cuda.get_device_name(_cuda_index(device))} has no native bfloat16 (compute "
+                  "capability below 8.0); --dtype auto loads float16. If scores come out NaN or inf (some models, "
+                  "Gemma among them, overflow in float16), rerun with --dtype float32")
+    return torch.float16
+
+
+def _cuda_index(device: str) -> int:
+    import torch
+
+    return int(device.split(":", 1)[1]) if ":" in device else torch.cuda.current_device()
+
+
+def _native_bf16(device: str) -> bool:
+    """bf16 in hardware on that GPU (Ampere or later, or ROCm): ``torch.cuda.is_bf16_supported()`` also says yes
+    where bf16 is only emulated (V100, T4), where float16 is the usable half precision. Without CUDA here (the
+    caller checked the device) the answer is the policy's: bf16."""
+    import torch
+
+    if torch.version.hip or not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_properties(_cuda_index(device)).major >= 8
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: str | None = None,

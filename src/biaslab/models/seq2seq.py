@@ -18,6 +18,7 @@ import torch
 
 from ..errors import BiaslabError
 from ..progress import progress_bar
+from .finite import NanGuard
 from .lm import ContinuationScore, LanguageModel, _upcast
 
 SEQ2SEQ_MODEL_TYPES = ("t5", "mt5", "umt5")
@@ -78,7 +79,10 @@ class Seq2SeqLanguageModel(LanguageModel):
             for batch in self._batches([len(enc[i]) + len(targets[i]) for i in range(len(enc))]):
                 dec_in = [[self.start_id] + targets[i][:-1] for i in batch]
                 logits, _, _ = self.decoder_forward([enc[i] for i in batch], dec_in)
-                lp = torch.log_softmax(logits, dim=-1)
+                used = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)   # not the padding
+                for k, i in enumerate(batch):
+                    used[k, :len(targets[i])] = True
+                lp = self._log_softmax(logits, used)
                 for k, i in enumerate(batch):
                     yield i, lp[k, :len(targets[i])]
                 advance(len(batch))
@@ -120,7 +124,8 @@ class Seq2SeqLanguageModel(LanguageModel):
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                           do_sample=False, num_beams=1, pad_token_id=self.pad_id,
                                           decoder_start_token_id=self.start_id, temperature=None, top_p=None,
-                                          top_k=None, **({"eos_token_id": self.eos_id} if self.eos_id is not None else {}))
+                                          top_k=None, logits_processor=NanGuard.processors(self.spec, self.dtype),
+                                          **({"eos_token_id": self.eos_id} if self.eos_id is not None else {}))
                 for k, i in enumerate(batch):
                     out[i] = self.tokenizer.decode(gen[k], skip_special_tokens=True).strip()
                 advance(len(batch))

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BiaslabError, PatchMismatchError
+from ..models.finite import refuse_nan
 from ..progress import progress_bar
 
 PROTOCOL_VERSION = "softprompt.v1"
@@ -298,7 +299,8 @@ def predict(lm, prompt, sentences: list[str], *, max_length: int = 64, batch_siz
     with progress_bar(len(sentences), desc, enabled=lm.progress if progress is None else progress) as advance:
         for s in range(0, len(order), batch_size):
             batch = order[s:s + batch_size]
-            lp = torch.log_softmax(label_logits(lm, prefix, [enc.rows[i] for i in batch], enc.label_ids), -1).cpu()
+            lp = refuse_nan(torch.log_softmax(label_logits(lm, prefix, [enc.rows[i] for i in batch], enc.label_ids), -1),
+                            lm.spec, lm.dtype).cpu()
             for j, i in enumerate(batch):
                 row = lp[j].tolist()
                 out[i] = {"pred": max(range(len(row)), key=lambda c: (row[c], -c)), "logprobs": [round(x, 5) for x in row]}
