@@ -168,7 +168,7 @@ def test_tracing_noise_is_scaled_to_what_the_embedding_outputs():
     res = trace(lm, [item], n_noise=2, kinds=("hidden",))
     ids, spos = subject_token_positions(lm, item.prompt, item.subject_span)
     sub = torch.tensor(sorted({ids[p] for p in spos}))
-    raw = float(model.get_input_embeddings().weight[sub].float().std())
+    raw = float(model.get_input_embeddings().weight[sub].detach().float().std())
     assert res.params["embedding_std"] == pytest.approx(raw * model.config.hidden_size ** 0.5, rel=1e-3)
 
 

@@ -226,6 +226,20 @@ def test_losses_decrease_on_tiny_model(tiny_lm, mode):
         assert torch.equal(_logits(tiny_lm), before)
 
 
+@pytest.mark.parametrize("mode,flag", [("stamp", "--lr"), ("ftl", "--ftl-lrs")])
+def test_a_nan_training_loss_stops_before_the_step(tiny_lm, mode, flag):
+    from biaslab.errors import BiaslabError
+
+    cfg = F.FastConfig(steps=2, width=8, batch_pairs=2, n_subject_prompts=1, n_text=1, text_tokens=4, alpha=0.0,
+                       beta=0.0, seed=0)
+    hook = tiny_lm.model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    try:
+        with pytest.raises(BiaslabError, match=f"FAST {mode} training: the training loss is nan at step 1 .*lower {flag}"):
+            F.train(tiny_lm, PAIRS, 1, cfg, mode=mode)
+    finally:
+        hook.remove()
+
+
 def test_js_divergence_by_hand():
     lp = torch.log(torch.tensor([[0.75, 0.25], [0.5, 0.5]]))
     lq = torch.log(torch.tensor([[0.25, 0.75], [0.5, 0.5]]))

@@ -220,6 +220,18 @@ def test_nan_label_scores_are_an_error_not_a_prediction(tiny_lm):
         hook.remove()
 
 
+@pytest.mark.parametrize("micro", [None, 2])
+def test_a_nan_training_loss_stops_before_the_step(tiny_lm, micro):
+    train, val = _data()
+    hook = tiny_lm.model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    try:
+        with pytest.raises(BiaslabError, match=r"soft-prompt training: the training loss is nan at step 1 .*--lrs"):
+            train_soft_prompt(tiny_lm, SoftPromptConfig(virtual_tokens=2, batch_size=4, epochs=1), train, val,
+                              progress=False, micro_batch_size=micro)
+    finally:
+        hook.remove()
+
+
 def test_sweep_keeps_top_runs_and_reuses_cache(tiny_lm, tmp_path):
     base = SoftPromptConfig(virtual_tokens=2, train_limit=16, val_limit=8, batch_size=8)
     s1 = sweep(tiny_lm, base, seeds=(0, 1), lrs=(0.01,), keep=1, cache_dir=tmp_path, progress=False)

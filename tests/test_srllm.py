@@ -338,3 +338,18 @@ def test_on_a_bf16_model_the_adapters_train_in_float32():
     x = torch.zeros(1, 3, model.config.hidden_size, dtype=torch.bfloat16)
     name, layer = next(iter(layers.items()))
     assert layer(x).dtype == torch.bfloat16
+
+
+def test_a_nan_training_loss_stops_before_the_step():
+    """A diverging (or half-precision overflowing) training stops with one line instead of writing NaN adapters."""
+    from biaslab.models import LanguageModel
+
+    model, tok = make_tiny_llama()
+    lm = LanguageModel(model, tok, spec="tiny-llama")
+    hook = model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    try:
+        with pytest.raises(BiaslabError, match=r"SR_LLM LoRA training: the training loss is nan at step 1 "
+                                               r"\(model in float32\).*lower --lr$"):
+            _trained_patch(lm)
+    finally:
+        hook.remove()

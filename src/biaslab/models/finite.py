@@ -1,7 +1,10 @@
 """Refusing NaN model outputs. A model run in half precision (float16 above all; T5 and Gemma are known cases)
 can overflow inside, which turns its logits into NaN; a prediction, a log-likelihood or a greedy token taken from
-them would be silently wrong, so scoring and generation stop with one line instead."""
+them would be silently wrong, so scoring and generation stop with one line instead; a training loss that turns
+NaN or infinite stops the training before the optimiser writes NaN into what it trains."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -43,3 +46,13 @@ class NanGuard:
         if scores.isnan().any():
             raise nan_error(self.spec, self.dtype, "next-token scores while generating")
         return scores
+
+
+def refuse_bad_loss(loss: float, what: str, step: int, dtype: torch.dtype, lr_option: str = "the learning rate") -> float:
+    """``loss`` unchanged when finite; else one line naming the training, the step and what to change."""
+    if math.isfinite(loss):
+        return loss
+    half = dtype in (torch.float16, torch.bfloat16)
+    raise BiaslabError(f"{what}: the training loss is {loss} at step {step} (model in "
+                       f"{str(dtype).removeprefix('torch.')}): the training diverged; rerun with a lower {lr_option}"
+                       + (" or --dtype float32" if half else ""))

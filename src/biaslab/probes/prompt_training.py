@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from ..models.finite import refuse_bad_loss
 from ..progress import progress_bar
 from .data import Sentence
 from .softprompt import SoftPrompt, SoftPromptConfig, accuracy, encode, label_logits, predict
@@ -57,20 +58,22 @@ def length_batches(lengths: list[int], batch_size: int, rng: random.Random) -> l
     return batches
 
 
-def train_step(lm, encoder, rows, golds, label_ids, opt, clip: float = 1.0) -> float:
-    """One optimisation step of the prompt on a batch; returns the loss (restricted 3-way cross-entropy)."""
+def train_step(lm, encoder, rows, golds, label_ids, opt, clip: float = 1.0, step: int = 1) -> float:
+    """One optimisation step of the prompt on a batch; returns the loss (restricted 3-way cross-entropy); a NaN or
+    infinite loss is an error before the step."""
     prefix = encoder.embedding.weight
     logits = label_logits(lm, prefix, rows, label_ids)
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(golds, device=logits.device))
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    refuse_bad_loss(float(loss.detach()), "soft-prompt training", step, lm.dtype, "--lrs")
     if clip:
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), clip)
     opt.step()
     return float(loss.detach())
 
 
-def train_step_in_parts(lm, encoder, rows, golds, label_ids, opt, micro: int, clip: float = 1.0) -> float:
+def train_step_in_parts(lm, encoder, rows, golds, label_ids, opt, micro: int, clip: float = 1.0, step: int = 1) -> float:
     """:func:`train_step` with the batch cut into parts of ``micro`` sentences, part k on rank k mod world: each
     part's loss is its summed cross-entropy over the batch size, so the parts add up to the batch's mean, and
     :func:`biaslab.distributed.summed_gradients` adds their gradients in part order. One process with the same
@@ -87,7 +90,8 @@ def train_step_in_parts(lm, encoder, rows, golds, label_ids, opt, micro: int, cl
         gold = torch.tensor(golds[part], device=logits.device)
         return torch.nn.functional.cross_entropy(logits, gold, reduction="sum") / B
 
-    loss = sum(D.summed_gradients([weight], (B + micro - 1) // micro, part_loss))
+    loss = refuse_bad_loss(sum(D.summed_gradients([weight], (B + micro - 1) // micro, part_loss)),
+                           "soft-prompt training", step, lm.dtype, "--lrs")
     if clip:
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), clip)
     opt.step()
@@ -118,9 +122,10 @@ def train_soft_prompt(lm, cfg: SoftPromptConfig, train: list[Sentence], val: lis
             for batch in length_batches([len(r) for r in enc.rows], cfg.batch_size, rng):
                 rows, gold = [enc.rows[i] for i in batch], [golds[i] for i in batch]
                 if micro_batch_size:
-                    loss = train_step_in_parts(lm, encoder, rows, gold, enc.label_ids, opt, micro_batch_size, cfg.clip)
+                    loss = train_step_in_parts(lm, encoder, rows, gold, enc.label_ids, opt, micro_batch_size, cfg.clip,
+                                               step=len(losses) + 1)
                 else:
-                    loss = train_step(lm, encoder, rows, gold, enc.label_ids, opt, cfg.clip)
+                    loss = train_step(lm, encoder, rows, gold, enc.label_ids, opt, cfg.clip, step=len(losses) + 1)
                 losses.append(round(loss, 5))
                 recent = losses[-10:]
                 advance(len(batch), loss=sum(recent) / len(recent))

@@ -229,6 +229,14 @@ def encode(lm, prompt, sentences: list[str], max_length: int = 64) -> _Encoded:
     return _Encoded(pre, rows, _label_ids(lm, prompt.label_words))
 
 
+def _cache_name(body) -> str:
+    """The key/value cache's argument and output name: ``cache`` from transformers 5.24 (``past_key_values``,
+    deprecated there, goes in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
 def label_logits(lm, prefix, rows: list[list[int]], label_ids: list[int]) -> torch.Tensor:
     """Logits [B, n_labels] of the label tokens at each row's last position, after ``prefix`` + row.
 
@@ -254,12 +262,12 @@ def label_logits(lm, prefix, rows: list[list[int]], label_ids: list[int]) -> tor
             kw = {"inputs_embeds": prefix[None].to(device=dev, dtype=lm.dtype)}
         else:
             kw = {"input_ids": prefix[None].to(dev)}
-        cache = body(**kw, use_cache=True).past_key_values
+        cache = getattr(body(**kw, use_cache=True), _cache_name(body))
         cache.batch_repeat_interleave(B)
     full_mask = torch.cat([torch.ones((B, k), dtype=torch.long, device=dev), mask], dim=1)
     pos = k + (mask.cumsum(-1) - 1).clamp(min=0)
-    out = body(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
-               use_cache=cache is not None)
+    out = body(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=cache is not None,
+               **{_cache_name(body): cache})
     last = torch.tensor([len(r) - 1 for r in rows], device=dev)
     rows_ix = torch.arange(B, device=dev)
     lab = torch.tensor(label_ids, device=dev)

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ... import distributed as D
-from ...interventions import Hooks, Intervention
 from ...errors import BiaslabError
+from ...interventions import Hooks, Intervention
+from ...models.finite import refuse_bad_loss
 from ...progress import progress_bar
 from .config import METHOD_VERSION, FastConfig
 from .pairs import SUBJECT_TEMPLATES, KnowledgePair
@@ -304,6 +305,8 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
                         loss.backward()
                         rec = {"step": step, "loss": loss.item(), "L_e": le.item(), "L_s1": float(ls1.detach()),
                                "L_s2": float(ls2.detach()), "JS": float(js.detach())}
+                    refuse_bad_loss(rec["loss"], f"FAST {mode} training", step, lm.dtype,
+                                    "--lr" if mode == "stamp" else "--ftl-lrs")
                     opt.step()
                 if cfg.fairness == "gap":
                     rec.pop("JS")

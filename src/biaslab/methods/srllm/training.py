@@ -22,6 +22,7 @@ import torch
 
 from ... import distributed as D
 from ...errors import BiaslabError
+from ...models.finite import refuse_bad_loss
 from ...progress import progress_bar
 from .config import INSTRUCTION, PROTOCOL_ID, SYSTEM_PROMPT, SRLLMConfig
 from .lora import LoraPatch, _load_lora_weights, collate, completion_loss, encode_pairs, inject_lora, lora_weights, remove_lora
@@ -160,7 +161,8 @@ def train_lora(lm, train_pairs, val_pairs, cfg: SRLLMConfig | None = None, *, pr
                 for b in _batches(len(train), cfg.batch_size, lengths, rng):
                     if step >= total_steps:
                         break
-                    loss = batch_gradients(lm, train, b, params, cfg, step)
+                    loss = refuse_bad_loss(batch_gradients(lm, train, b, params, cfg, step), "SR_LLM LoRA training",
+                                           step + 1, lm.dtype, "--lr")
                     if cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     opt.step()
