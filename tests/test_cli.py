@@ -1,6 +1,7 @@
 """CLI bad-input handling: one clear line on stderr, exit code 2, no traceback."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,20 @@ def test_benchmarks_and_models_list():
     assert code == 0 and "bbq" in out
     code, out = run("models")
     assert code == 0 and "smollm2-135m-instruct" in out
+
+
+def test_biaslab_warnings_print_as_one_line(monkeypatch):
+    import warnings
+
+    import biaslab
+    from biaslab.cli import quiet_libraries
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    for var in ("TRANSFORMERS_VERBOSITY", "TORCH_CPP_LOG_LEVEL", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        monkeypatch.delenv(var, raising=False)   # restored (removed) after the test
+    quiet_libraries()
+    ours = str(Path(biaslab.__file__).parent / "models" / "loading.py")
+    assert warnings.formatwarning("cuda: no bf16", UserWarning, ours, 113) == "warning: cuda: no bf16\n"
+    other = warnings.formatwarning("x", UserWarning, "/elsewhere/biaslab/lib.py", 3)
+    assert other.startswith("/elsewhere/biaslab/lib.py:3: UserWarning: x")
