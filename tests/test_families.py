@@ -47,6 +47,26 @@ def test_scoring_equals_one_plain_forward_per_request(family, mode):
     assert got == pytest.approx(_reference(model, lm, REQS), abs=2e-4), name
 
 
+def test_an_input_longer_than_the_context_is_one_line(family):
+    """GPT-2 / OPT (learned positions) failed with an IndexError inside torch; rotary models scored untrained
+    positions silently. Scoring, generation and attribution now name the input; one that fits still scores."""
+    from biaslab import attribution as A
+    from biaslab.errors import BiaslabError
+
+    name, model, lm = family
+    limit = model.config.max_position_embeddings
+    fits, long = "word " * (limit - 8), "word " * (limit + 8)
+    assert len(lm.encode(fits)) < limit < len(lm.encode(long))
+    assert lm.loglikelihood([(fits, " end")])[0].n_tokens >= 1
+    msg = rf"does not fit the {limit}-token context of model 'tiny-{name}' .* it begins 'word word"
+    with pytest.raises(BiaslabError, match="log-likelihood: an input of .*" + msg):
+        lm.loglikelihood([(long, " end")])
+    with pytest.raises(BiaslabError, match=r"tokens \+ 16 to generate " + msg):
+        lm.generate([fits], max_new_tokens=16)
+    with pytest.raises(BiaslabError, match="attribution: " + ".*" + msg):
+        A.activation_x_gradient(lm, [lm.encode(long)], [1])
+
+
 def test_next_token_scores_equal_the_plain_forward(family):
     name, model, lm = family
     prompts = ["The nurse said", LONG]

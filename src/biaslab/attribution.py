@@ -45,6 +45,7 @@ from .attribution_core import (OBJECTIVES, REDUCES, SPANS, PassMethods,  # noqa:
 from .errors import BiaslabError, UnknownNameError
 from .models.packing import batch_rows
 from .models.sites import Site, find_sites
+from .models.spans import check_context
 
 
 def resolve_sites(lm, sites: str | Sequence[Site]) -> list[Site]:
@@ -158,6 +159,7 @@ def activation_x_gradient(lm, seqs: list[list[int]], targets: Sequence[int], *, 
     site_list = resolve_sites(lm, sites)
     if len(targets) != len(seqs):
         raise BiaslabError(f"{len(seqs)} sequences but {len(targets)} targets")
+    check_context(lm, seqs, what="attribution")
     out = {s.name: torch.zeros(len(seqs), s.n_units) for s in site_list}
     for group in site_groups(site_list, layers_per_pass):
         for batch in token_batches(lm, seqs, token_budget):
@@ -183,6 +185,7 @@ def integrated_gradients(lm, seqs: list[list[int]], targets: Sequence[int], *, s
     if mode not in ("joint", "layer"):
         raise UnknownNameError("integrated-gradients mode", mode, ("joint", "layer"))
     site_list = resolve_sites(lm, sites)
+    check_context(lm, seqs, what="attribution")
     groups: list[list[Site]]
     if mode == "joint":
         groups = [site_list]

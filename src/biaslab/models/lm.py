@@ -20,6 +20,7 @@ import torch
 
 from ..progress import progress_bar
 from .finite import NanGuard, refuse_nan
+from .spans import attention_span, check_context
 from .flex import FLEX_ATTENTION, TREE_KERNELS, default_tree_kernel, flex_plan
 from .flex import PLAN_KWARG as FLEX_PLAN_KWARG
 from .packing import (PLAN_KWARG, ROW_TOKENS, TREE_ATTENTION, batch_rows, flat_batches, pack, row_tensors, tree_attention_supported, tree_plan,
@@ -45,19 +46,6 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 ANSWER_CUE = "Answer:"   # the line that ends a prompt for a model without a chat template
-
-
-def attention_span(model) -> int | None:
-    """The shortest attention span of any layer (a sliding window), or None when every layer sees the whole
-    sequence."""
-    cfg = getattr(model, "config", None)
-    w = getattr(cfg, "sliding_window", None) if cfg is not None else None
-    if not w or getattr(cfg, "use_sliding_window", True) is False:
-        return None
-    types = getattr(cfg, "layer_types", None)
-    if types is not None and all(t == "full_attention" for t in types):
-        return None
-    return int(w)
 
 
 class LanguageModel:
@@ -305,6 +293,7 @@ class LanguageModel:
                 advance(len(batch))
 
     def _score_positions(self, seqs, wanted, desc):
+        check_context(self, seqs, what=desc)
         mode = self.scoring_mode()
         span = attention_span(self.model)
         if mode != "padded" and span is not None and max((len(s) for s in seqs), default=0) > span:
@@ -379,6 +368,7 @@ class LanguageModel:
     def generate(self, prompts: list[str], *, max_new_tokens: int = 64, desc: str = "generating") -> list[str]:
         """Greedy continuations (special tokens stripped), batched with left padding."""
         enc = [self.encode(p) for p in prompts]
+        check_context(self, enc, extra=max_new_tokens, what=desc)
         out: list[str] = [None] * len(prompts)  # type: ignore[list-item]
         eos = [t for t in {self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)}
                if isinstance(t, int)]
