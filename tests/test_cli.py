@@ -37,18 +37,68 @@ def test_benchmarks_and_models_list():
     assert code == 0 and "smollm2-135m-instruct" in out
 
 
-def test_biaslab_warnings_print_as_one_line(monkeypatch):
+@pytest.fixture
+def in_process_cli(monkeypatch):
+    """What main()'s quiet_libraries() changes in this process (warnings, environment) is undone after the test."""
     import warnings
-
-    import biaslab
-    from biaslab.cli import quiet_libraries
 
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
     monkeypatch.setattr(warnings, "filters", list(warnings.filters))
     for var in ("TRANSFORMERS_VERBOSITY", "TORCH_CPP_LOG_LEVEL", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
         monkeypatch.delenv(var, raising=False)   # restored (removed) after the test
+
+
+def test_biaslab_warnings_print_as_one_line(in_process_cli):
+    import warnings
+
+    import biaslab
+    from biaslab.cli import quiet_libraries
+
     quiet_libraries()
     ours = str(Path(biaslab.__file__).parent / "models" / "loading.py")
     assert warnings.formatwarning("cuda: no bf16", UserWarning, ours, 113) == "warning: cuda: no bf16\n"
     other = warnings.formatwarning("x", UserWarning, "/elsewhere/biaslab/lib.py", 3)
     assert other.startswith("/elsewhere/biaslab/lib.py:3: UserWarning: x")
+
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which "
+            "1.06 GiB is free. Including non-PyTorch memory, this process has 78.03 GiB memory in use. Of the "
+            "allocated memory 76.2 GiB is allocated by PyTorch. See documentation for Memory Management")
+
+
+@pytest.mark.parametrize("argv,advice", [
+    (["mitigate", "crispr", "--out", "r"], "--checkpoint-layers, --layers-per-pass 1"),
+    (["mitigate", "srllm", "-o", "r"], "--micro-batch-size 1"),
+    (["mitigate", "fast", "--out", "r"], "--micro-batch-pairs 1"),
+    (["probe", "softprompt", "--out", "r"], "--micro-batch-size 1"),
+    (["export", "p.safetensors"], None)])
+def test_out_of_memory_is_one_line_with_what_to_lower(argv, advice, monkeypatch, capsys, in_process_cli):
+    """A GPU OOM was a torch traceback; it is torch's first sentences, whether work was kept, and the command's
+    own memory options (each named option exists: checked against the command's --help)."""
+    import torch
+
+    from biaslab import cli
+
+    msg = cli.out_of_memory_message(torch.OutOfMemoryError(CUDA_OOM), argv)
+    assert msg.startswith("out of memory: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                          "of 79.10 GiB of which 1.06 GiB is free.") and "Including non-PyTorch" not in msg
+    assert ("Finished chunks are kept" in msg) == (argv[0] != "export") and "--device-map auto" in msg
+    if advice:
+        assert advice in msg
+        helptext = subprocess.run([sys.executable, "-m", "biaslab", *argv[:2], "--help"], capture_output=True,
+                                  text=True, env={**__import__("os").environ, "COLUMNS": "250"}).stdout
+        for flag in (w.strip(",") for w in advice.split() if w.startswith("--")):
+            assert flag in helptext, (flag, argv)
+    assert cli.out_of_memory_message(RuntimeError("shape mismatch"), argv) is None
+    assert "MPS backend" in cli.out_of_memory_message(RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)"),
+                                                      argv)
+
+    def boom(**kw):
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    monkeypatch.setattr(cli, "app", boom)
+    monkeypatch.setattr(sys, "argv", ["biaslab", *argv])
+    with pytest.raises(SystemExit) as ex:
+        cli.main()
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and err.startswith("error: out of memory: CUDA out of memory.") and "Traceback" not in err

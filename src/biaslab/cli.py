@@ -65,6 +65,31 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+OOM_ADVICE = {   # what lowers the memory one step needs, by command (checked in tests against the real options)
+    "crispr": "--checkpoint-layers, --layers-per-pass 1 or a lower --token-budget (attribution)",
+    "srllm": "--micro-batch-size 1 (training in parts gives the same adapters as one process with that size)",
+    "fast": "--micro-batch-pairs 1 (training in parts)",
+    "softprompt": "--micro-batch-size 1 (training in parts)",
+}
+
+
+def out_of_memory_message(e: BaseException, argv: list[str]) -> str | None:
+    """One line for a GPU (or MPS) out-of-memory error: torch's own first line, that finished work is kept, and
+    what lowers the memory of the command in ``argv``; None for any other error."""
+    import torch
+
+    text = str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in text)):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    first = first.split(" Including non-PyTorch memory")[0].split(" Of the allocated memory")[0]
+    advice = next((v for k, v in OOM_ADVICE.items() if k in argv), None)
+    kept = " Finished chunks are kept in the run directory." if {"--out", "-o"} & set(argv) else ""
+    return (f"out of memory: {first}{kept} Rerun with " + (f"{advice}, " if advice else "")
+            + "--device-map auto to spread the model over more devices (with --max-memory to leave room for "
+            "activations), or in bfloat16 (--dtype bfloat16) where it ran in float32")
+
+
 def main() -> None:
     """Run the CLI. Every BiaslabError is one line (exit 2); Ctrl-C prints how to resume (exit 130): the app runs
     in non-standalone mode, because typer's standalone mode turns an interrupt into a silent exit 130."""
@@ -87,6 +112,11 @@ def main() -> None:
         from . import distributed as D
 
         err_console.quiet = False
+        oom = out_of_memory_message(e, sys.argv[1:])
+        if oom:
+            where = f"rank {D.rank()}: " if D.world_size() > 1 else ""
+            err_console.print(f"error: {where}{oom}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(2)
         if D.world_size() > 1 and D.is_peer_failure(e):
             err_console.print(f"error: rank {D.rank()}: {D.peer_failure_message(e)}", markup=False,
                               highlight=False, soft_wrap=True)
