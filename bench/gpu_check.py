@@ -266,8 +266,11 @@ def main(argv=None) -> int:
     peak = matmul_peak(torch.bfloat16, dev, n=1024 if a.cpu_smoke else 8192, reps=2 if a.cpu_smoke else 10)
     n_nonemb = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n)
     res["throughput"] = []
-    for kernel in ("sdpa", "flex"):
+    # the scoring batch (LanguageModel's token_budget 4096 tokens, max_batch 64 rows) was sized on the CPU: larger
+    # batches with the default kernel say whether a GPU wants a larger default
+    for kernel, budget, rows in (("sdpa", 4096, 64), ("flex", 4096, 64), ("sdpa", 16384, 256), ("sdpa", 65536, 1024)):
         lm.packing, lm.tree_attention, lm.tree_kernel, lm._mode_checked = None, None, kernel, {}
+        lm.token_budget, lm.max_batch = budget, rows
         reset()
         bench.score(lm, items[:16], protocol=proto)
         sync()
@@ -278,13 +281,14 @@ def main(argv=None) -> int:
         toks = sum(len(lm.encode(prompt_text(lm, it, 0, protocol=proto.name))) for it in mc)
         achieved = 2 * n_nonemb * toks / dt_s / 1e12
         res["throughput"].append({
-            "protocol": proto.id, "tree_kernel": kernel, "items": len(items), "records": len(recs), "s": round(dt_s, 2),
+            "protocol": proto.id, "tree_kernel": kernel, "token_budget": budget, "max_batch": rows,
+            "items": len(items), "records": len(recs), "s": round(dt_s, 2),
             "items_per_s": round(len(items) / dt_s, 1), "tokens_per_s": round(toks / dt_s, 1),
             "scoring_mode": lm.scoring_mode(), "bf16_matmul_peak_tflops": round(peak, 1),
             "achieved_tflops": round(achieved, 3), "share_of_peak": round(achieved / peak, 4),
             "peak_gpu_mem_gb": mem()})
         save("throughput")
-    lm.tree_kernel, lm._mode_checked = "sdpa", {}
+    lm.tree_kernel, lm._mode_checked, lm.token_budget, lm.max_batch = "sdpa", {}, 4096, 64
 
     # attribution memory and time per instance (all FFN sites, letter protocol)
     from biaslab.methods import METHODS
