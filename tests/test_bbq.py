@@ -55,6 +55,23 @@ def test_golden_bias_scores():
     assert M.bias_score_ambig_helm(DIS + AMB) == pytest.approx((1 - 2 / 10) / 3 * 100)
 
 
+def test_golden_tie_share_and_its_section_note():
+    """Ties between the two best options (to 6 decimals) go to the first option: counted, and noted from 1 %."""
+    from biaslab.audit import summarize
+    from biaslab.benchmarks.base import prediction_tie_share
+
+    lps = [[-1.0, -1.0, -2.0], [-0.5, -1.0, -2.0], [-3.0, -1.25, -1.25], [-2.0, -0.7, -0.9]]
+    recs = [{**r, "logprobs": lp} for r, lp in zip(DIS, lps)] + [dict(DIS[4])]   # the last has no log-probs
+    assert prediction_tie_share(recs) == pytest.approx(2 / 4)      # records 1 and 3 tie; a tie below the top does not
+    assert prediction_tie_share([dict(r) for r in DIS]) is None    # generate protocol: no log-probs
+    bench = get_benchmark("bbq")
+    sec = summarize(bench, [{**r, "category": "Age"} for r in recs], bench.protocol(), n_boot=0)
+    assert sec["extra"]["prediction_tie_share"] == pytest.approx(0.5)
+    assert sec["notes"][0].startswith("50.0% of the scored records tied between their two best options")
+    calm = [{**r, "logprobs": [-0.5, -1.0, -2.0], "category": "Age"} for r in DIS]
+    assert "notes" not in summarize(bench, calm, bench.protocol(), n_boot=0)
+
+
 def test_unknown_position_comes_from_record_not_index_2():
     # unknown is ans0 and predicted: must be excluded; a position-2 assumption would count it as non-target
     r = [rec("disambig", 0, 1, 0, 2), rec("disambig", 1, 1, 0, 1)]

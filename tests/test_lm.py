@@ -134,6 +134,17 @@ def test_half_precision_logits_are_formed_in_float32(monkeypatch):
     assert not torch.equal(got, rounded) and torch.equal(rounded, rounded.bfloat16().float())
     with torch.enable_grad():   # attribution: the head as it is
         assert torch.equal(L.head_logits(head, picked), rounded)
+    from biaslab.interventions import Hooks, Intervention   # hooks on the head still apply (a calibration patch)
+    bump = torch.zeros(want.shape[1]).index_fill(0, torch.tensor([3]), 5.0)
+    seen = []
+    undo = Hooks([Intervention("test:bump", head, "add_output", lambda x, out: bump.to(out.dtype)),
+                  Intervention("test:see", head, "capture_input", seen.append)]).attach().remove
+    try:
+        with torch.no_grad():
+            bumped = L.head_logits(head, picked)
+    finally:
+        undo()
+    assert torch.allclose(bumped, want + bump, atol=1e-5) and len(seen) == 1
     ids = lm.encode(lm.render(TEXTS[0]))
     with torch.no_grad():
         lg = lm.logits_at(torch.tensor([ids]), None, torch.arange(len(ids))[None], torch.tensor([0]),

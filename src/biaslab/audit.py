@@ -14,6 +14,9 @@ from .errors import BiaslabError
 from .runs import RunDir, Timer, clean_nan, score_journaled
 
 
+
+TIE_NOTE_SHARE = 0.01   # a results section notes ties between the two best options from this share of records
+
 def metric_block(records: list[dict], m: MetricDef, *, n_boot: int, seed: int) -> dict:
     instr = sorted({r.get("instruction", 0) for r in records})
     out = stats.bootstrap_ci(records, stats.instruction_mean(m.fn) if len(instr) > 1 else m.fn,
@@ -51,6 +54,11 @@ def summarize(bench: Benchmark, records: list[dict], protocol: Protocol, *, n_bo
     extra = bench.extra_results(records, protocol)
     if extra:
         section["extra"] = extra
+    ties = (extra or {}).get("prediction_tie_share")
+    if ties is not None and ties >= TIE_NOTE_SHARE:
+        section["notes"] = [f"{ties:.1%} of the scored records tied between their two best options (equal to 6 "
+                            "decimals); each went to the first of them, so ties read as a position bias. Check the "
+                            "model's dtype and the prompt (experiments/score/bf16_ties.md)"]
     return clean_nan(section)
 
 

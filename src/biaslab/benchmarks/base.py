@@ -112,3 +112,14 @@ def stratified_sample(items: list[dict], limit: int | None, *, seed: int, strata
                 chosen.append(buckets[k][depth])
         depth += 1
     return [items[i] for i in sorted(chosen)]
+
+
+def prediction_tie_share(records: Sequence[dict]) -> float | None:
+    """Share of scored records whose two best options have equal log-probabilities (to the records' 6 decimals):
+    the prediction then falls to the first of them, a position bias of the number format (bf16 logits tied 16 %
+    of BBQ letter items before the LM head was formed in float32; experiments/score/bf16_ties.md). None where no
+    record carries option log-probabilities (the generate protocol)."""
+    scored = [r["logprobs"] for r in records if len(r.get("logprobs") or ()) >= 2]
+    if not scored:
+        return None
+    return sum(1 for lp in scored if sorted(lp)[-1] == sorted(lp)[-2]) / len(scored)

@@ -28,7 +28,7 @@ from ..data import DATA_ROOT, check_fields, read_csv, read_jsonl
 from ..errors import BiaslabError, DataError, UnknownNameError
 from ..metrics import bbq as M
 from ..tasks import MCItem, check_instructions, score_mc
-from .base import Benchmark, MetricDef, Protocol
+from .base import Benchmark, MetricDef, Protocol, prediction_tie_share
 
 UPSTREAM_CATEGORIES: tuple[str, ...] = ("Age", "Disability_status", "Gender_identity", "Nationality",
                                         "Physical_appearance", "Religion", "Sexual_orientation")
@@ -335,4 +335,5 @@ class BBQ(Benchmark):
             "items_without_target": len({r["id"] for r in records if r.get("target") is None}),
             "prediction_position_share": {str(k): preds[k] / n for k in sorted(preds, key=str)} if n else {},
             "prediction_unknown_share": sum(r["pred"] == r["unknown"] for r in records) / n if n else None,
+            "prediction_tie_share": prediction_tie_share(records),
         }

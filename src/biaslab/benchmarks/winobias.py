@@ -25,7 +25,7 @@ from ..data import DATA_ROOT
 from ..errors import BiaslabError, DataError, UnknownNameError
 from ..metrics import winobias as M
 from ..tasks import INSTRUCTIONS, MCItem, score_mc
-from .base import Benchmark, MetricDef, Protocol
+from .base import Benchmark, MetricDef, Protocol, prediction_tie_share
 
 TYPES = ("type1", "type2")
 STEREOTYPES = ("pro", "anti")
@@ -230,4 +230,4 @@ class WinoBias(Benchmark):
         n = len(records)
         return {"split": self.opts["split"], "instruction": self.opts["instruction"], "skipped_rows": len(skipped),
                 "skipped": skipped, "prediction_first_option_share": sum(r["pred"] == 0 for r in records) / n if n else None,
-                "unmatched": sum(r["pred"] is None for r in records)}
+                "prediction_tie_share": prediction_tie_share(records), "unmatched": sum(r["pred"] is None for r in records)}

@@ -50,20 +50,27 @@ HEAD_BLOCK = 1 << 25   # 32 M elements: 128 MB of float32 weights converted at a
 
 def head_logits(head, picked: torch.Tensor) -> torch.Tensor:
     """The LM head's logits at the picked positions, in float32. On a bf16/fp16 model, outside autograd, the
-    product is formed in float32 from the half-precision hidden states and weights (the weights converted a block
-    of rows at a time): rounding the logits to bf16 first leaves them on a grid of 1/8–1/4 nat at typical
-    magnitudes, where 16 % of BBQ letter items tied between two options and went to the first (measured on the
-    default model, experiments/score/bf16_ties.md). Under autograd (attribution) the head runs as it is."""
+    head's product is formed in float32 from the half-precision hidden states and weights (the weights converted a
+    block of rows at a time): rounded to bf16, logits sit on a grid of 1/16–1/4 nat, where 16 % of BBQ letter items
+    tied between two options and went to the first (experiments/score/bf16_ties.md). The head still runs as a
+    module, so every hook on it applies (a calibration patch adds to its output, FAST captures its input): a
+    forward hook put first replaces its half-precision output. Under autograd (attribution) it runs as it is."""
     w = getattr(head, "weight", None)
     if (picked.dtype not in (torch.float16, torch.bfloat16) or torch.is_grad_enabled()
             or not isinstance(head, torch.nn.Linear) or w is None or w.device.type == "meta"):
         return _upcast(head(picked))
-    x = picked.to(w.device).float()
-    rows = max(1, HEAD_BLOCK // max(w.shape[1], 1))   # ≤ HEAD_BLOCK float32 elements of converted weights at a time
-    out = torch.cat([x @ w[i:i + rows].float().T for i in range(0, w.shape[0], rows)], dim=-1)
-    if head.bias is not None:
-        out = out + head.bias.float()
-    return out.to(picked.device)
+
+    def in_float32(mod, args, out):
+        x = args[0].to(w.device).float()
+        rows = max(1, HEAD_BLOCK // max(w.shape[1], 1))   # ≤ HEAD_BLOCK float32 elements of weights at a time
+        full = torch.cat([x @ w[i:i + rows].float().T for i in range(0, w.shape[0], rows)], dim=-1)
+        return (full if mod.bias is None else full + mod.bias.float()).to(out.device)
+
+    hook = head.register_forward_hook(in_float32, prepend=True)
+    try:
+        return _upcast(head(picked))
+    finally:
+        hook.remove()
 
 
 ANSWER_CUE = "Answer:"   # the line that ends a prompt for a model without a chat template

@@ -274,9 +274,10 @@ def label_logits(lm, prefix, rows: list[list[int]], label_ids: list[int]) -> tor
     if split:   # under a device map the last hidden states and the head may sit on other GPUs than the inputs
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         head, hd = m.get_output_embeddings(), hidden.device
-        logits = hidden[rows_ix.to(hd), last.to(hd)] @ head.weight[lab.to(head.weight.device)].to(hd).T
+        # in float32 (three rows of the head): bf16 logits tie the labels (models.lm.head_logits)
+        logits = hidden[rows_ix.to(hd), last.to(hd)].float() @ head.weight[lab.to(head.weight.device)].to(hd).float().T
         if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[lab.to(head.bias.device)].to(hd)
+            logits = logits + head.bias[lab.to(head.bias.device)].to(hd).float()
     else:
         lg = out.logits
         logits = lg[rows_ix.to(lg.device), last.to(lg.device)][:, lab.to(lg.device)]

@@ -110,7 +110,8 @@ def audit_report(result, path, *, policy: str = "default") -> Path:
                 plots += (f"<p class='note'>small-n (fewer than {SMALL_N} items; drawn hollow, no interval): "
                           f"{esc(', '.join(small))}</p>")
         sections.append((f"{b} — protocol {sec['protocol']} ({sec['n_items']} items)",
-                         metrics_table(sec) + plots + (groups_table(sec) if len(sec.get("groups", {})) > 1 else "")
+                         "".join(f"<p class='note'><b>Note:</b> {esc(n)}</p>" for n in sec.get("notes", []))
+                         + metrics_table(sec) + plots + (groups_table(sec) if len(sec.get("groups", {})) > 1 else "")
                          + f"<ul class='note'>{desc}</ul>"))
     sub = f"model {res['model']['spec']} ({res['model']['fingerprint'][:19]}…)" + (" with patch" if res.get("patch") else "")
     manifest = None
