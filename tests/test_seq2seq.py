@@ -85,6 +85,24 @@ def test_nan_at_a_scored_position_is_an_error_nan_in_the_padding_is_not(t5):
         hook.remove()
 
 
+def test_bf16_t5_logits_are_formed_in_float32(t5_dir):
+    """Flan-T5 ships in bf16: its decoder's logits come out of the model's own forward, with the head's output
+    formed in float32 there too (bf16-rounded logits tie options; models.lm.float32_head)."""
+    from biaslab.models import load_model
+
+    t5b = load_model(str(t5_dir), dtype="bfloat16")
+    enc, dec = [t5b.encode("Question: is it good?")], [[t5b.start_id, 5, 9]]
+    with torch.no_grad():
+        logits, _, _ = t5b.decoder_forward(enc, dec)
+        seen = {}
+        hook = t5b.model.lm_head.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+        t5b.decoder_forward(enc, dec)   # again, recording the head input
+        hook.remove()
+    want = seen["x"].float() @ t5b.model.lm_head.weight.float().T
+    assert logits.dtype == torch.float32 and torch.allclose(logits, want, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(logits, logits.bfloat16().float())
+
+
 @pytest.mark.parametrize("site_name", ["encoder.block.1.layer.1.DenseReluDense.wi_0",
                                        "decoder.block.0.layer.0.SelfAttention.v",
                                        "decoder.block.1.layer.1.EncDecAttention.k",

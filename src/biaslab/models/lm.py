@@ -48,17 +48,19 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 HEAD_BLOCK = 1 << 25   # 32 M elements: 128 MB of float32 weights converted at a time (a 128 k × 8 k head: 32 blocks)
 
 
-def head_logits(head, picked: torch.Tensor) -> torch.Tensor:
-    """The LM head's logits at the picked positions, in float32. On a bf16/fp16 model, outside autograd, the
-    head's product is formed in float32 from the half-precision hidden states and weights (the weights converted a
-    block of rows at a time): rounded to bf16, logits sit on a grid of 1/16–1/4 nat, where 16 % of BBQ letter items
-    tied between two options and went to the first (experiments/score/bf16_ties.md). The head still runs as a
-    module, so every hook on it applies (a calibration patch adds to its output, FAST captures its input): a
-    forward hook put first replaces its half-precision output. Under autograd (attribution) it runs as it is."""
+@contextmanager
+def float32_head(head):
+    """Inside: the LM head module's output is formed in float32 on a bf16/fp16 model, outside autograd, from its
+    half-precision input and weights (the weights converted a block of rows at a time). Rounded to bf16, logits sit
+    on a grid of 1/16–1/4 nat, where 16 % of BBQ letter items tied between two options and went to the first
+    (experiments/score/bf16_ties.md). The head still runs as a module, so every hook on it applies (a calibration
+    patch adds to its output, FAST captures its input): a forward hook put first replaces the half-precision
+    output. Under autograd (attribution) the head runs as it is."""
     w = getattr(head, "weight", None)
-    if (picked.dtype not in (torch.float16, torch.bfloat16) or torch.is_grad_enabled()
-            or not isinstance(head, torch.nn.Linear) or w is None or w.device.type == "meta"):
-        return _upcast(head(picked))
+    if (w is None or w.dtype not in (torch.float16, torch.bfloat16) or torch.is_grad_enabled()
+            or not isinstance(head, torch.nn.Linear) or w.device.type == "meta"):
+        yield
+        return
 
     def in_float32(mod, args, out):
         x = args[0].to(w.device).float()
@@ -68,9 +70,15 @@ def head_logits(head, picked: torch.Tensor) -> torch.Tensor:
 
     hook = head.register_forward_hook(in_float32, prepend=True)
     try:
-        return _upcast(head(picked))
+        yield
     finally:
         hook.remove()
+
+
+def head_logits(head, picked: torch.Tensor) -> torch.Tensor:
+    """The LM head's logits (float32) at the picked positions (:func:`float32_head`)."""
+    with float32_head(head):
+        return _upcast(head(picked))
 
 
 ANSWER_CUE = "Answer:"   # the line that ends a prompt for a model without a chat template

@@ -19,7 +19,7 @@ import torch
 from ..errors import BiaslabError
 from ..progress import progress_bar
 from .finite import NanGuard
-from .lm import ContinuationScore, LanguageModel, _upcast
+from .lm import ContinuationScore, LanguageModel, _upcast, float32_head
 
 SEQ2SEQ_MODEL_TYPES = ("t5", "mt5", "umt5")
 
@@ -69,8 +69,9 @@ class Seq2SeqLanguageModel(LanguageModel):
         """Logits (B, Td, V), float32, of a padded batch; encoder and decoder right-padded with their masks."""
         ids, mask, _, _ = self.pad(enc, side="right")
         dids, dmask, _, _ = self.pad(dec_in, side="right")
-        out = self.model(input_ids=ids, attention_mask=mask, decoder_input_ids=dids, decoder_attention_mask=dmask,
-                         use_cache=False)
+        with float32_head(self.model.get_output_embeddings()):   # bf16 logits tie options (models.lm.float32_head)
+            out = self.model(input_ids=ids, attention_mask=mask, decoder_input_ids=dids, decoder_attention_mask=dmask,
+                             use_cache=False)
         return _upcast(out.logits), mask, dmask
 
     def _decoder_scores(self, enc, targets, desc):
