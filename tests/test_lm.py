@@ -150,3 +150,20 @@ def test_half_precision_logits_are_formed_in_float32(monkeypatch):
         lg = lm.logits_at(torch.tensor([ids]), None, torch.arange(len(ids))[None], torch.tensor([0]),
                           torch.tensor([len(ids) - 1]))
     assert not torch.equal(lg, lg.bfloat16().float())   # off the bf16 grid
+
+
+def test_bf16_generation_picks_tokens_from_float32_logits():
+    """Greedy generation on a bf16 model: the head's output is formed in float32 at every step (bf16-rounded
+    logits tie, and a tie goes to the lowest token id); a hook on the head sees it so."""
+    model, tok = make_tiny_llama(seed=1)
+    lm = LanguageModel(model.to(torch.bfloat16), tok, spec="tiny-bf16")
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    try:
+        lm.generate([lm.render(t) for t in TEXTS[:2]], max_new_tokens=4)
+        assert seen and set(seen) == {torch.float32}
+        with torch.no_grad():   # outside biaslab's scoring and generation the head is left as it is
+            model(input_ids=torch.tensor([lm.encode("hi")]))
+        assert seen[-1] == torch.bfloat16
+    finally:
+        hook.remove()

@@ -412,10 +412,11 @@ class LanguageModel:
         with progress_bar(len(prompts), desc, enabled=self.progress) as advance:
             for batch in self._batches([budget_len(len(e)) for e in enc]):
                 ids, mask, _, _ = self.pad([enc[i] for i in batch], side="left")
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                          do_sample=False, num_beams=1, pad_token_id=self.pad_id,
-                                          eos_token_id=eos or None, temperature=None, top_p=None, top_k=None,
-                                          logits_processor=NanGuard.processors(self.spec, self.dtype))
+                with float32_head(self.model.get_output_embeddings()):   # greedy picks need untied logits
+                    gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                              do_sample=False, num_beams=1, pad_token_id=self.pad_id,
+                                              eos_token_id=eos or None, temperature=None, top_p=None, top_k=None,
+                                              logits_processor=NanGuard.processors(self.spec, self.dtype))
                 for k, i in enumerate(batch):
                     out[i] = self.tokenizer.decode(gen[k, ids.shape[1]:], skip_special_tokens=True).strip()
                 advance(len(batch))

@@ -122,11 +122,12 @@ class Seq2SeqLanguageModel(LanguageModel):
         with progress_bar(len(prompts), desc, enabled=self.progress) as advance:
             for batch in self._batches([len(e) + max_new_tokens for e in enc]):
                 ids, mask, _, _ = self.pad([enc[i] for i in batch], side="right")
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                          do_sample=False, num_beams=1, pad_token_id=self.pad_id,
-                                          decoder_start_token_id=self.start_id, temperature=None, top_p=None,
-                                          top_k=None, logits_processor=NanGuard.processors(self.spec, self.dtype),
-                                          **({"eos_token_id": self.eos_id} if self.eos_id is not None else {}))
+                with float32_head(self.model.get_output_embeddings()):   # greedy picks need untied logits
+                    gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                              do_sample=False, num_beams=1, pad_token_id=self.pad_id,
+                                              decoder_start_token_id=self.start_id, temperature=None, top_p=None,
+                                              top_k=None, logits_processor=NanGuard.processors(self.spec, self.dtype),
+                                              **({"eos_token_id": self.eos_id} if self.eos_id is not None else {}))
                 for k, i in enumerate(batch):
                     out[i] = self.tokenizer.decode(gen[k], skip_special_tokens=True).strip()
                 advance(len(batch))
