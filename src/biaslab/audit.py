@@ -13,9 +13,8 @@ from .data import data_path, sha256_file
 from .errors import BiaslabError
 from .runs import RunDir, Timer, clean_nan, score_journaled
 
-
-
 TIE_NOTE_SHARE = 0.01   # a results section notes ties between the two best options from this share of records
+
 
 def metric_block(records: list[dict], m: MetricDef, *, n_boot: int, seed: int) -> dict:
     instr = sorted({r.get("instruction", 0) for r in records})
