@@ -67,6 +67,30 @@ def test_an_input_longer_than_the_context_is_one_line(family):
         A.activation_x_gradient(lm, [lm.encode(long)], [1])
 
 
+@pytest.mark.parametrize("name", ["cohere", "granite"])
+def test_a_model_that_scales_after_its_head_scores_through_its_own_forward(name):
+    """Cohere multiplies the head's output by logit_scale, Granite divides it by logits_scaling: the head on the
+    wanted positions alone (the split) dropped that silently (0.46 / 0.49 max |Δ logit| here). A check at
+    construction sends them through the model's own forward; the families above keep the split."""
+    import transformers as T
+
+    from biaslab.models import LanguageModel
+    from conftest import default_tokenizer
+
+    tok = default_tokenizer()
+    c = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+             pad_token_id=tok.pad_token_id, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = T.CohereConfig(**c, logit_scale=0.0625) if name == "cohere" else T.GraniteConfig(**c, logits_scaling=8.0)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    lm = LanguageModel(model, tok, spec=f"tiny-{name}", chat_template=False)
+    assert lm._use_head_split() is False
+    assert [r.logprob for r in lm.loglikelihood(REQS)] == pytest.approx(_reference(model, lm, REQS), abs=2e-4)
+    llama, ltok = make("llama")
+    assert LanguageModel(llama, ltok, spec="tiny-llama", chat_template=False)._use_head_split() is True
+
+
 def test_next_token_scores_equal_the_plain_forward(family):
     name, model, lm = family
     prompts = ["The nurse said", LONG]

@@ -119,7 +119,7 @@ def test_nan_logits_are_an_error_not_a_prediction(packing, dtype, advice):
 def test_half_precision_logits_are_formed_in_float32(monkeypatch):
     """bf16 logits sit on a coarse grid (measured: 16 % of BBQ letter items tied and went to option A); the head's
     product is formed in float32 from the bf16 hidden states and weights, block by block, outside autograd."""
-    import biaslab.models.lm as L
+    import biaslab.models.head as L
 
     model, tok = make_tiny_llama(seed=1)
     lm = LanguageModel(model.to(torch.bfloat16), tok, spec="tiny-bf16")

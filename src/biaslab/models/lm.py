@@ -20,6 +20,7 @@ import torch
 
 from ..progress import progress_bar
 from .finite import NanGuard, refuse_nan
+from .head import _upcast, float32_head, head_logits, head_split_matches
 from .flex import FLEX_ATTENTION, TREE_KERNELS, default_tree_kernel, flex_plan
 from .flex import PLAN_KWARG as FLEX_PLAN_KWARG
 from .packing import (PLAN_KWARG, ROW_TOKENS, TREE_ATTENTION, batch_rows, flat_batches, pack, row_tensors, tree_attention_supported, tree_plan,
@@ -38,47 +39,6 @@ class ContinuationScore:
     @property
     def mean_logprob(self) -> float:
         return self.logprob / max(self.n_tokens, 1)
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """Logits in float32 at least (half/bfloat16 upcast; a float64 model keeps float64 for exact gradient checks)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-HEAD_BLOCK = 1 << 25   # 32 M elements: 128 MB of float32 weights converted at a time (a 128 k × 8 k head: 32 blocks)
-
-
-@contextmanager
-def float32_head(head):
-    """Inside: the LM head module's output is formed in float32 on a bf16/fp16 model, outside autograd, from its
-    half-precision input and weights (the weights converted a block of rows at a time). Rounded to bf16, logits sit
-    on a grid of 1/16–1/4 nat, where 16 % of BBQ letter items tied between two options and went to the first
-    (experiments/score/bf16_ties.md). The head still runs as a module, so every hook on it applies (a calibration
-    patch adds to its output, FAST captures its input): a forward hook put first replaces the half-precision
-    output. Under autograd (attribution) the head runs as it is."""
-    w = getattr(head, "weight", None)
-    if (w is None or w.dtype not in (torch.float16, torch.bfloat16) or torch.is_grad_enabled()
-            or not isinstance(head, torch.nn.Linear) or w.device.type == "meta"):
-        yield
-        return
-
-    def in_float32(mod, args, out):
-        x = args[0].to(w.device).float()
-        rows = max(1, HEAD_BLOCK // max(w.shape[1], 1))   # ≤ HEAD_BLOCK float32 elements of weights at a time
-        full = torch.cat([x @ w[i:i + rows].float().T for i in range(0, w.shape[0], rows)], dim=-1)
-        return (full if mod.bias is None else full + mod.bias.float()).to(out.device)
-
-    hook = head.register_forward_hook(in_float32, prepend=True)
-    try:
-        yield
-    finally:
-        hook.remove()
-
-
-def head_logits(head, picked: torch.Tensor) -> torch.Tensor:
-    """The LM head's logits (float32) at the picked positions (:func:`float32_head`)."""
-    with float32_head(head):
-        return _upcast(head(picked))
 
 
 ANSWER_CUE = "Answer:"   # the line that ends a prompt for a model without a chat template
@@ -119,9 +79,11 @@ class LanguageModel:
         if self.tree_kernel not in TREE_KERNELS:
             raise ValueError(f"tree_kernel must be one of {TREE_KERNELS}, got {self.tree_kernel!r}")
         self._mode_checked: dict[str, bool] = {}
+        self._head_split: bool | None = None   # checked below, before any hook can see the check's forwards
         self.span_fallbacks = 0         # scoring calls sent to padded mode by a sliding window (describe())
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self._use_head_split()   # now: later it could run inside an attribution pass, whose hooks would see it
 
     # ------------------------------------------------------------------ basics
     @property
@@ -197,10 +159,11 @@ class LanguageModel:
         return ids.to(dev), mask.to(dev), pos.to(dev), offsets
 
     def _use_head_split(self) -> bool:
-        m = self.model
-        return (getattr(m, "base_model", m) is not m and m.get_output_embeddings() is not None
-                and getattr(m.config, "final_logit_softcapping", None) is None
-                and not getattr(m.config, "is_encoder_decoder", False))
+        """Whether logits are taken by running the body, then the LM head on the wanted positions only: where the
+        model does nothing after its head (checked once on a short sequence, :func:`.head.head_split_matches`)."""
+        if self._head_split is None:
+            self._head_split = head_split_matches(self)
+        return self._head_split
 
     def logits_at(self, input_ids, attention_mask, position_ids, rows, cols, **model_kwargs) -> torch.Tensor:
         """Logits (float32) at positions (rows[k], cols[k]); runs the LM head on those positions only.

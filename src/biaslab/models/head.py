@@ -1,0 +1,72 @@
+"""The LM head: its logits in float32 on a half-precision model (:func:`float32_head`), and whether logits may be
+taken by running the head on the wanted positions only (:func:`head_split_matches`)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 at least (half/bfloat16 upcast; a float64 model keeps float64 for exact gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+HEAD_BLOCK = 1 << 25   # 32 M elements: 128 MB of float32 weights converted at a time (a 128 k × 8 k head: 32 blocks)
+
+
+@contextmanager
+def float32_head(head):
+    """Inside: the LM head module's output is formed in float32 on a bf16/fp16 model, outside autograd, from its
+    half-precision input and weights (the weights converted a block of rows at a time). Rounded to bf16, logits sit
+    on a grid of 1/16–1/4 nat, where 16 % of BBQ letter items tied between two options and went to the first
+    (experiments/score/bf16_ties.md). The head still runs as a module, so every hook on it applies (a calibration
+    patch adds to its output, FAST captures its input): a forward hook put first replaces the half-precision
+    output. Under autograd (attribution) the head runs as it is."""
+    w = getattr(head, "weight", None)
+    if (w is None or w.dtype not in (torch.float16, torch.bfloat16) or torch.is_grad_enabled()
+            or not isinstance(head, torch.nn.Linear) or w.device.type == "meta"):
+        yield
+        return
+
+    def in_float32(mod, args, out):
+        x = args[0].to(w.device).float()
+        rows = max(1, HEAD_BLOCK // max(w.shape[1], 1))   # ≤ HEAD_BLOCK float32 elements of weights at a time
+        full = torch.cat([x @ w[i:i + rows].float().T for i in range(0, w.shape[0], rows)], dim=-1)
+        return (full if mod.bias is None else full + mod.bias.float()).to(out.device)
+
+    hook = head.register_forward_hook(in_float32, prepend=True)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def head_logits(head, picked: torch.Tensor) -> torch.Tensor:
+    """The LM head's logits (float32) at the picked positions (:func:`float32_head`)."""
+    with float32_head(head):
+        return _upcast(head(picked))
+
+
+def head_split_matches(lm) -> bool:
+    """The head on the body's last hidden state gives the model's own logits: not where the model scales or
+    soft-caps after its head (Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's soft-cap),
+    which the split would silently drop (measured: 0.46 and 0.49 max |Δ logit| on tiny random Cohere and
+    Granite models). A check that cannot run (e.g. weights on the meta device) leaves the split on."""
+    m = lm.model
+    head = m.get_output_embeddings()
+    if (getattr(m, "base_model", m) is m or head is None or getattr(m.config, "is_encoder_decoder", False)
+            or getattr(m.config, "final_logit_softcapping", None) is not None):
+        return False
+    try:
+        emb = m.get_input_embeddings().weight
+        ids = torch.tensor([[t % emb.shape[0] for t in (lm.prefix_id or 0, 5, 17, 29, 41)]], device=emb.device)
+        with torch.no_grad():
+            ref = _upcast(m(input_ids=ids, use_cache=False).logits[0, -1])
+            out = m.base_model(input_ids=ids, use_cache=False)
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            got = _upcast(head(hidden[0, -1])).to(ref.device)
+        tol = 1e-3 if ref.dtype == torch.float64 or lm.dtype == torch.float32 else 2e-2
+        return bool((ref - got).abs().max() <= tol * (ref.abs().max() + 1e-3))
+    except Exception:  # noqa: BLE001 - e.g. meta weights: keep the split
+        return True
