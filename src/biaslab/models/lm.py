@@ -20,9 +20,9 @@ import torch
 
 from ..progress import progress_bar
 from .finite import NanGuard, refuse_nan
-from .head import _upcast, float32_head, head_logits, head_split_matches
 from .flex import FLEX_ATTENTION, TREE_KERNELS, default_tree_kernel, flex_plan
 from .flex import PLAN_KWARG as FLEX_PLAN_KWARG
+from .head import _upcast, float32_head, head_logits, head_split_matches
 from .packing import (PLAN_KWARG, ROW_TOKENS, TREE_ATTENTION, batch_rows, flat_batches, pack, row_tensors, tree_attention_supported, tree_plan,
                       use_tree_attention)
 from .spans import attention_span, check_context
