@@ -12,6 +12,7 @@ from pathlib import Path
 
 import biaslab.models.lm as L
 from biaslab.benchmarks import get_benchmark
+from biaslab.benchmarks.base import tied_at_top
 from biaslab.models import load_model
 from biaslab.stats import bootstrap_ci
 
@@ -46,7 +47,7 @@ def main() -> None:
     out = {"items": len(items), "protocol": proto.id, "model": "smollm2-135m-instruct", "runs": {}}
     for name, r in runs.items():
         recs = r["records"]
-        rows = [{"id": x["id"], "tie": float(sorted(x["logprobs"])[-1] == sorted(x["logprobs"])[-2]),
+        rows = [{"id": x["id"], "tie": float(tied_at_top(x["logprobs"])),
                  "same": float(x["pred"] == y["pred"]), "first": float(x["pred"] == 0)} for x, y in zip(recs, ref)]
         res = {"s": r["s"]}
         for key, label in (("tie", "tie_rate"), ("same", "same_prediction_as_float32"), ("first", "first_option_share")):

@@ -6,6 +6,7 @@ the per-item records.
 """
 from __future__ import annotations
 
+import heapq
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -122,4 +123,10 @@ def prediction_tie_share(records: Sequence[dict]) -> float | None:
     scored = [r["logprobs"] for r in records if len(r.get("logprobs") or ()) >= 2]
     if not scored:
         return None
-    return sum(1 for lp in scored if sorted(lp)[-1] == sorted(lp)[-2]) / len(scored)
+    return sum(map(tied_at_top, scored)) / len(scored)
+
+
+def tied_at_top(logprobs: Sequence[float]) -> bool:
+    """Whether the two best options have equal scores."""
+    best, second = heapq.nlargest(2, logprobs)
+    return best == second

@@ -19,7 +19,8 @@ import torch
 from ..errors import BiaslabError
 from ..progress import progress_bar
 from .finite import NanGuard
-from .lm import ContinuationScore, LanguageModel, _upcast, float32_head
+from .head import _upcast, float32_head
+from .lm import ContinuationScore, LanguageModel
 
 SEQ2SEQ_MODEL_TYPES = ("t5", "mt5", "umt5")
 

@@ -66,11 +66,11 @@ def train_step(lm, encoder, rows, golds, label_ids, opt, clip: float = 1.0, step
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(golds, device=logits.device))
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    refuse_bad_loss(float(loss.detach()), "soft-prompt training", step, lm.dtype, "--lrs")
+    value = refuse_bad_loss(float(loss.detach()), "soft-prompt training", step, lm.dtype, "--lrs")
     if clip:
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), clip)
     opt.step()
-    return float(loss.detach())
+    return value
 
 
 def train_step_in_parts(lm, encoder, rows, golds, label_ids, opt, micro: int, clip: float = 1.0, step: int = 1) -> float:

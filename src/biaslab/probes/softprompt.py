@@ -255,19 +255,19 @@ def label_logits(lm, prefix, rows: list[list[int]], label_ids: list[int]) -> tor
     ids, mask = ids.to(dev), mask.to(dev)
     split = lm._use_head_split()
     body = m.base_model if split else m
-    k, cache = 0, None
+    k, cache, cache_name = 0, None, _cache_name(body)
     if prefix is not None and len(prefix):
         k = prefix.shape[0]
         if prefix.is_floating_point():
             kw = {"inputs_embeds": prefix[None].to(device=dev, dtype=lm.dtype)}
         else:
             kw = {"input_ids": prefix[None].to(dev)}
-        cache = getattr(body(**kw, use_cache=True), _cache_name(body))
+        cache = getattr(body(**kw, use_cache=True), cache_name)
         cache.batch_repeat_interleave(B)
     full_mask = torch.cat([torch.ones((B, k), dtype=torch.long, device=dev), mask], dim=1)
     pos = k + (mask.cumsum(-1) - 1).clamp(min=0)
     out = body(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=cache is not None,
-               **{_cache_name(body): cache})
+               **{cache_name: cache})
     last = torch.tensor([len(r) - 1 for r in rows], device=dev)
     rows_ix = torch.arange(B, device=dev)
     lab = torch.tensor(label_ids, device=dev)
