@@ -32,6 +32,8 @@ def make(family: str, seed: int = 0):
                                              layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                                              query_pre_attn_scalar=8),
         "phi3": lambda: T.Phi3Config(**dec),
+        "cohere": lambda: T.CohereConfig(**dec, logit_scale=0.0625),      # AFTER_HEAD only: × logit_scale
+        "granite": lambda: T.GraniteConfig(**dec, logits_scaling=8.0),    # AFTER_HEAD only: ÷ logits_scaling
         "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **c),
         "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                             num_attention_heads=4, max_position_embeddings=256, **c),
@@ -45,6 +47,8 @@ def make(family: str, seed: int = 0):
 
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt")
+
+AFTER_HEAD = ("cohere", "granite", "gemma2")   # a step after the head: × scale, ÷ scale, soft-cap (models.head.after_head)
 
 
 STAMP_EXPORTS = ("llama", "gpt2", "gpt_neox")   # families whose MLP can hold a stamp exactly (biased MLP, own act)

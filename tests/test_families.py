@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from families import FAMILIES, WINDOW, make
+from families import AFTER_HEAD, FAMILIES, WINDOW, make
 
 LONG = " ".join(["the nurse told the doctor that the results were ready"] * 5)   # far longer than WINDOW tokens
 REQS = [("The nurse said", " that she was tired."), ("A", " b c d"), (LONG, " and then they left."),
@@ -67,28 +67,49 @@ def test_an_input_longer_than_the_context_is_one_line(family):
         A.activation_x_gradient(lm, [lm.encode(long)], [1])
 
 
-@pytest.mark.parametrize("name", ["cohere", "granite"])
-def test_a_model_that_scales_after_its_head_scores_through_its_own_forward(name):
-    """Cohere multiplies the head's output by logit_scale, Granite divides it by logits_scaling: the head on the
-    wanted positions alone (the split) dropped that silently (0.46 / 0.49 max |Δ logit| here). A check at
-    construction sends them through the model's own forward; the families above keep the split."""
+@pytest.mark.parametrize("name", AFTER_HEAD)
+def test_a_model_that_scales_or_caps_after_its_head_keeps_the_split_with_its_step(name):
+    """Cohere multiplies the head's output by logit_scale, Granite divides it by logits_scaling, Gemma 2 soft-caps
+    it: the head on the wanted positions alone dropped that silently (0.46 / 0.49 max |Δ logit| on Cohere /
+    Granite). The split applies the model's own step (models.head.after_head), checked at construction against
+    the model's logits, so these models score on the split too, in float32 under bf16 weights."""
+    from biaslab.models import LanguageModel
+
+    model, tok = make(name)
+    lm = LanguageModel(model, tok, spec=f"tiny-{name}", chat_template=False)
+    assert lm.after_head is not None and lm._use_head_split() is True
+    assert [r.logprob for r in lm.loglikelihood(REQS)] == pytest.approx(_reference(model, lm, REQS), abs=2e-4)
+    ids = torch.tensor([lm.encode("The nurse said that")])
+    rows, cols = torch.zeros(2, dtype=torch.long), torch.tensor([2, ids.shape[1] - 1])
+    full = model.to(torch.bfloat16)
+    half = LanguageModel(full, tok, spec=f"tiny-{name}", chat_template=False)
+    with torch.no_grad():
+        got = half.logits_at(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], rows, cols)
+        own = full(input_ids=ids).logits[0, cols].float()
+    assert got.dtype == torch.float32 and half._use_head_split() is True
+    assert (got.to(torch.bfloat16).float() != got).any()   # not bf16 logits upcast: formed in float32
+    assert torch.allclose(got, own, atol=0.1 * own.abs().max().item())
+
+
+def test_a_model_that_does_something_else_after_its_head_scores_through_its_own_forward():
+    """An unknown step after the head fails the construction check: the model's own forward gives the logits."""
     import transformers as T
 
     from biaslab.models import LanguageModel
-    from conftest import default_tokenizer
 
-    tok = default_tokenizer()
-    c = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-             pad_token_id=tok.pad_token_id, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    cfg = T.CohereConfig(**c, logit_scale=0.0625) if name == "cohere" else T.GraniteConfig(**c, logits_scaling=8.0)
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(cfg).eval()
-    lm = LanguageModel(model, tok, spec=f"tiny-{name}", chat_template=False)
-    assert lm._use_head_split() is False
+    class Doubled(T.LlamaForCausalLM):
+        def forward(self, *a, **k):
+            out = super().forward(*a, **k)
+            out.logits = out.logits * 2
+            return out
+
+    llama, tok = make("llama")
+    model = Doubled(llama.config).eval()
+    model.load_state_dict(llama.state_dict())
+    lm = LanguageModel(model, tok, spec="tiny-doubled", chat_template=False)
+    assert lm.after_head is None and lm._use_head_split() is False
     assert [r.logprob for r in lm.loglikelihood(REQS)] == pytest.approx(_reference(model, lm, REQS), abs=2e-4)
-    llama, ltok = make("llama")
-    assert LanguageModel(llama, ltok, spec="tiny-llama", chat_template=False)._use_head_split() is True
+    assert LanguageModel(llama, tok, spec="tiny-llama", chat_template=False)._use_head_split() is True
 
 
 def test_next_token_scores_equal_the_plain_forward(family):

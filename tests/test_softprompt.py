@@ -126,6 +126,24 @@ def test_cached_prefix_equals_prepending(tiny_lm):
     assert torch.allclose(got, ref, atol=1e-5) and torch.allclose(got2, ref2, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["cohere", "gemma2"])
+def test_label_logits_carry_the_models_step_after_its_head(name):
+    """The label logits come from three rows of the head, then the model's own scale or soft-cap (as its forward)."""
+    from families import make
+
+    from biaslab.models import LanguageModel
+
+    model, tok = make(name)
+    lm = LanguageModel(model, tok, spec=f"tiny-{name}", chat_template=False)
+    h = hand_prompt("question")
+    e = encode(lm, h, SENTS)
+    with torch.no_grad():
+        got = label_logits(lm, torch.tensor(e.prefix_ids), e.rows, e.label_ids)
+        ref = torch.stack([model(input_ids=torch.tensor(e.prefix_ids + r)[None]).logits[0, -1, e.label_ids]
+                           for r in e.rows])
+    assert lm._use_head_split() and torch.allclose(got, ref, atol=1e-5)
+
+
 def test_train_step_changes_only_the_prompt(tiny_lm):
     cfg = SoftPromptConfig(virtual_tokens=4, lr=0.05)
     enc, pdict = make_prompt_encoder(tiny_lm, cfg)

@@ -1,5 +1,6 @@
-"""The LM head: its logits in float32 on a half-precision model (:func:`float32_head`), and whether logits may be
-taken by running the head on the wanted positions only (:func:`head_split_matches`)."""
+"""The LM head: its logits in float32 on a half-precision model (:func:`float32_head`), the step some models apply
+after it (:func:`after_head`), and whether logits may be taken by running the head on the wanted positions only
+(:func:`head_split_matches`)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -42,21 +43,42 @@ def float32_head(head):
         hook.remove()
 
 
-def head_logits(head, picked: torch.Tensor) -> torch.Tensor:
-    """The LM head's logits (float32) at the picked positions (:func:`float32_head`)."""
+def after_head(model):
+    """The elementwise step the model applies to its head's output, as its own forward does, or None: Gemma 2's
+    final soft-cap (``cap · tanh(z / cap)``, ``final_logit_softcapping``), Cohere's ``logit_scale`` (a product),
+    Granite's ``logits_scaling`` (a quotient). Applied to the float32 head output, so these models' logits are
+    float32 too; :func:`head_split_matches` checks the result against the model's own logits, and a model that
+    does something else after its head is scored through its own forward."""
+    cfg = model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(model, "logit_scale", None)
+    divisor = getattr(cfg, "logits_scaling", None)
+    if isinstance(cap, (int, float)) and cap > 0:
+        return lambda z: torch.tanh(z / cap) * cap
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return lambda z: z * scale
+    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor != 0:
+        return lambda z: z / divisor
+    return None
+
+
+def head_logits(head, picked: torch.Tensor, after=None) -> torch.Tensor:
+    """The LM head's logits (float32) at the picked positions (:func:`float32_head`), with the model's step after
+    its head (:func:`after_head`) applied in float32."""
     with float32_head(head):
-        return _upcast(head(picked))
+        z = _upcast(head(picked))
+    return z if after is None else after(z)
 
 
 def head_split_matches(lm) -> bool:
-    """The head on the body's last hidden state gives the model's own logits: not where the model scales or
-    soft-caps after its head (Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's soft-cap),
-    which the split would silently drop (measured: 0.46 and 0.49 max |Δ logit| on tiny random Cohere and
-    Granite models). A check that cannot run (e.g. weights on the meta device) leaves the split on."""
+    """The head on the body's last hidden state, then the model's known step after it (:func:`after_head`), gives
+    the model's own logits. Without that step the split silently dropped Cohere's ``logit_scale`` and Granite's
+    ``logits_scaling`` (0.46 and 0.49 max |Δ logit| on tiny random models); a model that does anything else
+    after its head fails the check and is scored through its own forward. A check that cannot run (e.g. weights
+    on the meta device) leaves the split on."""
     m = lm.model
     head = m.get_output_embeddings()
-    if (getattr(m, "base_model", m) is m or head is None or getattr(m.config, "is_encoder_decoder", False)
-            or getattr(m.config, "final_logit_softcapping", None) is not None):
+    if getattr(m, "base_model", m) is m or head is None or getattr(m.config, "is_encoder_decoder", False):
         return False
     try:
         emb = m.get_input_embeddings().weight
@@ -65,7 +87,7 @@ def head_split_matches(lm) -> bool:
             ref = _upcast(m(input_ids=ids, use_cache=False).logits[0, -1])
             out = m.base_model(input_ids=ids, use_cache=False)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-            got = _upcast(head(hidden[0, -1])).to(ref.device)
+            got = head_logits(head, hidden[0, -1], after_head(m)).to(ref.device)
         tol = 1e-3 if ref.dtype == torch.float64 or lm.dtype == torch.float32 else 2e-2
         return bool((ref - got).abs().max() <= tol * (ref.abs().max() + 1e-3))
     except Exception:  # noqa: BLE001 - e.g. meta weights: keep the split

@@ -22,7 +22,7 @@ from ..progress import progress_bar
 from .finite import NanGuard, refuse_nan
 from .flex import FLEX_ATTENTION, TREE_KERNELS, default_tree_kernel, flex_plan
 from .flex import PLAN_KWARG as FLEX_PLAN_KWARG
-from .head import _upcast, float32_head, head_logits, head_split_matches
+from .head import _upcast, after_head, float32_head, head_logits, head_split_matches
 from .packing import (PLAN_KWARG, ROW_TOKENS, TREE_ATTENTION, batch_rows, flat_batches, pack, row_tensors, tree_attention_supported, tree_plan,
                       use_tree_attention)
 from .spans import attention_span, check_context
@@ -80,6 +80,7 @@ class LanguageModel:
             raise ValueError(f"tree_kernel must be one of {TREE_KERNELS}, got {self.tree_kernel!r}")
         self._mode_checked: dict[str, bool] = {}
         self._head_split: bool | None = None   # checked below, before any hook can see the check's forwards
+        self.after_head = after_head(model)    # the model's own step after its head (soft-cap, scale) or None
         self.span_fallbacks = 0         # scoring calls sent to padded mode by a sliding window (describe())
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -159,8 +160,9 @@ class LanguageModel:
         return ids.to(dev), mask.to(dev), pos.to(dev), offsets
 
     def _use_head_split(self) -> bool:
-        """Whether logits are taken by running the body, then the LM head on the wanted positions only: where the
-        model does nothing after its head (checked once on a short sequence, :func:`.head.head_split_matches`)."""
+        """Whether logits are taken by running the body, then the LM head on the wanted positions only (and the
+        model's known step after its head, ``after_head``): where that gives the model's own logits (checked once
+        on a short sequence, :func:`.head.head_split_matches`)."""
         if self._head_split is None:
             self._head_split = head_split_matches(self)
         return self._head_split
@@ -178,7 +180,7 @@ class LanguageModel:
                                use_cache=False, **model_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
             picked = hidden[rows.to(hidden.device), cols.to(hidden.device)]
-            return head_logits(m.get_output_embeddings(), picked).to(input_ids.device)
+            return head_logits(m.get_output_embeddings(), picked, self.after_head).to(input_ids.device)
         out = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                 **model_kwargs)
         return _upcast(out.logits[rows.to(out.logits.device), cols.to(out.logits.device)]).to(input_ids.device)

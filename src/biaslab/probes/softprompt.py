@@ -278,6 +278,8 @@ def label_logits(lm, prefix, rows: list[list[int]], label_ids: list[int]) -> tor
         logits = hidden[rows_ix.to(hd), last.to(hd)].float() @ head.weight[lab.to(head.weight.device)].to(hd).float().T
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias[lab.to(head.bias.device)].to(hd).float()
+        if lm.after_head is not None:   # the model's own soft-cap or scale (models.head.after_head)
+            logits = lm.after_head(logits)
     else:
         lg = out.logits
         logits = lg[rows_ix.to(lg.device), last.to(lg.device)][:, lab.to(lg.device)]
