@@ -51,6 +51,23 @@ FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "g
 AFTER_HEAD = ("cohere", "granite", "gemma2")   # a step after the head: × scale, ÷ scale, soft-cap (models.head.after_head)
 
 
+def make_doubling_llama():
+    """The tiny llama with its logits doubled after the head inside its forward: a step after the head that
+    biaslab does not know (models.head.after_head)."""
+    import transformers as T
+
+    class DoublingLlama(T.LlamaForCausalLM):
+        def forward(self, input_ids=None, logits_to_keep=0, **k):
+            out = super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **k)
+            out.logits = out.logits * 2
+            return out
+
+    llama, tok = make("llama")
+    model = DoublingLlama(llama.config).eval()
+    model.load_state_dict(llama.state_dict())
+    return model, tok
+
+
 STAMP_EXPORTS = ("llama", "gpt2", "gpt_neox")   # families whose MLP can hold a stamp exactly (biased MLP, own act)
 
 

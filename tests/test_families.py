@@ -93,22 +93,21 @@ def test_a_model_that_scales_or_caps_after_its_head_keeps_the_split_with_its_ste
 
 def test_a_model_that_does_something_else_after_its_head_scores_through_its_own_forward():
     """An unknown step after the head fails the construction check: the model's own forward gives the logits."""
-    import transformers as T
+    from families import make_doubling_llama
 
     from biaslab.models import LanguageModel
 
-    class Doubled(T.LlamaForCausalLM):
-        def forward(self, *a, **k):
-            out = super().forward(*a, **k)
-            out.logits = out.logits * 2
-            return out
-
-    llama, tok = make("llama")
-    model = Doubled(llama.config).eval()
-    model.load_state_dict(llama.state_dict())
+    model, tok = make_doubling_llama()
+    llama, _ = make("llama")
     lm = LanguageModel(model, tok, spec="tiny-doubled", chat_template=False)
     assert lm.after_head is None and lm._use_head_split() is False
-    assert [r.logprob for r in lm.loglikelihood(REQS)] == pytest.approx(_reference(model, lm, REQS), abs=2e-4)
+    widths = []   # the head runs on the wanted columns only (logits_to_keep), not on every position
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
+    got = [r.logprob for r in lm.loglikelihood(REQS)]
+    hook.remove()
+    assert got == pytest.approx(_reference(model, lm, REQS), abs=2e-4)
+    longest = max(len(sum(lm.split_context(c, x), [])) for c, x in REQS)
+    assert widths and max(widths) < longest
     assert LanguageModel(llama, tok, spec="tiny-llama", chat_template=False)._use_head_split() is True
 
 

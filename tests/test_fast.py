@@ -226,6 +226,28 @@ def test_losses_decrease_on_tiny_model(tiny_lm, mode):
         assert torch.equal(_logits(tiny_lm), before)
 
 
+@pytest.mark.parametrize("name", ["gemma2", "cohere", "doubling-llama"])
+def test_kl_terms_rebuild_the_original_logits_with_the_step_after_the_head(name):
+    """L_s1/L_s2 rebuild the original logits from cached head inputs: with Gemma 2's soft-cap and Cohere's scale
+    applied (the KL of the unedited model is 0; without the step it compared a capped with an uncapped
+    distribution), and a model with an unknown step after its head refused in one line."""
+    from families import make, make_doubling_llama
+
+    from biaslab.models import LanguageModel
+
+    model, tok = make_doubling_llama() if name == "doubling-llama" else make(name)
+    lm = LanguageModel(model, tok, spec=f"tiny-{name}", chat_template=False, progress=False)
+    cfg = F.FastConfig(n_subject_prompts=3, n_text=2, text_tokens=8)
+    if name == "doubling-llama":
+        with pytest.raises(BiaslabError, match="changes its LM head's output in a way biaslab cannot rebuild"):
+            F.make_kl_sets(lm, PAIRS, cfg)
+        return
+    sets = F.make_kl_sets(lm, PAIRS, cfg)
+    with torch.no_grad():
+        for kl in sets.values():
+            assert abs(float(kl.kl(list(range(len(kl.seqs)))))) < 1e-6
+
+
 @pytest.mark.parametrize("mode,flag", [("stamp", "--lr"), ("ftl", "--ftl-lrs")])
 def test_a_nan_training_loss_stops_before_the_step(tiny_lm, mode, flag):
     from biaslab.errors import BiaslabError

@@ -17,95 +17,12 @@ import torch
 
 from ... import distributed as D
 from ...errors import BiaslabError
-from ...interventions import Hooks, Intervention
 from ...models.finite import refuse_bad_loss
 from ...progress import progress_bar
 from .config import METHOD_VERSION, FastConfig
+from .kl_texts import make_kl_sets
 from .pairs import SUBJECT_TEMPLATES, KnowledgePair
 from .stamp import StampFFN, attach_stamp
-
-def wiki_windows(lm, *, split: str = "valid", n: int, tokens: int, seed: int) -> list[str]:
-    """``n`` WikiText-2 (raw) paragraphs of ≥ ``tokens`` tokens, cut to ``tokens`` tokens, seeded choice."""
-    from ...data import data_path
-
-    path = data_path("wikitext2", f"{split}.raw.txt")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("=")]
-    rng = random.Random(f"wiki:{seed}")
-    rng.shuffle(lines)
-    out = []
-    for ln in lines:
-        ids = lm.tokenizer(ln, add_special_tokens=False).input_ids
-        if len(ids) >= tokens:
-            out.append(lm.tokenizer.decode(ids[:tokens]))
-        if len(out) >= n:
-            break
-    return out
-
-
-def subject_prompts(pairs: list[KnowledgePair], *, n: int, seed: int) -> list[str]:
-    terms = sorted({p.prompt_1[p.span_1[0]:p.span_1[1]].strip() for p in pairs} |
-                   {p.prompt_2[p.span_2[0]:p.span_2[1]].strip() for p in pairs})
-    all_ = [t.format(x=term) for term in terms for t in SUBJECT_TEMPLATES]
-    random.Random(f"subj:{seed}").shuffle(all_)
-    return all_[:n]
-
-
-class _TextSet:
-    """Texts for a KL term, with the original model's LM-head inputs cached at every scored position."""
-
-    def __init__(self, lm, texts: list[str]):
-        self.lm = lm
-        self.seqs = [lm.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-        self.seqs = [([lm.prefix_id] + s) if lm.prefix_id is not None else s for s in self.seqs]
-        self.seqs = [s for s in self.seqs if len(s) >= 2]
-        self.cache: list[torch.Tensor] = []
-        head = lm.model.get_output_embeddings()
-        store = []
-        hook = Hooks([Intervention("fast:lm-head-inputs", head, "capture_input", lambda x: store.append(x.detach()))]).attach()
-        try:
-            with torch.no_grad():
-                for b in range(0, len(self.seqs), 16):
-                    chunk = self.seqs[b:b + 16]
-                    store.clear()
-                    self._logits(chunk)
-                    h = store[-1]
-                    if h.dim() == 3:  # the head ran on every position (no head split): keep the scored ones
-                        ids, mask, pos, offs = self.lm.pad(chunk, side="right")
-                        h = h[[k for k, s in enumerate(chunk) for _ in s], [offs[k] + j for k, s in enumerate(chunk) for j in range(len(s))]]
-                    k = 0
-                    for s in chunk:  # rows come out text by text, position by position
-                        self.cache.append(h[k:k + len(s)].clone())
-                        k += len(s)
-        finally:
-            hook.remove()
-
-    def _logits(self, seqs):
-        ids, mask, pos, offs = self.lm.pad(seqs, side="right")
-        rows = [k for k, s in enumerate(seqs) for _ in range(len(s))]
-        cols = [offs[k] + j for k, s in enumerate(seqs) for j in range(len(s))]
-        dev = ids.device
-        return self.lm.logits_at(ids, mask, pos, torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
-
-    def _kl_rows(self, idx: list[int]) -> torch.Tensor:
-        """KL(P_orig ‖ P_current) at every position of texts ``idx`` (differentiable)."""
-        seqs = [self.seqs[i] for i in idx]
-        cur = torch.log_softmax(self._logits(seqs), -1)
-        head = self.lm.model.get_output_embeddings()
-        with torch.no_grad():
-            orig = torch.log_softmax(head(torch.cat([self.cache[i] for i in idx])).float(), -1)
-        return (orig.exp() * (orig - cur)).sum(-1)
-
-    def kl(self, idx: list[int]) -> torch.Tensor:
-        """Mean over positions of KL(P_orig ‖ P_current) for texts ``idx`` (differentiable)."""
-        return self._kl_rows(idx).mean()
-
-    def kl_sum(self, idx: list[int]) -> torch.Tensor:
-        """The sum over positions of the same KL: a part of a step shared across processes."""
-        return self._kl_rows(idx).sum()
-
-    def positions(self, idx: list[int]) -> int:
-        return sum(len(self.seqs[i]) for i in idx)
 
 
 def pair_logprobs(lm, prompts: list[str], objects: list[str], *, with_first: bool = False):
@@ -227,13 +144,6 @@ class TrainResult:
     dev_gap: float | None = None      # dev mean |log P(o|s1,r) − log P(o|s2,r)| of the kept state (FT-L)
     match_key: tuple | None = None    # FT-L: (|dev SS − target|, |dev gap − target|, step) of the kept checkpoint
     lr: float | None = None
-
-
-def make_kl_sets(lm, pairs: list[KnowledgePair], cfg: FastConfig) -> dict:
-    """The L_s1 / L_s2 texts with the *original* model's outputs cached: build them before any edit, and share
-    them between FAST and its baselines."""
-    return {"subject": _TextSet(lm, subject_prompts(pairs, n=cfg.n_subject_prompts, seed=cfg.seed)),
-            "text": _TextSet(lm, wiki_windows(lm, n=cfg.n_text, tokens=cfg.text_tokens, seed=cfg.seed))}
 
 
 def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: str = "stamp",
