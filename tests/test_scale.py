@@ -49,6 +49,28 @@ def test_fingerprint_comes_from_the_files_and_ignores_dtype_and_device_map(tiny_
             pass
 
 
+def test_a_run_in_another_dtype_is_another_run(tiny_dir, tmp_path, monkeypatch):
+    """The fingerprint is the same in every dtype (patches apply to any load), but the numbers are not: a float32
+    rerun into a bf16 run's directory is refused (it resumed the bf16 records before), and the soft-prompt cache
+    keys a bf16 prompt apart. float32 adds nothing to the identity, so the float32 runs made before still resume."""
+    from biaslab import audit
+    from biaslab.errors import RunConflictError
+    from biaslab.models import load_model
+    from biaslab.probes.softprompt import SoftPromptConfig
+
+    monkeypatch.setenv("BIASLAB_CACHE", str(tmp_path / "cache"))
+    f32, b16 = load_model(str(tiny_dir)), load_model(str(tiny_dir), dtype="bfloat16")
+    assert f32.identity() == {"fingerprint": f32.fingerprint}
+    assert b16.identity() == {"fingerprint": f32.fingerprint, "dtype": "bfloat16"}
+    run = dict(benchmarks="crows", limit=8, n_boot=20, out=tmp_path / "run")
+    audit(b16, **run)
+    with pytest.raises(RunConflictError, match="differs in: .*dtype.*run in bfloat16: pass --dtype bfloat16 to resume"):
+        audit(f32, **run)
+    assert audit(b16, **run).results["benchmarks"]["crows"]["metrics"]               # the same dtype resumes
+    cfg = SoftPromptConfig()
+    assert cfg.key(f32.fingerprint, "d") != cfg.key(f32.fingerprint, "d", dtype="bfloat16")
+
+
 def test_device_map_auto_on_cpu_scores_like_a_plain_load(tiny_dir):
     from biaslab.models import load_model
 

@@ -137,7 +137,7 @@ def audit(model="smollm2-135m-instruct", benchmarks="all", *, limit: int | None 
         ctx = patch_obj.applied(lm) if patch_obj else contextlib.nullcontext()
         with ctx:
             return audit_plan(lm, benches, protos, items, title=f"dry run: audit of {lm.spec}")
-    args = {"model": lm.spec, "fingerprint": lm.fingerprint, "benchmarks": names, "limit": limit, "seed": seed,
+    args = {"model": lm.spec, **lm.identity(), "benchmarks": names, "limit": limit, "seed": seed,
             "protocols": {n: protos[n].id for n in names}, "options": {n: benches[n].opts for n in names},
             "patch": patch_obj.describe() if patch_obj else None, "chat_template": lm.use_chat_template,
             "n_boot": n_boot}

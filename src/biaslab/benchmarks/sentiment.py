@@ -61,7 +61,7 @@ class SentimentFairness(Benchmark):
             from ..probes.softprompt import HAND_PROMPTS
 
             return list(HAND_PROMPTS)
-        key = lm.fingerprint
+        key = tuple(sorted(lm.identity().items()))   # checkpoint and dtype
         if key not in self._prompts:
             from ..probes.softprompt import SoftPromptConfig
             from ..probes.sweep import sweep

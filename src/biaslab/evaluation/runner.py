@@ -90,7 +90,7 @@ def score_state(lm, path: Path, state: str, patch, sets: list[EvalSet], *, force
     Returns (records by set, the state's RunDir)."""
     from ..runs import RunDir, score_journaled
 
-    args = {"state": state, "model": lm.spec, "fingerprint": lm.fingerprint,
+    args = {"state": state, "model": lm.spec, **lm.identity(),
             "patch": patch.describe() if patch is not None else None,
             "sets": {s.name: {"protocol": s.protocol, "ids_hash": ids_hash(s.ids())} for s in sets}}
     rd = RunDir(path, args, force=force, extra_manifest={"model": lm.describe()})
@@ -183,7 +183,7 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
         return mitigation_plan(m, lm, task_data, cfg, limit=limit, seed=seed)
     out = Path(out)
     cfg_json = m.config_dict(cfg)
-    args = {"method": m.name, "method_version": m.version, "model": lm.spec, "fingerprint": lm.fingerprint,
+    args = {"method": m.name, "method_version": m.version, "model": lm.spec, **lm.identity(),
             "task": task_data.name, "config": cfg_json, "limit": limit, "seed": seed, "n_boot": n_boot}
     data_sha = {label: "sha256:" + sha256_file(Path(p)) for label, p in sorted(task_data.data_files.items())}
     top = RunDir(out, args, force=force, extra_manifest={"kind": "mitigation", "model": lm.describe(),
@@ -191,7 +191,8 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
 
     # 1. fit (cached)
     t = time.perf_counter()
-    fit_key = _key({k: args[k] for k in ("method", "method_version", "fingerprint", "task", "config", "seed")})
+    fit_key = _key({k: args[k] for k in ("method", "method_version", "fingerprint", "dtype", "task", "config", "seed")
+                    if k in args})
     fit = None
     if D.is_main():
         with D.local_only():   # rank 0 reads its own files; the others get the result below
@@ -276,7 +277,7 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
 
     summary = {
         "schema": SCHEMA_ID, "method": m.name, "method_version": m.version, "task": task_data.name,
-        "model": {"spec": lm.spec, "fingerprint": lm.fingerprint},
+        "model": {"spec": lm.spec, **lm.identity()},   # dtype too when not float32
         "patch": _patch_block(fit.patch),
         "evaluation": {"seed": seed, "limit": limit, "n_boot": n_boot, "ci": CI_NOTE, "sets": {
             s.name: {"n_items": len(s.items), "protocol": s.protocol, "ids_hash": ids_hash(s.ids()),

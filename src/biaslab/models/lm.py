@@ -101,6 +101,15 @@ class LanguageModel:
     def config(self):
         return self.model.config
 
+    def identity(self) -> dict:
+        """What a run's numbers depend on besides its inputs, for run arguments and cache keys: the checkpoint (the
+        fingerprint, the same in every dtype, so a patch applies to any load of it) and the dtype when it is not
+        float32 — bf16 scores and attributions differ from float32 ones (other CRISPR neurons:
+        experiments/crispr/bf16_attribution.md), so a float32 rerun must not resume a bf16 run's records. float32
+        adds nothing, so the float32 runs and caches made before keep their identity."""
+        dtype = str(self.dtype).replace("torch.", "")
+        return {"fingerprint": self.fingerprint, **({"dtype": dtype} if dtype != "float32" else {})}
+
     def describe(self) -> dict:
         """Provenance for run manifests; ``scoring_mode`` says how sequences were batched (numbers agree across
         modes to float noise)."""

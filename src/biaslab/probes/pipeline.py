@@ -126,7 +126,7 @@ def run_probe(model="smollm2-135m-instruct", out: str | Path | None = None, *, r
     require_decoder_only(lm, "the soft-prompt probe")
     hand = tuple(hand_prompts or ())
     cache = Path(prompt_cache) if prompt_cache is not None else default_cache_dir()
-    args = {"model": lm.spec, "fingerprint": lm.fingerprint, "protocol": PROTOCOL_ID, "runs": runs,
+    args = {"model": lm.spec, **lm.identity(), "protocol": PROTOCOL_ID, "runs": runs,
             "soft_prompt": {k: v for k, v in asdict(base).items()}, "seeds": list(seeds), "lrs": list(lrs),
             "test_limit": test_limit, "template_limit": template_limit, "seed": seed,
             "hand_prompts": [{"name": h.name, "template": h.template, "label_words": list(h.label_words),
@@ -171,7 +171,7 @@ def run_probe(model="smollm2-135m-instruct", out: str | Path | None = None, *, r
     soft_flags_all = fm.flags(soft_table, fm.METRICS)
     results: dict = {
         "protocol": PROTOCOL_ID, "prompt_protocol": PROTOCOL_VERSION, "hand_protocol": HAND_PROTOCOL_ID,
-        "model": {"spec": lm.spec, "fingerprint": lm.fingerprint},
+        "model": {"spec": lm.spec, **lm.identity()},   # dtype too when not float32
         "sizes": {"train": sw.runs[0].info.get("n_train"), "val": sw.runs[0].info.get("n_val"),
                   "test": len(test_items), "templates": len(templates), "templates_total": 31972},
         "sweep": [{"id": sp.id, "lr": sp.config.lr, "seed": sp.config.seed, "val_accuracy": sp.val_accuracy,

@@ -109,10 +109,13 @@ class SoftPromptConfig:
         if "{sentence}" not in self.template:
             raise BiaslabError("the soft-prompt input template must contain {sentence}")
 
-    def key(self, fingerprint: str, data_sha: str, micro_batch_size: int | None = None) -> str:
-        """The cache key; a prompt trained in parts (``micro_batch_size``) is its own entry (float rounding)."""
+    def key(self, fingerprint: str, data_sha: str, micro_batch_size: int | None = None,
+            dtype: str | None = None) -> str:
+        """The cache key; a prompt trained in parts (``micro_batch_size``) or on a model loaded in another dtype
+        than float32 (``LanguageModel.identity``) is its own entry."""
         blob = json.dumps({"v": PROTOCOL_VERSION, "base": fingerprint, "data": data_sha, **asdict(self),
-                           **({"micro_batch_size": micro_batch_size} if micro_batch_size else {})}, sort_keys=True)
+                           **({"micro_batch_size": micro_batch_size} if micro_batch_size else {}),
+                           **({"dtype": dtype} if dtype else {})}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     @property

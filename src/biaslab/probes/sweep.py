@@ -68,7 +68,8 @@ def sweep(lm, base: SoftPromptConfig, *, seeds=(0, 1, 2), lrs=(5e-3, 1e-2), keep
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     dsha = data_sha()
     data = None
-    paths = [cache / f"softprompt-{cfg.key(lm.fingerprint, dsha, micro_batch_size)}.safetensors" for cfg in configs]
+    dtype = lm.identity().get("dtype")
+    paths = [cache / f"softprompt-{cfg.key(lm.fingerprint, dsha, micro_batch_size, dtype)}.safetensors" for cfg in configs]
     got: dict[int, SoftPrompt] = {}
     for k, path in enumerate(paths):
         if path.is_file():

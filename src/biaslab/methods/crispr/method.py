@@ -64,7 +64,7 @@ class Crispr(Method):
         from .selection import split_dev_test
 
         settings = {k: v for k, v in fit_settings(cfg).items() if k not in SEARCH_FIELDS}
-        key = hashlib.sha256(json.dumps({"model": lm.spec, "fingerprint": lm.fingerprint, "task": task.name,
+        key = hashlib.sha256(json.dumps({"model": lm.spec, **lm.identity(), "task": task.name,
                                          "layout": PROMPT_LAYOUT, "cfg": settings}, sort_keys=True).encode()).hexdigest()
         cached = cache.load_tensors("attribution.safetensors", key)
         if cached is None:
