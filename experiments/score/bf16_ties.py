@@ -17,8 +17,9 @@ from biaslab.models import load_model
 from biaslab.stats import bootstrap_ci
 
 
-def rounded_head(head, picked):   # what the head gave before: logits in the model's dtype, then upcast
-    return L._upcast(head(picked))
+def rounded_head(head, picked, after=None):   # what the head gave before: logits in the model's dtype, upcast
+    z = L._upcast(head(picked))
+    return z if after is None else after(z)
 
 
 def main() -> None:
