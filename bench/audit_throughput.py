@@ -470,7 +470,7 @@ def run(args, tmp: Path) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from biaslab.audit import score_items, summarize
+    from biaslab.auditing import score_items, summarize
     from biaslab.benchmarks.bbq import BBQ
     from biaslab.benchmarks.crows import CrowSPairs
     from biaslab.models import load_model

@@ -57,7 +57,7 @@ def test_golden_bias_scores():
 
 def test_golden_tie_share_and_its_section_note():
     """Ties between the two best options (to 6 decimals) go to the first option: counted, and noted from 1 %."""
-    from biaslab.audit import summarize
+    from biaslab.auditing import summarize
     from biaslab.benchmarks.base import prediction_tie_share
 
     lps = [[-1.0, -1.0, -2.0], [-0.5, -1.0, -2.0], [-3.0, -1.25, -1.25], [-2.0, -0.7, -0.9]]
@@ -232,7 +232,7 @@ def test_scoring_on_tiny_lm(tiny_lm, protocol):
 
 
 def test_audit_on_tiny_lm_reports_mean_and_std_over_instructions(tiny_lm):
-    from biaslab.audit import audit
+    from biaslab.auditing import audit
 
     res = audit(tiny_lm, ["bbq"], limit=22, n_boot=20, instructions=2)
     sec = res.results["benchmarks"]["bbq"]

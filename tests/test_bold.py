@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from biaslab.audit import summarize
+from biaslab.auditing import summarize
 from biaslab.benchmarks.bold import BOLD, GREEDY_VADER, load_domain
 from biaslab.errors import BiaslabError, DataError
 from biaslab.metrics import bold as M

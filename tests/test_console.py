@@ -114,7 +114,7 @@ def test_quiet_turns_progress_off(monkeypatch):
 
 
 def test_audit_dry_run_writes_nothing_and_counts_items(tiny_lm, tmp_path):
-    from biaslab.audit import audit
+    from biaslab.auditing import audit
     from biaslab.evaluation.dryrun import DryRun
 
     out = tmp_path / "run"
@@ -137,7 +137,7 @@ def test_mitigation_dry_run_counts_every_state(tiny_lm, tmp_path):
 
 
 def test_audit_report_has_summary_forest_plots_and_footer(tiny_lm, tmp_path):
-    from biaslab.audit import audit
+    from biaslab.auditing import audit
 
     res = audit(tiny_lm, "crows", limit=12, out=tmp_path / "a", n_boot=50)
     html = (tmp_path / "a" / "report.html").read_text()

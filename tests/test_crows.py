@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from biaslab.audit import summarize
+from biaslab.auditing import summarize
 from biaslab.benchmarks.crows import MEAN, SHARED, SUM, CrowSPairs
 from biaslab.errors import DataError
 from biaslab.metrics import crows as M

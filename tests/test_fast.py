@@ -396,7 +396,7 @@ def test_score_pairs_and_rs_against_original():
     new = B.attach_original(B.score_pairs(_StubLM({"A": -2.0, "B": -1.0, "C": -3.0, "D": -3.0}), rows), orig)
     assert B.rs(new) == pytest.approx(50.0)
     assert B.rs(B.attach_original(orig, orig)) == 100.0
-    from biaslab.audit import summarize
+    from biaslab.auditing import summarize
 
     sec = summarize(B.BiaScopeSet("ss", B.PAIR_PROTOCOL), orig, B.PAIR_PROTOCOL, n_boot=20)
     assert sec["protocol"] == "biascope.pairs.loglik.v1" and sec["metrics"]["ss"]["value"] == 75.0

@@ -5,7 +5,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_real_model_bbq_winobias_audit(real_lm):
-    from biaslab.audit import audit
+    from biaslab.auditing import audit
     from biaslab.benchmarks.bbq import BBQ_CATEGORIES
 
     res = audit(real_lm, ["bbq", "winobias"], limit=8, n_boot=50, instructions=2)

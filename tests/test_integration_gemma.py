@@ -20,7 +20,7 @@ def gemma():
 
 
 def test_gemma_audit_crispr_and_export_carry_the_license(gemma, tmp_path):
-    from biaslab.audit import audit
+    from biaslab.auditing import audit
     from biaslab.evaluation import run_mitigation
     from biaslab.patches import load_patch
 

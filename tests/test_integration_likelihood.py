@@ -1,7 +1,7 @@
 """Integration: audit the real default model on a few items of the likelihood benchmarks."""
 import pytest
 
-from biaslab.audit import audit
+from biaslab.auditing import audit
 
 pytestmark = pytest.mark.integration
 

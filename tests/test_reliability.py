@@ -176,7 +176,7 @@ def test_patch_metadata_faults_are_one_clear_line(meta, match, tmp_path):
 def test_options_are_never_silently_coerced_or_ignored(tmp_path):
     from typer.testing import CliRunner
 
-    from biaslab.audit import audit
+    from biaslab.auditing import audit
     from biaslab.cli import app
     from biaslab.evaluation import run_mitigation
 
@@ -328,7 +328,7 @@ def test_a_killed_runs_results_are_marked_incomplete(tmp_path):
 
 def test_checks_that_need_no_model_run_before_it_loads(tmp_path, monkeypatch):
     import biaslab.models as models_pkg
-    from biaslab.audit import audit
+    from biaslab.auditing import audit
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the check")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from biaslab.audit import summarize
+from biaslab.auditing import summarize
 from biaslab.benchmarks.retention import PROTOCOL, Retention, known_facts, wikitext_windows
 from biaslab.errors import BiaslabError, DataError
 from biaslab.metrics import retention as M

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from biaslab.audit import audit
+from biaslab.auditing import audit
 from biaslab.benchmarks import BENCHMARKS
 from biaslab.benchmarks.base import Benchmark, MetricDef, Protocol
 from biaslab.errors import RunConflictError, UnknownNameError
@@ -59,6 +59,19 @@ def test_resume_after_interruption_is_identical(tiny_lm, tmp_path):
     man = json.loads((tmp_path / "part" / "manifest.json").read_text())
     assert man["status"] == "finished" and man["args"]["protocols"] == {"toy": "toy.ll.v1"}
     assert man["model"]["fingerprint"].startswith("sha256:")
+
+
+def test_the_package_audit_stays_callable(tiny_lm, tmp_path):
+    """``biaslab.audit(...)`` is the documented API: it stays the function after its module is imported (a
+    submodule named ``audit`` replaced it on the package at the first call, so the second call failed)."""
+    import importlib
+
+    import biaslab
+
+    importlib.import_module("biaslab.auditing")
+    first = biaslab.audit(tiny_lm, "toy", limit=4, n_boot=10)
+    second = biaslab.audit(tiny_lm, "toy", limit=4, n_boot=10, out=tmp_path / "r")
+    assert callable(biaslab.audit) and first.results["benchmarks"] == second.results["benchmarks"]
 
 
 def test_torn_journal_line_is_dropped(tiny_lm, tmp_path):

@@ -305,7 +305,7 @@ def test_pipeline_end_to_end(tiny_lm, tmp_path):
 
 def test_sentiment_benchmark_via_audit(tiny_lm, tmp_path, monkeypatch):
     monkeypatch.setenv("BIASLAB_CACHE", str(tmp_path / "cache"))
-    from biaslab.audit import audit
+    from biaslab.auditing import audit
     from biaslab.benchmarks import ALL, BENCHMARKS
 
     assert "sentiment" in BENCHMARKS.names() and "sentiment" not in ALL

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from biaslab.audit import summarize
+from biaslab.auditing import summarize
 from biaslab.benchmarks.stereoset import MEAN, StereoSet, load_partial, load_reduced
 from biaslab.errors import DataError
 from biaslab.metrics import stereoset as M

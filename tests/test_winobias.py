@@ -155,7 +155,7 @@ def test_stratified_limit():
 
 @pytest.mark.parametrize("protocol", ["letter", "option-loglik"])
 def test_scoring_and_summary_on_tiny_lm(tiny_lm, protocol):
-    from biaslab.audit import summarize
+    from biaslab.auditing import summarize
 
     b = WinoBias()
     items = b.sample(b.load_items(), 8, seed=0)
@@ -173,7 +173,7 @@ def test_scoring_and_summary_on_tiny_lm(tiny_lm, protocol):
 def test_generate_protocol_matches_answers_and_leaves_unmatched_out(tiny_lm, monkeypatch):
     """winobias.generate.v1: greedy answers matched by letter or occupation text; an answer naming neither is left
     out of the accuracies and counted in unmatched_rate."""
-    from biaslab.audit import summarize
+    from biaslab.auditing import summarize
     from biaslab.metrics import winobias as M
 
     b = WinoBias()

@@ -18,7 +18,7 @@ def load_model(*args, **kwargs):
 
 
 def audit(model="smollm2-135m-instruct", benchmarks="all", **kwargs):
-    from .audit import audit as _audit
+    from .auditing import audit as _audit
 
     return _audit(model, benchmarks, **kwargs)
 

@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import stats
-from .audit_result import AuditResult  # noqa: F401  (re-exported: biaslab.audit.AuditResult)
+from .audit_result import AuditResult  # noqa: F401  (re-exported: biaslab.auditing.AuditResult)
 from .benchmarks import ALL, BENCHMARKS, get_benchmark
 from .benchmarks.base import Benchmark, MetricDef, Protocol
 from .data import data_path, sha256_file

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import stats
-from .audit import summarize
+from .auditing import summarize
 from .audit_result import AuditResult
 from .errors import BiaslabError
 

@@ -94,7 +94,7 @@ def audit(
                                                           "(a few seconds of calibration); write nothing"),
 ):
     """Audit a model on bias benchmarks; prints a table and writes OUT/{manifest,results}.json, records.jsonl, report.html."""
-    from ..audit import audit as run_audit
+    from ..auditing import audit as run_audit
     from ..formats import check_format
 
     check_format(format)

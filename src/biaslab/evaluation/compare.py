@@ -94,7 +94,7 @@ def retention_comparison(lm, patch, benchmarks: Sequence[str], *, limit: int | N
     relative change with its interval (the paired bootstrap of log perplexity, mapped through exp − 1)."""
     from pathlib import Path
 
-    from ..audit import audit
+    from ..auditing import audit
     from ..benchmarks import get_benchmark
 
     out = Path(out) if out is not None else None

@@ -27,7 +27,7 @@ RS_PROTOCOL = Protocol(
 
 
 class BiaScopeSet(Benchmark):
-    """A BiaScope pair set, shaped as a Benchmark so ``biaslab.audit.summarize`` gives the audit's format."""
+    """A BiaScope pair set, shaped as a Benchmark so ``biaslab.auditing.summarize`` gives the audit's format."""
 
     group_field = "group"
     strata = ("group",)
