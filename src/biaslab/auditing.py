@@ -148,7 +148,7 @@ def audit(model="smollm2-135m-instruct", benchmarks="all", *, limit: int | None 
             for f in b.data_files:
                 data[f] = "sha256:" + sha256_file(data_path(f))
         run = RunDir(out, args, force=force, extra_manifest={"model": lm.describe(), "data_sha256": data})
-    results = {"model": {"spec": lm.spec, "fingerprint": lm.fingerprint}, "patch": args["patch"], "benchmarks": {}}
+    results = {"model": {"spec": lm.spec, **lm.identity()}, "patch": args["patch"], "benchmarks": {}}
     all_records: dict[str, list[dict]] = {}
     ctx = patch_obj.applied(lm) if patch_obj else contextlib.nullcontext()
     with ctx:

@@ -93,7 +93,8 @@ def model_card(patch, summary: dict | None = None, *, export_check: dict | None 
     sets = ", ".join(f"{k}: {v['n_items']} items ({v['protocol']})" for k, v in ev["sets"].items())
     lines += ["", "## Data and limits of the evidence", "",
               f"- Evaluated on {sets}; seed {ev['seed']}; {ev['ci']}. Item ids are in the run's `items.json`.",
-              f"- Model fingerprint of the run: `{summary['model']['fingerprint']}`.",
+              f"- Model fingerprint of the run: `{summary['model']['fingerprint']}`, evaluated in "
+              f"{summary['model'].get('dtype', 'float32')}.",
               "- The intervals cover item sampling only, on these benchmarks and this protocol; they say nothing about "
               "other tasks, languages or prompt formats. A verdict of 'no detectable change' is not evidence of no "
               "change."] + [f"- Deviation from the paper: {d}" for d in summary.get("deviations", [])]
