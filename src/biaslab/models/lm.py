@@ -197,7 +197,8 @@ class LanguageModel:
         if self._keeps_logits is None:
             self._keeps_logits = "logits_to_keep" in inspect.signature(m.forward).parameters
         if self._keeps_logits:
-            model_kwargs = {**model_kwargs, "logits_to_keep": keep.to(input_ids.device)}
+            # on the CPU: a CPU index serves hidden states on any device (a device map ends on another GPU)
+            model_kwargs = {**model_kwargs, "logits_to_keep": keep.cpu()}
         with float32_head(m.get_output_embeddings()):
             lg = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                    **model_kwargs).logits
