@@ -416,6 +416,19 @@ def test_empty_patch_reuses_the_unpatched_records(tiny_lm, tmp_path, monkeypatch
     assert n_after == 36 * 2  # 36 test items × 2 instructions, once
 
 
+def test_a_half_precision_fit_says_its_neurons_may_differ_from_float32(tmp_path):
+    """bf16 (the GPU default) may swap some of the few pruned neurons (experiments/crispr/bf16_attribution.md):
+    the run's notes say so and how to reproduce a float32 fit."""
+    from biaslab.models import LanguageModel
+
+    model, tok = make_tiny_llama()
+    lm = LanguageModel(model.to(torch.bfloat16), tok, spec="tiny-bf16", progress=False)
+    cfg = C.CrisprConfig(neurons=2, instructions=1, dev_size=4, control_seeds=1, retention=False)
+    s = _run(lm, _items(20), tmp_path / "run", cfg, n_boot=20)
+    assert s["model"]["dtype"] == "bfloat16"
+    assert any("attributed in bfloat16" in n and "--dtype float32 reproduces" in n for n in s["notes"])
+
+
 def test_demo_preset_is_a_shipped_config_file(monkeypatch):
     from typer.testing import CliRunner
 
