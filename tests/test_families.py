@@ -110,6 +110,12 @@ def test_a_model_that_does_something_else_after_its_head_scores_through_its_own_
     assert got == pytest.approx(_reference(model, lm, REQS), abs=2e-4)
     longest = max(len(sum(lm.split_context(c, x), [])) for c, x in REQS)
     assert widths and max(widths) < longest
+    half = LanguageModel(model.to(torch.bfloat16), tok, spec="tiny-doubled", chat_template=False)
+    ids = torch.tensor([half.encode("The nurse said that")])
+    with torch.no_grad():
+        got = half.logits_at(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], torch.zeros(1).long(),
+                             torch.tensor([ids.shape[1] - 1]))
+    assert (got.to(torch.bfloat16).float() != got).any()   # the head's output formed in float32 there too
     assert LanguageModel(llama, tok, spec="tiny-llama", chat_template=False)._use_head_split() is True
 
 
