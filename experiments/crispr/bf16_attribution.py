@@ -18,8 +18,7 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-from scipy.stats import spearmanr
+import torch
 
 from biaslab import attribution as attr
 from biaslab.methods.crispr.config import CrisprConfig, resolve_instructions
@@ -31,8 +30,8 @@ from biaslab.task_specs import load_task
 TOP_K = (4, 16, 50, 100, 500)
 
 
-def flat(scores: dict) -> np.ndarray:
-    return np.concatenate([scores[k].float().reshape(-1).numpy() for k in sorted(scores)])
+def flat(scores: dict) -> torch.Tensor:
+    return torch.cat([scores[k].float().reshape(-1) for k in sorted(scores)])
 
 
 def top_set(scores: dict, k: int) -> set:
@@ -41,7 +40,7 @@ def top_set(scores: dict, k: int) -> set:
 
 def compare(a: dict, b: dict, n_chosen: int) -> dict:
     out = {f"top{k}_overlap": len(top_set(a, k) & top_set(b, k)) / k for k in TOP_K}
-    out["spearman_all_neurons"] = float(spearmanr(flat(a), flat(b)).statistic)
+    out["spearman_all_neurons"] = attr.spearman(flat(a), flat(b))
     out[f"same_{n_chosen}_chosen"] = top_units(a, n_chosen) == top_units(b, n_chosen)
     return out
 
@@ -71,7 +70,7 @@ def run_task(task: str, protocol: str, samples: int, n_chosen: int, dev_size: in
         return {k: {"values": [r[k] for r in rows], "min": min(r[k] for r in rows), "max": max(r[k] for r in rows)}
                 for k in keys}
     return {"task": name, "protocol": protocol, "dev_size": dev_size, "instructions": cfg.instructions,
-            "samples": samples, "n_neurons_total": int(flat(scores_f32[0]).size),
+            "samples": samples, "n_neurons_total": int(flat(scores_f32[0]).numel()),
             "bf16_vs_fp32_same_instances": summary(per_sample),
             "fp32_vs_fp32_next_sample": summary(across),
             "seconds": {k: round(v, 1) for k, v in seconds.items()}}

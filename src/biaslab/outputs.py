@@ -91,8 +91,8 @@ def claim_run_dir(path, args: dict, *, force: bool) -> tuple[Path, dict | None]:
         return p, old
     if not force:
         diff = sorted(k for k in set(old["args"]) | set(args) if old["args"].get(k) != args.get(k))
-        dtype = (f"; it was run in {old['args'].get('dtype', 'float32')}: pass --dtype "
-                 f"{old['args'].get('dtype', 'float32')} to resume it") if "dtype" in diff else ""
+        was = old["args"].get("dtype", "float32")
+        dtype = f"; it was run in {was}: pass --dtype {was} to resume it" if "dtype" in diff else ""
         raise RunConflictError(f"{p} holds a run made with different arguments (differs in: {', '.join(diff)}){dtype}; "
                                "choose another --out, or pass --force to replace that run")
     remove_own_run(p)

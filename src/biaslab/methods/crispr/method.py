@@ -92,8 +92,9 @@ class Crispr(Method):
         if patch.n_neurons == 0:
             notes.append("n = 0: no number of pruned neurons beat the unpruned model on the dev objective, so the "
                          "patch is empty and 'after' equals 'before'")
-        if lm.identity().get("dtype"):
-            notes.append(f"attributed in {lm.identity()['dtype']}: it keeps the ranking of the neurons (Spearman "
+        half = lm.identity().get("dtype")
+        if half:
+            notes.append(f"attributed in {half}: it keeps the ranking of the neurons (Spearman "
                          "0.98-0.995 against float32 on the default model) but the few pruned can differ from a "
                          "float32 fit's (experiments/crispr/bf16_attribution.md); --dtype float32 reproduces one, "
                          "and its patch applies to this load")

@@ -9,7 +9,7 @@ import torch
 
 from ...errors import BiaslabError
 from ...interventions import Hooks, Intervention
-from ...models.head import head_logits
+from ...models.head import head_logits, logits_agree
 from .config import FastConfig
 from .pairs import SUBJECT_TEMPLATES, KnowledgePair
 
@@ -79,9 +79,7 @@ class _TextSet:
     def _check_rebuilt(self, got: torch.Tensor, h: torch.Tensor) -> None:
         """The KL terms rebuild the original logits from the head's inputs; a model that changes its head's output
         in a way biaslab does not know would make them compare two different distributions: refuse it."""
-        ref = self._orig_logits(h).to(got.device)
-        tol = 1e-3 if self.lm.dtype in (torch.float32, torch.float64) else 2e-2
-        if ref.shape != got.shape or (ref - got).abs().max() > tol * (got.abs().max() + 1e-3):
+        if not logits_agree(got, self._orig_logits(h).to(got.device), self.lm.dtype):
             raise BiaslabError(f"FAST: model '{self.lm.spec}' changes its LM head's output in a way biaslab cannot "
                                "rebuild from the head's inputs (not a known soft-cap or logit scale), so the KL "
                                "terms L_s1/L_s2 would compare different distributions; FAST does not support it")
