@@ -14,7 +14,8 @@ from collections import Counter
 from pathlib import Path
 
 from biaslab.data import DATA_ROOT, sha256_file
-from biaslab.methods.fast.pairs import build_stereoset_pairs, crows_pairs, paraphrase_pair
+from biaslab.methods.fast.eval_pairs import crows_pairs, paraphrase_pair
+from biaslab.methods.fast.pairs import build_stereoset_pairs
 from biaslab.runs import atomic_write_json, atomic_write_text
 
 OUT = DATA_ROOT / "biascope"

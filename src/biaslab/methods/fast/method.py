@@ -48,16 +48,17 @@ def split_of(bias_types, seed: int) -> dict:
 def build_eval_sets(bias_types, test_pairs, *, limit: int | None, seed: int) -> dict:
     """The held-out evaluation sets (every set seeded-sampled to ``limit`` items, stratified by bias type)."""
     from ...benchmarks.base import stratified_sample
+    from . import eval_pairs as E
     from . import pairs as P
 
     test_rows = [{"id": p.id, "bias_type": p.bias_type, "prompt_1": p.prompt_1, "prompt_2": p.prompt_2,
                   "object": p.object} for p in test_pairs]
     test_rows = stratified_sample(test_rows, limit, seed=seed, strata=("bias_type",))
     keep = {r["id"] for r in test_rows}
-    para = P.load_paraphrases()
+    para = E.load_paraphrases()
     ps_rows = [{**r, "id": r["pair_id"]} for pid in sorted(keep) for r in para.get(pid, [])]
-    crows = stratified_sample(P.load_crows_transfer(bias_types), limit, seed=seed, strata=("bias_type",))
-    cs = [{**r, "prompt_1": r["prompt_a"], "prompt_2": r["prompt_b"]} for r in P.load_commonsense(bias_types)]
+    crows = stratified_sample(E.load_crows_transfer(bias_types), limit, seed=seed, strata=("bias_type",))
+    cs = [{**r, "prompt_1": r["prompt_a"], "prompt_2": r["prompt_b"]} for r in E.load_commonsense(bias_types)]
     cs = stratified_sample(cs, limit, seed=seed, strata=("bias_type",)) if limit and limit < len(cs) else cs
     clusters = [c for c in P.stereoset_clusters(bias_types) if c["id"] in keep]
     return {"ss": test_rows, "ps": ps_rows, "ps_crows": crows, "rs": cs, "stereoset": clusters}
@@ -92,7 +93,7 @@ class Fast(Method):
     def fit(self, lm, task: TaskData, cfg: FastConfig, *, seed: int, cache, log) -> FitResult:
         from ...tracing import TraceItem, trace
         from . import training as T
-        from .pairs import crows_pairs
+        from .eval_pairs import crows_pairs
         from .stamp import StampPatch
 
         cfg = replace(cfg, seed=seed)
