@@ -144,6 +144,36 @@ def test_label_logits_carry_the_models_step_after_its_head(name):
     assert lm._use_head_split() and torch.allclose(got, ref, atol=1e-5)
 
 
+def test_label_logits_of_a_model_with_an_unknown_step_after_its_head():
+    """A step biaslab does not know (logits doubled inside the forward) leaves the head split off: the label logits
+    come from the model's own forward, as its logits, with the soft prompt's cache; only the rows' last columns go
+    through the head (logits_to_keep), and in bf16 the head's output is formed in float32."""
+    from families import make_doubling_llama
+
+    from biaslab.models import LanguageModel
+
+    model, tok = make_doubling_llama()
+    lm = LanguageModel(model, tok, spec="tiny-doubled", chat_template=False)
+    cfg = SoftPromptConfig(virtual_tokens=3, lr=0.05)
+    enc, _ = make_prompt_encoder(lm, cfg)
+    e = encode(lm, cfg, SENTS)
+    widths = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
+    with torch.no_grad():
+        got = label_logits(lm, enc.embedding.weight, e.rows, e.label_ids)
+    hook.remove()
+    with torch.no_grad():
+        ref = torch.stack([model(inputs_embeds=torch.cat([enc.embedding.weight, model.get_input_embeddings()(
+            torch.tensor(r))])[None]).logits[0, -1, e.label_ids] for r in e.rows])
+    assert lm._use_head_split() is False and torch.allclose(got, ref, atol=1e-5)
+    assert widths[-1] == len({len(r) for r in e.rows}) < max(len(r) for r in e.rows)
+    half = LanguageModel(model.to(torch.bfloat16), tok, spec="tiny-doubled", chat_template=False)
+    with torch.no_grad():
+        got16 = label_logits(half, enc.embedding.weight.detach(), e.rows, e.label_ids)
+    assert (got16.to(torch.bfloat16).float() != got16).any()   # not bf16 logits upcast
+    assert torch.allclose(got16, ref, atol=0.1 * ref.abs().max().item())
+
+
 def test_train_step_changes_only_the_prompt(tiny_lm):
     cfg = SoftPromptConfig(virtual_tokens=4, lr=0.05)
     enc, pdict = make_prompt_encoder(tiny_lm, cfg)

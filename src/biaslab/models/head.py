@@ -3,7 +3,9 @@ after it (:func:`after_head`), and whether logits may be taken by running the he
 (:func:`head_split_matches`)."""
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 
@@ -68,6 +70,23 @@ def head_logits(head, picked: torch.Tensor, after=None) -> torch.Tensor:
     with float32_head(head):
         z = _upcast(head(picked))
     return z if after is None else after(z)
+
+
+@lru_cache(maxsize=None)
+def _takes_logits_to_keep(cls) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def wanted_columns(model, cols: torch.Tensor) -> tuple[dict, torch.Tensor, int]:
+    """For the model's own forward (the head split off): the keyword that makes it compute the logits of the
+    wanted columns only (``logits_to_keep`` as the sorted unique columns, a CPU index, which serves hidden states
+    on any device), each wanted column's index among those it keeps, and how many it keeps — or no keyword, the
+    columns themselves, and −1 where its forward does not take one. A forward that ignored the keyword returns
+    every column: compare its logits' length with the count."""
+    if not _takes_logits_to_keep(type(model)):
+        return {}, cols, -1
+    keep, at = torch.unique(cols, return_inverse=True)
+    return {"logits_to_keep": keep.cpu()}, at, len(keep)
 
 
 def logits_agree(ref: torch.Tensor, got: torch.Tensor, dtype) -> bool:

@@ -13,7 +13,6 @@ mode (up to float noise), which the tests check.
 """
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from ..progress import progress_bar
 from .finite import NanGuard, refuse_nan
 from .flex import FLEX_ATTENTION, TREE_KERNELS, default_tree_kernel, flex_plan
 from .flex import PLAN_KWARG as FLEX_PLAN_KWARG
-from .head import _upcast, after_head, float32_head, head_logits, head_split_matches
+from .head import _upcast, after_head, float32_head, head_logits, head_split_matches, wanted_columns
 from .packing import (PLAN_KWARG, ROW_TOKENS, TREE_ATTENTION, batch_rows, flat_batches, pack, row_tensors, tree_attention_supported, tree_plan,
                       use_tree_attention)
 from .spans import attention_span, check_context
@@ -82,7 +81,6 @@ class LanguageModel:
         self._mode_checked: dict[str, bool] = {}
         self._head_split: bool | None = None   # checked below, before any hook can see the check's forwards
         self.after_head = after_head(model)    # the model's own step after its head (soft-cap, scale) or None
-        self._keeps_logits: bool | None = None  # whether the model's forward takes logits_to_keep (own-forward path)
         self.span_fallbacks = 0         # scoring calls sent to padded mode by a sliding window (describe())
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -193,16 +191,11 @@ class LanguageModel:
             picked = hidden[rows.to(hidden.device), cols.to(hidden.device)]
             return head_logits(m.get_output_embeddings(), picked, self.after_head).to(input_ids.device)
         # the model's own forward: only the wanted columns' logits (``logits_to_keep``), float32 from the head
-        keep, at = torch.unique(cols, return_inverse=True)
-        if self._keeps_logits is None:
-            self._keeps_logits = "logits_to_keep" in inspect.signature(m.forward).parameters
-        if self._keeps_logits:
-            # on the CPU: a CPU index serves hidden states on any device (a device map ends on another GPU)
-            model_kwargs = {**model_kwargs, "logits_to_keep": keep.cpu()}
+        keep_kw, at, kept = wanted_columns(m, cols)
         with float32_head(m.get_output_embeddings()):
             lg = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                   **model_kwargs).logits
-        at = at if lg.shape[1] == len(keep) else cols   # a forward that ignored logits_to_keep: every column
+                   **model_kwargs, **keep_kw).logits
+        at = at if lg.shape[1] == kept else cols   # a forward that ignored logits_to_keep: every column
         return _upcast(lg[rows.to(lg.device), at.to(lg.device)]).to(input_ids.device)
 
     # ------------------------------------------------------------------ scoring passes

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import torch
 
 from ..errors import BiaslabError, PatchMismatchError
 from ..models.finite import refuse_nan
+from ..models.head import float32_head, wanted_columns
 from ..progress import progress_bar
 
 PROTOCOL_VERSION = "softprompt.v1"
@@ -269,9 +271,11 @@ def label_logits(lm, prefix, rows: list[list[int]], label_ids: list[int]) -> tor
         cache.batch_repeat_interleave(B)
     full_mask = torch.cat([torch.ones((B, k), dtype=torch.long, device=dev), mask], dim=1)
     pos = k + (mask.cumsum(-1) - 1).clamp(min=0)
-    out = body(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=cache is not None,
-               **{cache_name: cache})
     last = torch.tensor([len(r) - 1 for r in rows], device=dev)
+    keep_kw, at, kept = ({}, last, -1) if split else wanted_columns(m, last)
+    with nullcontext() if split else float32_head(m.get_output_embeddings()):
+        out = body(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=cache is not None,
+                   **{cache_name: cache}, **keep_kw)
     rows_ix = torch.arange(B, device=dev)
     lab = torch.tensor(label_ids, device=dev)
     if split:   # under a device map the last hidden states and the head may sit on other GPUs than the inputs
@@ -283,9 +287,10 @@ def label_logits(lm, prefix, rows: list[list[int]], label_ids: list[int]) -> tor
             logits = logits + head.bias[lab.to(head.bias.device)].to(hd).float()
         if lm.after_head is not None:   # the model's own soft-cap or scale (models.head.after_head)
             logits = lm.after_head(logits)
-    else:
+    else:   # the model's own forward: the rows' last columns only, their head output in float32 outside autograd
         lg = out.logits
-        logits = lg[rows_ix.to(lg.device), last.to(lg.device)][:, lab.to(lg.device)]
+        at = at if lg.shape[1] == kept else last   # a forward that ignored logits_to_keep: every column
+        logits = lg[rows_ix.to(lg.device), at.to(lg.device)][:, lab.to(lg.device)]
     return logits.float().to(dev)
 
 
