@@ -86,13 +86,26 @@ def test_device_map_auto_on_cpu_scores_like_a_plain_load(tiny_dir):
     ("{not json", None, "not valid JSON"),
     (None, "0=1GiB", "--max-memory limits a --device-map"),
     ("auto", "0:1GiB", "DEVICE=SIZE pairs"),
+    # Accelerate's own errors here were tracebacks from inside it (a bad size) or torch's CUDA assertion (a GPU
+    # named on a machine without one)
+    ("auto", "0=lots", r"--max-memory 0=lots: 'lots' is not a size; give one such as 70GiB"),
+    ("auto", "cpu=0", "a device needs more than 0 bytes"),
+    ("auto", "gpu=3GiB", r"unknown device 'gpu'; expected a GPU number \(0, 1, …\), cpu or mps"),
+    ("auto", "disk=1TiB", "never offloads weights to disk"),
+    ("auto", "cuda:0=1GiB,cpu=1GiB", "--max-memory names GPU 0, but this machine has no CUDA device"),
+    ('{"model": "cuda:0", "lm_head": "cpu"}', None, "module 'model' → GPU 0, but this machine has no CUDA device"),
+    ('{"model": 7}', None, "module 'model' → GPU 7, but"),
+    ('{"model": "disk"}', None, "module 'model' → disk: biaslab never offloads"),
+    ('{"model": "gpu"}', None, r"module 'model' → 'gpu': expected a GPU number"),
     # the tiny model's 20 tensors are 6.1 MiB in float32; 10 KB of host memory holds none of them
     ("auto", "cpu=10KB", r"does not fit with --device-map auto and --max-memory cpu=10KB: 6\.1 MiB of weights "
                          r"\(20 tensors, first model\.embed_tokens\.weight\) found no room on the devices \(they "
                          r"could hold: cpu 9\.8 KiB\) and would have gone to disk"),
 ])
-def test_bad_device_maps_are_one_clear_line(tiny_dir, dm, mm, match):
+def test_bad_device_maps_are_one_clear_line(tiny_dir, dm, mm, match, monkeypatch):
     from biaslab.models import load_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the same lines on a machine with GPUs
 
     with pytest.raises(BiaslabError, match=match):
         load_model(str(tiny_dir), device_map=dm, max_memory=mm)

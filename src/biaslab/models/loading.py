@@ -15,7 +15,7 @@ from .embedded import (DEFAULT_MODEL, EMBEDDED, EmbeddedModel, _file_record, _lo
                        embedded_model_dir_once,
                        list_models)
 from .fingerprint import weights_fingerprint
-from .placement import (check_all_placed, memory_error, parse_device_map, parse_max_memory,
+from .placement import (check_all_placed, check_devices_exist, memory_error, parse_device_map, parse_max_memory,
                         placement_for_this_rank)
 
 # biaslab never downloads at run time: keep the HF libraries offline (a user may still override explicitly).
@@ -158,6 +158,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     dm, mm = parse_device_map(device_map), parse_max_memory(max_memory)
     if mm is not None and dm is None:
         raise BiaslabError("--max-memory limits a --device-map; give --device-map auto (or another map) with it")
+    check_devices_exist(dm, mm)
     dm, mm = placement_for_this_rank(dm, mm)   # several ranks per node: each maps onto its own GPUs only
     place = {"device_map": dm, **({"max_memory": mm} if mm else {})} if dm is not None else {}
     meta_f, fp_source = None, None

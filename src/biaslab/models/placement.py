@@ -35,17 +35,68 @@ def parse_device_map(device_map):
 
 
 def parse_max_memory(max_memory):
-    """``0=70GiB,1=70GiB,cpu=200GiB`` (or a dict) → Accelerate's max_memory dict."""
+    """``0=70GiB,1=70GiB,cpu=200GiB`` (or a dict) → Accelerate's max_memory dict. Devices are GPU numbers
+    (``0`` or ``cuda:0``), ``cpu`` or ``mps``; sizes are what Accelerate reads (``70GiB``, ``5GB``, ``512MB``) or
+    bytes. Anything else is one line naming the part (Accelerate's own error was a traceback from inside it)."""
     if max_memory is None or isinstance(max_memory, dict):
         return max_memory
+    from accelerate.utils import convert_file_size_to_int
+
     out = {}
     for part in str(max_memory).split(","):
-        k, sep, v = part.partition("=")
-        if not sep or not k.strip() or not v.strip():
+        k, sep, v = (s.strip() for s in part.partition("="))
+        if not sep or not k or not v:
             raise BiaslabError(f"--max-memory expects DEVICE=SIZE pairs such as 0=70GiB,cpu=200GiB, got {part!r}")
-        k = k.strip()
-        out[int(k) if k.isdigit() else k] = v.strip()
+        gpu = k[5:] if k.startswith("cuda:") else k
+        key = int(gpu) if gpu.isdigit() else k
+        if key == "disk":
+            raise BiaslabError(f"--max-memory {part.strip()}: biaslab never offloads weights to disk; cap the GPUs "
+                               "and cpu only")
+        if not isinstance(key, int) and key not in ("cpu", "mps"):
+            raise BiaslabError(f"--max-memory {part.strip()}: unknown device {k!r}; expected a GPU number (0, 1, …), "
+                               "cpu or mps")
+        size = int(v) if v.isdigit() else v
+        try:
+            n = convert_file_size_to_int(size)
+        except ValueError:
+            raise BiaslabError(f"--max-memory {part.strip()}: {v!r} is not a size; give one such as 70GiB, 5GB or "
+                               "512MB (or a number of bytes)") from None
+        if n <= 0:
+            raise BiaslabError(f"--max-memory {part.strip()}: a device needs more than 0 bytes; leave a device out "
+                               "of a JSON --device-map instead")
+        out[key] = size
     return out
+
+
+def check_devices_exist(dm, mm) -> None:
+    """The GPUs a device map or ``--max-memory`` names exist here (one process; under several ranks per node their
+    numbers count within each rank's block, checked by :func:`place_on_share`), so a map made for another machine
+    is one line, not a CUDA assertion from inside torch."""
+    import torch
+
+    from .. import distributed as D
+
+    if D.uses_gpu_share():
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    named = list(dm.items()) if isinstance(dm, dict) else []
+    named = [(f"--device-map: module {module!r} →", v) for module, v in named]
+    named += [("--max-memory names", k) for k in (mm or {}) if isinstance(k, int)]
+    for where, v in named:
+        if isinstance(v, str) and v.strip() in ("cpu", "mps", "cuda") or isinstance(v, torch.device):
+            if str(v).strip() == "cuda" and n == 0:
+                raise BiaslabError(f"{where} cuda, but torch {torch.__version__} sees no CUDA device here; "
+                                   "map it to cpu or leave --device-map out")
+            continue
+        if isinstance(v, str) and v.strip() == "disk":
+            raise BiaslabError(f"{where} disk: biaslab never offloads weights to disk; map it to a GPU or cpu")
+        idx = v if isinstance(v, int) and not isinstance(v, bool) else (
+            int(v[5:]) if isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit() else None)
+        if idx is None:
+            raise BiaslabError(f"{where} {v!r}: expected a GPU number (0, 1, …), 'cuda:N', 'cpu' or 'mps'")
+        if idx >= n:
+            seen = f"{n} GPU{'s' if n != 1 else ''} (0 … {n - 1})" if n else f"no CUDA device (torch {torch.__version__})"
+            raise BiaslabError(f"{where} GPU {idx}, but this machine has {seen}; change the map or --max-memory")
 
 
 def memory_error(e: Exception, device_map, max_memory) -> BiaslabError:
