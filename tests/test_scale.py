@@ -128,6 +128,14 @@ def test_more_ranks_than_gpus_or_a_bad_local_rank_is_one_line(monkeypatch):
 
     with pytest.raises(BiaslabError, match="4 processes on this node but only 2 GPU"):
         D.gpu_share(2, 0, 4)
+    with pytest.raises(BiaslabError, match="nccl backend needs GPUs and this node has none .* use gloo"):
+        D.gpu_share(0, 0, 2)                          # BIASLAB_DIST_BACKEND=nccl on a CPU machine
+    for bad in ("abc", "-5", "0", "inf"):
+        monkeypatch.setenv("BIASLAB_DIST_TIMEOUT", bad)
+        with pytest.raises(BiaslabError, match=f"BIASLAB_DIST_TIMEOUT must be a positive number of seconds, got '{bad}'"):
+            D.timeout_s()
+    monkeypatch.setenv("BIASLAB_DIST_TIMEOUT", "2.5")
+    assert D.timeout_s() == 2.5
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(BiaslabError, match="LOCAL_RANK=3 is outside"):

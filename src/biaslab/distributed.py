@@ -80,11 +80,14 @@ def is_main() -> bool:
 
 
 def timeout_s() -> float:
+    raw = os.environ.get("BIASLAB_DIST_TIMEOUT", "1800")
     try:
-        return float(os.environ.get("BIASLAB_DIST_TIMEOUT", "1800"))
+        value = float(raw)
     except ValueError:
-        raise BiaslabError(f"BIASLAB_DIST_TIMEOUT must be a number of seconds, got "
-                           f"{os.environ['BIASLAB_DIST_TIMEOUT']!r}") from None
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise BiaslabError(f"BIASLAB_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
 
 
 MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -164,6 +167,9 @@ def gpu_share(n_gpus: int, local_rank: int, local_world: int) -> list[int]:
     (7 GPUs, 2 ranks) stays idle, so that every rank holds the same number of devices."""
     if not 0 <= local_rank < local_world:
         raise BiaslabError(f"LOCAL_RANK={local_rank} is outside 0 … LOCAL_WORLD_SIZE-1={local_world - 1}")
+    if n_gpus == 0:
+        raise BiaslabError("the nccl backend needs GPUs and this node has none (torch sees 0 CUDA devices) — use gloo "
+                           "(BIASLAB_DIST_BACKEND=gloo) on CPUs")
     if n_gpus < local_world:
         raise BiaslabError(f"{local_world} processes on this node but only {n_gpus} GPU(s) — start at most one "
                            f"process per GPU (torchrun --nproc_per_node={n_gpus}), or use gloo "
