@@ -102,3 +102,32 @@ def test_under_several_ranks_rank_0_converts_the_embedded_model_first(monkeypatc
     monkeypatch.setattr(E, "embedded_model_dir", lambda *a, **k: pytest.fail("rank 1 converted after rank 0 failed"))
     with pytest.raises(BiaslabError, match="needs the package x"):
         E.embedded_model_dir_once("m")
+
+
+def test_models_load_as_plain_torch(tmp_path, monkeypatch):
+    """No layer is swapped for a kernel fetched from the Hub (transformers 5.2x kernelizes by default, and requires
+    the `kernels` package), even where the environment asks for it, and a GGUF is always de-quantised (never left
+    in transformers' packed GgufLinear blocks, which pruning, attribution and export would not see as weights)."""
+    import transformers
+
+    from biaslab.models import load_model
+    from biaslab.models.embedded import _load_gguf, embedded_gguf_path
+
+    monkeypatch.setenv("USE_HUB_KERNELS", "1")
+    model, tok = make_tiny_llama(seed=3)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), progress=False)
+    assert getattr(lm.model, "use_kernels", False) is False
+    seen = {}
+
+    def spy(*a, **k):
+        seen.update(k)
+        raise RuntimeError("stop after the options")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    with pytest.raises(BiaslabError, match="stop after the options"):
+        _load_gguf(embedded_gguf_path("smollm2-135m-instruct"))
+    assert seen["use_kernels"] is False and seen["trust_remote_code"] is False
+    if hasattr(transformers, "GgufConfig"):
+        assert seen["quantization_config"].dequantize is True

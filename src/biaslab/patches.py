@@ -158,6 +158,8 @@ class Patch:
 
     def _verify_export(self, lm, path: Path) -> dict:
         """Max |logit| difference on the probe between ``path`` loaded by transformers and the patched ``lm``."""
+        from .models.embedded import PLAIN_TORCH
+
         ids = torch.tensor([lm.encode(self.EXPORT_PROBE)], device=lm.device)
 
         def logits(model):
@@ -168,8 +170,8 @@ class Patch:
         want = logits(lm.model)
         placed = getattr(lm.model, "hf_device_map", None) if getattr(lm, "device_map", None) else None
         # a model spread over devices: the export is reloaded with the same map (not gathered onto one device)
-        plain = type(lm.model).from_pretrained(path, dtype=lm.model.dtype, local_files_only=True,
-                                               trust_remote_code=False, **({"device_map": placed} if placed else {}))
+        plain = type(lm.model).from_pretrained(path, dtype=lm.model.dtype, local_files_only=True, **PLAIN_TORCH,
+                                               **({"device_map": placed} if placed else {}))
         plain = (plain if placed else plain.to(lm.device)).eval()
         try:
             diff = float((logits(plain) - want).abs().max())

@@ -139,6 +139,24 @@ def embedded_gguf_path(name: str) -> Path:
     return path
 
 
+# Options of every ``from_pretrained`` biaslab makes: a model stays plain torch. Never the model directory's own
+# code; never layers swapped for kernels fetched from the Hub — transformers (5.2x, which requires the `kernels`
+# package) kernelizes a model by default, on CUDA replacing e.g. RMSNorm and activations with code downloaded at run
+# time, which biaslab neither downloads nor runs, and which its numbers and hooks were never checked with.
+PLAIN_TORCH = {"trust_remote_code": False, "use_kernels": False}
+
+
+def _gguf_dequantized() -> dict:
+    """A GGUF's weights de-quantised into plain tensors: transformers 5.2x can keep some architectures' weights packed
+    in its own ``GgufLinear`` blocks (Qwen 3.5, LFM2 when a GGUF kernel is available), which neither pruning,
+    attribution, the float32 head nor export would see as the weights they are."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:   # older transformers: a GGUF is always de-quantised
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def _require_gguf_support() -> None:
     for mod, pip in (("gguf", "gguf"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(mod) is None:
@@ -155,8 +173,8 @@ def _load_gguf(path: Path, *, dtype=None, place: dict | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=dtype or torch.float32, trust_remote_code=False,
-                                                     **(place or {}))
+                                                     dtype=dtype or torch.float32, **PLAIN_TORCH,
+                                                     **_gguf_dequantized(), **(place or {}))
     except BiaslabError:
         raise
     except Exception as e:  # gguf / transformers raise many types for truncated or foreign files

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import BiaslabError, UnknownNameError
-from .embedded import (DEFAULT_MODEL, EMBEDDED, EmbeddedModel, _file_record, _load_gguf, _write_json,  # noqa: F401
+from .embedded import (DEFAULT_MODEL, EMBEDDED, PLAIN_TORCH, EmbeddedModel, _file_record, _load_gguf, _write_json,  # noqa: F401
                        cache_dir, cache_problem, embedded_gguf_path, embedded_license_files, embedded_model_dir,
                        embedded_model_dir_once,
                        list_models)
@@ -170,7 +170,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
             meta_f = path / "biaslab.json"
             hf_logging.disable_progress_bar()  # a sub-second local load needs no "Loading weights" bar
             try:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=False, **place)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **PLAIN_TORCH, **place)
             finally:
                 hf_logging.enable_progress_bar()
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -190,7 +190,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
                 auto = AutoModelForCausalLM
                 if is_encoder_decoder(local):   # T5-style (check_no_remote_code refused the others)
                     from transformers import AutoModelForSeq2SeqLM as auto
-                model = auto.from_pretrained(local, dtype=dt, local_files_only=True, trust_remote_code=False, **place)
+                model = auto.from_pretrained(local, dtype=dt, local_files_only=True, **PLAIN_TORCH, **place)
                 tok = AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError) as e:
                 if dm is not None and ("memory" in str(e).lower() or "offload" in str(e).lower()):
