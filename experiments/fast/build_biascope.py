@@ -5,6 +5,8 @@
 - src/biaslab/data/biascope/build_stats.json     counts, skipped pairs by reason, sha256 of the outputs
 
 The commonsense retention set (commonsense_retention.jsonl) is hand-written and NOT produced here.
+The vendored paraphrases.jsonl predates swap_group's article fix: a rebuild today changes 16 rows ("an european"
+-> "a european"), which changes BiaScope's PS inputs, so it goes with a new PS protocol id (biascope.PS_PROTOCOL).
 Run: .venv/bin/python experiments/fast/build_biascope.py
 """
 from __future__ import annotations
