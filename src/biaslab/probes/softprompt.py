@@ -239,7 +239,11 @@ def _cache_name(body) -> str:
     deprecated there, goes in 5.40), ``past_key_values`` before."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    for cls in type(body).__mro__:   # a subclass whose forward takes **kwargs names neither: ask the class it extends
+        params = inspect.signature(cls.forward).parameters if "forward" in vars(cls) else {}
+        if "cache" in params or "past_key_values" in params:
+            return "cache" if "cache" in params else "past_key_values"
+    return "past_key_values"
 
 
 def label_logits(lm, prefix, rows: list[list[int]], label_ids: list[int]) -> torch.Tensor:
