@@ -371,6 +371,41 @@ def test_more_ranks_than_chunks_idle_cleanly(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["environment"]["processes"]["world_size"] == 2
 
 
+def test_env_reports_every_rank(tmp_path):
+    """``biaslab env`` under 2 processes: rank 0 prints each rank's view (rank, device, dtype, threads), the
+    launcher's variables it read and the cache; nothing is loaded or written."""
+    report = json.loads(_run(["env", "--format", "json"], 2, tmp_path))
+    procs = report["processes"]
+    assert [p["rank"] for p in procs] == [0, 1] and {p["world_size"] for p in procs} == {2}
+    assert [p["local_rank"] for p in procs] == [0, 1] and {p["backend"] for p in procs} == {"gloo"}
+    assert {(p["device"], p["dtype"], p["threads"]) for p in procs} == {("cpu", "float32", 1)}
+    assert report["environment"]["WORLD_SIZE"] == "2" and report["cache"]["path"] == str(tmp_path / "cache")
+    assert report["cache"]["writable"] and not (tmp_path / "cache").exists()   # made on first use, not by env
+    text = _run(["env", "--dtype", "bf16"], 2, tmp_path)
+    assert "rank 1/2" in text and "dtype bfloat16, 1 thread," in text
+
+
+def test_env_text_names_each_rank_gpu_block():
+    """The text form of a GPU node's report (hand-made: no GPU here): each rank's block with free/total memory, a GPU
+    without native bf16 flagged, the float16 note, CUDA and NCCL versions; an unwritable cache says what to set."""
+    from biaslab.machine import render_text
+
+    gpu = {"name": "H100", "capability": "9.0", "total_gib": 79.6, "free_gib": 78.9, "native_bf16": True}
+    procs = [{"rank": r, "world_size": 2, "host": "n1", "local_rank": r, "backend": "nccl", "device": f"cuda:{2 * r}",
+              "dtype": "bfloat16", "threads": 8, "tree_kernel": "sdpa", "cuda": "12.8", "nccl": "2.27.3", "notes": [],
+              "gpus": [{**gpu, "index": 2 * r}, {**gpu, "index": 2 * r + 1}]} for r in (0, 1)]
+    procs[1]["gpus"][1] = {**gpu, "index": 3, "name": "V100", "native_bf16": False}
+    procs[1]["notes"] = ["cuda:2: V100 has no native bfloat16"]
+    report = {"python": "3.11", "platform": "Linux", "packages": {"torch": "2.13.0", "gguf": None},
+              "hub_kernels": "off", "cache": {"path": "/c", "exists": False, "writable": False}, "environment": {},
+              "processes": procs}
+    text = render_text(report)
+    assert "packages: torch 2.13.0\n" in text and "NOT writable: set BIASLAB_CACHE" in text
+    assert ("rank 1/2 on n1 (local rank 1, nccl): device cuda:2, dtype bfloat16, 8 threads, tree kernel sdpa; GPUs "
+            "2: H100 78.9 of 79.6 GiB free; 3: V100 78.9 of 79.6 GiB free, no native bf16; CUDA 12.8, NCCL 2.27.3") in text
+    assert "  note: cuda:2: V100 has no native bfloat16" in text
+
+
 def test_two_process_crispr_fit_chooses_the_same_neurons(tiny_dir, tmp_path):
     """The attribution is sharded by batch (14 batches here) and summed in batch order, the dev search's items by
     chunk (130 items: 3 chunks): same scores, same search path, same neurons, same evaluation, same intervals."""

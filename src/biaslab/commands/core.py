@@ -293,3 +293,24 @@ def score(
     err_console.print(f"{c['scored']:,} items scored ({c['unmatched']} unmatched, {c['items_without_prediction']:,} "
                       f"without a prediction)" + (f"; run directory: {out}" if out else ""), markup=False,
                       highlight=False)
+
+
+@app.command(name="env")
+def env_cmd(
+    device: Optional[str] = typer.Option(None, "--device", help="what this --device resolves to here (default: auto)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="what this --dtype resolves to here (default: auto)"),
+    format: str = typer.Option("text", "--format", help="text | json"),
+):
+    """What this machine and launch give biaslab: each process's device, dtype, GPUs and memory, threads, the
+    packages, the cache; under torchrun every rank, printed by rank 0. Loads and writes nothing."""
+    from ..machine import machine_report, render_text
+
+    if format not in ("text", "json"):
+        raise BiaslabError(f"--format {format!r}: expected text or json")
+    report = machine_report(device, dtype)
+    if format == "json":
+        import json
+
+        print(json.dumps(report, indent=1))
+    else:
+        print(render_text(report), end="")
