@@ -211,6 +211,12 @@ def main(argv=None) -> int:
     res = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke run: not a GPU measurement)",
            "gpus": torch.cuda.device_count(), "torch": torch.__version__, "transformers": transformers.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M")}
+    try:   # `biaslab env`'s report: GPU properties, free memory, CUDA/NCCL versions, the packages
+        from biaslab.machine import machine_report
+
+        res["machine"] = machine_report()
+    except Exception as e:  # noqa: BLE001 - the check's numbers matter more than this context
+        res["machine"] = {"error": f"{type(e).__name__}: {e}"}
     model = a.model
     if a.random_from:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
