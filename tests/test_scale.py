@@ -272,12 +272,12 @@ def test_under_several_ranks_each_file_is_hashed_by_one_rank(tmp_path, monkeypat
     rank0 = {i: {"sha256": h} for i, h in zip((0, 2), real([sorted(d.glob("*.safetensors"))[i] for i in (0, 2)], False))}
     monkeypatch.setattr(D, "world_size", lambda: 2)
     monkeypatch.setattr(D, "rank", lambda: 1)
-    monkeypatch.setattr(D, "all_gather", lambda obj: [(rank0, True), obj])
+    monkeypatch.setattr(D, "all_gather", lambda obj: [(rank0, True, *obj[2:]), obj])   # the same copy's signature
     cache = tmp_path / "fp.json"
     assert FP.checkpoint_fingerprint(d, cache) == one
     assert hashed == ["model-00002-of-00003.safetensors", "config.json"] and not cache.exists()
     monkeypatch.setattr(D, "rank", lambda: 0)
-    monkeypatch.setattr(D, "all_gather", lambda obj: [obj, ({1: {"sha256": "x"}, 3: {"sha256": "y"}}, True)])
+    monkeypatch.setattr(D, "all_gather", lambda obj: [obj, ({1: {"sha256": "x"}, 3: {"sha256": "y"}}, True, *obj[2:])])
     assert FP.checkpoint_fingerprint(d, cache) != one                    # rank 1's hashes are used as given
     assert len(json.loads(cache.read_text())) == 4                       # rank 0 writes every file's record
 
@@ -299,9 +299,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args, world: int, tmp_path, port=None, mpi: bool = False):
+def _launch(args, world: int, tmp_path, port=None, mpi: bool = False, cwds=None, exe=("-m", "biaslab")):
     """The ranks of one job, started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_* in the env), or with
-    ``mpi`` the way Open MPI's mpirun does (OMPI_COMM_WORLD_*, MASTER_PORT only, as accelerate's launcher)."""
+    ``mpi`` the way Open MPI's mpirun does (OMPI_COMM_WORLD_*, MASTER_PORT only, as accelerate's launcher).
+    ``args`` may be a list per rank; ``cwds`` a working directory per rank (nodes with their own files); ``exe``
+    what runs before the arguments (``[]`` for ``python -c CODE``)."""
     port = port or _free_port()
     procs = []
     for r in range(world):
@@ -311,8 +313,9 @@ def _launch(args, world: int, tmp_path, port=None, mpi: bool = False):
                   "MASTER_ADDR": "127.0.0.1"})
         env = {**os.environ, **ranks, "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "BIASLAB_PROGRESS": "0", "BIASLAB_CACHE": str(tmp_path / "cache"), "BIASLAB_DIST_TIMEOUT": "120"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "biaslab", *args], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        argv = args[r] if args and isinstance(args[0], list) else args
+        procs.append(subprocess.Popen([sys.executable, *exe, *argv], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=cwds[r] if cwds else None))
     return procs
 
 
@@ -404,6 +407,33 @@ def test_env_text_names_each_rank_gpu_block():
     assert ("rank 1/2 on n1 (local rank 1, nccl): device cuda:2, dtype bfloat16, 8 threads, tree kernel sdpa; GPUs "
             "2: H100 78.9 of 79.6 GiB free; 3: V100 78.9 of 79.6 GiB free, no native bf16; CUDA 12.8, NCCL 2.27.3") in text
     assert "  note: cuda:2: V100 has no native bfloat16" in text
+
+
+def test_ranks_that_disagree_stop_with_one_line(tmp_path):
+    """Ranks started with other arguments, or whose node-local copies of the checkpoint differ (here: each rank's
+    working directory holds its own ``./model``, rank 1's with other weights), stop at once with the rank and what
+    differs — instead of cutting other chunks, or scoring two models as one."""
+    procs = _launch([["env"], ["env", "--dtype", "bf16"]], 2, tmp_path)
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 2 for p in procs)
+    assert "rank 1 was started with another command than rank 0 (`biaslab env --dtype bf16` vs `biaslab env`)" in errs[0]
+    for r in (0, 1):   # a checkpoint's files (the fingerprint reads bytes only): rank 1's weights differ at the end
+        d = tmp_path / f"node{r}" / "model"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(bytes(3 << 20) + bytes([r]))
+    code = ("import sys; from biaslab import distributed as D; from biaslab.errors import BiaslabError\n"
+            "from biaslab.models.fingerprint import checkpoint_fingerprint as f\nD.init_from_env()\n"
+            "try: print(f('model'))\nexcept BiaslabError as e: sys.exit(str(e))")
+    procs = _launch(["-c", code], 2, tmp_path, cwds=[tmp_path / "node0", tmp_path / "node1"], exe=[])
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 1 for p in procs), errs
+    assert "rank 1 (on " in errs[0] and "reads another copy of the checkpoint model than rank 0" in errs[0], errs[0]
+    assert "model.safetensors has other bytes there (its first or last MiB)" in errs[0] and errs[0] == errs[1]
+    (tmp_path / "node1" / "model" / "model.safetensors").write_bytes(bytes(3 << 20) + bytes([0]))
+    outs = [p.communicate(timeout=120) for p in _launch(["-c", code], 2, tmp_path, exe=[],
+                                                           cwds=[tmp_path / "node0", tmp_path / "node1"])]
+    assert outs[0][0] == outs[1][0] and outs[0][0].startswith("sha256-files:"), outs   # the same copies: one id
 
 
 def test_two_process_crispr_fit_chooses_the_same_neurons(tiny_dir, tmp_path):

@@ -45,7 +45,16 @@ def join_process_group() -> None:
     errors (rank 0 prints the results and writes the run directory)."""
     from . import distributed as D
 
-    if D.init_from_env() and not D.is_main():
+    if not D.init_from_env():
+        return
+    commands = D.all_gather(sys.argv[1:])   # ranks started by hand (or by a script) with other arguments would
+    for r, argv in enumerate(commands):     # cut other chunks and wait on each other's collectives
+        if argv != commands[0]:
+            import shlex
+
+            raise BiaslabError(f"rank {r} was started with another command than rank 0 (`biaslab {shlex.join(argv)}` "
+                               f"vs `biaslab {shlex.join(commands[0])}`): every rank must run the same command")
+    if not D.is_main():
         from .progress import set_quiet
 
         set_quiet(True)

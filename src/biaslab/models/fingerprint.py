@@ -144,6 +144,37 @@ def _hash_files(files: list, progress: bool) -> list[str]:
             return list(pool.map(one, files))
 
 
+SAMPLE = 1 << 20
+
+
+def copy_signature(files: list) -> list[tuple[str, int, str]]:
+    """Each file's name, size and the sha256 of its first and last MiB: what every rank reads to check that the
+    ranks' copies of a checkpoint are the same (node-local copies on several machines), since each file's full hash
+    is computed by one rank only. A sample, not a proof: two copies differing only inside a file's middle pass."""
+    out = []
+    for f in files:
+        size = f.stat().st_size
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            h.update(fh.read(SAMPLE))
+            if size > 2 * SAMPLE:
+                fh.seek(size - SAMPLE)
+            h.update(fh.read(SAMPLE))
+        out.append((f.name, size, h.hexdigest()))
+    return out
+
+
+def _copies_differ(path, rank: int, hosts: list[str], ref: list, got: list) -> str:
+    """One line: which rank's copy of the checkpoint differs from rank 0's, and in which file."""
+    a, b = {n: (s, h) for n, s, h in ref}, {n: (s, h) for n, s, h in got}
+    name = next((n for n in sorted(a.keys() | b.keys()) if a.get(n) != b.get(n)), "?")
+    what = ("is missing there" if name not in b else "is not in rank 0's copy" if name not in a else
+            f"has {b[name][0]:,} bytes there, {a[name][0]:,} on rank 0" if a[name][0] != b[name][0] else
+            "has other bytes there (its first or last MiB)")
+    return (f"rank {rank} (on {hosts[rank]}) reads another copy of the checkpoint {path} than rank 0 (on {hosts[0]}): "
+            f"{name} {what} — give every node the same files, or put the model on a file system they share")
+
+
 def checkpoint_fingerprint(path, cache_file=None, *, progress: bool = False) -> str:
     """The identity of a checkpoint on disk, from its files, never from the loaded weights: sha256 over each file's
     name and streamed sha256, so it is the same whatever dtype or device map the model is loaded with. Each file's
@@ -175,9 +206,17 @@ def checkpoint_fingerprint(path, cache_file=None, *, progress: bool = False) -> 
         recs[i]["sha256"] = digest
     dirty = bool(todo)
     if W > 1:   # every rank calls this (the model is loaded on every rank): one gather, the same hashes everywhere
-        gathered = D.all_gather((recs, dirty))
-        recs = {i: r for part, _ in gathered for i, r in part.items()}
-        dirty = any(d for _, d in gathered)
+        import socket
+
+        gathered = D.all_gather((recs, dirty, copy_signature(files), socket.gethostname()))
+        hosts = [g[3] for g in gathered]
+        for r, g in enumerate(gathered):   # every rank sees every signature: all raise the same line
+            if g[2] != gathered[0][2]:
+                from ..errors import BiaslabError
+
+                raise BiaslabError(_copies_differ(path, r, hosts, gathered[0][2], g[2]))
+        recs = {i: r for part, _, _, _ in gathered for i, r in part.items()}
+        dirty = any(g[1] for g in gathered)
     h = hashlib.sha256()
     for i, f in enumerate(files):
         h.update(f"{f.name}:{recs[i]['sha256']}\n".encode())
