@@ -97,6 +97,11 @@ def test_device_map_auto_on_cpu_scores_like_a_plain_load(tiny_dir):
     ('{"model": 7}', None, "module 'model' → GPU 7, but"),
     ('{"model": "disk"}', None, "module 'model' → disk: biaslab never offloads"),
     ('{"model": "gpu"}', None, r"module 'model' → 'gpu': expected a GPU number"),
+    # checked on the meta-device model before the weights load: a misspelt module, a module left out
+    ('{"model.layer.0": "cpu", "": "cpu"}', None, r"names 'model.layer.0', which this model does not have \(did you "
+                                                   r"mean 'model.layers.0'\?\)"),
+    ('{"lm_head": "cpu"}', None, r"places no device for 20 of the model's weights \(first: model.embed_tokens.weight\)"
+                                 r": add their modules \(e.g. 'model.embed_tokens', 'model.layers', 'model.norm'\)"),
     # the tiny model's 20 tensors are 6.1 MiB in float32; 10 KB of host memory holds none of them
     ("auto", "cpu=10KB", r"does not fit with --device-map auto and --max-memory cpu=10KB: 6\.1 MiB of weights "
                          r"\(20 tensors, first model\.embed_tokens\.weight\) found no room on the devices \(they "

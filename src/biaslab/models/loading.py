@@ -15,8 +15,8 @@ from .embedded import (DEFAULT_MODEL, EMBEDDED, PLAIN_TORCH, EmbeddedModel, _fil
                        embedded_model_dir_once,
                        list_models)
 from .fingerprint import weights_fingerprint
-from .placement import (check_all_placed, check_devices_exist, memory_error, parse_device_map, parse_max_memory,
-                        placement_for_this_rank)
+from .placement import (check_all_placed, check_devices_exist, check_map_covers, memory_error, parse_device_map,
+                        parse_max_memory, placement_for_this_rank)
 
 # biaslab never downloads at run time: keep the HF libraries offline (a user may still override explicitly).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -168,6 +168,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
         if kind == "embedded":
             path = embedded_model_dir_once(ref, progress=progress)
             meta_f = path / "biaslab.json"
+            check_map_covers(dm, path)
             hf_logging.disable_progress_bar()  # a sub-second local load needs no "Loading weights" bar
             try:
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **PLAIN_TORCH, **place)
@@ -187,6 +188,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
 
                     local = Path(snapshot_download(ref, local_files_only=True))
                     check_no_remote_code(local)
+                check_map_covers(dm, local)
                 auto = AutoModelForCausalLM
                 if is_encoder_decoder(local):   # T5-style (check_no_remote_code refused the others)
                     from transformers import AutoModelForSeq2SeqLM as auto

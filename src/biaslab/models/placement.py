@@ -117,6 +117,41 @@ def _size(n: float) -> str:
     return f"{n / 1024:.1f} TiB"
 
 
+def check_map_covers(dm, config_dir) -> None:
+    """A JSON ``--device-map`` names only modules the model has and places every weight (``""`` places the rest),
+    checked before anything loads on the model built from ``config_dir``'s config on the meta device (seconds, even
+    for 70 B): a misspelt module or a forgotten ``lm_head`` would otherwise show up after the weights loaded, or
+    not at all. A config that cannot be built here leaves the check to transformers."""
+    if not isinstance(dm, dict) or set(dm) == {""}:
+        return
+    import difflib
+
+    import torch
+
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        cfg = AutoConfig.from_pretrained(config_dir, local_files_only=True, trust_remote_code=False)
+        auto = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = auto.from_config(cfg, trust_remote_code=False)
+    except Exception:  # noqa: BLE001 - an unusual config: transformers' own checks apply
+        return
+    weights = [n for n, _ in model.named_parameters()]
+    modules = {n for n, _ in model.named_modules()} | set(weights)
+    for key in dm:
+        if key and key not in modules:
+            near = difflib.get_close_matches(key, sorted(modules), n=1)
+            raise BiaslabError(f"--device-map names {key!r}, which this model does not have"
+                               + (f" (did you mean {near[0]!r}?)" if near else "")
+                               + "; module names are those of model.named_modules(), e.g. model.layers.0")
+    left = [] if "" in dm else [n for n in weights if not any(n == k or n.startswith(k + ".") for k in dm)]
+    if left:
+        top = sorted({".".join(n.split(".")[:2]) for n in left})[:3]
+        raise BiaslabError(f"--device-map places no device for {len(left)} of the model's weights (first: {left[0]}): "
+                           f"add their modules (e.g. {', '.join(repr(t) for t in top)}) or \"\": <device> for the rest")
+
+
 def check_all_placed(model, device_map, max_memory, budget: dict | None = None) -> None:
     """Refuse a model some of whose weights found no device: Accelerate sends what the devices cannot hold to
     ``disk`` and, without an offload folder, leaves it as data-less meta tensors that fail only at the first forward
