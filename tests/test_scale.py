@@ -379,18 +379,40 @@ def test_more_ranks_than_chunks_idle_cleanly(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["environment"]["processes"]["world_size"] == 2
 
 
-def test_env_reports_every_rank(tmp_path):
+def test_env_reports_every_rank(tiny_dir, tmp_path):
     """``biaslab env`` under 2 processes: rank 0 prints each rank's view (rank, device, dtype, threads), the
     launcher's variables it read and the cache; nothing is loaded or written."""
-    report = json.loads(_run(["env", "--format", "json"], 2, tmp_path))
+    report = json.loads(_run(["env", "--format", "json", "--dtype", "bf16", "--model", str(tiny_dir), "--device-map",
+                              "auto"], 2, tmp_path))
     procs = report["processes"]
     assert [p["rank"] for p in procs] == [0, 1] and {p["world_size"] for p in procs} == {2}
     assert [p["local_rank"] for p in procs] == [0, 1] and {p["backend"] for p in procs} == {"gloo"}
-    assert {(p["device"], p["dtype"], p["threads"]) for p in procs} == {("cpu", "float32", 1)}
+    assert {(p["device"], p["dtype"], p["threads"]) for p in procs} == {("cpu", "bfloat16", 1)}
     assert report["environment"]["WORLD_SIZE"] == "2" and report["cache"]["path"] == str(tmp_path / "cache")
     assert report["cache"]["writable"] and not (tmp_path / "cache").exists()   # made on first use, not by env
-    text = _run(["env", "--dtype", "bf16"], 2, tmp_path)
-    assert "rank 1/2" in text and "dtype bfloat16, 1 thread," in text
+    assert all(p["placement"]["fits"] and set(p["placement"]["devices"]) == {"cpu"} for p in procs)   # each rank's
+
+
+def test_env_plans_a_placement_as_the_load_places_it(tiny_dir, monkeypatch):
+    """``biaslab env --model`` plans the placement on the meta-device model with Accelerate's planner: what it says
+    would go to disk is what a real load with the same map and caps finds no room for (6.1 MiB: all 20 tensors of
+    the tiny model under a 10 KB cap; the larger cap, everything on the CPU). Nothing is loaded."""
+    from biaslab.models import load_model
+    from biaslab.models.plan import plan_placement, render_plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan = plan_placement(str(tiny_dir), device_map="auto", max_memory="cpu=10KB")
+    assert not plan["fits"] and set(plan["devices"]) == {"disk"}
+    assert render_plan(plan).endswith("does NOT fit: 6.1 MiB would go to disk, which biaslab does not use; give the "
+                                      "devices more (--max-memory), more GPUs, or a smaller --dtype")
+    with pytest.raises(BiaslabError, match=r"6\.1 MiB of weights \(20 tensors"):
+        load_model(str(tiny_dir), device_map="auto", max_memory="cpu=10KB")
+    plan = plan_placement(str(tiny_dir), device_map="sequential", max_memory="cpu=1GiB", dtype="bf16")
+    assert plan["fits"] and plan["dtype"] == "bfloat16" and plan["devices"]["cpu"]["bytes"] == plan["weights_bytes"]
+    params = sum(t.numel() * 2 for t in load_model(str(tiny_dir)).model.parameters())
+    assert 0 <= plan["weights_bytes"] - params < 1024                    # the bf16 weights, plus the rotary buffer
+    plan = plan_placement(str(tiny_dir))   # no map: the weights against the device's free memory
+    assert plan["fits"] and render_plan(plan).startswith(f"placement of {tiny_dir} (float32, 6.1 MiB of weights): cpu")
 
 
 def test_env_text_names_each_rank_gpu_block():

@@ -41,8 +41,10 @@ def _cache() -> dict:
     return out
 
 
-def process_view(device: str | None = None, dtype: str | None = None) -> dict:
-    """This process's view: what ``--device`` / ``--dtype`` (None: auto) resolve to here, and what it runs with."""
+def process_view(device: str | None = None, dtype: str | None = None, *, model: str | None = None, device_map=None,
+                 max_memory=None) -> dict:
+    """This process's view: what ``--device`` / ``--dtype`` (None: auto) resolve to here, and what it runs with;
+    with ``model``, where its weights would go (:func:`biaslab.models.plan.plan_placement`, nothing loaded)."""
     import warnings
 
     import torch
@@ -62,6 +64,11 @@ def process_view(device: str | None = None, dtype: str | None = None) -> dict:
             "backend": (D.describe() or {}).get("backend"), "device": dev, "dtype": str(dt).replace("torch.", ""),
             "gpus": [_gpu(i) for i in share], "threads": torch.get_num_threads(), "tree_kernel": default_tree_kernel(),
             "notes": [str(w.message) for w in caught]}
+    if model is not None:
+        from .models.plan import plan_placement
+
+        view["placement"] = plan_placement(model, device=device, dtype=dtype, device_map=device_map,
+                                           max_memory=max_memory)
     if torch.cuda.is_available():
         view["cuda"] = torch.version.cuda or torch.version.hip
         if torch.distributed.is_nccl_available():
@@ -69,7 +76,7 @@ def process_view(device: str | None = None, dtype: str | None = None) -> dict:
     return view
 
 
-def machine_report(device: str | None = None, dtype: str | None = None) -> dict:
+def machine_report(device: str | None = None, dtype: str | None = None, **placement) -> dict:
     """Every rank's :func:`process_view` (in rank order), with what is the same for all of them: packages, Python,
     platform, the cache, and the launcher variables as rank 0 read them."""
     from . import distributed as D
@@ -83,7 +90,7 @@ def machine_report(device: str | None = None, dtype: str | None = None) -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": pkgs,
             "hub_kernels": "off (every load passes use_kernels=False)", "cache": _cache(),
             "environment": {k: os.environ[k] for k in READ_VARS if k in os.environ},
-            "processes": D.all_gather(process_view(device, dtype))}
+            "processes": D.all_gather(process_view(device, dtype, **placement))}
 
 
 def render_text(report: dict) -> str:
@@ -105,5 +112,9 @@ def render_text(report: dict) -> str:
                      f"{p['threads']} thread{'s' if p['threads'] != 1 else ''}, tree kernel {p['tree_kernel']}; GPUs {gpus}"
                      + (f"; CUDA {p['cuda']}" if p.get("cuda") else "") + (f", NCCL {p['nccl']}" if p.get("nccl") else ""))
         lines += [f"  note: {n}" for n in p["notes"]]
+        if "placement" in p:
+            from .models.plan import render_plan
+
+            lines.append("  " + render_plan(p["placement"]))
     return "\n".join(lines) + "\n"
 

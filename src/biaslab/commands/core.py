@@ -300,14 +300,21 @@ def env_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="what this --device resolves to here (default: auto)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="what this --dtype resolves to here (default: auto)"),
     format: str = typer.Option("text", "--format", help="text | json"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="also plan where this model's weights would go "
+                                        "(its config only: nothing is loaded)"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
     """What this machine and launch give biaslab: each process's device, dtype, GPUs and memory, threads, the
-    packages, the cache; under torchrun every rank, printed by rank 0. Loads and writes nothing."""
+    packages, the cache, and with --model where its weights would go and whether that fits; under torchrun every
+    rank, printed by rank 0. Loads and writes nothing."""
     from ..machine import machine_report, render_text
 
     if format not in ("text", "json"):
         raise BiaslabError(f"--format {format!r}: expected text or json")
-    report = machine_report(device, dtype)
+    if model is None and (device_map or max_memory):
+        raise BiaslabError("--device-map / --max-memory plan a model's placement: give --model with them")
+    report = machine_report(device, dtype, model=model, device_map=device_map, max_memory=max_memory)
     if format == "json":
         import json
 
