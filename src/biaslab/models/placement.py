@@ -117,26 +117,33 @@ def _size(n: float) -> str:
     return f"{n / 1024:.1f} TiB"
 
 
-def check_map_covers(dm, config_dir) -> None:
+def meta_model(config_dir, dtype=None):
+    """The model of ``config_dir``'s config.json built on the meta device (no weights: seconds, even for 70 B), in
+    ``dtype`` when given; never the directory's own code."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cfg = AutoConfig.from_pretrained(config_dir, local_files_only=True, trust_remote_code=False)
+    auto = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(cfg, trust_remote_code=False)
+    return model if dtype is None else model.to(dtype)
+
+
+def check_map_covers(dm, config_dir, model=None) -> None:
     """A JSON ``--device-map`` names only modules the model has and places every weight (``""`` places the rest),
-    checked before anything loads on the model built from ``config_dir``'s config on the meta device (seconds, even
-    for 70 B): a misspelt module or a forgotten ``lm_head`` would otherwise show up after the weights loaded, or
-    not at all. A config that cannot be built here leaves the check to transformers."""
+    checked before anything loads on :func:`meta_model` (or the meta ``model`` given): a misspelt module or a
+    forgotten ``lm_head`` would otherwise show up after the weights loaded, or not at all. A config that cannot be
+    built here leaves the check to transformers."""
     if not isinstance(dm, dict) or set(dm) == {""}:
         return
     import difflib
 
-    import torch
-
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-        cfg = AutoConfig.from_pretrained(config_dir, local_files_only=True, trust_remote_code=False)
-        auto = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
-        with torch.device("meta"):
-            model = auto.from_config(cfg, trust_remote_code=False)
-    except Exception:  # noqa: BLE001 - an unusual config: transformers' own checks apply
-        return
+    if model is None:
+        try:
+            model = meta_model(config_dir)
+        except Exception:  # noqa: BLE001 - an unusual config: transformers' own checks apply
+            return
     weights = [n for n, _ in model.named_parameters()]
     modules = {n for n, _ in model.named_modules()} | set(weights)
     for key in dm:

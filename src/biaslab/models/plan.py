@@ -34,16 +34,6 @@ def _config_dir(spec: str) -> Path:
     raise BiaslabError(f"--model {spec}: a placement plan needs a model directory with config.json, not a .gguf file")
 
 
-def _meta_model(config_dir: Path, dtype):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    cfg = AutoConfig.from_pretrained(config_dir, local_files_only=True, trust_remote_code=False)
-    auto = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
-    with torch.device("meta"):
-        return auto.from_config(cfg, trust_remote_code=False).to(dtype)
-
-
 def _gib(n: float) -> float:
     return round(n / 2**30, 3)
 
@@ -66,7 +56,7 @@ def plan_placement(spec: str, *, device=None, dtype=None, device_map=None, max_m
 
     from .. import distributed as D
     from .loading import pick_device, pick_dtype
-    from .placement import (check_devices_exist, check_map_covers, parse_device_map, parse_max_memory,
+    from .placement import (check_devices_exist, check_map_covers, meta_model, parse_device_map, parse_max_memory,
                             placement_for_this_rank)
 
     dev = pick_device(device or D.local_device())
@@ -77,8 +67,8 @@ def plan_placement(spec: str, *, device=None, dtype=None, device_map=None, max_m
     check_devices_exist(dm, mm)
     dm, mm = placement_for_this_rank(dm, mm)
     cdir = _config_dir(spec)
-    check_map_covers(dm, cdir)
-    model = _meta_model(cdir, dt)
+    model = meta_model(cdir, dt)
+    check_map_covers(dm, cdir, model)
     tensors = list(itertools.chain(model.named_parameters(), model.named_buffers()))
     total = sum(t.numel() * t.element_size() for _, t in tensors)
     out = {"model": spec, "dtype": str(dt).replace("torch.", ""), "weights_bytes": total, "weights_gib": _gib(total),
