@@ -105,7 +105,7 @@ def test_under_several_ranks_rank_0_converts_the_embedded_model_first(monkeypatc
 
 
 def test_models_load_as_plain_torch(tmp_path, monkeypatch):
-    """No layer is swapped for a kernel fetched from the Hub (transformers 5.2x kernelizes by default, and requires
+    """No layer is swapped for a kernel fetched from the Hub (transformers 5.25 kernelizes by default, and requires
     the `kernels` package), even where the environment asks for it, and a GGUF is always de-quantised (never left
     in transformers' packed GgufLinear blocks, which pruning, attribution and export would not see as weights)."""
     import transformers

@@ -140,14 +140,14 @@ def embedded_gguf_path(name: str) -> Path:
 
 
 # Options of every ``from_pretrained`` biaslab makes: a model stays plain torch. Never the model directory's own
-# code; never layers swapped for kernels fetched from the Hub — transformers (5.2x, which requires the `kernels`
+# code; never layers swapped for kernels fetched from the Hub — transformers (5.25, which requires the `kernels`
 # package) kernelizes a model by default, on CUDA replacing e.g. RMSNorm and activations with code downloaded at run
 # time, which biaslab neither downloads nor runs, and which its numbers and hooks were never checked with.
 PLAIN_TORCH = {"trust_remote_code": False, "use_kernels": False}
 
 
 def _gguf_dequantized() -> dict:
-    """A GGUF's weights de-quantised into plain tensors: transformers 5.2x can keep some architectures' weights packed
+    """A GGUF's weights de-quantised into plain tensors: transformers 5.25 can keep some architectures' weights packed
     in its own ``GgufLinear`` blocks (Qwen 3.5, LFM2 when a GGUF kernel is available), which neither pruning,
     attribution, the float32 head nor export would see as the weights they are."""
     try:
