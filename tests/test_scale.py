@@ -415,6 +415,22 @@ def test_env_plans_a_placement_as_the_load_places_it(tiny_dir, monkeypatch):
     assert plan["fits"] and render_plan(plan).startswith(f"placement of {tiny_dir} (float32, 6.1 MiB of weights): cpu")
 
 
+def test_env_reports_the_float16_fallback_as_a_note(monkeypatch):
+    """On a GPU without native bf16 ``--dtype auto`` loads float16 with a warning: ``env`` reports it as that rank's
+    note (and the dtype), not as a stray warning line."""
+    import biaslab.models.loading as L
+    from biaslab.machine import process_view
+
+    monkeypatch.setattr(L, "pick_device", lambda d=None: "cuda:0")
+    monkeypatch.setattr(L, "_native_bf16", lambda d: False)
+    monkeypatch.setattr(L, "_cuda_index", lambda d: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla V100")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # no GPU list to read here
+    view = process_view()
+    assert view["dtype"] == "float16" and len(view["notes"]) == 1
+    assert view["notes"][0].startswith("cuda:0: Tesla V100 has no native bfloat16")
+
+
 def test_env_text_names_each_rank_gpu_block():
     """The text form of a GPU node's report (hand-made: no GPU here): each rank's block with free/total memory, a GPU
     without native bf16 flagged, the float16 note, CUDA and NCCL versions; an unwritable cache says what to set."""

@@ -11,6 +11,7 @@ import shutil
 import socket
 from importlib import metadata
 
+_OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep   # biaslab's own warnings become notes
 PACKAGES = ("biaslab", "torch", "transformers", "accelerate", "peft", "safetensors", "gguf", "kernels")
 READ_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
              "CUDA_VISIBLE_DEVICES", "BIASLAB_DIST_BACKEND", "BIASLAB_DIST_TIMEOUT", "BIASLAB_TREE_KERNEL",
@@ -56,19 +57,21 @@ def process_view(device: str | None = None, dtype: str | None = None, *, model: 
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     share = D.node_share() if D.uses_gpu_share() else list(range(n_gpus))
     dev = pick_device(device or D.local_device())   # as the runner picks it (under NCCL: this rank's GPU)
+    plan = None
     with warnings.catch_warnings(record=True) as caught:   # an old GPU's float16 note is reported, not printed
         warnings.simplefilter("always")
         dt = pick_dtype(dev, dtype)
+        if model is not None:
+            from .models.plan import plan_placement
+
+            plan = plan_placement(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     view = {"rank": D.rank(), "world_size": D.world_size(), "host": socket.gethostname(),
-            "local_rank": int(os.environ.get("LOCAL_RANK", "0") or 0),
+            "local_rank": D._env_int("LOCAL_RANK", 0),
             "backend": (D.describe() or {}).get("backend"), "device": dev, "dtype": str(dt).replace("torch.", ""),
             "gpus": [_gpu(i) for i in share], "threads": torch.get_num_threads(), "tree_kernel": default_tree_kernel(),
-            "notes": [str(w.message) for w in caught]}
-    if model is not None:
-        from .models.plan import plan_placement
-
-        view["placement"] = plan_placement(model, device=device, dtype=dtype, device_map=device_map,
-                                           max_memory=max_memory)
+            "notes": sorted({str(w.message) for w in caught if os.path.abspath(w.filename).startswith(_OURS)})}
+    if plan is not None:
+        view["placement"] = plan
     if torch.cuda.is_available():
         view["cuda"] = torch.version.cuda or torch.version.hip
         if torch.distributed.is_nccl_available():
