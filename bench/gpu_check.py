@@ -15,7 +15,9 @@ On the embedded default model (or a random-weight model of its shape, below), in
    attribution's time per instance;
 4. **a model over two devices** (``gpu_models.split_device_check``): half the layers on the GPU, half on the
    CPU, against the model on the GPU alone — scoring in each mode, the mode the self-check picks, attribution and
-   a FAST stamp on a CPU layer (the cross-device paths of ``--device-map``);
+   a FAST stamp on a CPU layer (the cross-device paths of ``--device-map``); then ``biaslab env --model``'s
+   placement plan against the load it plans (``gpu_models.plan_check``: about half the weights capped onto the GPU,
+   the rest on the CPU; bytes per device planned and loaded);
 5. **attribution at 7 B** (``bench/gpu_models.py``): a random Llama-2-7B-shaped model built on the GPU in bf16,
    CRISPR's attribution over BBQ instances with each memory switch — peak GPU memory, whether it fits 80 GB, time
    per instance (``--skip-7b`` leaves it out);
@@ -317,6 +319,10 @@ def main(argv=None) -> int:
 
     res["split_device_map"] = split_device_check(model, dev, reqs, owner, inst)
     save("split_device_map")
+    from gpu_models import plan_check   # biaslab env's placement plan against the real load it plans
+
+    res["placement_plan"] = plan_check(model, dev)
+    save("placement_plan")
     if not a.skip_7b:   # all-layer attribution at 7 B: does it fit an 80 GB GPU, with which switch
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from gpu_models import attribution_7b

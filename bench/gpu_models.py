@@ -172,3 +172,31 @@ def split_device_check(spec: str, dev: str, reqs: list, owner: list, inst: list)
                      "max_abs_dlogprob": max(abs(x - y) for x, y in zip(lps["one"], lps["split"]))}
                     if all(isinstance(v, list) for v in lps.values()) else {"errors": lps})
     return out
+
+
+def plan_check(spec: str, dev: str) -> dict:
+    """``biaslab env --model``'s placement plan against the load it plans: the model (float32) capped to about half
+    its weights on the GPU (the rest on the CPU, ``sequential``), planned on the meta device, then loaded with the
+    same map and caps — bytes per device in each. On the CPU smoke: ``auto``, all on the CPU."""
+    import itertools
+
+    from biaslab.models import load_model
+    from biaslab.models.plan import plan_placement
+
+    kw = {"device_map": "auto"}
+    if dev == "cuda":
+        full = plan_placement(spec, dtype="float32")["weights_bytes"]
+        kw = {"device_map": "sequential", "max_memory": f"0={full // 2},cpu=64GiB"}
+    out = {"args": kw}
+    try:
+        plan = plan_placement(spec, dtype="float32", **kw)
+        lm = load_model(spec, dtype="float32", **kw)
+        placed: dict[str, int] = {}
+        for _, t in itertools.chain(lm.model.named_parameters(), lm.model.named_buffers()):
+            placed[str(t.device)] = placed.get(str(t.device), 0) + t.numel() * t.element_size()
+        out.update(planned={d: v["bytes"] for d, v in plan["devices"].items()}, loaded=placed, fits=plan["fits"])
+        out["same_devices"] = set(out["planned"]) == set(placed)
+        out["max_rel_diff"] = max(abs(out["planned"].get(d, 0) - b) / b for d, b in placed.items())
+    except Exception as e:  # noqa: BLE001 - reported, not hidden
+        out["error"] = f"{type(e).__name__}: {e}"[:300]
+    return out

@@ -15,7 +15,9 @@ _OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep   # biaslab's own wa
 PACKAGES = ("biaslab", "torch", "transformers", "accelerate", "peft", "safetensors", "gguf", "kernels")
 READ_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
              "CUDA_VISIBLE_DEVICES", "BIASLAB_DIST_BACKEND", "BIASLAB_DIST_TIMEOUT", "BIASLAB_TREE_KERNEL",
-             "BIASLAB_CACHE")
+             "BIASLAB_CACHE", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_P2P_DISABLE", "NCCL_DEBUG",
+             "TORCH_NCCL_BLOCKING_WAIT", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "SLURM_JOB_ID", "SLURM_NNODES",
+             "SLURM_PROCID")
 
 
 def _gpu(index: int) -> dict:
