@@ -86,6 +86,7 @@ def plan_placement(spec: str, *, device=None, dtype=None, device_map=None, max_m
                 get_balanced_memory(model, max_memory=dict(mm) if mm else None, no_split_module_classes=no_split,
                                     low_zero=dm == "balanced_low_0"))
         dm = infer_auto_device_map(model, max_memory=caps, no_split_module_classes=no_split)
+
     def named(v) -> str:   # Accelerate's plan numbers GPUs; a user's map may say cuda:N
         return f"cuda:{v}" if str(v).isdigit() else str(v)
 
