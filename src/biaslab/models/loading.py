@@ -240,5 +240,3 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     if dm is not None:   # transformers records no map when everything landed on one device
         lm.device_map = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
     return lm
-
-

@@ -139,4 +139,3 @@ def load_commonsense(bias_types=None) -> list[dict]:
     if bias_types:
         rows = [r for r in rows if r["bias_type"] in bias_types]
     return rows
-
