@@ -260,11 +260,16 @@ def _save_converted(model, tok, target: Path, meta: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def converted_dir(name: str) -> Path:
+    """Where the converted (safetensors) copy of an embedded model lives in the cache (it may not exist yet)."""
+    return cache_dir() / "models" / f"{name}-{EMBEDDED[name].pip_spec.split('==')[-1]}"
+
+
 def embedded_model_dir(name: str, *, progress: bool = True) -> Path:
     """The converted (safetensors) directory of an embedded model, converting the GGUF once if needed."""
     entry = EMBEDDED[name]
     gguf = embedded_gguf_path(name)
-    target = cache_dir() / "models" / f"{name}-{entry.pip_spec.split('==')[-1]}"
+    target = converted_dir(name)
     if target.exists():
         problem = cache_problem(target)
         if problem is None:
@@ -321,7 +326,7 @@ def list_models() -> list[dict]:
             installed = e.chunks != () or (_package_dir(e.package, e) / e.filename).is_file()
         except MissingDependencyError:
             installed = False
-        target = cache_dir() / "models" / f"{name}-{e.pip_spec.split('==')[-1]}"
+        target = converted_dir(name)
         problem = cache_problem(target) if target.exists() else "not converted yet"
         converted = problem is None
         rows.append({"name": name, "kind": "embedded", "installed": installed, "converted": converted,

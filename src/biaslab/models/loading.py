@@ -15,8 +15,7 @@ from .embedded import (DEFAULT_MODEL, EMBEDDED, PLAIN_TORCH, EmbeddedModel, _fil
                        embedded_model_dir_once,
                        list_models)
 from .fingerprint import weights_fingerprint
-from .placement import (check_all_placed, check_devices_exist, check_map_covers, memory_error, parse_device_map,
-                        parse_max_memory, placement_for_this_rank)
+from .placement import check_all_placed, check_map_covers, memory_error, resolve_placement
 
 # biaslab never downloads at run time: keep the HF libraries offline (a user may still override explicitly).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -155,11 +154,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     kind, ref = resolve_spec(spec)
     dev = pick_device(device)   # a bad --device / --dtype / --device-map fails before anything loads
     dt = pick_dtype(dev, dtype)
-    dm, mm = parse_device_map(device_map), parse_max_memory(max_memory)
-    if mm is not None and dm is None:
-        raise BiaslabError("--max-memory limits a --device-map; give --device-map auto (or another map) with it")
-    check_devices_exist(dm, mm)
-    dm, mm = placement_for_this_rank(dm, mm)   # several ranks per node: each maps onto its own GPUs only
+    dm, mm = resolve_placement(device_map, max_memory)   # several ranks per node: each on its own GPUs only
     place = {"device_map": dm, **({"max_memory": mm} if mm else {})} if dm is not None else {}
     meta_f, fp_source = None, None
     from transformers.utils import logging as hf_logging

@@ -68,6 +68,26 @@ def parse_max_memory(max_memory):
     return out
 
 
+def gpu_index(v) -> int | None:
+    """The GPU a device-map value names (``3`` or ``"cuda:3"``), else None (``cpu``, ``mps``, ``disk``, …)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit():
+        return int(v[5:])
+    return None
+
+
+def resolve_placement(device_map, max_memory):
+    """``--device-map`` / ``--max-memory`` as Accelerate takes them for this process: parsed, checked against the
+    devices here (:func:`check_devices_exist`) and, under several ranks per node, rewritten onto this rank's GPUs
+    (:func:`placement_for_this_rank`) — the one path a load and a placement plan share."""
+    dm, mm = parse_device_map(device_map), parse_max_memory(max_memory)
+    if mm is not None and dm is None:
+        raise BiaslabError("--max-memory limits a --device-map; give --device-map auto (or another map) with it")
+    check_devices_exist(dm, mm)
+    return placement_for_this_rank(dm, mm)
+
+
 def check_devices_exist(dm, mm) -> None:
     """The GPUs a device map or ``--max-memory`` names exist here (one process; under several ranks per node their
     numbers count within each rank's block, checked by :func:`place_on_share`), so a map made for another machine
@@ -90,8 +110,7 @@ def check_devices_exist(dm, mm) -> None:
             continue
         if isinstance(v, str) and v.strip() == "disk":
             raise BiaslabError(f"{where} disk: biaslab never offloads weights to disk; map it to a GPU or cpu")
-        idx = v if isinstance(v, int) and not isinstance(v, bool) else (
-            int(v[5:]) if isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit() else None)
+        idx = gpu_index(v)
         if idx is None:
             raise BiaslabError(f"{where} {v!r}: expected a GPU number (0, 1, …), 'cuda:N', 'cpu' or 'mps'")
         if idx >= n:
@@ -207,11 +226,11 @@ def place_on_share(dm, mm, share: list[int], *, free_gpu, cpu_free: int, ranks_o
         _own(share, k, "--max-memory")
     if isinstance(dm, dict):
         def move(v):
-            if isinstance(v, int) and not isinstance(v, bool):
-                return _own(share, v, "--device-map")
-            if isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit():
-                return f"cuda:{_own(share, int(v[5:]), '--device-map')}"
-            return v
+            i = gpu_index(v)
+            if i is None:
+                return v
+            g = _own(share, i, "--device-map")
+            return g if isinstance(v, int) else f"cuda:{g}"
         out_mm = ({share[k]: v for k, v in ints.items()} | {k: v for k, v in mm.items() if not isinstance(k, int)}
                   if mm else None)
         return {k: move(v) for k, v in dm.items()}, out_mm

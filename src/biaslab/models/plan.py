@@ -12,7 +12,7 @@ from ..errors import BiaslabError
 
 
 def _config_dir(spec: str) -> Path:
-    from .embedded import EMBEDDED, cache_dir, cache_problem
+    from .embedded import cache_problem, converted_dir
     from .loading import resolve_spec
 
     kind, ref = resolve_spec(spec)
@@ -26,7 +26,7 @@ def _config_dir(spec: str) -> Path:
         except Exception:  # noqa: BLE001 - not in the local cache (biaslab never downloads)
             raise BiaslabError(f"{ref!r} is not in the local Hugging Face cache (biaslab never downloads)") from None
     if kind == "embedded":
-        target = cache_dir() / "models" / f"{ref}-{EMBEDDED[ref].pip_spec.split('==')[-1]}"
+        target = converted_dir(ref)
         if target.is_dir() and cache_problem(target) is None:
             return target
         raise BiaslabError(f"the embedded model {ref!r} is not converted yet (any command that loads it converts it "
@@ -56,16 +56,11 @@ def plan_placement(spec: str, *, device=None, dtype=None, device_map=None, max_m
 
     from .. import distributed as D
     from .loading import pick_device, pick_dtype
-    from .placement import (check_devices_exist, check_map_covers, meta_model, parse_device_map, parse_max_memory,
-                            placement_for_this_rank)
+    from .placement import check_map_covers, meta_model, resolve_placement
 
     dev = pick_device(device or D.local_device())
     dt = pick_dtype(dev, dtype)
-    dm, mm = parse_device_map(device_map), parse_max_memory(max_memory)
-    if mm is not None and dm is None:
-        raise BiaslabError("--max-memory limits a --device-map; give --device-map auto (or another map) with it")
-    check_devices_exist(dm, mm)
-    dm, mm = placement_for_this_rank(dm, mm)
+    dm, mm = resolve_placement(device_map, max_memory)
     cdir = _config_dir(spec)
     model = meta_model(cdir, dt)
     check_map_covers(dm, cdir, model)
