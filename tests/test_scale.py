@@ -151,25 +151,104 @@ def test_more_ranks_than_gpus_or_a_bad_local_rank_is_one_line(monkeypatch):
     assert D.node_share(8) == [1]
 
 
+TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_WORLD_SIZE")
+
+
+def _no_launcher(monkeypatch, extra=()):
+    """No launcher variables; whatever an adopter writes into os.environ is undone after the test."""
+    from biaslab import launchers
+
+    for v in (*TORCH_VARS, *launchers.MPI_SIZE_VARS, *launchers.MPI_RANK_VARS, *launchers.SLURM_STEP_VARS,
+              "SLURM_NTASKS", "SLURM_GPUS_PER_TASK", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", *extra):
+        monkeypatch.setenv(v, "")
+        monkeypatch.delenv(v)
+    monkeypatch.setattr(launchers, "adopted", None)
+    return launchers
+
+
+def _env(names=TORCH_VARS[:6]):
+    return {v: os.environ.get(v) for v in names}
+
+
 def test_mpi_launched_processes_take_their_ranks_from_mpi(monkeypatch):
     """mpirun (accelerate launch's CPU multi-process path) sets MPI's variables, not torch's: they are adopted."""
-    from biaslab import distributed as D
-
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    for v in names:
-        monkeypatch.setenv(v, "")            # restored (unset) after the test, as adopt_mpi_env writes os.environ
-        monkeypatch.delenv(v)
-    assert D.adopt_mpi_env() is False        # no launcher at all: one process
+    L = _no_launcher(monkeypatch)
+    assert L.adopt_launcher_env() is None    # no launcher at all: one process
     for k, v in {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(BiaslabError, match="4 MPI processes, 2 of them known to be on this node, and no MASTER_ADDR"):
-        D.adopt_mpi_env()
+        L.adopt_launcher_env()
     monkeypatch.setenv("MASTER_ADDR", "node0")
-    assert D.adopt_mpi_env() is True
-    assert {v: os.environ[v] for v in names} == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
-                                                 "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
-                                                 "MASTER_PORT": "29500"}
-    assert D.adopt_mpi_env() is False        # torch's own variables, once set, win
+    assert L.adopt_launcher_env() == "mpi" and L.adopted == "mpi"
+    assert _env() == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                      "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    assert L.adopt_launcher_env() is None    # torch's own variables, once set, win
+
+
+def test_slurm_host_lists_and_task_counts():
+    """Slurm's compressed lists, read as scontrol would expand them (first host only) and as srun writes counts."""
+    from biaslab.launchers import first_host, job_port, tasks_per_node
+
+    assert first_host("gpu[07-09,12],cpu1") == "gpu07"            # zero padding kept
+    assert first_host("node[3,1]-ib") == "node3-ib"               # a suffix after the bracket
+    assert first_host("a[1-2]b[3-4]") == "a1b3"
+    assert first_host("login2") == "login2"
+    with pytest.raises(ValueError):
+        first_host("")
+    assert tasks_per_node("2(x3),1") == [2, 2, 2, 1] and tasks_per_node("8") == [8]
+    with pytest.raises(ValueError):
+        tasks_per_node("two")
+    assert (job_port(1234567), job_port(None)) == (24567, 29500)
+
+
+def test_srun_tasks_take_their_ranks_from_slurm(monkeypatch):
+    """srun (one task per GPU, no torchrun) sets Slurm's step variables: adopted, with each task's node-local rank,
+    the first host of the step as MASTER_ADDR and a port from the job id. A batch script's own shell (SLURM_NTASKS
+    but no SLURM_STEP_*) stays one process; so does a one-task step."""
+    L = _no_launcher(monkeypatch)
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert L.adopt_launcher_env() is None                          # sbatch's shell: one process
+    step = {"SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_STEP_NUM_NODES": "2",
+            "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_PROCID": "13", "SLURM_LOCALID": "5", "SLURM_NODEID": "1",
+            "SLURM_JOB_ID": "4242"}
+    for k, v in {**step, "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    assert L.adopt_launcher_env() is None                          # srun -n 1: one process
+    for k, v in {**step, "SLURM_LOCALID": "9"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(BiaslabError, match="srun started 16 tasks but its variables do not describe this one"):
+        L.adopt_launcher_env()                                     # local id 9 of 8 tasks on its node
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    assert L.adopt_launcher_env() == "slurm"
+    assert _env(TORCH_VARS) == {"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "8",
+                                "MASTER_ADDR": "gpu07", "MASTER_PORT": "24242", "GROUP_WORLD_SIZE": "2"}
+    from biaslab import distributed as D
+
+    assert D.node_share(8) == [5]                                  # all 8 GPUs visible: one each, as under torchrun
+    assert D.node_share(1) == [0]                                  # srun bound one GPU to each task: the one it sees
+    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "2")
+    assert D.node_share(2) == [0, 1]
+
+
+def test_mpirun_inside_an_allocation_keeps_mpi_ranks(monkeypatch):
+    """mpirun under Slurm starts its daemons with srun, whose step variables count daemons (one per node): MPI's
+    ranks are taken. With srun --mpi=pmi2 both agree, and Slurm's node-local ranks are taken."""
+    L = _no_launcher(monkeypatch)
+    for k, v in {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_STEP_NODELIST": "n[1-2]",
+                 "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "1", "OMPI_COMM_WORLD_SIZE": "16",
+                 "OMPI_COMM_WORLD_RANK": "11", "OMPI_COMM_WORLD_LOCAL_RANK": "3", "OMPI_COMM_WORLD_LOCAL_SIZE": "8",
+                 "MASTER_ADDR": "n1"}.items():
+        monkeypatch.setenv(k, v)
+    assert L.adopt_launcher_env() == "mpi" and _env()["RANK"] == "11" and _env()["LOCAL_RANK"] == "3"
+    L = _no_launcher(monkeypatch, extra=("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"))
+    for k, v in {"SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NODELIST": "n[1-2]",
+                 "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "PMI_SIZE": "4",
+                 "PMI_RANK": "3"}.items():
+        monkeypatch.setenv(k, v)
+    assert L.adopt_launcher_env() == "slurm"
+    assert _env() == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                      "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
 
 
 def test_a_device_map_under_several_ranks_stays_on_the_rank_own_gpus():
@@ -304,18 +383,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args, world: int, tmp_path, port=None, mpi: bool = False, cwds=None, exe=("-m", "biaslab")):
-    """The ranks of one job, started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_* in the env), or with
-    ``mpi`` the way Open MPI's mpirun does (OMPI_COMM_WORLD_*, MASTER_PORT only, as accelerate's launcher).
+def _launch(args, world: int, tmp_path, port=None, launcher="torchrun", cwds=None, exe=("-m", "biaslab")):
+    """The ranks of one job, started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_* in the env), the way
+    Open MPI's mpirun does (``launcher="mpi"``: OMPI_COMM_WORLD_*, MASTER_PORT only, as accelerate's launcher), or
+    as srun starts one task per node (``"slurm"``: SLURM_STEP_*, SLURM_PROCID/LOCALID/NODEID, MASTER_PORT only).
     ``args`` may be a list per rank; ``cwds`` a working directory per rank (nodes with their own files); ``exe``
     what runs before the arguments (``[]`` for ``python -c CODE``)."""
     port = port or _free_port()
     procs = []
     for r in range(world):
-        ranks = ({"OMPI_COMM_WORLD_RANK": str(r), "OMPI_COMM_WORLD_LOCAL_RANK": str(r),
-                  "OMPI_COMM_WORLD_SIZE": str(world), "OMPI_COMM_WORLD_LOCAL_SIZE": str(world)} if mpi else
-                 {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-                  "MASTER_ADDR": "127.0.0.1"})
+        ranks = {"mpi": {"OMPI_COMM_WORLD_RANK": str(r), "OMPI_COMM_WORLD_LOCAL_RANK": str(r),
+                         "OMPI_COMM_WORLD_SIZE": str(world), "OMPI_COMM_WORLD_LOCAL_SIZE": str(world)},
+                 "slurm": {"SLURM_STEP_NUM_TASKS": str(world), "SLURM_STEP_NUM_NODES": str(world),
+                           "SLURM_STEP_TASKS_PER_NODE": f"1(x{world})", "SLURM_STEP_NODELIST": "localhost,node-b",
+                           "SLURM_PROCID": str(r), "SLURM_LOCALID": "0", "SLURM_NODEID": str(r), "SLURM_JOB_ID": "7"},
+                 "torchrun": {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                              "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1"}}[launcher]
         env = {**os.environ, **ranks, "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "BIASLAB_PROGRESS": "0", "BIASLAB_CACHE": str(tmp_path / "cache"), "BIASLAB_DIST_TIMEOUT": "120"}
         argv = args[r] if args and isinstance(args[0], list) else args
@@ -324,8 +407,8 @@ def _launch(args, world: int, tmp_path, port=None, mpi: bool = False, cwds=None,
     return procs
 
 
-def _run(args, world, tmp_path, mpi: bool = False):
-    procs = _launch(args, world, tmp_path, mpi=mpi)
+def _run(args, world, tmp_path, launcher="torchrun"):
+    procs = _launch(args, world, tmp_path, launcher=launcher)
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-2000:]
@@ -374,9 +457,22 @@ def test_two_process_audit_equals_one_process(tiny_dir, tmp_path):
 def test_more_ranks_than_chunks_idle_cleanly(tiny_dir, tmp_path):
     """Launched the way mpirun launches (accelerate launch on CPUs): the ranks come from MPI's variables."""
     out = _run(["audit", "--model", str(tiny_dir), "--bench", "crows", "--limit", "3", "--n-boot", "20",
-                "--format", "json", "-q", "--out", str(tmp_path / "a")], 2, tmp_path, mpi=True)
+                "--format", "json", "-q", "--out", str(tmp_path / "a")], 2, tmp_path, launcher="mpi")
     assert json.loads(out)["benchmarks"]["crows"]["n_items"] == 3
-    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["environment"]["processes"]["world_size"] == 2
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["environment"]["processes"] == {
+        "world_size": 2, "backend": "gloo", "launcher": "mpi", "processes_per_node": 2}
+
+
+def test_srun_tasks_on_two_nodes_run_one_job(tiny_dir, tmp_path):
+    """Two srun tasks, one per node (no torchrun): one job, its rendezvous on the step's first host, rank 0 alone
+    writing; the records equal one process's."""
+    args = ["audit", "--model", str(tiny_dir), "--bench", "crows", "--limit", "12", "--n-boot", "20", "--format",
+            "json", "-q"]
+    two = json.loads(_run(args + ["--out", str(tmp_path / "two")], 2, tmp_path, launcher="slurm"))
+    one = json.loads(_run(args + ["--out", str(tmp_path / "one")], 1, tmp_path))
+    assert one["benchmarks"] == two["benchmarks"] and _records(tmp_path / "one") == _records(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["environment"]["processes"] == {
+        "world_size": 2, "backend": "gloo", "launcher": "slurm", "processes_per_node": 1, "nodes": 2}
 
 
 def test_env_reports_every_rank(tiny_dir, tmp_path):
@@ -444,9 +540,10 @@ def test_env_text_names_each_rank_gpu_block():
     procs[1]["notes"] = ["cuda:2: V100 has no native bfloat16"]
     report = {"python": "3.11", "platform": "Linux", "packages": {"torch": "2.13.0", "gguf": None},
               "hub_kernels": "off", "cache": {"path": "/c", "exists": False, "writable": False}, "environment": {},
-              "processes": procs}
+              "launcher": "slurm (its ranks copied into torch's variables)", "processes": procs}
     text = render_text(report)
     assert "packages: torch 2.13.0\n" in text and "NOT writable: set BIASLAB_CACHE" in text
+    assert "launcher: slurm (its ranks copied into torch's variables)\n" in text
     assert ("rank 1/2 on n1 (local rank 1, nccl): device cuda:2, dtype bfloat16, 8 threads, tree kernel sdpa; GPUs "
             "2: H100 78.9 of 79.6 GiB free; 3: V100 78.9 of 79.6 GiB free, no native bf16; CUDA 12.8, NCCL 2.27.3") in text
     assert "  note: cuda:2: V100 has no native bfloat16" in text

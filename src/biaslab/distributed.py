@@ -20,6 +20,7 @@ import os
 from contextlib import contextmanager
 from datetime import timedelta
 
+from . import launchers
 from .errors import BiaslabError
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -64,11 +65,14 @@ def local_only():
 def describe() -> dict | None:
     """What the manifest records of a distributed run (None in one process): world size, backend, and the
     launcher's per-node layout where it set one (torchrun / accelerate: ``LOCAL_WORLD_SIZE``,
-    ``GROUP_WORLD_SIZE`` = nodes)."""
+    ``GROUP_WORLD_SIZE`` = nodes; srun's, adopted, likewise) and ``launcher`` where the ranks came from srun or
+    mpirun."""
     d = _group()
     if d is None:
         return None
     out = {"world_size": d.get_world_size(), "backend": str(d.get_backend())}
+    if launchers.adopted:
+        out["launcher"] = launchers.adopted
     for key, env in (("processes_per_node", "LOCAL_WORLD_SIZE"), ("nodes", "GROUP_WORLD_SIZE")):
         if os.environ.get(env, "").isdigit():
             out[key] = int(os.environ[env])
@@ -90,38 +94,11 @@ def timeout_s() -> float:
     return value
 
 
-MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-def adopt_mpi_env() -> bool:
-    """Processes started by ``mpirun`` (as ``accelerate launch`` starts several CPU processes) carry MPI's rank
-    variables, not torch's: copy them into ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` (read
-    with Accelerate's own reader) when the launcher set no ``WORLD_SIZE``. ``MASTER_ADDR`` defaults to 127.0.0.1
-    on one node (accelerate's launcher sets it), ``MASTER_PORT`` to 29500. True when it adopted them."""
-    if "WORLD_SIZE" in os.environ or not any(os.environ.get(v, "").isdigit() and int(os.environ[v]) > 1
-                                             for v in MPI_SIZE_VARS):
-        return False
-    from accelerate.utils.environment import get_cpu_distributed_information
-
-    info = get_cpu_distributed_information()
-    if "MASTER_ADDR" not in os.environ:
-        if info.local_world_size < info.world_size:
-            raise BiaslabError(f"{info.world_size} MPI processes, {info.local_world_size} of them known to be on this "
-                               f"node, and no MASTER_ADDR — export rank 0's host name as MASTER_ADDR (and a free "
-                               f"MASTER_PORT) for every process")
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ.setdefault("MASTER_PORT", "29500")
-    for name, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
-                        ("LOCAL_WORLD_SIZE", info.local_world_size)):
-        os.environ[name] = str(value)
-    return True
-
-
 def init_from_env(backend: str | None = None) -> bool:
-    """Join the process group a launcher described in the environment (``WORLD_SIZE`` > 1, or MPI's variables:
-    :func:`adopt_mpi_env`); False when this is a single process. gloo on CPU, NCCL when CUDA is available
-    (``BIASLAB_DIST_BACKEND`` overrides)."""
-    adopt_mpi_env()
+    """Join the process group a launcher described in the environment (``WORLD_SIZE`` > 1, or srun's or MPI's
+    variables: :func:`biaslab.launchers.adopt_launcher_env`); False when this is a single process. gloo on CPU,
+    NCCL when CUDA is available (``BIASLAB_DIST_BACKEND`` overrides)."""
+    launchers.adopt_launcher_env()
     try:
         ws = int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
@@ -187,12 +164,15 @@ def _env_int(name: str, default: int) -> int:
 
 def node_share(n_gpus: int | None = None) -> list[int]:
     """This rank's GPUs (:func:`gpu_share` of ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE``, which torchrun and accelerate
-    set). Without ``LOCAL_WORLD_SIZE`` every rank gets the one GPU ``LOCAL_RANK``, as before the share existed."""
+    set). Without ``LOCAL_WORLD_SIZE`` every rank gets the one GPU ``LOCAL_RANK``, as before the share existed; an
+    srun task bound to its own GPUs gets all it sees (:func:`biaslab.launchers.slurm_bound_gpus`)."""
     if n_gpus is None:
         import torch
 
         n_gpus = torch.cuda.device_count()
     lr = _env_int("LOCAL_RANK", 0)
+    if launchers.slurm_bound_gpus(n_gpus, _env_int("LOCAL_WORLD_SIZE", 1)):
+        return list(range(n_gpus))
     if "LOCAL_WORLD_SIZE" not in os.environ:
         if lr >= n_gpus:
             raise BiaslabError(f"LOCAL_RANK={lr} but this node has {n_gpus} GPU(s) — start at most one process per GPU")

@@ -17,7 +17,8 @@ READ_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
              "CUDA_VISIBLE_DEVICES", "BIASLAB_DIST_BACKEND", "BIASLAB_DIST_TIMEOUT", "BIASLAB_TREE_KERNEL",
              "BIASLAB_CACHE", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_P2P_DISABLE", "NCCL_DEBUG",
              "TORCH_NCCL_BLOCKING_WAIT", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "SLURM_JOB_ID", "SLURM_NNODES",
-             "SLURM_PROCID")
+             "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE",
+             "SLURM_STEP_NODELIST", "SLURM_GPUS_PER_TASK")
 
 
 def _gpu(index: int) -> dict:
@@ -84,7 +85,7 @@ def process_view(device: str | None = None, dtype: str | None = None, *, model: 
 def machine_report(device: str | None = None, dtype: str | None = None, **placement) -> dict:
     """Every rank's :func:`process_view` (in rank order), with what is the same for all of them: packages, Python,
     platform, the cache, and the launcher variables as rank 0 read them."""
-    from . import distributed as D
+    from . import distributed as D, launchers
 
     pkgs = {}
     for name in PACKAGES:
@@ -95,6 +96,8 @@ def machine_report(device: str | None = None, dtype: str | None = None, **placem
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": pkgs,
             "hub_kernels": "off (every load passes use_kernels=False)", "cache": _cache(),
             "environment": {k: os.environ[k] for k in READ_VARS if k in os.environ},
+            "launcher": (f"{launchers.adopted} (its ranks copied into torch's variables)" if launchers.adopted else
+                         "torchrun / accelerate (torch's variables)" if "WORLD_SIZE" in os.environ else "none: one process"),
             "processes": D.all_gather(process_view(device, dtype, **placement))}
 
 
@@ -103,7 +106,7 @@ def render_text(report: dict) -> str:
     pk = ", ".join(f"{k} {v}" for k, v in report["packages"].items() if v)
     c = report["cache"]
     lines = [f"python {report['python']} on {report['platform']}", f"packages: {pk}",
-             f"hub kernels: {report['hub_kernels']}",
+             f"hub kernels: {report['hub_kernels']}", f"launcher: {report['launcher']}",
              f"cache: {c['path']} ({'exists' if c['exists'] else 'made on first use'}, "
              f"{'writable' if c['writable'] else 'NOT writable: set BIASLAB_CACHE'}"
              + (f", {c['free_gib']} GiB free" if "free_gib" in c else "") + ")",
