@@ -159,7 +159,7 @@ def _no_launcher(monkeypatch, extra=()):
     from biaslab import launchers
 
     for v in (*TORCH_VARS, *launchers.MPI_SIZE_VARS, *launchers.MPI_RANK_VARS, *launchers.SLURM_STEP_VARS,
-              "SLURM_NTASKS", "SLURM_GPUS_PER_TASK", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", *extra):
+              "SLURM_NTASKS", "SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", *extra):
         monkeypatch.setenv(v, "")
         monkeypatch.delenv(v)
     monkeypatch.setattr(launchers, "adopted", None)
@@ -220,15 +220,17 @@ def test_srun_tasks_take_their_ranks_from_slurm(monkeypatch):
     with pytest.raises(BiaslabError, match="srun started 16 tasks but its variables do not describe this one"):
         L.adopt_launcher_env()                                     # local id 9 of 8 tasks on its node
     monkeypatch.setenv("SLURM_LOCALID", "5")
+    monkeypatch.setenv("SLURM_NODEID", "3")                        # a step on two of a job's four nodes
     assert L.adopt_launcher_env() == "slurm"
     assert _env(TORCH_VARS) == {"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "8",
                                 "MASTER_ADDR": "gpu07", "MASTER_PORT": "24242", "GROUP_WORLD_SIZE": "2"}
     from biaslab import distributed as D
 
     assert D.node_share(8) == [5]                                  # all 8 GPUs visible: one each, as under torchrun
-    assert D.node_share(1) == [0]                                  # srun bound one GPU to each task: the one it sees
+    with pytest.raises(BiaslabError, match="8 processes on this node but only 1 GPU.*srun --gpus-per-task=1"):
+        D.node_share(1)                                            # unbound tasks would share the GPU
     monkeypatch.setenv("SLURM_GPUS_PER_TASK", "2")
-    assert D.node_share(2) == [0, 1]
+    assert D.node_share(2) == [0, 1]                               # srun bound two GPUs to each task: those it sees
 
 
 def test_mpirun_inside_an_allocation_keeps_mpi_ranks(monkeypatch):

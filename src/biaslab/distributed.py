@@ -149,7 +149,8 @@ def gpu_share(n_gpus: int, local_rank: int, local_world: int) -> list[int]:
                            "(BIASLAB_DIST_BACKEND=gloo) on CPUs")
     if n_gpus < local_world:
         raise BiaslabError(f"{local_world} processes on this node but only {n_gpus} GPU(s) — start at most one "
-                           f"process per GPU (torchrun --nproc_per_node={n_gpus}), or use gloo "
+                           f"process per GPU (torchrun --nproc_per_node={n_gpus}; under srun --gpus-per-task=1 "
+                           f"gives each task its own), or use gloo "
                            f"(BIASLAB_DIST_BACKEND=gloo) on CPUs")
     per = n_gpus // local_world
     return list(range(local_rank * per, (local_rank + 1) * per))
@@ -171,7 +172,7 @@ def node_share(n_gpus: int | None = None) -> list[int]:
 
         n_gpus = torch.cuda.device_count()
     lr = _env_int("LOCAL_RANK", 0)
-    if launchers.slurm_bound_gpus(n_gpus, _env_int("LOCAL_WORLD_SIZE", 1)):
+    if launchers.slurm_bound_gpus() and n_gpus > 0:
         return list(range(n_gpus))
     if "LOCAL_WORLD_SIZE" not in os.environ:
         if lr >= n_gpus:

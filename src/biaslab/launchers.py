@@ -98,7 +98,8 @@ def job_port(job_id: int | None) -> int:
 def adopt_slurm_env() -> bool:
     """Tasks started by ``srun`` (``SLURM_STEP_NUM_TASKS`` > 1; a batch script's own shell has no ``SLURM_STEP_*``
     variables and stays one process): rank ``SLURM_PROCID`` of ``SLURM_STEP_NUM_TASKS``, local rank
-    ``SLURM_LOCALID`` of this node's count in ``SLURM_STEP_TASKS_PER_NODE``. ``MASTER_ADDR``: 127.0.0.1 on one node,
+    ``SLURM_LOCALID`` of this node's count in ``SLURM_STEP_TASKS_PER_NODE`` (its ``SLURM_NODEID``-th entry where the
+    counts differ). ``MASTER_ADDR``: 127.0.0.1 on one node,
     else the step's first host (where srun's default block distribution puts task 0); ``MASTER_PORT``:
     :func:`job_port`. Not taken when MPI's variables describe other ranks (``mpirun`` inside an allocation starts
     its daemons with srun, whose Slurm variables then count daemons, not ranks). True when it adopted them."""
@@ -116,6 +117,8 @@ def adopt_slurm_env() -> bool:
         per_node = tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""))
     except ValueError:
         raise BiaslabError(bad) from None
+    if len(set(per_node)) == 1:   # the same count on every node: no need to know which node this is
+        node = 0
     if rank is None or local is None or sum(per_node) != n or not rank < n or node >= len(per_node) \
             or not local < per_node[node]:
         raise BiaslabError(bad)
@@ -132,8 +135,9 @@ def adopt_slurm_env() -> bool:
     return True
 
 
-def slurm_bound_gpus(n_gpus: int, local_world: int) -> bool:
+def slurm_bound_gpus() -> bool:
     """True when srun gave each task its own GPUs — ``--gpus-per-task`` (``SLURM_GPUS_PER_TASK``, which implies
-    binding each task to its GPUs), or any GPU binding that leaves a task fewer GPUs than there are tasks on its
-    node — so a task uses every GPU it sees instead of a block of the node's."""
-    return adopted == "slurm" and n_gpus > 0 and (bool(os.environ.get("SLURM_GPUS_PER_TASK")) or n_gpus < local_world)
+    binding each task to its GPUs) or a ``--gpu-bind`` (``SLURM_GPU_BIND``) — so a task uses every GPU it sees
+    instead of a block of the node's. Without either, tasks that see fewer GPUs than there are tasks on the node
+    are refused (:func:`biaslab.distributed.gpu_share`) rather than guessed bound: unbound, they would share GPUs."""
+    return adopted == "slurm" and bool(os.environ.get("SLURM_GPUS_PER_TASK") or os.environ.get("SLURM_GPU_BIND"))
