@@ -625,16 +625,21 @@ def test_a_killed_rank_then_a_rerun_ends_with_the_same_results(tiny_dir, tmp_pat
     assert sorted(chunks) == list(range(5)) and chunks[:done] == before        # the finished chunks were kept, not redone
 
 
-def test_a_process_group_that_cannot_start_is_one_line(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_a_process_group_that_cannot_start_is_one_line(tmp_path, launcher):
     """No rank 0 to meet: the collective times out (BIASLAB_DIST_TIMEOUT) and the error names the backend and the
-    environment it read — no C++ stack, no hang."""
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "BIASLAB_DIST_TIMEOUT": "2", "BIASLAB_PROGRESS": "0"}
+    environment it read (and, for an srun task, that it came from Slurm's variables) — no C++ stack, no hang."""
+    ranks = ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1"} if launcher == "torchrun"
+             else {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_PROCID": "1",
+                   "SLURM_LOCALID": "1", "SLURM_NODEID": "0"})
+    env = {**os.environ, **ranks, "MASTER_PORT": str(_free_port()), "BIASLAB_DIST_TIMEOUT": "2",
+           "BIASLAB_PROGRESS": "0"}
     env.pop("TORCH_CPP_LOG_LEVEL", None)
     r = subprocess.run([sys.executable, "-m", "biaslab", "benchmarks"], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2
     assert "could not start the gloo backend" in r.stderr and "MASTER_PORT=" in r.stderr, r.stderr[-800:]
+    assert ("(copied from slurm's variables)" in r.stderr) == (launcher == "slurm")
     assert "frame #" not in r.stderr and "Traceback" not in r.stderr
 
 

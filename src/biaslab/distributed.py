@@ -120,8 +120,10 @@ def init_from_env(backend: str | None = None) -> bool:
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     except Exception as e:
         seen = ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in ENV_VARS)
+        origin = f" (copied from {launchers.adopted}'s variables)" if launchers.adopted else ""
         raise BiaslabError(f"torch.distributed could not start the {backend} backend ({type(e).__name__}: "
-                           f"{str(e)[:200]}); it read {seen} — launch with torchrun or accelerate launch") from None
+                           f"{str(e)[:200]}); it read {seen}{origin} — launch with torchrun or accelerate launch"
+                           ) from None
     return True
 
 
