@@ -125,6 +125,21 @@ def test_audit_dry_run_writes_nothing_and_counts_items(tiny_lm, tmp_path):
     assert "| total |" in plan.render("markdown")
 
 
+def test_a_dry_run_under_several_processes_estimates_the_busiest_rank(monkeypatch):
+    """Under W processes a set's chunks are dealt out in rounds (chunk k to rank k mod W) and a round lasts as long
+    as its fullest chunk: 200 items in chunks of 128 on 2 ranks take one round of 128 items, not 200; 300 items in
+    chunks of 32 on 4 ranks (10 chunks) take rounds of 32, 32 and 32 — the estimate one process made (all 300)
+    was 3× too long. In one process nothing changes."""
+    from biaslab import distributed as D
+    from biaslab.evaluation.dryrun import estimated_s
+
+    assert estimated_s(0.5, 200, 128) == 100.0
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    assert estimated_s(0.5, 200, 128) == 64.0 and estimated_s(0.5, 100, 128) == 50.0
+    monkeypatch.setattr(D, "world_size", lambda: 4)
+    assert estimated_s(1.0, 300, 32) == 96.0 and estimated_s(None, 300, 32) is None
+
+
 def test_mitigation_dry_run_counts_every_state(tiny_lm, tmp_path):
     from biaslab.evaluation.runner import run_mitigation
 

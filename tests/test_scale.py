@@ -465,6 +465,18 @@ def test_more_ranks_than_chunks_idle_cleanly(tiny_dir, tmp_path):
         "world_size": 2, "backend": "gloo", "launcher": "mpi", "processes_per_node": 2}
 
 
+def test_a_dry_run_on_two_ranks_calibrates_on_both(tiny_dir, tmp_path):
+    """Each rank times its own items (the slowest counts) and the estimate is the busiest rank's share: 40 CrowS
+    items in one chunk of 128 are one rank's work, so the estimate is the single process's."""
+    args = ["audit", "--model", str(tiny_dir), "--bench", "crows", "--limit", "40", "--dry-run", "--format", "json",
+            "--out", str(tmp_path / "d")]
+    plan = json.loads(_run(args, 2, tmp_path))
+    row = plan["rows"][0]
+    assert row["items"] == 40 and row["estimated_s"] == pytest.approx(40 * row["s_per_item"])
+    assert any(n.startswith("2 processes: s / item is the slowest rank's") for n in plan["notes"])
+    assert not (tmp_path / "d").exists()
+
+
 def test_srun_tasks_on_two_nodes_run_one_job(tiny_dir, tmp_path):
     """Two srun tasks, one per node (no torchrun): one job, its rendezvous on the step's first host, rank 0 alone
     writing; the records equal one process's."""

@@ -3,7 +3,9 @@ seconds of calibration on the loaded model (the first items of each set scored o
 
 The estimate is the calibration's seconds per item times the items of every state; it is rough (the first items
 may be shorter or longer than the rest, and packing gains grow with the chunk), and a method's fit is not
-estimated: its length depends on its own search. Nothing is written to disk."""
+estimated: its length depends on its own search. Under N processes every rank calibrates, and the estimate is the
+busiest rank's share of each set (its chunks dealt out in rounds, as :mod:`biaslab.distributed` deals them) at
+the slowest rank's speed. Nothing is written to disk."""
 from __future__ import annotations
 
 import time
@@ -50,7 +52,31 @@ class DryRun:
 
 def seconds_per_item(score, items: list) -> float | None:
     """Time ``score(items[a:b])`` on the first items: one warm-up item, then growing batches for about
-    :data:`CALIBRATION_S` seconds or :data:`CALIBRATION_ITEMS` items."""
+    :data:`CALIBRATION_S` seconds or :data:`CALIBRATION_ITEMS` items. Under several processes each rank times its
+    own and the slowest counts (a round of chunks lasts as long as its slowest rank)."""
+    from .. import distributed as D
+
+    local = _local_seconds_per_item(score, items)
+    if D.world_size() <= 1:
+        return local
+    return max((v for v in D.all_gather(local) if v is not None), default=None)
+
+
+def estimated_s(spi: float | None, n: int, chunk: int | None) -> float | None:
+    """Seconds for ``n`` items at ``spi`` seconds each: ``spi * n`` in one process; under W processes the busiest
+    rank's share — round r scores chunks r·W … r·W+W−1 (chunk k to rank k mod W) and lasts as long as its
+    fullest chunk."""
+    from .. import distributed as D
+
+    W = D.world_size()
+    if spi is None:
+        return None
+    if W <= 1 or not chunk:
+        return spi * n
+    return spi * sum(min(chunk, n - start) for start in range(0, n, chunk * W))
+
+
+def _local_seconds_per_item(score, items: list) -> float | None:
     from ..progress import quieted
 
     if not items:
@@ -73,8 +99,17 @@ def audit_plan(lm, benches: dict, protos: dict, items: dict, *, title: str, stag
     plan = DryRun(title)
     for n, b in benches.items():
         spi = seconds_per_item(lambda part, b=b, n=n: b.score(lm, part, protocol=protos[n]), items[n])
-        plan.rows.append([stage, n, len(items[n]), spi, None if spi is None else spi * len(items[n])])
+        plan.rows.append([stage, n, len(items[n]), spi, estimated_s(spi, len(items[n]), b.chunk_size)])
+    _note_processes(plan)
     return plan
+
+
+def _note_processes(plan: DryRun) -> None:
+    from .. import distributed as D
+
+    if D.world_size() > 1:
+        plan.notes.append(f"{D.world_size()} processes: s / item is the slowest rank's, calibrated on every rank; the "
+                          f"time is the busiest rank's share of each set's chunks")
 
 
 def mitigation_plan(m, lm, task_data, cfg, *, limit, seed) -> DryRun:
@@ -93,7 +128,8 @@ def mitigation_plan(m, lm, task_data, cfg, *, limit, seed) -> DryRun:
         spi = seconds_per_item(lambda part, s=s: s.score(lm, part), s.items)
         for stage, k in (("before", 1), ("after", 1), (f"controls ({n_ctrl} scored states)", n_ctrl)):
             if k:
-                plan.rows.append([stage, s.name, k * len(s.items), spi, None if spi is None else spi * k * len(s.items)])
+                est = estimated_s(spi, len(s.items), s.chunk)
+                plan.rows.append([stage, s.name, k * len(s.items), spi, None if est is None else k * est])
     rp = m.retention(cfg)
     if rp is not None and rp.benchmarks:
         for bname in rp.benchmarks:
@@ -101,7 +137,9 @@ def mitigation_plan(m, lm, task_data, cfg, *, limit, seed) -> DryRun:
             proto = b.protocol()
             its = b.sample(b.load_items(), rp.limit, seed)
             spi = seconds_per_item(lambda part, b=b, proto=proto: b.score(lm, part, protocol=proto), its)
-            plan.rows.append(["retention before + after", bname, 2 * len(its), spi, None if spi is None else 2 * spi * len(its)])
+            est = estimated_s(spi, len(its), b.chunk_size)
+            plan.rows.append(["retention before + after", bname, 2 * len(its), spi, None if est is None else 2 * est])
+    _note_processes(plan)
     plan.notes.append("estimates are the calibration's seconds per item times the items; packing and caching make "
                       "long runs somewhat faster per item")
     return plan
