@@ -159,7 +159,8 @@ def _no_launcher(monkeypatch, extra=()):
     from biaslab import launchers
 
     for v in (*TORCH_VARS, *launchers.MPI_SIZE_VARS, *launchers.MPI_RANK_VARS, *launchers.SLURM_STEP_VARS,
-              "SLURM_NTASKS", "SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", *extra):
+              "SLURM_NTASKS", "SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND", "SLURM_TRES_BIND",
+              "MPI_LOCALRANKID", "MPI_LOCALNRANKS", *extra):
         monkeypatch.setenv(v, "")
         monkeypatch.delenv(v)
     monkeypatch.setattr(launchers, "adopted", None)
@@ -229,8 +230,14 @@ def test_srun_tasks_take_their_ranks_from_slurm(monkeypatch):
     assert D.node_share(8) == [5]                                  # all 8 GPUs visible: one each, as under torchrun
     with pytest.raises(BiaslabError, match="8 processes on this node but only 1 GPU.*srun --gpus-per-task=1"):
         D.node_share(1)                                            # unbound tasks would share the GPU
-    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "2")
+    monkeypatch.setenv("SLURM_TRES_BIND", "gres/gpu:none")
+    with pytest.raises(BiaslabError, match="only 2 GPU"):
+        D.node_share(2)                                            # --gpu-bind=none: not bound
+    monkeypatch.setenv("SLURM_TRES_BIND", "gres/gpu:per_task:2")     # what srun sets for --gpus-per-task=2
     assert D.node_share(2) == [0, 1]                               # srun bound two GPUs to each task: those it sees
+    monkeypatch.delenv("SLURM_TRES_BIND")
+    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "2")                 # older Slurm
+    assert D.node_share(2) == [0, 1]
 
 
 def test_mpirun_inside_an_allocation_keeps_mpi_ranks(monkeypatch):

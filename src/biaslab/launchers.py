@@ -136,8 +136,13 @@ def adopt_slurm_env() -> bool:
 
 
 def slurm_bound_gpus() -> bool:
-    """True when srun gave each task its own GPUs — ``--gpus-per-task`` (``SLURM_GPUS_PER_TASK``, which implies
-    binding each task to its GPUs) or a ``--gpu-bind`` (``SLURM_GPU_BIND``) — so a task uses every GPU it sees
-    instead of a block of the node's. Without either, tasks that see fewer GPUs than there are tasks on the node
-    are refused (:func:`biaslab.distributed.gpu_share`) rather than guessed bound: unbound, they would share GPUs."""
-    return adopted == "slurm" and bool(os.environ.get("SLURM_GPUS_PER_TASK") or os.environ.get("SLURM_GPU_BIND"))
+    """True when srun bound each task to its own GPUs, so a task uses every GPU it sees instead of a block of the
+    node's: a GPU binding in ``SLURM_TRES_BIND`` (srun sets ``gres/gpu:per_task:N`` for ``--gpus-per-task=N``, or
+    the ``--gpu-bind`` given), ``SLURM_GPU_BIND``, or ``SLURM_GPUS_PER_TASK`` (older Slurm); a binding of ``none``
+    does not count. Unbound tasks that see fewer GPUs than there are tasks on their node are refused
+    (:func:`biaslab.distributed.gpu_share`) rather than guessed bound: they would share GPUs."""
+    if adopted != "slurm":
+        return False
+    binds = [p.split(":", 1)[1] for p in os.environ.get("SLURM_TRES_BIND", "").split("+") if p.startswith("gres/gpu:")]
+    binds += [os.environ["SLURM_GPU_BIND"]] if os.environ.get("SLURM_GPU_BIND") else []
+    return any("none" not in re.split(r"[,:]", b) for b in binds) or bool(os.environ.get("SLURM_GPUS_PER_TASK"))
