@@ -99,10 +99,10 @@ def adopt_slurm_env() -> bool:
     """Tasks started by ``srun`` (``SLURM_STEP_NUM_TASKS`` > 1; a batch script's own shell has no ``SLURM_STEP_*``
     variables and stays one process): rank ``SLURM_PROCID`` of ``SLURM_STEP_NUM_TASKS``, local rank
     ``SLURM_LOCALID`` of this node's count in ``SLURM_STEP_TASKS_PER_NODE`` (its ``SLURM_NODEID``-th entry where the
-    counts differ). ``MASTER_ADDR``: 127.0.0.1 on one node,
-    else the step's first host (where srun's default block distribution puts task 0); ``MASTER_PORT``:
-    :func:`job_port`. Not taken when MPI's variables describe other ranks (``mpirun`` inside an allocation starts
-    its daemons with srun, whose Slurm variables then count daemons, not ranks). True when it adopted them."""
+    counts differ). ``MASTER_ADDR``: 127.0.0.1 on one node, else the step's first host (where srun's default block
+    distribution puts task 0); ``MASTER_PORT``: :func:`job_port`. Not taken when MPI's variables describe other
+    ranks (``mpirun`` inside an allocation starts its daemons with srun, whose Slurm variables then count daemons,
+    not ranks). True when it adopted them."""
     n = _int("SLURM_STEP_NUM_TASKS")
     if "WORLD_SIZE" in os.environ or n is None or n <= 1:
         return False

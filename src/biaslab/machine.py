@@ -18,8 +18,7 @@ READ_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
              "BIASLAB_CACHE", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_P2P_DISABLE", "NCCL_DEBUG",
              "TORCH_NCCL_BLOCKING_WAIT", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "SLURM_JOB_ID", "SLURM_NNODES",
              "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE",
-             "SLURM_STEP_NODELIST", "SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND",
-             "SLURM_TRES_BIND")
+             "SLURM_STEP_NODELIST", "SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND", "SLURM_TRES_BIND")
 
 
 def _gpu(index: int) -> dict:
@@ -83,6 +82,13 @@ def process_view(device: str | None = None, dtype: str | None = None, *, model: 
     return view
 
 
+def launcher_line(adopted: str | None) -> str:
+    """Where this process's rank came from: srun's or mpirun's variables (copied), torch's own, or none."""
+    if adopted:
+        return f"{adopted} (its ranks copied into torch's variables)"
+    return "torchrun / accelerate (torch's variables)" if "WORLD_SIZE" in os.environ else "none: one process"
+
+
 def machine_report(device: str | None = None, dtype: str | None = None, **placement) -> dict:
     """Every rank's :func:`process_view` (in rank order), with what is the same for all of them: packages, Python,
     platform, the cache, and the launcher variables as rank 0 read them."""
@@ -97,8 +103,7 @@ def machine_report(device: str | None = None, dtype: str | None = None, **placem
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": pkgs,
             "hub_kernels": "off (every load passes use_kernels=False)", "cache": _cache(),
             "environment": {k: os.environ[k] for k in READ_VARS if k in os.environ},
-            "launcher": (f"{launchers.adopted} (its ranks copied into torch's variables)" if launchers.adopted else
-                         "torchrun / accelerate (torch's variables)" if "WORLD_SIZE" in os.environ else "none: one process"),
+            "launcher": launcher_line(launchers.adopted),
             "processes": D.all_gather(process_view(device, dtype, **placement))}
 
 
