@@ -13,12 +13,14 @@ from biaslab.cli import app
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "bench" / "README.md"]
 ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=\S*")
+LAUNCHERS = ("srun", "mpirun", "mpiexec", "env", "time", "nohup", "exec")   # what may start biaslab itself
 
 
 def documented_commands(text: str) -> list[tuple[int, list[str]]]:
     """(line, arguments after ``biaslab``) of each command line in the page's code blocks: continuation lines joined,
     comments and what follows a pipe or redirection dropped; ``biaslab`` as the command (after ``VAR=value``
-    assignments), as a path ending in ``/biaslab``, or after ``-m`` (torchrun, accelerate launch, python)."""
+    assignments or a launcher such as ``srun -K``), as a path ending in ``/biaslab``, or after ``-m`` (torchrun,
+    accelerate launch, python)."""
     found = []
     for block in re.finditer(r"^```[a-z]*\n(.*?)^```", text, re.S | re.M):
         first = text[:block.start()].count("\n") + 2
@@ -34,7 +36,8 @@ def documented_commands(text: str) -> list[tuple[int, list[str]]]:
             except ValueError:   # not shell (a table, a prompt with quotes): nothing to check
                 toks = []
             for i, t in enumerate(toks):
-                as_command = i == 0 or toks[i - 1] == "-m" or all(ASSIGNMENT.fullmatch(p) for p in toks[:i])
+                as_command = i == 0 or toks[i - 1] == "-m" or all(
+                    ASSIGNMENT.fullmatch(p) or p.startswith("-") or p.isdigit() or p in LAUNCHERS for p in toks[:i])
                 if t == "biaslab" and as_command or t.endswith("/biaslab"):
                     args = toks[i + 1:]
                     for j, a in enumerate(args):
@@ -63,9 +66,9 @@ def parse(args: list[str]):
 def test_the_finder_reads_shell_as_a_user_would():
     page = ("text `biaslab not-a-block`\n```bash\nBIASLAB_TREE_KERNEL=flex biaslab audit --model m \\\n"
             "    --bench bbq --out r   # a comment\n torchrun --nproc_per_node=2 -m biaslab env | tee x\n"
-            "pip install biaslab\n.venv/bin/biaslab check runs/a > out.txt\n```\n")
+            "pip install biaslab\n.venv/bin/biaslab check runs/a > out.txt\nsrun -K -n 4 biaslab models\n```\n")
     assert documented_commands(page) == [(3, ["audit", "--model", "m", "--bench", "bbq", "--out", "r"]),
-                                         (5, ["env"]), (7, ["check", "runs/a"])]
+                                         (5, ["env"]), (7, ["check", "runs/a"]), (8, ["models"])]
 
 
 STALE = [(["audti"], "No such command"), (["audit", "--benchh", "bbq"], "No such option"),
