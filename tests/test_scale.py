@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from biaslab.errors import BiaslabError, PatchMismatchError
+from biaslab.launchers import TORCH_VARS
 from conftest import make_tiny_llama
 
 
@@ -151,9 +152,6 @@ def test_more_ranks_than_gpus_or_a_bad_local_rank_is_one_line(monkeypatch):
     assert D.node_share(8) == [1]
 
 
-TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_WORLD_SIZE")
-
-
 def _no_launcher(monkeypatch, extra=()):
     """No launcher variables; whatever an adopter writes into os.environ is undone after the test."""
     from biaslab import launchers
@@ -164,6 +162,7 @@ def _no_launcher(monkeypatch, extra=()):
         monkeypatch.setenv(v, "")
         monkeypatch.delenv(v)
     monkeypatch.setattr(launchers, "adopted", None)
+    monkeypatch.setattr(launchers, "_before", {})
     return launchers
 
 
@@ -568,6 +567,21 @@ def test_env_text_names_each_rank_gpu_block():
     assert ("rank 1/2 on n1 (local rank 1, nccl): device cuda:2, dtype bfloat16, 8 threads, tree kernel sdpa; GPUs "
             "2: H100 78.9 of 79.6 GiB free; 3: V100 78.9 of 79.6 GiB free, no native bf16; CUDA 12.8, NCCL 2.27.3") in text
     assert "  note: cuda:2: V100 has no native bfloat16" in text
+
+
+def test_srun_tasks_with_their_own_commands_run_alone(tmp_path):
+    """srun tasks given different commands (``srun -n 2 bash -c 'biaslab … --out r$SLURM_PROCID'``, a job-array
+    pattern) ran as independent processes before srun's variables were adopted; they still do, with a note —
+    only tasks with the same command run as one job."""
+    procs = _launch([["env", "--format", "json"], ["env", "--format", "json", "--dtype", "bf16"]], 2, tmp_path,
+                    launcher="slurm")
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[1][1][-1500:]
+    for (out, err), dtype in zip(outs, ("float32", "bfloat16")):
+        report = json.loads(out)
+        assert [(v["rank"], v["world_size"], v["dtype"]) for v in report["processes"]] == [(0, 1, dtype)]
+        assert report["launcher"] == "none: one process" and "RANK" not in report["environment"]
+        assert "the srun tasks run different commands, so each runs alone" in err
 
 
 def test_ranks_that_disagree_stop_with_one_line(tmp_path):

@@ -45,6 +45,8 @@ def join_process_group() -> None:
     errors (rank 0 prints the results and writes the run directory)."""
     from . import distributed as D
 
+    from . import launchers
+
     if not D.init_from_env():
         return
     commands = D.all_gather(sys.argv[1:])   # ranks started by hand (or by a script) with other arguments would
@@ -52,6 +54,12 @@ def join_process_group() -> None:
         if argv != commands[0]:
             import shlex
 
+            if launchers.adopted == "slurm":   # srun tasks given their own commands: independent jobs, as before
+                leave_process_group()
+                launchers.undo_adoption()
+                err_console.print("note: the srun tasks run different commands, so each runs alone (tasks with the "
+                                  "same command run as one job)", markup=False, highlight=False, soft_wrap=True)
+                return
             raise BiaslabError(f"rank {r} was started with another command than rank 0 (`biaslab {shlex.join(argv)}` "
                                f"vs `biaslab {shlex.join(commands[0])}`): every rank must run the same command")
     if not D.is_main():

@@ -15,7 +15,10 @@ MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 SLURM_STEP_VARS = ("SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE", "SLURM_STEP_NUM_NODES", "SLURM_STEP_NODELIST",
                    "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_ID")
 
+TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_WORLD_SIZE")
+
 adopted: str | None = None   # "slurm" / "mpi" once this process took its ranks from that launcher
+_before: dict[str, str | None] = {}   # torch's variables as they were before an adoption wrote them
 
 
 def _int(name: str) -> int | None:
@@ -28,14 +31,28 @@ def _set(values: dict) -> None:
         os.environ[name] = str(value)
 
 
+def undo_adoption() -> None:
+    """Put torch's variables back as they were before :func:`adopt_launcher_env` (the process then runs alone)."""
+    global adopted
+    for name, value in _before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _before.clear()
+    adopted = None
+
+
 def adopt_launcher_env() -> str | None:
     """Adopt Slurm's or MPI's ranks (see the module docstring); the launcher adopted, or None."""
     global adopted
     if "WORLD_SIZE" in os.environ:
         return None
+    before = {v: os.environ.get(v) for v in TORCH_VARS}
     for name, adopt in (("slurm", adopt_slurm_env), ("mpi", adopt_mpi_env)):
         if adopt():
             adopted = name
+            _before.update(before)
             return name
     return None
 
