@@ -1,6 +1,7 @@
 """The commands the docs give users parse against the real command line: every ``biaslab …`` line in a code block of
 README.md, docs/ and bench/README.md names a command that exists, options it has, and values its options accept —
 so a renamed option or command cannot leave a page telling users to run something that fails."""
+import functools
 import re
 import shlex
 from pathlib import Path
@@ -50,9 +51,15 @@ def documented_commands(text: str) -> list[tuple[int, list[str]]]:
     return found
 
 
+@functools.cache
+def root_command():
+    """The click command typer builds from the app (built once: every page's commands parse against it)."""
+    return typer.main.get_command(app)
+
+
 def parse(args: list[str]):
     """Parse ``biaslab ARGS`` as the CLI would, invoking nothing: the leaf command, or the error click raises."""
-    cmd = typer.main.get_command(app)
+    cmd = root_command()
     ctx = cmd.make_context("biaslab", list(args))
     while hasattr(cmd, "resolve_command"):   # a group: descend into the subcommand named
         rest = [*ctx._protected_args, *ctx.args]
@@ -98,7 +105,7 @@ def test_every_documented_command_parses():
 def synopsis_commands(span: str, group=None) -> list:
     """The commands an inline synopsis such as ``biaslab mitigate cc|dc --task … --out DIR`` names: a word with
     ``|`` names each alternative, an upper-case placeholder (``METHOD``) every command of its group."""
-    group = group or typer.main.get_command(app)
+    group = group or root_command()
     words = span.replace("\\|", "|").split()
     if not words or not hasattr(group, "get_command") or words[0].startswith("-"):
         return [(group, " ".join(words))]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from biaslab.errors import BiaslabError, PatchMismatchError
-from biaslab.launchers import TORCH_VARS
+from biaslab.launchers import RENDEZVOUS_VARS, SLURM_GPU_BIND_VARS, TORCH_VARS
 from conftest import make_tiny_llama
 
 
@@ -157,8 +157,7 @@ def _no_launcher(monkeypatch, extra=()):
     from biaslab import launchers
 
     for v in (*TORCH_VARS, *launchers.MPI_SIZE_VARS, *launchers.MPI_RANK_VARS, *launchers.SLURM_STEP_VARS,
-              "SLURM_NTASKS", "SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND", "SLURM_TRES_BIND",
-              "MPI_LOCALRANKID", "MPI_LOCALNRANKS", *extra):
+              *SLURM_GPU_BIND_VARS, "SLURM_NTASKS", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", *extra):
         monkeypatch.setenv(v, "")
         monkeypatch.delenv(v)
     monkeypatch.setattr(launchers, "adopted", None)
@@ -166,7 +165,7 @@ def _no_launcher(monkeypatch, extra=()):
     return launchers
 
 
-def _env(names=TORCH_VARS[:6]):
+def _env(names=RENDEZVOUS_VARS):
     return {v: os.environ.get(v) for v in names}
 
 

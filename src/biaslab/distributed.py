@@ -23,7 +23,7 @@ from datetime import timedelta
 from . import launchers
 from .errors import BiaslabError
 
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+ENV_VARS = launchers.RENDEZVOUS_VARS   # what init_process_group reads (named when it cannot start)
 
 
 _local = contextvars.ContextVar("biaslab_local_only", default=False)

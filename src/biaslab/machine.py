@@ -11,14 +11,15 @@ import shutil
 import socket
 from importlib import metadata
 
+from . import launchers
+
 _OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep   # biaslab's own warnings become notes
 PACKAGES = ("biaslab", "torch", "transformers", "accelerate", "peft", "safetensors", "gguf", "kernels")
-READ_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
-             "CUDA_VISIBLE_DEVICES", "BIASLAB_DIST_BACKEND", "BIASLAB_DIST_TIMEOUT", "BIASLAB_TREE_KERNEL",
-             "BIASLAB_CACHE", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_P2P_DISABLE", "NCCL_DEBUG",
-             "TORCH_NCCL_BLOCKING_WAIT", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "SLURM_JOB_ID", "SLURM_NNODES",
-             "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE",
-             "SLURM_STEP_NODELIST", "SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND", "SLURM_TRES_BIND")
+READ_VARS = tuple(dict.fromkeys((   # the launcher's, NCCL's and biaslab's variables `biaslab env` shows, once each
+    *launchers.RENDEZVOUS_VARS, "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "BIASLAB_DIST_BACKEND",
+    "BIASLAB_DIST_TIMEOUT", "BIASLAB_TREE_KERNEL", "BIASLAB_CACHE", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE",
+    "NCCL_P2P_DISABLE", "NCCL_DEBUG", "TORCH_NCCL_BLOCKING_WAIT", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "SLURM_NNODES",
+    *launchers.SLURM_STEP_VARS, *launchers.SLURM_GPU_BIND_VARS)))
 
 
 def _gpu(index: int) -> dict:
@@ -92,7 +93,7 @@ def launcher_line(adopted: str | None) -> str:
 def machine_report(device: str | None = None, dtype: str | None = None, **placement) -> dict:
     """Every rank's :func:`process_view` (in rank order), with what is the same for all of them: packages, Python,
     platform, the cache, and the launcher variables as rank 0 read them."""
-    from . import distributed as D, launchers
+    from . import distributed as D
 
     pkgs = {}
     for name in PACKAGES:
