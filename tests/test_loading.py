@@ -131,3 +131,69 @@ def test_models_load_as_plain_torch(tmp_path, monkeypatch):
     assert seen["use_kernels"] is False and seen["trust_remote_code"] is False
     if hasattr(transformers, "GgufConfig"):
         assert seen["quantization_config"].dequantize is True
+
+
+def _declare_quantized(d, method="bitsandbytes"):
+    """A tiny checkpoint whose config.json declares a quantizer (its weights stay float: enough for every path that
+    reads the config; none of these tests needs the quantizer's library)."""
+    import json
+
+    model, tok = make_tiny_llama(seed=3)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method, "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_a_quantized_checkpoint_without_its_library_is_one_line(tmp_path):
+    import importlib.util
+
+    from biaslab.models import load_model
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here: the checkpoint would load")
+    d = _declare_quantized(tmp_path / "q")
+    with pytest.raises(BiaslabError) as e:
+        load_model(str(d), progress=False)
+    msg = str(e.value)
+    assert "bitsandbytes-quantized checkpoint" in msg and "not installed" in msg and "unquantized checkpoint" in msg
+    assert "damaged" not in msg
+
+
+def test_mitigations_and_probes_refuse_a_quantized_checkpoint_before_it_loads(tmp_path, monkeypatch):
+    import biaslab.models.loading as L
+    from biaslab.models import LanguageModel
+    from biaslab.models.plan import plan_placement, render_plan
+    from biaslab.models.quantized import require_full_precision
+
+    d = _declare_quantized(tmp_path / "q", method="gptq")
+    monkeypatch.setattr(L, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    for what in ("mitigate crispr", "the soft-prompt probe"):
+        with pytest.raises(BiaslabError, match=f"{what} needs unquantized weights; .* gptq-quantized checkpoint"):
+            require_full_precision(what, spec=str(d))
+    require_full_precision("mitigate crispr", spec=str(tmp_path / "absent"))   # not a directory: the loader decides
+    # a model whose quantization shows only once loaded (a hub id): refused then, and its manifest says so
+    model, tok = make_tiny_llama(seed=3)
+    model.config.quantization_config = {"quant_method": "awq"}
+    lm = LanguageModel(model, tok, spec="org/awq-model")
+    assert lm.describe()["quantization"] == "awq"
+    with pytest.raises(BiaslabError, match="org/awq-model is a awq-quantized"):
+        require_full_precision("mitigate fast", lm=lm)
+    # biaslab env's plan says its sizes are the unquantized model's
+    line = render_plan(plan_placement(str(d), device="cpu"))
+    assert "unquantized — an upper bound for this gptq-quantized checkpoint" in line
+
+
+def test_mitigate_on_a_quantized_checkpoint_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    d = _declare_quantized(tmp_path / "q")
+    p = subprocess.run([sys.executable, "-m", "biaslab", "mitigate", "crispr", "--model", str(d), "--task",
+                        "bbq:Gender_identity", "--neurons", "1", "--limit", "8", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                         "BIASLAB_PROGRESS": "0"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-800:]
+    assert "mitigate crispr needs unquantized weights" in p.stderr and "biaslab audit" in p.stderr

@@ -98,6 +98,9 @@ def main() -> int:
               f"and sentence-likelihood benchmarks (CrowS-Pairs, StereoSet) refused in one line {t5['refusals']}. "
               "Other encoder-decoders (BART, …) are refused with one line.",
               "- Mixtral (mixture of experts) has no neuron-site table and is refused with one line.",
+              "- Pre-quantized checkpoints (`quantization_config` in config.json: bitsandbytes, GPTQ, AWQ, …): audits "
+              "run when the quantizer's library is installed (checked on CPU with bitsandbytes 4-bit); mitigations "
+              "and the soft-prompt probe are refused in one line (docs/SCALE.md).",
               "- Sliding-window families (Mistral, Gemma 2/3): packed scoring is used only while every sequence fits "
               "the window; a longer one is scored padded (exact), and the manifest counts those calls.",
               "- A step after the LM head — Gemma 2's final soft-cap, Cohere's `logit_scale`, Granite's "

@@ -170,8 +170,12 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
     from .. import distributed as D
 
     device = device or D.local_device()   # under NCCL: this rank's GPU
+    from ..models.quantized import require_full_precision
+
+    require_full_precision(f"mitigate {m.name}", spec=model)   # before a quantized checkpoint's weights load
     lm = model if isinstance(model, LanguageModel) else load_model(model, device=device, dtype=dtype,
                                                                            device_map=device_map, max_memory=max_memory)
+    require_full_precision(f"mitigate {m.name}", lm=lm)
     if not m.encoder_decoder:
         from ..models.seq2seq import require_decoder_only
 

@@ -25,6 +25,7 @@ from .flex import PLAN_KWARG as FLEX_PLAN_KWARG
 from .head import _upcast, after_head, float32_head, head_logits, head_split_matches, wanted_columns
 from .packing import (PLAN_KWARG, ROW_TOKENS, TREE_ATTENTION, batch_rows, flat_batches, pack, row_tensors, tree_attention_supported, tree_plan,
                       use_tree_attention)
+from .quantized import quantization_method
 from .spans import attention_span, check_context
 
 
@@ -117,6 +118,7 @@ class LanguageModel:
                 "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "chat_template": self.use_chat_template,
                 "architecture": (self.config.architectures or [type(self.model).__name__])[0],
+                **({"quantization": quantization_method(self.config)} if quantization_method(self.config) else {}),
                 "scoring_mode": mode,
                 **({"tree_kernel": "flex"} if self.tree_kernel == "flex" and mode == "tree" else {}),
                 **({"attention_span": attention_span(self.model),

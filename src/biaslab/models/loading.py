@@ -15,6 +15,7 @@ from .embedded import (DEFAULT_MODEL, EMBEDDED, PLAIN_TORCH, EmbeddedModel, _fil
                        embedded_model_dir_once,
                        list_models)
 from .fingerprint import weights_fingerprint
+from .quantized import checkpoint_quantization, load_failure
 from .placement import check_all_placed, check_map_covers, memory_error, resolve_placement
 
 # biaslab never downloads at run time: keep the HF libraries offline (a user may still override explicitly).
@@ -192,6 +193,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
             except (OSError, ValueError) as e:
                 if dm is not None and ("memory" in str(e).lower() or "offload" in str(e).lower()):
                     raise memory_error(e, device_map, max_memory) from None
+                if isinstance(e, ValueError) and checkpoint_quantization(local):   # the quantizer refused it
+                    raise load_failure(spec, checkpoint_quantization(local), e) from None
                 where = "the local Hugging Face cache" if kind == "hub" else ref
                 raise BiaslabError(
                     f"could not load model {spec!r} from {where} (biaslab never downloads at run time; "
@@ -200,6 +203,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
             except BiaslabError:
                 raise
             except Exception as e:  # e.g. a truncated model.safetensors (safetensors' own error type)
+                if checkpoint_quantization(local):   # its quantizer's library missing, or refusing the files
+                    raise load_failure(spec, checkpoint_quantization(local), e) from None
                 raise BiaslabError(f"could not load model {spec!r}: its files are damaged or not a model transformers "
                                    f"reads ({type(e).__name__}: {str(e)[:200]})") from None
             fp_source = local

@@ -68,6 +68,10 @@ def plan_placement(spec: str, *, device=None, dtype=None, device_map=None, max_m
     total = sum(t.numel() * t.element_size() for _, t in tensors)
     out = {"model": spec, "dtype": str(dt).replace("torch.", ""), "weights_bytes": total, "weights_gib": _gib(total),
            "device_map": device_map, "max_memory": max_memory}
+    from .quantized import checkpoint_quantization
+
+    if checkpoint_quantization(cdir):   # the meta model is built unquantized: its sizes bound the quantized ones
+        out["quantization"] = checkpoint_quantization(cdir)
     if dm is None:
         free = _free_bytes(dev)
         out.update(devices={dev: {"modules": 1, "bytes": total, "gib": _gib(total)}}, free_bytes={dev: free},
@@ -106,7 +110,10 @@ def render_plan(plan: dict) -> str:
     how += f" and --max-memory {plan['max_memory']}" if plan["max_memory"] else ""
     parts = ", ".join(f"{d} {_size(v['bytes'])} ({v['modules']} module{'s' if v['modules'] != 1 else ''})"
                       for d, v in plan["devices"].items())
-    line = f"placement of {plan['model']} ({plan['dtype']}, {_size(plan['weights_bytes'])} of weights){how}: {parts}"
+    size = f"{_size(plan['weights_bytes'])} of weights"
+    if plan.get("quantization"):
+        size += f" unquantized — an upper bound for this {plan['quantization']}-quantized checkpoint"
+    line = f"placement of {plan['model']} ({plan['dtype']}, {size}){how}: {parts}"
     if plan["fits"]:
         return line + " — fits"
     if "free_bytes" in plan:

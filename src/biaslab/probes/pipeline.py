@@ -119,8 +119,12 @@ def run_probe(model="smollm2-135m-instruct", out: str | Path | None = None, *, r
     base = SoftPromptConfig(virtual_tokens=virtual_tokens, epochs=epochs, batch_size=batch_size, max_length=max_length,
                             train_limit=train_limit, val_limit=val_limit, data_seed=seed)
     seeds, lrs = tuple(int(s) for s in seeds), tuple(float(x) for x in lrs)
+    from ..models.quantized import require_full_precision
+
+    require_full_precision("the soft-prompt probe", spec=model)   # before a quantized checkpoint's weights load
     lm = model if isinstance(model, LanguageModel) else load_model(model, device=device, dtype=dtype,
                                                                     device_map=device_map, max_memory=max_memory)
+    require_full_precision("the soft-prompt probe", lm=lm)
     from ..models.seq2seq import require_decoder_only
 
     require_decoder_only(lm, "the soft-prompt probe")
