@@ -112,13 +112,13 @@ class LanguageModel:
     def describe(self) -> dict:
         """Provenance for run manifests; ``scoring_mode`` says how sequences were batched (numbers agree across
         modes to float noise)."""
-        mode = self.scoring_mode()
+        mode, quant = self.scoring_mode(), quantization_method(self.config)
         return {"spec": self.spec, "fingerprint": self.fingerprint, "fingerprint_kind": self.fingerprint_kind,
                 **({"device_map": sorted({str(v) for v in self.device_map.values()})} if self.device_map else {}),
                 "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "chat_template": self.use_chat_template,
                 "architecture": (self.config.architectures or [type(self.model).__name__])[0],
-                **({"quantization": quantization_method(self.config)} if quantization_method(self.config) else {}),
+                **({"quantization": quant} if quant else {}),
                 "scoring_mode": mode,
                 **({"tree_kernel": "flex"} if self.tree_kernel == "flex" and mode == "tree" else {}),
                 **({"attention_span": attention_span(self.model),

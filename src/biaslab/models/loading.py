@@ -193,8 +193,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
             except (OSError, ValueError) as e:
                 if dm is not None and ("memory" in str(e).lower() or "offload" in str(e).lower()):
                     raise memory_error(e, device_map, max_memory) from None
-                if isinstance(e, ValueError) and checkpoint_quantization(local):   # the quantizer refused it
-                    raise load_failure(spec, checkpoint_quantization(local), e) from None
+                if isinstance(e, ValueError) and (q := checkpoint_quantization(local)):   # the quantizer refused it
+                    raise load_failure(spec, q, e) from None
                 where = "the local Hugging Face cache" if kind == "hub" else ref
                 raise BiaslabError(
                     f"could not load model {spec!r} from {where} (biaslab never downloads at run time; "
@@ -203,8 +203,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
             except BiaslabError:
                 raise
             except Exception as e:  # e.g. a truncated model.safetensors (safetensors' own error type)
-                if checkpoint_quantization(local):   # its quantizer's library missing, or refusing the files
-                    raise load_failure(spec, checkpoint_quantization(local), e) from None
+                if q := checkpoint_quantization(local):   # its quantizer's library missing, or refusing the files
+                    raise load_failure(spec, q, e) from None
                 raise BiaslabError(f"could not load model {spec!r}: its files are damaged or not a model transformers "
                                    f"reads ({type(e).__name__}: {str(e)[:200]})") from None
             fp_source = local

@@ -70,8 +70,8 @@ def plan_placement(spec: str, *, device=None, dtype=None, device_map=None, max_m
            "device_map": device_map, "max_memory": max_memory}
     from .quantized import checkpoint_quantization
 
-    if checkpoint_quantization(cdir):   # the meta model is built unquantized: its sizes bound the quantized ones
-        out["quantization"] = checkpoint_quantization(cdir)
+    if q := checkpoint_quantization(cdir):   # the meta model is built unquantized: its sizes bound the quantized ones
+        out["quantization"] = q
     if dm is None:
         free = _free_bytes(dev)
         out.update(devices={dev: {"modules": 1, "bytes": total, "gib": _gib(total)}}, free_bytes={dev: free},
