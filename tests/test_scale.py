@@ -584,13 +584,17 @@ def test_srun_tasks_with_their_own_commands_run_alone(tmp_path):
 
 
 def test_ranks_that_disagree_stop_with_one_line(tmp_path):
-    """Ranks started with other arguments, or whose node-local copies of the checkpoint differ (here: each rank's
+    """Ranks started with other arguments (rank 0 alone prints that, and a usage error), or whose node-local copies of the checkpoint differ (here: each rank's
     working directory holds its own ``./model``, rank 1's with other weights), stop at once with the rank and what
     differs — instead of cutting other chunks, or scoring two models as one."""
     procs = _launch([["env"], ["env", "--dtype", "bf16"]], 2, tmp_path)
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 2 for p in procs)
     assert "rank 1 was started with another command than rank 0 (`biaslab env --dtype bf16` vs `biaslab env`)" in errs[0]
+    assert "another command" not in errs[1], errs[1]   # one line for the job, not one per rank
+    procs = _launch(["env", "--no-such-option"], 2, tmp_path)   # a usage error: rank 0 alone shows it
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 2 for p in procs) and "--no-such-option" in errs[0] and errs[1] == "", errs
     for r in (0, 1):   # a checkpoint's files (the fingerprint reads bytes only): rank 1's weights differ at the end
         d = tmp_path / f"node{r}" / "model"
         d.mkdir(parents=True)

@@ -12,6 +12,10 @@ from .commands._app import app, err_console, mitigate_app, probe_app  # noqa: F4
 from .errors import BiaslabError
 
 
+class SameOnEveryRank(BiaslabError):
+    """An error every rank raises alike (from what they gathered together): rank 0 alone prints it."""
+
+
 INTERRUPTED = "interrupted; finished work is kept in the run directory: rerun the same command to resume"
 
 
@@ -60,8 +64,8 @@ def join_process_group() -> None:
                 err_console.print("note: the srun tasks run different commands, so each runs alone (tasks with the "
                                   "same command run as one job)", markup=False, highlight=False, soft_wrap=True)
                 return
-            raise BiaslabError(f"rank {r} was started with another command than rank 0 (`biaslab {shlex.join(argv)}` "
-                               f"vs `biaslab {shlex.join(commands[0])}`): every rank must run the same command")
+            raise SameOnEveryRank(f"rank {r} was started with another command than rank 0 (`biaslab {shlex.join(argv)}` "
+                                  f"vs `biaslab {shlex.join(commands[0])}`): every rank must run the same command")
     if not D.is_main():
         from .progress import set_quiet
 
@@ -116,9 +120,13 @@ def main() -> None:
         rv = app(standalone_mode=False)
         leave_process_group()
     except BiaslabError as e:
-        err_console.quiet = False
+        from . import distributed as D
+
         if os.environ.get("BIASLAB_DEBUG"):
             raise
+        if isinstance(e, SameOnEveryRank) and not D.is_main():
+            sys.exit(2)   # rank 0 prints the line: N ranks would print N copies of it
+        err_console.quiet = False
         # the message may quote user input (paths, field values): escaped, so "[...]" in it is printed, not parsed
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -140,6 +148,9 @@ def main() -> None:
             sys.exit(2)
         if hasattr(e, "show") and hasattr(e, "exit_code"):
             from typer import rich_utils
+
+            if not D.is_main():   # a usage error: every rank parsed the same arguments (checked), rank 0 shows it
+                sys.exit(e.exit_code)
 
             rich_utils.rich_format_error(e)
             sys.exit(e.exit_code)
