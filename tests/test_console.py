@@ -197,3 +197,29 @@ def test_cli_formats_quiet_and_dry_run_on_a_model_directory(tmp_path):
     r = CliRunner().invoke(app, ["audit", "--model", str(d), "--bench", "crows", "--out", str(tmp_path / "b"),
                                  "--format", "yaml"])
     assert isinstance(r.exception, BiaslabError) and "--format must be one of" in str(r.exception)
+
+
+def test_many_controls_go_to_a_table_of_their_own_at_80_columns():
+    """With more than two controls (the default: random and one constant answer per option), a column per control
+    folded every cell at 80 columns: the differences come as rows (metric, control, after − control) instead."""
+    from rich.console import Console
+
+    from biaslab.evaluation.report import summary_tables
+
+    m = {"set": "test", "before": 0.5, "after": 0.6, "delta": 0.1, "delta_ci95": [0.0, 0.2]}
+    names = ["random", "always A", "always B", "always C", "shuffled"]
+    controls = {n: {"members": [1, 2, 3] if n == "random" else [1],
+                    "metrics": {"acc": {"method_minus_control": 0.01 * i, "method_minus_control_ci95": [-0.5, 0.5]}}}
+                for i, n in enumerate(names)}
+    summary = {"method": "crispr", "task": "bbq", "evaluation": {"sets": {"test": {"n_items": 10}}},
+               "metrics": {"acc": m}, "controls": controls, "retention": None}
+    con = Console(record=True, width=80)
+    tables = summary_tables(summary, "4 neurons")
+    for t in tables:
+        con.print(t)
+    text = con.export_text()
+    assert len(tables) == 2 and len(tables[0].columns) == 6 and len(tables[1].rows) == 5
+    assert "random (mean of 3)" in text and "0.040 [-0.500, 0.500]" in text and "always C" in text
+    assert "0.100 [0.000, 0.200]" in text   # the main row no longer folds its interval
+    two = summary_tables({**summary, "controls": dict(list(controls.items())[:2])}, "4 neurons")
+    assert len(two) == 1 and len(two[0].columns) == 8   # two controls still fit inline

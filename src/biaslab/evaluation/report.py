@@ -24,6 +24,10 @@ def _pm(v, std) -> str:
     return _f(v) if std is None else f"{_f(v)} ± {_f(std)}"
 
 
+def _vs_control(cm: dict) -> str:
+    return f"{_f(cm.get('method_minus_control'))} {_ci(cm.get('method_minus_control_ci95'))}"
+
+
 def metric_rows(summary: dict, *, control_values: bool = True) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table: one row per metric; per control its value (``control_values``) and the
     method − control difference with its paired interval."""
@@ -42,9 +46,23 @@ def metric_rows(summary: dict, *, control_values: bool = True) -> tuple[list[str
             cm = c["metrics"].get(name, {})
             if control_values:
                 row.append(_f(cm.get("after")))
-            row.append(f"{_f(cm.get('method_minus_control'))} {_ci(cm.get('method_minus_control_ci95'))}")
+            row.append(_vs_control(cm))
         rows.append(row)
     return head, rows
+
+
+INLINE_CONTROLS = 2   # the console table holds this many controls' columns; more go to a table of their own
+CONTROL_HEAD = ["metric", "control", "after − control (95% CI)"]
+
+
+def control_rows(summary: dict) -> list[list[str]]:
+    """The method − control differences as rows (metric, control, difference with its paired interval)."""
+    rows = []
+    for name in summary["metrics"]:
+        for cname, c in (summary.get("controls") or {}).items():
+            n = len(c.get("members", []))
+            rows.append([name, cname + (f" (mean of {n})" if n > 1 else ""), _vs_control(c["metrics"].get(name, {}))])
+    return rows
 
 
 def retention_rows(summary: dict) -> list[list[str]]:
@@ -73,14 +91,20 @@ def policy_lines(summary: dict) -> list[str]:
 
 
 def summary_tables(summary: dict, headline: str = ""):
-    """Rich tables for the console: the metrics table and (when run) the retention table. Every name comes from
-    the data, so cells are plain text (never read as markup)."""
+    """Rich tables for the console: the metrics table (with more than ``INLINE_CONTROLS`` controls, their
+    differences in a table of their own) and (when run) the retention table. Every name comes from the data, so
+    cells are plain text (never read as markup)."""
     from rich.text import Text
 
     ev = summary["evaluation"]
     sizes = ", ".join(f"{k}: {v['n_items']}" for k, v in ev["sets"].items())
-    head, rows = metric_rows(summary, control_values=False)   # the controls' own values are in the report
+    controls = summary.get("controls") or {}
+    wide = len(controls) > INLINE_CONTROLS
+    head, rows = metric_rows({**summary, "controls": {}} if wide else summary, control_values=False)
     out = [text_table(f"{summary['method']} on {summary['task']}: {headline} ({sizes} items)", head, rows)]
+    if wide:   # a column per control would fold every cell on an 80-column terminal: a row per metric × control
+        out.append(text_table("after − control (95% CI): the method against each control", CONTROL_HEAD,
+                              control_rows(summary)))
     rr = retention_rows(summary)
     if rr:
         out.append(text_table("retention", RETENTION_HEAD, rr))
