@@ -584,7 +584,8 @@ def test_srun_tasks_with_their_own_commands_run_alone(tmp_path):
 
 
 def test_ranks_that_disagree_stop_with_one_line(tmp_path):
-    """Ranks started with other arguments (rank 0 alone prints that, and a usage error), or whose node-local copies of the checkpoint differ (here: each rank's
+    """Ranks started with other arguments (rank 0 alone prints that, a usage error, and any error every rank
+    meets alike; a rank's own error is printed by it, with its rank), or whose node-local copies of the checkpoint differ (here: each rank's
     working directory holds its own ``./model``, rank 1's with other weights), stop at once with the rank and what
     differs — instead of cutting other chunks, or scoring two models as one."""
     procs = _launch([["env"], ["env", "--dtype", "bf16"]], 2, tmp_path)
@@ -595,6 +596,17 @@ def test_ranks_that_disagree_stop_with_one_line(tmp_path):
     procs = _launch(["env", "--no-such-option"], 2, tmp_path)   # a usage error: rank 0 alone shows it
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 2 for p in procs) and "--no-such-option" in errs[0] and errs[1] == "", errs
+    procs = _launch(["audit", "--bench", "crows"], 2, tmp_path)   # the same check fails on both: one line
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert errs[0].count("error: --out DIR is required") == 1 and errs[1] == "", errs
+    code = ("import sys; from biaslab import cli, distributed as D; from biaslab.commands._app import app\n"
+            "from biaslab.errors import BiaslabError\n@app.command('fail-on-rank-1')\ndef fail():\n"
+            "    if D.rank() == 1: raise BiaslabError('node-b.jsonl, line 3: bad field')\n    D.barrier()\n"
+            "sys.argv = ['biaslab', 'fail-on-rank-1']; cli.main()")
+    procs = _launch(["-c", code], 2, tmp_path, exe=[])   # an error of one rank's own: that rank prints it, named
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    assert "error: rank 1: node-b.jsonl, line 3: bad field" in errs[1] and "another process" in errs[0], errs
     for r in (0, 1):   # a checkpoint's files (the fingerprint reads bytes only): rank 1's weights differ at the end
         d = tmp_path / f"node{r}" / "model"
         d.mkdir(parents=True)

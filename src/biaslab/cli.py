@@ -12,10 +12,6 @@ from .commands._app import app, err_console, mitigate_app, probe_app  # noqa: F4
 from .errors import BiaslabError
 
 
-class SameOnEveryRank(BiaslabError):
-    """An error every rank raises alike (from what they gathered together): rank 0 alone prints it."""
-
-
 INTERRUPTED = "interrupted; finished work is kept in the run directory: rerun the same command to resume"
 
 
@@ -64,8 +60,8 @@ def join_process_group() -> None:
                 err_console.print("note: the srun tasks run different commands, so each runs alone (tasks with the "
                                   "same command run as one job)", markup=False, highlight=False, soft_wrap=True)
                 return
-            raise SameOnEveryRank(f"rank {r} was started with another command than rank 0 (`biaslab {shlex.join(argv)}` "
-                                  f"vs `biaslab {shlex.join(commands[0])}`): every rank must run the same command")
+            raise BiaslabError(f"rank {r} was started with another command than rank 0 (`biaslab {shlex.join(argv)}` "
+                               f"vs `biaslab {shlex.join(commands[0])}`): every rank must run the same command")
     if not D.is_main():
         from .progress import set_quiet
 
@@ -124,11 +120,13 @@ def main() -> None:
 
         if os.environ.get("BIASLAB_DEBUG"):
             raise
-        if isinstance(e, SameOnEveryRank) and not D.is_main():
-            sys.exit(2)   # rank 0 prints the line: N ranks would print N copies of it
+        if D.world_size() > 1 and D.post_error(str(e)):
+            sys.exit(2)   # rank 0 prints this very line: N ranks failing one check printed N copies of it
         err_console.quiet = False
+        where = f"rank {D.rank()}: " if D.world_size() > 1 and not D.is_main() else ""
         # the message may quote user input (paths, field values): escaped, so "[...]" in it is printed, not parsed
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {where}{escape(str(e))}", highlight=False, soft_wrap=True)
+        D.linger_for_errors()
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print(INTERRUPTED, markup=False, highlight=False, soft_wrap=True)

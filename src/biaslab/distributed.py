@@ -140,6 +140,63 @@ def peer_failure_message(e: BaseException) -> str:
             f"(collectives time out after BIASLAB_DIST_TIMEOUT={timeout_s():g} s)")
 
 
+ERROR_WAIT_S = 2.0   # how long an erring rank waits to compare its error line with rank 0's
+
+
+def _store():
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store() if _group() is not None else None
+    except Exception:   # a private accessor: without it every rank prints its own line, as before
+        return None
+
+
+def _poll(done, wait_s: float) -> bool:
+    import time
+
+    end = time.monotonic() + wait_s
+    while not done():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def post_error(message: str) -> bool:
+    """Rank 0 posts its error line; another rank gets True when rank 0 posted the same line, so it need not print
+    it (ranks failing one check printed one identical line each). Through the rendezvous store, never a
+    collective: the ranks may stand at different points. A rank other than 0 waits up to ``ERROR_WAIT_S`` for rank
+    0's line; rank 0 (which always prints) then calls :func:`linger_for_errors`. False in one process or where the
+    store cannot answer (then each rank prints its own line)."""
+    store = _store()
+    if store is None:
+        return False
+    try:
+        if rank() == 0:
+            store.set("biaslab/error/0", message)
+            return False
+        try:
+            seen = _poll(lambda: store.check(["biaslab/error/0"]), ERROR_WAIT_S)
+            return seen and store.get("biaslab/error/0").decode("utf-8", "replace") == message
+        finally:
+            store.add("biaslab/errors-read", 1)   # rank 0 may leave now (its store with it)
+    except Exception:
+        return False
+
+
+def linger_for_errors() -> None:
+    """Rank 0, after printing its error: up to ``ERROR_WAIT_S`` for every other rank to have read its line (the
+    store may live in rank 0's process and end with it); ranks that are not failing never read it, so rank 0
+    then waits the whole time."""
+    store = _store()
+    if store is not None and rank() == 0:
+        try:
+            _poll(lambda: store.add("biaslab/errors-read", 0) >= world_size() - 1, ERROR_WAIT_S)
+        except Exception:
+            pass
+
+
 def gpu_share(n_gpus: int, local_rank: int, local_world: int) -> list[int]:
     """The GPUs of a node that belong to one of its ranks: the node's ``n_gpus`` cut into ``local_world`` equal
     blocks of consecutive indices, block ``local_rank`` to that rank (8 GPUs, 2 ranks: 0-3 and 4-7). A remainder
