@@ -599,7 +599,7 @@ def test_ranks_that_disagree_stop_with_one_line(tmp_path):
     procs = _launch(["audit", "--bench", "crows"], 2, tmp_path)   # the same check fails on both: one line
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert errs[0].count("error: --out DIR is required") == 1 and errs[1] == "", errs
-    code = ("import sys; from biaslab import cli, distributed as D; from biaslab.commands._app import app\n"
+    code = ("import sys; from biaslab import cli, distributed as D; from biaslab.cli import app\n"
             "from biaslab.errors import BiaslabError\n@app.command('fail-on-rank-1')\ndef fail():\n"
             "    if D.rank() == 1: raise BiaslabError('node-b.jsonl, line 3: bad field')\n    D.barrier()\n"
             "sys.argv = ['biaslab', 'fail-on-rank-1']; cli.main()")
