@@ -19,16 +19,21 @@ def test_resolve_specs(tmp_path):
         resolve_spec("smollm2-135m")
 
 
-def test_local_hf_dir_roundtrip_keeps_fingerprint(tmp_path):
+def test_local_hf_dir_roundtrip_keeps_fingerprint(tmp_path, capfd, monkeypatch):
     from biaslab.models import load_model
 
     model, tok = make_tiny_llama(seed=3)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
+    capfd.readouterr()
     lm = load_model(str(tmp_path), progress=False)
     assert weights_fingerprint(lm.model) == weights_fingerprint(model)   # the weights come back bit for bit
     assert lm.fingerprint.startswith("sha256-files:")                    # identity from the checkpoint files
     assert lm.dtype == torch.float32 and str(lm.device) == "cpu"
+    assert "Loading weights" not in capfd.readouterr().err   # transformers' bar follows biaslab's (off: --quiet)
+    monkeypatch.setenv("BIASLAB_PROGRESS", "1")
+    load_model(str(tmp_path))
+    assert "Loading weights" in capfd.readouterr().err       # on where biaslab's progress shows (a big load's)
 
 
 def test_fingerprint_changes_with_one_weight():

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import BiaslabError, PatchMismatchError
+from .progress import library_bars
 from .registry import LazyRegistry
 
 PATCH_KINDS = LazyRegistry("patch kind", {
@@ -119,7 +120,8 @@ class Patch:
             # a patch that cannot live in the weights (a scoring-time calibration) exports the base model and a note
             with self.applied(lm) if self.bakes_into_weights else contextlib.nullcontext():
                 model = self._export_model(lm)
-                model.save_pretrained(tmp)
+                with library_bars():
+                    model.save_pretrained(tmp)
                 lm.tokenizer.save_pretrained(tmp)
                 self._export_notes(tmp)
                 for f in getattr(lm, "license_files", []):   # e.g. Gemma's NOTICE and terms: a derivative carries them
@@ -170,8 +172,9 @@ class Patch:
         want = logits(lm.model)
         placed = getattr(lm.model, "hf_device_map", None) if getattr(lm, "device_map", None) else None
         # a model spread over devices: the export is reloaded with the same map (not gathered onto one device)
-        plain = type(lm.model).from_pretrained(path, dtype=lm.model.dtype, local_files_only=True, **PLAIN_TORCH,
-                                               **({"device_map": placed} if placed else {}))
+        with library_bars():
+            plain = type(lm.model).from_pretrained(path, dtype=lm.model.dtype, local_files_only=True, **PLAIN_TORCH,
+                                                   **({"device_map": placed} if placed else {}))
         plain = (plain if placed else plain.to(lm.device)).eval()
         try:
             diff = float((logits(plain) - want).abs().max())

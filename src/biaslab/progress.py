@@ -40,6 +40,22 @@ def quieted():
         _quiet = was
 
 
+@contextmanager
+def library_bars(flag: bool | None = None):
+    """transformers' own bars ("Loading weights", "Writing model shards") inside the block only where biaslab's
+    progress shows (``flag`` as in :func:`progress_enabled`): never under ``--quiet``, ``BIASLAB_PROGRESS=0`` or on
+    ranks other than 0; the previous state is restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not progress_enabled(flag):
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 def progress_enabled(flag: bool | None = None) -> bool:
     if _quiet:
         return False

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BiaslabError, MissingDependencyError
+from ..progress import library_bars
 
 # biaslab never downloads at run time: keep the HF libraries offline (a user may still override explicitly).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -245,7 +246,8 @@ def _save_converted(model, tok, target: Path, meta: dict) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     try:
-        model.save_pretrained(tmp)
+        with library_bars():
+            model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         meta = {**meta, "files": {f.name: _file_record(f) for f in sorted(tmp.glob("*.safetensors"))}}
         (tmp / "biaslab.json").write_text(json.dumps(meta, indent=2))

@@ -158,21 +158,20 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     dm, mm = resolve_placement(device_map, max_memory)   # several ranks per node: each on its own GPUs only
     place = {"device_map": dm, **({"max_memory": mm} if mm else {})} if dm is not None else {}
     meta_f, fp_source = None, None
-    from transformers.utils import logging as hf_logging
+    from ..progress import library_bars
 
+    bars = None if progress else False   # transformers' bars follow biaslab's progress (off under --quiet)
     try:
         if kind == "embedded":
             path = embedded_model_dir_once(ref, progress=progress)
             meta_f = path / "biaslab.json"
             check_map_covers(dm, path)
-            hf_logging.disable_progress_bar()  # a sub-second local load needs no "Loading weights" bar
-            try:
+            with library_bars(False):   # a sub-second local load needs no "Loading weights" bar
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **PLAIN_TORCH, **place)
-            finally:
-                hf_logging.enable_progress_bar()
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         elif kind == "gguf":
-            model, tok = _load_gguf(Path(ref), dtype=dt, place=place)
+            with library_bars(bars):
+                model, tok = _load_gguf(Path(ref), dtype=dt, place=place)
             fp_source = Path(ref)
         else:
             local = Path(ref)
@@ -188,7 +187,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
                 auto = AutoModelForCausalLM
                 if is_encoder_decoder(local):   # T5-style (check_no_remote_code refused the others)
                     from transformers import AutoModelForSeq2SeqLM as auto
-                model = auto.from_pretrained(local, dtype=dt, local_files_only=True, **PLAIN_TORCH, **place)
+                with library_bars(bars):
+                    model = auto.from_pretrained(local, dtype=dt, local_files_only=True, **PLAIN_TORCH, **place)
                 tok = AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError) as e:
                 if dm is not None and ("memory" in str(e).lower() or "offload" in str(e).lower()):
