@@ -31,8 +31,18 @@ def test_local_hf_dir_roundtrip_keeps_fingerprint(tmp_path, capfd, monkeypatch):
     assert lm.fingerprint.startswith("sha256-files:")                    # identity from the checkpoint files
     assert lm.dtype == torch.float32 and str(lm.device) == "cpu"
     assert "Loading weights" not in capfd.readouterr().err   # transformers' bar follows biaslab's (off: --quiet)
+    from transformers.utils import logging as hf_logging
+
+    from biaslab import progress
+
     monkeypatch.setenv("BIASLAB_PROGRESS", "1")
-    load_model(str(tmp_path))
+    monkeypatch.setattr(progress, "_quiet", False)   # an earlier in-process CLI test may have run with --quiet
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        load_model(str(tmp_path))
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
     assert "Loading weights" in capfd.readouterr().err       # on where biaslab's progress shows (a big load's)
 
 
