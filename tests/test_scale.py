@@ -643,7 +643,7 @@ def test_two_process_crispr_fit_chooses_the_same_neurons(tiny_dir, tmp_path):
 
 
 def test_a_killed_rank_then_a_rerun_ends_with_the_same_results(tiny_dir, tmp_path):
-    args = ["audit", "--model", str(tiny_dir), "--bench", "crows", "--limit", "640", "--n-boot", "50", "--format",
+    args = ["audit", "--model", str(tiny_dir), "--bench", "winobias", "--limit", "320", "--n-boot", "50", "--format",
             "json", "-q"]
     procs = _launch(args + ["--out", str(tmp_path / "two")], 2, tmp_path)
     journal = tmp_path / "two" / "records.jsonl"
@@ -657,7 +657,7 @@ def test_a_killed_rank_then_a_rerun_ends_with_the_same_results(tiny_dir, tmp_pat
     procs[1].communicate(timeout=60)
     done = journal.read_text().count("chunk_done")
     assert procs[0].returncode != 0 and "rerun the same command to resume" in err0, err0[-1500:]
-    assert 2 <= done < 5                                                # 640 pairs / 128 per chunk = 5 chunks
+    assert 2 <= done < 5                                                # 320 items / 64 per chunk = 5 chunks
     shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
     before = [json.loads(x)["chunk_done"] for x in open(journal) if "chunk_done" in x]
     two = json.loads(_run(args + ["--out", str(tmp_path / "two")], 2, tmp_path))   # the rerun resumes
