@@ -120,10 +120,10 @@ def main() -> None:
 
         if os.environ.get("BIASLAB_DEBUG"):
             raise
-        if D.world_size() > 1 and D.post_error(str(e)):
+        if D.post_error(str(e)):   # False in one process
             sys.exit(2)   # rank 0 prints this very line: N ranks failing one check printed N copies of it
         err_console.quiet = False
-        where = f"rank {D.rank()}: " if D.world_size() > 1 and not D.is_main() else ""
+        where = f"rank {D.rank()}: " if D.rank() else ""
         # the message may quote user input (paths, field values): escaped, so "[...]" in it is printed, not parsed
         err_console.print(f"[bold red]error:[/] {where}{escape(str(e))}", highlight=False, soft_wrap=True)
         D.linger_for_errors()

@@ -28,15 +28,19 @@ def _vs_control(cm: dict) -> str:
     return f"{_f(cm.get('method_minus_control'))} {_ci(cm.get('method_minus_control_ci95'))}"
 
 
+def _control_label(name: str, c: dict) -> str:
+    n = len(c.get("members", []))
+    return name + (f" (mean of {n})" if n > 1 else "")
+
+
 def metric_rows(summary: dict, *, control_values: bool = True) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table: one row per metric; per control its value (``control_values``) and the
     method − control difference with its paired interval."""
     controls = summary.get("controls", {})
     head = ["metric", "set", "before", "after", "Δ after − before (95% CI)", "verdict"]
     for name, c in controls.items():
-        n = len(c.get("members", []))
         if control_values:
-            head.append(f"{name}" + (f" (mean of {n})" if n > 1 else ""))
+            head.append(_control_label(name, c))
         head.append(f"after − {name} (95% CI)")
     rows = []
     for name, m in summary["metrics"].items():
@@ -60,8 +64,7 @@ def control_rows(summary: dict) -> list[list[str]]:
     rows = []
     for name in summary["metrics"]:
         for cname, c in (summary.get("controls") or {}).items():
-            n = len(c.get("members", []))
-            rows.append([name, cname + (f" (mean of {n})" if n > 1 else ""), _vs_control(c["metrics"].get(name, {}))])
+            rows.append([name, _control_label(cname, c), _vs_control(c["metrics"].get(name, {}))])
     return rows
 
 
