@@ -101,6 +101,27 @@ def test_stage_counts_inner_progress_and_prints_plain_lines(monkeypatch, capsys)
     assert "[biaslab] 2/5 before: bbq: 8/10 items (80 %)" in err and "done in" in err
 
 
+def test_a_sharded_map_is_one_stage_named_for_its_processes(monkeypatch, capsys):
+    """A dev search's map is one progress line for all its chunks (the bars each chunk opens move it), not a line
+    per chunk; the label says how many processes share the work."""
+    from biaslab import distributed as D, progress
+
+    monkeypatch.setenv("BIASLAB_PROGRESS", "1")
+    monkeypatch.setattr(progress, "_quiet", False)
+
+    def fn(part):
+        with progress.progress_bar(2 * len(part), "scoring") as adv:
+            adv(2 * len(part))
+        return [x * 10 for x in part]
+
+    assert D.sharded_map(fn, list(range(7)), 3, desc="dev search n=3", per_item=2) == [x * 10 for x in range(7)]
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[biaslab]")]
+    assert len(lines) == 1 and lines[0].startswith("[biaslab] dev search n=3: 14/14 items (100 %)"), lines
+    assert D.shared_label("CRISPR attribution") == "CRISPR attribution"
+    monkeypatch.setattr(D, "world_size", lambda: 4)
+    assert D.shared_label("CRISPR attribution") == "CRISPR attribution (4 processes)"
+
+
 def test_quiet_turns_progress_off(monkeypatch):
     from biaslab import progress
 

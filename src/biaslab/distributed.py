@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
 from . import launchers
@@ -323,7 +323,7 @@ def score_chunks_distributed(run, key: str, items: list, chunk: int, score, *, s
                 done[no] = [strip(r) for r in recs]
     pending = broadcast([no for no in range(n_chunks) if no not in done] if is_main() else None)
     me, W = rank(), world_size()
-    with stage(f"{key} ({W} processes)", len(items)) as st:
+    with stage(shared_label(key), len(items)) as st:
         if st is not None:
             for no in done:
                 st.start_chunk(len(items[no * chunk:(no + 1) * chunk]))
@@ -346,20 +346,34 @@ def score_chunks_distributed(run, key: str, items: list, chunk: int, score, *, s
     return broadcast(records)
 
 
-def sharded_map(fn, items: list, chunk: int) -> list:
+def shared_label(desc: str) -> str:
+    """A progress label for work the ranks share: ``desc (N processes)`` under torch.distributed, else ``desc``."""
+    W = world_size()
+    return f"{desc} ({W} processes)" if W > 1 else desc
+
+
+def sharded_map(fn, items: list, chunk: int, *, desc: str | None = None, per_item: int = 1,
+                enabled: bool | None = None) -> list:
     """``fn`` over ``items`` in chunks of ``chunk`` (the same chunks in one process and in N), chunk k on rank
-    k mod world, the results gathered in chunk order on every rank. For work with no journal (a dev search)."""
+    k mod world, the results gathered in chunk order on every rank. For work with no journal (a dev search).
+    With ``desc`` the whole map is one progress stage of ``len(items) * per_item`` units (the bars ``fn`` opens
+    move it by their share of the round) instead of one bar per chunk."""
+    from .progress import stage
+
     chunks = [items[c:c + chunk] for c in range(0, len(items), chunk)]
     W, me = world_size(), rank()
-    if W == 1:
-        return [r for part in chunks for r in fn(part)]
     done: dict[int, list] = {}
-    for rnd in scatter_rounds(list(range(len(chunks))), W):
-        mine = rnd[me]
-        got = all_gather((mine, fn(chunks[mine]) if mine is not None else None))
-        for k, rs in got:
-            if k is not None:
-                done[k] = rs
+    with stage(shared_label(desc), len(items) * per_item, enabled=enabled) if desc else nullcontext() as st:
+        for rnd in scatter_rounds(list(range(len(chunks))), W):
+            mine = rnd[me]
+            if st is not None:
+                st.start_chunk(sum(len(chunks[k]) for k in rnd if k is not None) * per_item)
+            out = fn(chunks[mine]) if mine is not None else None
+            for k, rs in all_gather((mine, out)):
+                if k is not None:
+                    done[k] = rs
+            if st is not None:
+                st.end_chunk()
     return [r for k in range(len(chunks)) for r in done[k]]
 
 

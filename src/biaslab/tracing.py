@@ -184,7 +184,7 @@ def trace(lm, items: list[TraceItem], *, kinds=("hidden", "mlp"), noise_scale: f
 
     W, me = D.world_size(), D.rank()
     d_emb = emb.weight.shape[1]
-    with progress_bar(len(items), "causal tracing", enabled=lm.progress) as advance:
+    with progress_bar(len(items), D.shared_label("causal tracing"), enabled=lm.progress) as advance:
         for n, (ids, spos, n_ctx, cont) in enumerate(prepared):
             if n % W != me:   # another rank's pair: draw its noise anyway, so every pair gets the noise it gets alone
                 for _ in range(n_noise):
@@ -234,7 +234,7 @@ def trace(lm, items: list[TraceItem], *, kinds=("hidden", "mlp"), noise_scale: f
             acc /= n_noise
             for r, (k, li) in enumerate(plan):
                 per[k][n, li] = acc[r]
-            advance(1)
+            advance(min(W, len(items) - n))   # this rank's pair n ends the round n … n + W − 1 (run in parallel)
     if W > 1:   # pair n was traced on rank n mod W; every rank ends with all of them
         for r, got in enumerate(D.all_gather({n: (p_clean[n], p_corr[n], {k: per[k][n] for k in kinds})
                                               for n in range(me, len(items), W)})):

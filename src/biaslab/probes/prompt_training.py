@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from .. import distributed as D
 from ..models.finite import refuse_bad_loss
 from ..progress import progress_bar
 from .data import Sentence
@@ -79,8 +80,6 @@ def train_step_in_parts(lm, encoder, rows, golds, label_ids, opt, micro: int, cl
     :func:`biaslab.distributed.summed_gradients` adds their gradients in part order. One process with the same
     ``micro`` computes the same parts one after another, so it trains the same prompt bit for bit (a prompt trained
     in parts differs from the whole-batch one by float rounding: each part pads to its own widest row)."""
-    from .. import distributed as D
-
     weight = encoder.embedding.weight
     B = len(rows)
 
@@ -116,7 +115,7 @@ def train_soft_prompt(lm, cfg: SoftPromptConfig, train: list[Sentence], val: lis
     losses: list[float] = []
     was_training = lm.model.training
     lm.model.eval()
-    with frozen(lm.model), progress_bar(len(train) * cfg.epochs, f"prompt-tuning {cfg.name}",
+    with frozen(lm.model), progress_bar(len(train) * cfg.epochs, D.shared_label(f"prompt-tuning {cfg.name}"),
                                         enabled=lm.progress if progress is None else progress) as advance:
         for _ in range(cfg.epochs):
             for batch in length_batches([len(r) for r in enc.rows], cfg.batch_size, rng):
@@ -133,10 +132,9 @@ def train_soft_prompt(lm, cfg: SoftPromptConfig, train: list[Sentence], val: lis
     sp = SoftPrompt(encoder.embedding.weight.detach().cpu().clone(), cfg, lm.fingerprint, lm.spec)
     texts = [s.text for s in val]
     if micro_batch_size:   # every rank holds the prompt: the validation is sharded too (the same chunks in 1 and N)
-        from .. import distributed as D
-
         preds = D.sharded_map(lambda part: predict(lm, sp, part, desc=f"validating {cfg.name}", progress=progress),
-                              texts, VAL_CHUNK)
+                              texts, VAL_CHUNK, desc=f"validating {cfg.name}",
+                              enabled=lm.progress if progress is None else progress)
     else:
         preds = predict(lm, sp, texts, desc=f"validating {cfg.name}", progress=progress)
     sp.val_accuracy = accuracy(preds, [s.label for s in val])

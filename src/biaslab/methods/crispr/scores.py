@@ -44,7 +44,9 @@ def bias_scores(lm, items: Sequence[MCItem], instructions: Sequence[int], cfg: C
     st = AttributionStats()
     conf_sum, correct = 0.0, 0
     batch_fn = _continuation_batches if cfg.protocol in ("option-loglik", "generation") else _answer_token_batches
-    with progress_bar(len(items) * len(instructions), desc) as advance:
+    from ... import distributed as D
+
+    with progress_bar(len(items) * len(instructions), D.shared_label(desc)) as advance:
         for i in instructions:
             per_instr = {s.name: torch.zeros(s.n_units, dtype=torch.float64) for s in site_list}
             # one contribution per attribution batch, summed in batch order: under torch.distributed each rank
