@@ -640,6 +640,13 @@ def test_two_process_crispr_fit_chooses_the_same_neurons(tiny_dir, tmp_path):
 
     a, b = load_file(tmp_path / "one" / "patch.safetensors"), load_file(tmp_path / "two" / "patch.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    # export has nothing to share: under torchrun rank 0 alone runs it (its ranks used to race on the directory)
+    procs = _launch(["export", "--model", str(tiny_dir), "--patch", str(tmp_path / "two" / "patch.safetensors"),
+                     "--out", str(tmp_path / "exported")], 2, tmp_path)
+    (out0, err0), (out1, err1) = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], err0[-1500:] + err1[-1500:]
+    assert "verified: reloaded" in out0 and "the 1 other rank(s) of this launch had nothing to do" in err0
+    assert out1 == err1 == "" and (tmp_path / "exported" / "model.safetensors").is_file()
 
 
 def test_a_killed_rank_then_a_rerun_ends_with_the_same_results(tiny_dir, tmp_path):

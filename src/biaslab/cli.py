@@ -40,6 +40,12 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+# commands with no work to share between ranks (no model scoring, or one pass that writes one directory): under
+# torchrun, rank 0 runs them alone (several ranks would repeat the work, and export's ranks raced on one directory)
+ONE_PROCESS_COMMANDS = frozenset({"export", "check", "compare", "score", "rewrite", "bbq-generate", "models",
+                                  "benchmarks"})
+
+
 def join_process_group() -> None:
     """Under torchrun / accelerate launch (WORLD_SIZE > 1): join the group; ranks other than 0 print nothing but
     errors (rank 0 prints the results and writes the run directory)."""
@@ -62,6 +68,16 @@ def join_process_group() -> None:
                 return
             raise BiaslabError(f"rank {r} was started with another command than rank 0 (`biaslab {shlex.join(argv)}` "
                                f"vs `biaslab {shlex.join(commands[0])}`): every rank must run the same command")
+    name = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if name in ONE_PROCESS_COMMANDS:   # nothing to share: rank 0 runs it as one process, the others stop now
+        main_rank, world = D.is_main(), D.world_size()
+        leave_process_group()
+        launchers.undo_adoption()
+        if not main_rank:
+            sys.exit(0)
+        err_console.print(f"note: `biaslab {name}` runs in one process: the {world - 1} other rank(s) of this launch "
+                          "had nothing to do and have stopped", markup=False, highlight=False, soft_wrap=True)
+        return
     if not D.is_main():
         from .progress import set_quiet
 
