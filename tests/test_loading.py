@@ -37,7 +37,14 @@ def test_local_hf_dir_roundtrip_keeps_fingerprint(tmp_path, capfd, monkeypatch):
         assert "Loading weights" not in capfd.readouterr().err   # transformers' bar follows biaslab's (--quiet: off)
         monkeypatch.setenv("BIASLAB_PROGRESS", "1")
         load_model(str(tmp_path))
-        assert "Loading weights" in capfd.readouterr().err       # on where biaslab's progress shows (a big load's)
+        err = capfd.readouterr().err   # off a terminal (a log): plain lines, not the bar's carriage returns
+        assert "Loading weights" not in err and f"[biaslab] loading {tmp_path} in float32: done in" in err, err
+        from rich.console import Console
+
+        monkeypatch.setattr(progress, "_console", Console(stderr=True, force_terminal=True))
+        load_model(str(tmp_path))
+        err = capfd.readouterr().err   # on a terminal: transformers' bar (a big load's), no plain lines
+        assert "Loading weights" in err and "[biaslab] loading" not in err, err
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
     assert weights_fingerprint(lm.model) == weights_fingerprint(model)   # the weights come back bit for bit

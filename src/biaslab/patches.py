@@ -120,7 +120,7 @@ class Patch:
             # a patch that cannot live in the weights (a scoring-time calibration) exports the base model and a note
             with self.applied(lm) if self.bakes_into_weights else contextlib.nullcontext():
                 model = self._export_model(lm)
-                with library_bars():
+                with library_bars(label="writing the exported model"):
                     model.save_pretrained(tmp)
                 lm.tokenizer.save_pretrained(tmp)
                 self._export_notes(tmp)
@@ -172,7 +172,7 @@ class Patch:
         want = logits(lm.model)
         placed = getattr(lm.model, "hf_device_map", None) if getattr(lm, "device_map", None) else None
         # a model spread over devices: the export is reloaded with the same map (not gathered onto one device)
-        with library_bars():
+        with library_bars(label="reloading the export with transformers alone"):
             plain = type(lm.model).from_pretrained(path, dtype=lm.model.dtype, local_files_only=True, **PLAIN_TORCH,
                                                    **({"device_map": placed} if placed else {}))
         plain = (plain if placed else plain.to(lm.device)).eval()

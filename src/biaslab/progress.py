@@ -41,17 +41,26 @@ def quieted():
 
 
 @contextmanager
-def library_bars(flag: bool | None = None):
+def library_bars(flag: bool | None = None, label: str | None = None):
     """transformers' own bars ("Loading weights", "Writing model shards") inside the block only where biaslab's
     progress shows (``flag`` as in :func:`progress_enabled`): never under ``--quiet``, ``BIASLAB_PROGRESS=0`` or on
-    ranks other than 0; the previous state is restored on exit."""
+    ranks other than 0. Off a terminal (a log file, a Slurm job's output) their carriage-return updates would pile
+    up on one line: there ``label`` gets two plain lines instead, when the block starts and when it ends. The
+    previous state is restored on exit."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
-    if not progress_enabled(flag):
+    shown = progress_enabled(flag)
+    plain = shown and not _console.is_terminal
+    if not shown or plain:
         hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    if plain and label:
+        print(f"[biaslab] {label} …", file=sys.stderr, flush=True)
     try:
         yield
+        if plain and label:
+            print(f"[biaslab] {label}: done in {fmt_seconds(time.perf_counter() - t0)}", file=sys.stderr, flush=True)
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 

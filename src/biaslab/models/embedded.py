@@ -246,7 +246,7 @@ def _save_converted(model, tok, target: Path, meta: dict) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     try:
-        with library_bars():
+        with library_bars(label="writing the converted model to the cache"):
             model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         meta = {**meta, "files": {f.name: _file_record(f) for f in sorted(tmp.glob("*.safetensors"))}}
