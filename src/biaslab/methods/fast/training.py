@@ -197,7 +197,8 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
     was_training = model.training
     model.eval()  # dropout off; gradients still flow
     try:
-        with progress_bar(cfg.steps, D.shared_label(desc or f"training ({mode})"), unit="steps", enabled=lm.progress) as advance:
+        with progress_bar(cfg.steps, D.shared_label(desc or f"training ({mode})"), unit="steps",
+                          enabled=lm.progress) as advance:
             for step in range(1, cfg.steps + 1):
                 with torch.enable_grad():
                     batch = rng.sample(range(len(pairs)), min(cfg.batch_pairs, len(pairs)))

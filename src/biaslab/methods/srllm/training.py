@@ -155,7 +155,8 @@ def train_lora(lm, train_pairs, val_pairs, cfg: SRLLMConfig | None = None, *, pr
                     f"{vl:.4f} (best {best[0]:.4f} at step {best[2]}), {time.perf_counter() - t0:.0f} s")
             return bad_checks >= cfg.patience
 
-        with progress_bar(total_steps, D.shared_label("SR_LLM LoRA training"), unit="steps", enabled=progress) as advance:
+        with progress_bar(total_steps, D.shared_label("SR_LLM LoRA training"), unit="steps",
+                          enabled=progress) as advance:
             model.train()
             while step < total_steps and not stopped_early:
                 for b in _batches(len(train), cfg.batch_size, lengths, rng):
