@@ -116,17 +116,17 @@ def step_in_parts(lm, params, cfg: "FastConfig", pairs: list[KnowledgePair], sub
     return rec
 
 
-def pair_preference_ss(lm, pairs: list[KnowledgePair]) -> float:
+def pair_preference_ss(lm, pairs: list[KnowledgePair], desc: str = "dev split") -> float:
     """Quick SS (0-100) of pairs (no bootstrap; NaN for no pairs): used on the dev split during training."""
-    return dev_stats(lm, pairs)["ss"] if pairs else math.nan
+    return dev_stats(lm, pairs, desc)["ss"] if pairs else math.nan
 
 
-def dev_stats(lm, pairs: list[KnowledgePair]) -> dict:
+def dev_stats(lm, pairs: list[KnowledgePair], desc: str = "dev split") -> dict:
     """Dev-split diagnostics used for model selection: SS and the mean |log P(o|s1,r) − log P(o|s2,r)|."""
     if not pairs:
         return {"ss": None, "mean_abs_gap": None, "n": 0}
     sc = lm.loglikelihood([(p.prompt_1, " " + p.object) for p in pairs] + [(p.prompt_2, " " + p.object) for p in pairs],
-                          desc="dev")
+                          desc=desc)
     n = len(pairs)
     gaps = [sc[i].logprob - sc[n + i].logprob for i in range(n)]
     ss = 100.0 * sum(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gaps) / n
@@ -197,7 +197,8 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
     was_training = model.training
     model.eval()  # dropout off; gradients still flow
     try:
-        with progress_bar(cfg.steps, D.shared_label(desc or f"training ({mode})"), unit="steps",
+        label = desc or f"training ({mode})"
+        with progress_bar(cfg.steps, D.shared_label(label), unit="steps",
                           enabled=lm.progress) as advance:
             for step in range(1, cfg.steps + 1):
                 with torch.enable_grad():
@@ -222,7 +223,7 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
                 if cfg.fairness == "gap":
                     rec.pop("JS")
                 if mode == "ftl" and match_dev_ss is not None and dev_pairs and (step % cfg.ftl_eval_every == 0 or step == cfg.steps):
-                    st = dev_stats(lm, dev_pairs)
+                    st = dev_stats(lm, dev_pairs, f"{label}: dev split at step {step}")
                     rec["dev_ss"], rec["dev_mean_abs_gap"] = st["ss"], st["mean_abs_gap"]
                     key = (abs(st["ss"] - match_dev_ss),
                            0.0 if match_dev_gap is None else abs(st["mean_abs_gap"] - match_dev_gap), step)
@@ -235,7 +236,7 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
             stamp.eval().requires_grad_(False)
             res.stamp = stamp
             if dev_pairs:
-                res.dev_ss = pair_preference_ss(lm, dev_pairs)
+                res.dev_ss = pair_preference_ss(lm, dev_pairs, f"{label}: dev split")
         else:
             res.lr = lr
             if checkpoints:
@@ -245,7 +246,7 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
                 state = {k: v.detach().clone() for k, v in mlp.state_dict().items()}
                 res.chosen_step = cfg.steps
                 if dev_pairs:
-                    st = dev_stats(lm, dev_pairs)
+                    st = dev_stats(lm, dev_pairs, f"{label}: dev split")
                     res.dev_ss, res.dev_gap = st["ss"], st["mean_abs_gap"]
             res.mlp_state = state
     finally:
