@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 
 import pytest
 
@@ -99,6 +100,15 @@ def test_stage_counts_inner_progress_and_prints_plain_lines(monkeypatch, capsys)
     assert seen == [5.0, 6.0]
     err = capsys.readouterr().err
     assert "[biaslab] 2/5 before: bbq: 8/10 items (80 %)" in err and "done in" in err
+    with progress.stage("crows", 4) as st:               # at 100 % only the final line: no "4/4 … eta 0s" first
+        st.start_chunk(4)
+        with progress.progress_bar(4, "scoring") as adv:
+            adv(4)
+            time.sleep(0.15)
+            adv(0)
+        st.end_chunk()
+    lines = [x for x in capsys.readouterr().err.splitlines() if "crows" in x]
+    assert len(lines) == 1 and "4/4 items (100 %)" in lines[0] and "done in" in lines[0], lines
 
 
 def test_a_sharded_map_is_one_stage_named_for_its_processes(monkeypatch, capsys):

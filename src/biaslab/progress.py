@@ -143,8 +143,8 @@ class _Stage:
     def refresh(self, force: bool = False) -> None:
         if self.prog is not None:
             self.prog.update(self.task, completed=self.count())
-        elif force or time.perf_counter() - self.last_line >= _every():
-            self.last_line = time.perf_counter()
+        elif force or (time.perf_counter() - self.last_line >= _every() and self.count() < self.total):
+            self.last_line = time.perf_counter()   # (at 100 % the stage's final line is about to say it)
             print(self.line(), file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- chunk protocol
