@@ -102,3 +102,15 @@ def test_out_of_memory_is_one_line_with_what_to_lower(argv, advice, monkeypatch,
         cli.main()
     err = capsys.readouterr().err
     assert ex.value.code == 2 and err.startswith("error: out of memory: CUDA out of memory.") and "Traceback" not in err
+
+
+def test_every_command_is_either_shared_by_ranks_or_run_by_rank_0_alone():
+    """Under torchrun a command either shares its work (audit, mitigate, probe, env) or runs on rank 0 alone
+    (cli.ONE_PROCESS_COMMANDS); a new command must be put on one side, and the set names only real commands."""
+    import typer
+
+    from biaslab.cli import ONE_PROCESS_COMMANDS, app
+
+    names = set(typer.main.get_command(app).commands)
+    assert ONE_PROCESS_COMMANDS <= names
+    assert names - ONE_PROCESS_COMMANDS == {"audit", "mitigate", "probe", "env"}
