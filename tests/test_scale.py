@@ -640,7 +640,8 @@ def test_two_process_crispr_fit_chooses_the_same_neurons(tiny_dir, tmp_path):
 
     a, b = load_file(tmp_path / "one" / "patch.safetensors"), load_file(tmp_path / "two" / "patch.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    # export has nothing to share: under torchrun rank 0 alone runs it (its ranks used to race on the directory)
+    # export has nothing to share: under torchrun rank 0 alone runs it (it failed on rank 1, where save_pretrained
+    # writes nothing once a process group exists)
     procs = _launch(["export", "--model", str(tiny_dir), "--patch", str(tmp_path / "two" / "patch.safetensors"),
                      "--out", str(tmp_path / "exported")], 2, tmp_path)
     (out0, err0), (out1, err1) = [p.communicate(timeout=300) for p in procs]
