@@ -62,22 +62,18 @@ def join_process_group() -> None:
             import shlex
 
             if launchers.adopted == "slurm":   # srun tasks given their own commands: independent jobs, as before
-                leave_process_group()
-                launchers.undo_adoption()
-                err_console.print("note: the srun tasks run different commands, so each runs alone (tasks with the "
-                                  "same command run as one job)", markup=False, highlight=False, soft_wrap=True)
+                _run_alone("note: the srun tasks run different commands, so each runs alone (tasks with the same "
+                           "command run as one job)")
                 return
             raise BiaslabError(f"rank {r} was started with another command than rank 0 (`biaslab {shlex.join(argv)}` "
                                f"vs `biaslab {shlex.join(commands[0])}`): every rank must run the same command")
     name = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
     if name in ONE_PROCESS_COMMANDS:   # nothing to share: rank 0 runs it as one process, the others stop now
         main_rank, world = D.is_main(), D.world_size()
-        leave_process_group()
-        launchers.undo_adoption()
+        _run_alone(f"note: `biaslab {name}` runs in one process: the {world - 1} other rank(s) of this launch had "
+                   "nothing to do and have stopped" if main_rank else None)
         if not main_rank:
             sys.exit(0)
-        err_console.print(f"note: `biaslab {name}` runs in one process: the {world - 1} other rank(s) of this launch "
-                          "had nothing to do and have stopped", markup=False, highlight=False, soft_wrap=True)
         return
     if not D.is_main():
         from .progress import set_quiet
@@ -85,6 +81,17 @@ def join_process_group() -> None:
         set_quiet(True)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
         err_console.quiet = True            # notes too; errors are printed (main() turns it back on)
+
+
+def _run_alone(note: str | None) -> None:
+    """Leave the process group and the launcher's adopted variables: this process then runs as one (``note`` says
+    why, on stderr)."""
+    from . import launchers
+
+    leave_process_group()
+    launchers.undo_adoption()
+    if note:
+        err_console.print(note, markup=False, highlight=False, soft_wrap=True)
 
 
 def leave_process_group() -> None:

@@ -161,6 +161,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     from ..progress import library_bars
 
     bars = None if progress else False   # transformers' bars follow biaslab's progress (off under --quiet)
+    dt_name = str(dt).removeprefix("torch.")
     try:
         if kind == "embedded":
             path = embedded_model_dir_once(ref, progress=progress)
@@ -170,7 +171,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **PLAIN_TORCH, **place)
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         elif kind == "gguf":
-            with library_bars(bars, f"loading {ref} (GGUF, dequantized to {str(dt).removeprefix('torch.')})"):
+            with library_bars(bars, f"loading {ref} (GGUF, dequantized to {dt_name})"):
                 model, tok = _load_gguf(Path(ref), dtype=dt, place=place)
             fp_source = Path(ref)
         else:
@@ -187,7 +188,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
                 auto = AutoModelForCausalLM
                 if is_encoder_decoder(local):   # T5-style (check_no_remote_code refused the others)
                     from transformers import AutoModelForSeq2SeqLM as auto
-                with library_bars(bars, f"loading {local} in {str(dt).removeprefix('torch.')}"):
+                with library_bars(bars, f"loading {local} in {dt_name}"):
                     model = auto.from_pretrained(local, dtype=dt, local_files_only=True, **PLAIN_TORCH, **place)
                 tok = AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError) as e:

@@ -115,8 +115,9 @@ def train_soft_prompt(lm, cfg: SoftPromptConfig, train: list[Sentence], val: lis
     losses: list[float] = []
     was_training = lm.model.training
     lm.model.eval()
+    show = lm.progress if progress is None else progress
     with frozen(lm.model), progress_bar(len(train) * cfg.epochs, D.shared_label(f"prompt-tuning {cfg.name}"),
-                                        enabled=lm.progress if progress is None else progress) as advance:
+                                        enabled=show) as advance:
         for _ in range(cfg.epochs):
             for batch in length_batches([len(r) for r in enc.rows], cfg.batch_size, rng):
                 rows, gold = [enc.rows[i] for i in batch], [golds[i] for i in batch]
@@ -131,12 +132,12 @@ def train_soft_prompt(lm, cfg: SoftPromptConfig, train: list[Sentence], val: lis
     lm.model.train(was_training)
     sp = SoftPrompt(encoder.embedding.weight.detach().cpu().clone(), cfg, lm.fingerprint, lm.spec)
     texts = [s.text for s in val]
+    label = f"validating {cfg.name}"
     if micro_batch_size:   # every rank holds the prompt: the validation is sharded too (the same chunks in 1 and N)
-        preds = D.sharded_map(lambda part: predict(lm, sp, part, desc=f"validating {cfg.name}", progress=progress),
-                              texts, VAL_CHUNK, desc=f"validating {cfg.name}",
-                              enabled=lm.progress if progress is None else progress)
+        preds = D.sharded_map(lambda part: predict(lm, sp, part, desc=label, progress=progress), texts, VAL_CHUNK,
+                              desc=label, enabled=show)
     else:
-        preds = predict(lm, sp, texts, desc=f"validating {cfg.name}", progress=progress)
+        preds = predict(lm, sp, texts, desc=label, progress=progress)
     sp.val_accuracy = accuracy(preds, [s.label for s in val])
     sp.info = {"losses": losses, "n_train": len(train), "n_val": len(val), "train_wall_s": round(time.perf_counter() - t0, 1),
                "train_cpu_s": round(time.process_time() - c0, 1), "peft_config": pdict,

@@ -118,10 +118,10 @@ def fit_details(lm, items: Sequence[MCItem], cfg: CrisprConfig | None = None, *,
             for name, u, _ in ranking[:n]:
                 units[name].append(u)
             p = NeuronMaskPatch.from_units(lm, dict(units), sites=cfg.sites)
+            label = f"dev search n={n}"
             with p.applied(lm):   # chunks of 64 items: the same in one process and, sharded, in several
-                recs = D.sharded_map(lambda part: score_mc(lm, part, instr, protocol=cfg.protocol,
-                                                           desc=f"dev search n={n}"), search_items, SEARCH_CHUNK,
-                                     desc=f"dev search n={n}", per_item=len(instr), enabled=lm.progress)
+                recs = D.sharded_map(lambda part: score_mc(lm, part, instr, protocol=cfg.protocol, desc=label),
+                                     search_items, SEARCH_CHUNK, desc=label, per_item=len(instr), enabled=lm.progress)
             cache[n] = search_objective_value(recs, cfg.search_objective)
             if on_search_step:
                 on_search_step(n, cache[n], cache)
