@@ -113,4 +113,4 @@ def test_every_command_is_either_shared_by_ranks_or_run_by_rank_0_alone():
 
     names = set(typer.main.get_command(app).commands)
     assert ONE_PROCESS_COMMANDS <= names
-    assert names - ONE_PROCESS_COMMANDS == {"audit", "mitigate", "probe", "env"}
+    assert names - ONE_PROCESS_COMMANDS == {"audit", "mitigate", "probe", "env", "rewrite"}

@@ -749,6 +749,11 @@ sents = [Sentence(f"s{i}", t, i % 3) for i, t in enumerate(
 sp = train_soft_prompt(lm, SoftPromptConfig(virtual_tokens=2, batch_size=5, lr=0.05), sents, sents[:3],
                        progress=False, micro_batch_size=2)
 out["prompt"] = {"embeddings": sp.embeddings.flatten().tolist(), "losses": sp.info["losses"], "val": sp.val_accuracy}
+# `biaslab rewrite`'s texts in chunks of 2 (3 chunks: rank 1 idles in the second round); text 4 is cut, with a notice
+from biaslab.methods.srllm.rewriting import rewrite_shared
+rw = rewrite_shared(lm, ["the nurse said she was tired", "he is a doctor", "x", "word " * 20, "the cat"],
+                    max_input_tokens=12, max_new_cap=3, chunk=2)
+out["rewrite"] = {"rewrites": rw.rewrites, "notices": rw.notices, "limits": rw.max_new_tokens}
 if D.rank() == 0:
     print(json.dumps(out), flush=True)
 if D.world_size() > 1:   # leave together: a rank that exits while its peer still tears down gloo can abort
@@ -763,7 +768,8 @@ def test_two_process_causal_tracing_lora_and_stamp_training_equal_one_process(tm
     noise in order, so the per-pair effects — and the decisive layer — equal the one-process run exactly.
     SR_LLM's LoRA with --micro-batch-size shares each batch's parts across ranks and adds their gradients in part
     order: the adapter, the losses and the validation losses equal the one-process run bit for bit. FAST's stamp
-    with --micro-batch-pairs likewise: the same stamp and loss terms, and a soft prompt with --micro-batch-size."""
+    with --micro-batch-pairs likewise: the same stamp and loss terms, and a soft prompt with --micro-batch-size;
+    ``rewrite``'s texts shared by chunk give the same rewrites and notices."""
     from pathlib import Path
 
     tests = str(Path(__file__).parent)
@@ -787,6 +793,8 @@ def test_two_process_causal_tracing_lora_and_stamp_training_equal_one_process(tm
     assert one["lora"] == two["lora"] and len(one["lora"]["train_loss"]) == 3 and len(one["lora"]["val_loss"]) == 3
     assert one["fast"] == two["fast"] and len(one["fast"]["history"]) == 2 and one["fast"]["history"][0]["JS"] > 0
     assert one["prompt"] == two["prompt"] and len(one["prompt"]["losses"]) == 2
+    assert one["rewrite"] == two["rewrite"] and len(one["rewrite"]["rewrites"]) == 5
+    assert [n.split(" has ")[0] for n in one["rewrite"]["notices"]] == ["text 4"]   # numbered over all the texts
 
 
 def test_two_process_soft_prompt_probe_equals_one_process(tiny_dir, tmp_path):

@@ -43,8 +43,7 @@ def quiet_libraries() -> None:
 # commands with no work to share between ranks (no model scoring, or one pass that writes one directory): under
 # torchrun, rank 0 runs them alone (several ranks would repeat the work; export failed on ranks other than 0, where
 # transformers' save_pretrained writes nothing once a process group exists)
-ONE_PROCESS_COMMANDS = frozenset({"export", "check", "compare", "score", "rewrite", "bbq-generate", "models",
-                                  "benchmarks"})
+ONE_PROCESS_COMMANDS = frozenset({"export", "check", "compare", "score", "bbq-generate", "models", "benchmarks"})
 
 
 def join_process_group() -> None:

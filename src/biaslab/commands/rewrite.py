@@ -25,7 +25,8 @@ def rewrite_cmd(
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
-    """Rewrite biased text into neutral text (greedy; with --patch, the SR_LLM-tuned rewriter)."""
+    """Rewrite biased text into neutral text (greedy; with --patch, the SR_LLM-tuned rewriter). Under torchrun the
+    texts are shared out in chunks of 64 and rank 0 writes the rewrites (the same as one process)."""
     texts = list(text or [])
     if input is not None:
         if not input.is_file():
@@ -47,7 +48,8 @@ def rewrite_cmd(
                                "choose a new file name")
     if max_input_tokens < 1 or max_new_tokens < 1:
         raise BiaslabError("--max-input-tokens and --max-new-tokens must be positive")
-    from ..methods.srllm.rewriting import rewrite
+    from .. import distributed as D
+    from ..methods.srllm.rewriting import rewrite_shared
     from ..models import load_model
     from ..patches import load_patch
     from ..runs import atomic_write_text
@@ -59,10 +61,10 @@ def rewrite_cmd(
     from ..models.seq2seq import require_decoder_only
 
     require_decoder_only(lm, "biaslab rewrite")
-    res = rewrite(lm, texts, patch=p, max_input_tokens=max_input_tokens, max_new_cap=max_new_tokens)
+    res = rewrite_shared(lm, texts, patch=p, max_input_tokens=max_input_tokens, max_new_cap=max_new_tokens)
     for n in res.notices:
         err_console.print(f"notice: {n}", highlight=False, markup=False)
-    if output:
+    if output and D.is_main():   # under torchrun every rank holds the gathered rewrites; rank 0 writes them
         atomic_write_text(output, "".join(json.dumps({"input": t, "rewrite": r}) + "\n" for t, r in zip(texts, res.rewrites)))
         console.print(f"{len(texts)} rewrites → {output}", markup=False, highlight=False)
     else:

@@ -15,7 +15,7 @@ _EXPORTS = {
     "lora": ("build_prompt", "eos_id", "encode_example", "encode_pairs", "collate", "completion_loss", "inject_lora",
              "remove_lora", "lora_weights", "LoraPatch"),
     "training": ("validation_loss", "batch_gradients", "TrainResult", "train_lora"),
-    "rewriting": ("RewriteOutput", "rewrite", "evaluate_rewriter", "with_cosines"),
+    "rewriting": ("RewriteOutput", "rewrite", "rewrite_shared", "evaluate_rewriter", "with_cosines"),
     "embedding": ("SentenceEmbedder", "embedding_model_dir"),
     "method": ("SRLLM", "rewrite_metrics", "RETENTION_BENCHES"),
 }

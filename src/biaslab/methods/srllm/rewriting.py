@@ -9,6 +9,9 @@ from ...errors import BiaslabError
 from ...patches import Patch
 from .lora import build_prompt
 
+REWRITE_CHUNK = 64   # texts per chunk of `biaslab rewrite` (the unit shared between ranks)
+
+
 @dataclass
 class RewriteOutput:
     rewrites: list[str]
@@ -20,8 +23,33 @@ def rewrite(lm, texts: list[str], *, patch: Patch | None = None, max_input_token
             max_new_cap: int = 256, on_long: str = "truncate", desc: str = "rewriting") -> RewriteOutput:
     """Greedy rewrites of ``texts`` with the SR_LLM prompt (optionally under ``patch``).
 
-    max_new_tokens per text = min(max_new_cap, 1.5 × input tokens + 16). Empty text → error. A text longer than
+    max_new_tokens per text = min(max_new_cap, 1.5 × input tokens + 16, rounded up to a multiple of 16). Empty text → error. A text longer than
     ``max_input_tokens`` is cut to that many tokens with a notice (``on_long="error"`` raises instead)."""
+    prepared, notices, limits = _prepare(lm, texts, max_input_tokens, max_new_cap, on_long)
+    with _applied(lm, patch):
+        out = _generate(lm, prepared, limits, desc)
+    return RewriteOutput(out, notices, limits)
+
+
+def rewrite_shared(lm, texts: list[str], *, patch: Patch | None = None, max_input_tokens: int = 256,
+                   max_new_cap: int = 256, desc: str = "rewriting", chunk: int = REWRITE_CHUNK) -> RewriteOutput:
+    """:func:`rewrite` for ``biaslab rewrite``: the texts in fixed chunks of ``chunk``, shared by the ranks of a
+    torch.distributed launch (chunk k on rank k mod world, gathered on every rank), so one process and N write the
+    same rewrites (each chunk is generated in the same batches either way). Texts are checked and cut on every rank
+    before any generation, so a bad text fails every rank at once."""
+    from ... import distributed as D
+
+    prepared, notices, limits = _prepare(lm, texts, max_input_tokens, max_new_cap, "truncate")
+    items = list(zip(prepared, limits))
+    with _applied(lm, patch):
+        out = D.sharded_map(lambda part: _generate(lm, [t for t, _ in part], [n for _, n in part], desc),
+                            items, chunk, desc=desc)
+    return RewriteOutput(out, notices, limits)
+
+
+def _prepare(lm, texts: list[str], max_input_tokens: int, max_new_cap: int, on_long: str):
+    """The whitespace-normalised texts (cut to ``max_input_tokens``), the notices for cut texts, and each text's
+    max_new_tokens rounded up to a 16-token bucket."""
     if on_long not in ("truncate", "error"):
         raise BiaslabError(f"on_long must be 'truncate' or 'error', got {on_long!r}")
     if not texts:
@@ -41,21 +69,27 @@ def rewrite(lm, texts: list[str], *, patch: Patch | None = None, max_input_token
             ids = ids[:max_input_tokens]
             t = lm.tokenizer.decode(ids)
         prepared.append(t)
-        limits.append(min(max_new_cap, int(1.5 * len(ids)) + 16))
-    out: list[str] = [""] * len(texts)
-    buckets: dict[int, list[int]] = {}
-    for i, lim in enumerate(limits):  # one generate call per 16-token bucket of length limits
-        limits[i] = min(max_new_cap, 16 * math.ceil(lim / 16))
-        buckets.setdefault(limits[i], []).append(i)
+        limits.append(min(max_new_cap, 16 * math.ceil((int(1.5 * len(ids)) + 16) / 16)))
+    return prepared, notices, limits
+
+
+def _applied(lm, patch: Patch | None):
     import contextlib
 
-    ctx = patch.applied(lm) if patch is not None else contextlib.nullcontext()
-    with ctx:
-        for lim, idx in sorted(buckets.items()):
-            gens = lm.generate([build_prompt(lm, prepared[i]) for i in idx], max_new_tokens=lim, desc=desc)
-            for i, g in zip(idx, gens):
-                out[i] = g
-    return RewriteOutput(out, notices, limits)
+    return patch.applied(lm) if patch is not None else contextlib.nullcontext()
+
+
+def _generate(lm, prepared: list[str], limits: list[int], desc: str) -> list[str]:
+    """One greedy generate call per 16-token bucket of length limits."""
+    out: list[str] = [""] * len(prepared)
+    buckets: dict[int, list[int]] = {}
+    for i, lim in enumerate(limits):
+        buckets.setdefault(lim, []).append(i)
+    for lim, idx in sorted(buckets.items()):
+        gens = lm.generate([build_prompt(lm, prepared[i]) for i in idx], max_new_tokens=lim, desc=desc)
+        for i, g in zip(idx, gens):
+            out[i] = g
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
