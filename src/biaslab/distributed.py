@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
@@ -30,9 +31,9 @@ _local = contextvars.ContextVar("biaslab_local_only", default=False)
 
 
 def _group():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
+    # torch.distributed not imported yet: no group can exist (and a command that needs no model skips torch)
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
 
 def _dist():

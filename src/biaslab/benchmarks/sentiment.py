@@ -51,7 +51,7 @@ class SentimentFairness(Benchmark):
         self._prompts: dict = {}
 
     def load_items(self) -> list[dict]:
-        from ..probes.pipeline import sample_templates
+        from ..probes.data import sample_templates   # torch-free: listing benchmarks need not import torch
 
         return sample_templates(self.opts["template_limit"], seed=0)
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError, UnknownNameError
+from ..errors import BiaslabError, DataError, UnknownNameError
 
 LABELS = ("negative", "neutral", "positive")
 SST5_TO_3 = {0: 0, 1: 0, 2: 1, 3: 2, 4: 2}
@@ -105,3 +105,14 @@ def load_templates(path: Path | str | None = None) -> list[Sentence]:
     if not out:
         raise DataError(path, None, None, "no template rows")
     return out
+
+
+def sample_templates(limit: int | None, seed: int = 0):
+    """Seeded subsample of the templates, stratified by (category, group, label) (round-robin over strata)."""
+    from ..benchmarks.base import stratified_sample
+
+    rows = load_templates()
+    if limit is not None and limit < 1:
+        raise BiaslabError(f"--template-limit must be a positive number of sentences, got {limit}")
+    items = [s.as_item() for s in rows]
+    return stratified_sample(items, limit, seed=seed, strata=("category", "group", "label"))

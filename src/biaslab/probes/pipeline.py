@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import BiaslabError
 from ..metrics import fairness as fm
 from ..runs import RunDir, Timer, score_journaled
-from .data import TEMPLATES_FILE, load_sst3, load_templates
+from .data import TEMPLATES_FILE, load_sst3, sample_templates
 from .softprompt import HAND_PROMPTS, PROTOCOL_VERSION, HandPrompt, SoftPromptConfig, predict
 from .sweep import _sample, default_cache_dir, sweep
 
@@ -32,17 +32,6 @@ HAND_PROTOCOL_ID = "sentiment.handwritten.v1"
 DEFAULTS = {"runs": 5, "virtual_tokens": 8, "train_limit": 384, "val_limit": 150, "test_limit": 250,
             "template_limit": 795, "seeds": (0, 1, 2), "lrs": (5e-3, 1e-2), "epochs": 1, "batch_size": 16,
             "max_length": 64}
-
-
-def sample_templates(limit: int | None, seed: int = 0):
-    """Seeded subsample of the templates, stratified by (category, group, label) (round-robin over strata)."""
-    from ..benchmarks.base import stratified_sample
-
-    rows = load_templates()
-    if limit is not None and limit < 1:
-        raise BiaslabError(f"--template-limit must be a positive number of sentences, got {limit}")
-    items = [s.as_item() for s in rows]
-    return stratified_sample(items, limit, seed=seed, strata=("category", "group", "label"))
 
 
 def _cpu() -> float:
