@@ -306,9 +306,15 @@ def test_ctrl_c_prints_how_to_resume_and_exits_130(monkeypatch, capsys):
     def interrupted(**kw):
         raise KeyboardInterrupt
     monkeypatch.setattr(cli, "app", interrupted)
+    monkeypatch.setattr(sys, "argv", ["biaslab", "audit", "--bench", "crows", "--out", "r"])
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 130 and "rerun the same command to resume" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["biaslab", "rewrite", "-o", "r.jsonl", "some text"])   # -o: one file, no run
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+    monkeypatch.setattr(sys, "argv", ["biaslab", "rewrite", "--out", "r", "some text"])
 
     monkeypatch.setattr(cli, "app", lambda **kw: 130)   # typer's own Exit(130) for an interrupt inside a command
     with pytest.raises(SystemExit) as e:

@@ -1,6 +1,7 @@
 """SR_LLM: data schema and splits, completion-only loss, LoRA training/patch/merge, rewrite metrics, CLI errors."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -223,6 +224,62 @@ def test_rewrite_errors_and_truncation(tiny_lm):
     out = rewrite(tiny_lm, ["word " * 30, "short one"], max_input_tokens=8, max_new_cap=4)
     assert len(out.rewrites) == 2 and len(out.notices) == 1 and "limit of 8" in out.notices[0]
     assert out.max_new_tokens == [4, 4]
+
+
+def test_rewrite_in_a_run_dir_resumes_after_an_interruption(tiny_lm, tmp_path, monkeypatch):
+    """``rewrite --out``: each chunk is journaled as it finishes; a run interrupted in its second chunk, rerun,
+    reads the first back and generates only the rest, ending with the rewrites of an uninterrupted run."""
+    from biaslab.methods.srllm import rewriting as R
+    from biaslab.runs import RunDir
+
+    texts = [f"the nurse number {i} said she was tired" for i in range(5)]
+    whole = R.rewrite_shared(tiny_lm, texts, max_new_cap=3, chunk=2)
+    real, calls = R._generate, []
+
+    def generate(lm, prepared, limits, desc):
+        calls.append(len(prepared))
+        if len(calls) == 2 and interrupt:
+            raise KeyboardInterrupt
+        return real(lm, prepared, limits, desc)
+
+    monkeypatch.setattr(R, "_generate", generate)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        R.rewrite_shared(tiny_lm, texts, max_new_cap=3, chunk=2, run=RunDir(tmp_path / "r", {"t": 1}))
+    calls.clear()
+    interrupt = False
+    again = R.rewrite_shared(tiny_lm, texts, max_new_cap=3, chunk=2, run=RunDir(tmp_path / "r", {"t": 1}))
+    assert again.rewrites == whole.rewrites and calls == [2, 1]   # chunk 0 read back; chunks 1 and 2 generated
+    journal = [json.loads(x) for x in (tmp_path / "r" / "records.jsonl").read_text().splitlines()]
+    assert [j["chunk_done"] for j in journal if "chunk_done" in j] == [0, 1, 2]
+    assert [j["input"] for j in journal if "input" in j] == texts
+
+
+def test_cli_rewrite_into_a_run_dir(tmp_path):
+    """The run directory holds the manifest (model, texts' sha256), results.json (notices) and rewrites.jsonl;
+    the same command again resumes (nothing regenerated), other texts into it are refused in one line."""
+    from typer.testing import CliRunner
+
+    from biaslab.cli import app
+
+    model, tok = make_tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    args = ["rewrite", "--model", str(tmp_path / "m"), "--max-new-tokens", "3", "--max-input-tokens", "6",
+            "--out", str(tmp_path / "r"), "he said she was a brilliant nurse and a good one too", "short one"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    lines = [json.loads(x) for x in (tmp_path / "r" / "rewrites.jsonl").read_text().splitlines()]
+    assert [x["input"] for x in lines] == args[-2:]
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["complete"] and res["texts"] == 2 and res["cut"] == 1 and "text 1 has" in res["notices"][0]
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["args"]["protocol"] == "srllm.rewrite.v1"
+    journal = (tmp_path / "r" / "records.jsonl").read_text()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and (tmp_path / "r" / "records.jsonl").read_text() == journal
+    other = CliRunner().invoke(app, args[:-1] + ["another text"])
+    assert other.exit_code != 0 and "differs in: texts_sha256" in str(other.exception)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -13,6 +13,19 @@ from .errors import BiaslabError
 
 
 INTERRUPTED = "interrupted; finished work is kept in the run directory: rerun the same command to resume"
+RUN_DIR_COMMANDS = frozenset({"audit", "mitigate", "probe", "score", "rewrite"})   # those whose --out resumes
+
+
+def writes_a_run_dir(argv: list[str]) -> bool:
+    """Whether ``argv`` runs a command into a run directory (finished chunks survive an interruption): ``--out``
+    (``-o`` too, except for ``rewrite``, where ``-o`` is its one-file ``--output``)."""
+    name = next((a for a in argv if not a.startswith("-")), None)
+    flags = {"--out"} if name == "rewrite" else {"--out", "-o"}
+    return name in RUN_DIR_COMMANDS and any(a in flags or a.startswith("--out=") for a in argv)
+
+
+def interrupted_message() -> str:
+    return INTERRUPTED if writes_a_run_dir(sys.argv[1:]) else "interrupted"
 
 
 def quiet_libraries() -> None:
@@ -124,7 +137,7 @@ def out_of_memory_message(e: BaseException, argv: list[str]) -> str | None:
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     first = first.split(" Including non-PyTorch memory")[0].split(" Of the allocated memory")[0]
     advice = next((v for k, v in OOM_ADVICE.items() if k in argv), None)
-    kept = " Finished chunks are kept in the run directory." if {"--out", "-o"} & set(argv) else ""
+    kept = " Finished chunks are kept in the run directory." if writes_a_run_dir(argv) else ""
     return (f"out of memory: {first}{kept} Rerun with " + (f"{advice}, " if advice else "")
             + "--device-map auto to spread the model over more devices (with --max-memory to leave room for "
             "activations), or in bfloat16 (--dtype bfloat16) where it ran in float32")
@@ -152,7 +165,7 @@ def main() -> None:
         D.linger_for_errors()
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print(INTERRUPTED, markup=False, highlight=False, soft_wrap=True)
+        err_console.print(interrupted_message(), markup=False, highlight=False, soft_wrap=True)
         sys.exit(130)
     except Exception as e:  # click's usage errors and aborts, shown as typer shows them
         from . import distributed as D
@@ -180,7 +193,7 @@ def main() -> None:
             sys.exit(1)
         raise
     if rv == 130:  # typer turned a Ctrl-C inside a command into Exit(130)
-        err_console.print(INTERRUPTED, markup=False, highlight=False, soft_wrap=True)
+        err_console.print(interrupted_message(), markup=False, highlight=False, soft_wrap=True)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

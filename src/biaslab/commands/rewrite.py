@@ -18,6 +18,10 @@ def rewrite_cmd(
     patch: Optional[Path] = typer.Option(None, "--patch", help="a lora patch from `biaslab mitigate srllm`"),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="a file with one text per line"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write JSON lines {input, rewrite} here"),
+    out: Optional[Path] = typer.Option(None, "--out", help="a run directory: each chunk of 64 texts is journaled as it "
+                                       "finishes and a rerun of the same command resumes; it ends with rewrites.jsonl, "
+                                       "results.json (notices) and manifest.json"),
+    force: bool = typer.Option(False, "--force", help="replace a run made in --out with different arguments"),
     max_input_tokens: int = typer.Option(256, "--max-input-tokens", help="longer texts are cut (with a notice)"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="cap on generated tokens per text"),
     device: Optional[str] = typer.Option(None, "--device"),
@@ -26,7 +30,8 @@ def rewrite_cmd(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
     """Rewrite biased text into neutral text (greedy; with --patch, the SR_LLM-tuned rewriter). Under torchrun the
-    texts are shared out in chunks of 64 and rank 0 writes the rewrites (the same as one process)."""
+    texts are shared out in chunks of 64 and rank 0 writes the rewrites (the same as one process); with --out a
+    killed run resumes."""
     texts = list(text or [])
     if input is not None:
         if not input.is_file():
@@ -48,6 +53,10 @@ def rewrite_cmd(
                                "choose a new file name")
     if max_input_tokens < 1 or max_new_tokens < 1:
         raise BiaslabError("--max-input-tokens and --max-new-tokens must be positive")
+    if out is not None:
+        from ..outputs import check_target, preflight
+
+        preflight(check_target(out))   # a bad --out fails before the model loads
     from .. import distributed as D
     from ..methods.srllm.rewriting import rewrite_shared
     from ..models import load_model
@@ -61,12 +70,34 @@ def rewrite_cmd(
     from ..models.seq2seq import require_decoder_only
 
     require_decoder_only(lm, "biaslab rewrite")
-    res = rewrite_shared(lm, texts, patch=p, max_input_tokens=max_input_tokens, max_new_cap=max_new_tokens)
+    run = None
+    if out is not None:
+        import hashlib
+
+        from ..methods.srllm.config import PROTOCOL_ID
+        from ..methods.srllm.rewriting import REWRITE_CHUNK
+        from ..runs import RunDir
+
+        digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+        args = {"command": "rewrite", "model": lm.spec, **lm.identity(), "patch": p.describe() if p else None,
+                "protocol": PROTOCOL_ID, "chat_template": lm.use_chat_template, "texts": len(texts),
+                "texts_sha256": digest, "max_input_tokens": max_input_tokens, "max_new_tokens": max_new_tokens,
+                "chunk": REWRITE_CHUNK}
+        run = RunDir(out, args, force=force, extra_manifest={"model": lm.describe()})
+    res = rewrite_shared(lm, texts, patch=p, max_input_tokens=max_input_tokens, max_new_cap=max_new_tokens, run=run)
     for n in res.notices:
         err_console.print(f"notice: {n}", highlight=False, markup=False)
+    lines = "".join(json.dumps({"input": t, "rewrite": r}) + "\n" for t, r in zip(texts, res.rewrites))
+    if run is not None and not run.follower:
+        atomic_write_text(run.path / "rewrites.jsonl", lines)
+        run.write_results({"texts": len(texts), "cut": len(res.notices), "notices": res.notices,
+                           "max_new_tokens": res.max_new_tokens})
+        run.finish()
     if output and D.is_main():   # under torchrun every rank holds the gathered rewrites; rank 0 writes them
-        atomic_write_text(output, "".join(json.dumps({"input": t, "rewrite": r}) + "\n" for t, r in zip(texts, res.rewrites)))
+        atomic_write_text(output, lines)
         console.print(f"{len(texts)} rewrites → {output}", markup=False, highlight=False)
+    elif out is not None:
+        console.print(f"{len(texts)} rewrites → {run.path / 'rewrites.jsonl'}", markup=False, highlight=False)
     else:
         for r in res.rewrites:
             console.print(r, highlight=False, markup=False)

@@ -32,19 +32,28 @@ def rewrite(lm, texts: list[str], *, patch: Patch | None = None, max_input_token
 
 
 def rewrite_shared(lm, texts: list[str], *, patch: Patch | None = None, max_input_tokens: int = 256,
-                   max_new_cap: int = 256, desc: str = "rewriting", chunk: int = REWRITE_CHUNK) -> RewriteOutput:
-    """:func:`rewrite` for ``biaslab rewrite``: the texts in fixed chunks of ``chunk``, shared by the ranks of a
-    torch.distributed launch (chunk k on rank k mod world, gathered on every rank), so one process and N write the
-    same rewrites (each chunk is generated in the same batches either way). Texts are checked and cut on every rank
-    before any generation, so a bad text fails every rank at once."""
-    from ... import distributed as D
+                   max_new_cap: int = 256, desc: str = "rewriting", chunk: int = REWRITE_CHUNK,
+                   run=None) -> RewriteOutput:
+    """:func:`rewrite` for ``biaslab rewrite``, through the runner's chunk loop (:func:`biaslab.runs.score_journaled`):
+    the texts in fixed chunks of ``chunk``, each finished chunk journaled in ``run`` (a :class:`~biaslab.runs.RunDir`;
+    a rerun resumes) and shared by the ranks of a torch.distributed launch (chunk k on rank k mod world, gathered on
+    every rank), so one process and N write the same rewrites (each chunk is generated in the same batches either
+    way). Texts are checked and cut on every rank before any generation, so a bad text fails every rank at once."""
+    from ...runs import score_journaled
 
     prepared, notices, limits = _prepare(lm, texts, max_input_tokens, max_new_cap, "truncate")
-    items = list(zip(prepared, limits))
+    items = [{"index": i, "text": t, "limit": n} for i, (t, n) in enumerate(zip(prepared, limits))]
+
+    def score(part):
+        gens = _generate(lm, [it["text"] for it in part], [it["limit"] for it in part], desc)
+        return [{"index": it["index"], "input": texts[it["index"]], "rewrite": g} for it, g in zip(part, gens)]
+
     with _applied(lm, patch):
-        out = D.sharded_map(lambda part: _generate(lm, [t for t, _ in part], [n for _, n in part], desc),
-                            items, chunk, desc=desc)
-    return RewriteOutput(out, notices, limits)
+        recs = score_journaled(run, desc, items, chunk, score)
+    if [r["index"] for r in recs] != list(range(len(texts))):   # the run's args pin the texts: a damaged journal
+        raise BiaslabError(f"{run.journal if run else 'the rewrites'} do not cover texts 1-{len(texts)} once each, in "
+                           "order; move the run directory away and rerun")
+    return RewriteOutput([r["rewrite"] for r in recs], notices, limits)
 
 
 def _prepare(lm, texts: list[str], max_input_tokens: int, max_new_cap: int, on_long: str):
