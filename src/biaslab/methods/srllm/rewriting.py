@@ -23,8 +23,9 @@ def rewrite(lm, texts: list[str], *, patch: Patch | None = None, max_input_token
             max_new_cap: int = 256, on_long: str = "truncate", desc: str = "rewriting") -> RewriteOutput:
     """Greedy rewrites of ``texts`` with the SR_LLM prompt (optionally under ``patch``).
 
-    max_new_tokens per text = min(max_new_cap, 1.5 × input tokens + 16, rounded up to a multiple of 16). Empty text → error. A text longer than
-    ``max_input_tokens`` is cut to that many tokens with a notice (``on_long="error"`` raises instead)."""
+    max_new_tokens per text = min(max_new_cap, 1.5 × input tokens + 16 rounded up to a multiple of 16). Empty text →
+    error. A text longer than ``max_input_tokens`` is cut to that many tokens with a notice (``on_long="error"``
+    raises instead)."""
     prepared, notices, limits = _prepare(lm, texts, max_input_tokens, max_new_cap, on_long)
     with _applied(lm, patch):
         out = _generate(lm, prepared, limits, desc)
