@@ -306,6 +306,25 @@ def test_ftl_keeps_the_checkpoint_closest_to_the_target_on_dev(tiny_lm):
         assert F.dev_stats(tiny_lm, PAIRS[:2])["mean_abs_gap"] == pytest.approx(best["dev_mean_abs_gap"], abs=1e-5)
 
 
+def test_a_shared_dev_split_is_scored_in_fixed_chunks(tiny_lm, monkeypatch):
+    """With --micro-batch-pairs the dev split goes out in chunks of DEV_CHUNK pairs (both prompts of a pair in its
+    chunk): 4 pairs in chunks of 3 are two loglikelihood calls of 6 and 2 requests; the stats are the whole split's."""
+    from biaslab.methods.fast import training as FT
+
+    monkeypatch.setattr(FT, "DEV_CHUNK", 3)
+    sizes, real = [], tiny_lm.loglikelihood
+
+    def counted(reqs, **kw):
+        sizes.append(len(reqs))
+        return real(reqs, **kw)
+
+    whole = FT.dev_stats(tiny_lm, PAIRS)
+    monkeypatch.setattr(tiny_lm, "loglikelihood", counted)
+    shared = FT.dev_stats(tiny_lm, PAIRS, shared=True)
+    assert sizes == [6, 2] and shared["n"] == 4 and shared["ss"] == whole["ss"]
+    assert shared["mean_abs_gap"] == pytest.approx(whole["mean_abs_gap"], abs=1e-6)
+
+
 def test_training_is_deterministic(tiny_lm):
     cfg = F.FastConfig(steps=3, lr=1e-2, width=8, batch_pairs=2, alpha=0.0, beta=0.0, seed=0)
     a = F.train(tiny_lm, PAIRS, 0, cfg)

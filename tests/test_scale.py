@@ -736,8 +736,11 @@ kp = [pair(0, "The schoolgirl was very", "The schoolboy was very", "emotional", 
       pair(2, "Her sister is so", "His brother is so", "gossipy", "sister", "brother")]
 fcfg = F.FastConfig(steps=2, lr=1e-2, width=8, batch_pairs=3, batch_subject=2, batch_text=1, n_subject_prompts=3,
                     n_text=2, text_tokens=8, fairness="gap+js", micro_batch_pairs=2)
-st = F.train(lm, kp, 1, fcfg)
-out["fast"] = {"history": st.history, "stamp": {k: v.flatten().tolist() for k, v in st.stamp.state_dict().items()}}
+from biaslab.methods.fast import training as FT
+FT.DEV_CHUNK = 2                    # the 3 dev pairs in 2 shards, one per rank
+st = F.train(lm, kp, 1, fcfg, dev_pairs=kp)
+out["fast"] = {"history": st.history, "stamp": {k: v.flatten().tolist() for k, v in st.stamp.state_dict().items()},
+               "dev_ss": st.dev_ss, "dev": FT.dev_stats(lm, kp, shared=True)}
 # a soft prompt with --micro-batch-size 2: batches of 5 in 3 parts (rank 1 idles in the second round), then of 1
 from biaslab.probes.data import Sentence
 from biaslab.probes import prompt_training
@@ -768,7 +771,8 @@ def test_two_process_causal_tracing_lora_and_stamp_training_equal_one_process(tm
     noise in order, so the per-pair effects — and the decisive layer — equal the one-process run exactly.
     SR_LLM's LoRA with --micro-batch-size shares each batch's parts across ranks and adds their gradients in part
     order: the adapter, the losses and the validation losses equal the one-process run bit for bit. FAST's stamp
-    with --micro-batch-pairs likewise: the same stamp and loss terms, and a soft prompt with --micro-batch-size;
+    with --micro-batch-pairs likewise: the same stamp, loss terms and dev-split diagnostics (shared by chunk), and a
+    soft prompt with --micro-batch-size;
     ``rewrite``'s texts shared by chunk give the same rewrites and notices."""
     from pathlib import Path
 
@@ -792,6 +796,7 @@ def test_two_process_causal_tracing_lora_and_stamp_training_equal_one_process(tm
     assert one["trace"] == two["trace"] and len(one["trace"]["mlp"]) == 5
     assert one["lora"] == two["lora"] and len(one["lora"]["train_loss"]) == 3 and len(one["lora"]["val_loss"]) == 3
     assert one["fast"] == two["fast"] and len(one["fast"]["history"]) == 2 and one["fast"]["history"][0]["JS"] > 0
+    assert one["fast"]["dev"]["n"] == 3 and one["fast"]["dev_ss"] is not None   # the dev split shared by chunk
     assert one["prompt"] == two["prompt"] and len(one["prompt"]["losses"]) == 2
     assert one["rewrite"] == two["rewrite"] and len(one["rewrite"]["rewrites"]) == 5
     assert [n.split(" has ")[0] for n in one["rewrite"]["notices"]] == ["text 4"]   # numbered over all the texts

@@ -116,9 +116,10 @@ class Fast(Method):
                                       provenance={"method": METHOD_VERSION, "decisive_layer": decisive,
                                                   "layer_given": cfg.layer, "train_pairs": len(sp["train"]),
                                                   "choices": choices})
-        dev_before = T.dev_stats(lm, sp["dev"], "dev split without the stamp")
+        shared = bool(cfg.micro_batch_pairs)   # every rank holds the same stamp: the dev split is shared too
+        dev_before = T.dev_stats(lm, sp["dev"], "dev split without the stamp", shared=shared)
         with patch.applied(lm):
-            dev_after = T.dev_stats(lm, sp["dev"], "dev split with the stamp")
+            dev_after = T.dev_stats(lm, sp["dev"], "dev split with the stamp", shared=shared)
         histories = {"fast": res.history}
         details = {"layer": {"used": layer, "decisive": decisive, "given": cfg.layer, "n_layers": tr.layers},
                    "dev_ss": {"before": dev_before["ss"] if sp["dev"] else math.nan, "after": res.dev_ss},

@@ -6,7 +6,8 @@ subject prompts of L_s1 and the WikiText windows of L_s2, M at a time — each p
 step's loss (sums over its pairs / positions divided by the step's counts), and
 :func:`biaslab.distributed.summed_gradients` adds the parts' gradients in part order, part k on rank k mod world.
 One process with the same M computes the same parts in turn, so 1 and N processes train the same stamp bit for
-bit. Without it (the default: the recorded numbers) every rank computes each step whole."""
+bit; the dev split's diagnostics are then shared too, in fixed chunks (:func:`dev_stats`). Without it (the
+default: the recorded numbers) every rank computes each step whole."""
 from __future__ import annotations
 
 import math
@@ -116,19 +117,29 @@ def step_in_parts(lm, params, cfg: "FastConfig", pairs: list[KnowledgePair], sub
     return rec
 
 
-def pair_preference_ss(lm, pairs: list[KnowledgePair], desc: str = "dev split") -> float:
+DEV_CHUNK = 32   # dev pairs per shard when the dev split is shared between ranks (with micro_batch_pairs)
+
+
+def pair_preference_ss(lm, pairs: list[KnowledgePair], desc: str = "dev split", *, shared: bool = False) -> float:
     """Quick SS (0-100) of pairs (no bootstrap; NaN for no pairs): used on the dev split during training."""
-    return dev_stats(lm, pairs, desc)["ss"] if pairs else math.nan
+    return dev_stats(lm, pairs, desc, shared=shared)["ss"] if pairs else math.nan
 
 
-def dev_stats(lm, pairs: list[KnowledgePair], desc: str = "dev split") -> dict:
-    """Dev-split diagnostics used for model selection: SS and the mean |log P(o|s1,r) − log P(o|s2,r)|."""
+def dev_stats(lm, pairs: list[KnowledgePair], desc: str = "dev split", *, shared: bool = False) -> dict:
+    """Dev-split diagnostics used for model selection: SS and the mean |log P(o|s1,r) − log P(o|s2,r)|.
+    ``shared`` (with ``micro_batch_pairs``, where every rank holds the same edit): the pairs in fixed chunks of
+    ``DEV_CHUNK``, chunk k on rank k mod world, so 1 and N processes score the same chunks; else scored whole."""
     if not pairs:
         return {"ss": None, "mean_abs_gap": None, "n": 0}
-    sc = lm.loglikelihood([(p.prompt_1, " " + p.object) for p in pairs] + [(p.prompt_2, " " + p.object) for p in pairs],
-                          desc=desc)
+
+    def gaps_of(part):
+        sc = lm.loglikelihood([(p.prompt_1, " " + p.object) for p in part] +
+                              [(p.prompt_2, " " + p.object) for p in part], desc=desc)
+        return [sc[i].logprob - sc[len(part) + i].logprob for i in range(len(part))]
+
+    gaps = (D.sharded_map(gaps_of, pairs, DEV_CHUNK, desc=desc, per_item=2, enabled=lm.progress) if shared
+            else gaps_of(pairs))
     n = len(pairs)
-    gaps = [sc[i].logprob - sc[n + i].logprob for i in range(n)]
     ss = 100.0 * sum(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gaps) / n
     return {"ss": ss, "mean_abs_gap": sum(abs(g) for g in gaps) / n, "n": n}
 
@@ -198,6 +209,7 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
     model.eval()  # dropout off; gradients still flow
     try:
         label = desc or f"training ({mode})"
+        shared = bool(cfg.micro_batch_pairs)   # every rank holds the same edit: the dev split is shared too
         with progress_bar(cfg.steps, D.shared_label(label), unit="steps",
                           enabled=lm.progress) as advance:
             for step in range(1, cfg.steps + 1):
@@ -223,7 +235,7 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
                 if cfg.fairness == "gap":
                     rec.pop("JS")
                 if mode == "ftl" and match_dev_ss is not None and dev_pairs and (step % cfg.ftl_eval_every == 0 or step == cfg.steps):
-                    st = dev_stats(lm, dev_pairs, f"{label}: dev split at step {step}")
+                    st = dev_stats(lm, dev_pairs, f"{label}: dev split at step {step}", shared=shared)
                     rec["dev_ss"], rec["dev_mean_abs_gap"] = st["ss"], st["mean_abs_gap"]
                     key = (abs(st["ss"] - match_dev_ss),
                            0.0 if match_dev_gap is None else abs(st["mean_abs_gap"] - match_dev_gap), step)
@@ -236,7 +248,7 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
             stamp.eval().requires_grad_(False)
             res.stamp = stamp
             if dev_pairs:
-                res.dev_ss = pair_preference_ss(lm, dev_pairs, f"{label}: dev split")
+                res.dev_ss = pair_preference_ss(lm, dev_pairs, f"{label}: dev split", shared=shared)
         else:
             res.lr = lr
             if checkpoints:
@@ -246,7 +258,7 @@ def train(lm, pairs: list[KnowledgePair], layer: int, cfg: FastConfig, *, mode: 
                 state = {k: v.detach().clone() for k, v in mlp.state_dict().items()}
                 res.chosen_step = cfg.steps
                 if dev_pairs:
-                    st = dev_stats(lm, dev_pairs, f"{label}: dev split")
+                    st = dev_stats(lm, dev_pairs, f"{label}: dev split", shared=shared)
                     res.dev_ss, res.dev_gap = st["ss"], st["mean_abs_gap"]
             res.mlp_state = state
     finally:
