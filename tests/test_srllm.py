@@ -282,6 +282,29 @@ def test_cli_rewrite_into_a_run_dir(tmp_path):
     assert other.exit_code != 0 and "differs in: texts_sha256" in str(other.exception)
 
 
+def test_several_ranks_without_a_rewrite_chunk_say_how_to_share_the_rewrites(tiny_lm, monkeypatch):
+    """Under torchrun the held-out rewrites are one chunk by default (the recorded numbers), so one rank rewrites
+    them all: the fit says so in one line, with the option that shares them; with --rewrite-chunk it says nothing."""
+    from biaslab import distributed as D
+    from biaslab.methods.srllm import method as M, training
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **kw):
+        raise Stop
+
+    monkeypatch.setattr(D, "world_size", lambda: 4)
+    monkeypatch.setattr(training, "train_lora", stop)
+    m = M.SRLLM()
+    for cfg, expected in ((SRLLMConfig(), 1), (SRLLMConfig(rewrite_chunk=25), 0)):
+        said = []
+        with pytest.raises(Stop):
+            m.fit(tiny_lm, m.load_task(None, cfg), cfg, seed=0, cache=None, log=lambda msg, **kw: said.append(msg))
+        notes = [x for x in said if "no --rewrite-chunk" in x]
+        assert len(notes) == expected and all("about the held-out pairs / 4" in x for x in notes)
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 def _rec(biased, reference, rewrite, cosine=None):
     return {"id": biased, "biased": biased, "reference": reference, "rewrite": rewrite, "cosine": cosine}

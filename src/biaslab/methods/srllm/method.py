@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+from ... import distributed as D
 from ...errors import UnknownNameError
 from ...evaluation.method import Method
 from ...evaluation.plan import Control, EvalSet, FitResult, MetricSpec, RetentionPlan, TaskData
@@ -59,6 +60,11 @@ class SRLLM(Method):
         train = sd.sample_pairs(splits["train"], cfg.train_limit, seed=seed)
         val = sd.sample_pairs(splits["validation"], cfg.val_limit, seed=seed)
         log(f"training LoRA on {len(train)} pairs (validation {len(val)})", markup=False)
+        if D.world_size() > 1 and not cfg.rewrite_chunk:
+            log(f"{D.world_size()} processes, no --rewrite-chunk: the held-out rewrites are one chunk, rewritten by "
+                "one rank while the others wait (set --rewrite-chunk to about the held-out pairs / "
+                f"{D.world_size()} to share them; a rewrite may then differ from the default's by float rounding)",
+                markup=False)
         res = train_lora(lm, train, val, cfg, log=lambda m: log(m, markup=False),
                          provenance={"split_seed": cfg.split_seed, "train_limit": cfg.train_limit,
                                      "train_sources": dict(Counter(p.source for p in train))})
