@@ -1,7 +1,6 @@
 """``biaslab rewrite``: debias text with a model, optionally under an SR_LLM LoRA patch (docs/methods/srllm.md)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -58,7 +57,7 @@ def rewrite_cmd(
 
         preflight(check_target(out))   # a bad --out fails before the model loads
     from .. import distributed as D
-    from ..methods.srllm.rewriting import rewrite_shared
+    from ..methods.srllm.rewriting import rewrite_lines, rewrite_shared
     from ..models import load_model
     from ..patches import load_patch
     from ..runs import atomic_write_text
@@ -70,34 +69,15 @@ def rewrite_cmd(
     from ..models.seq2seq import require_decoder_only
 
     require_decoder_only(lm, "biaslab rewrite")
-    run = None
-    if out is not None:
-        import hashlib
-
-        from ..methods.srllm.config import PROTOCOL_ID
-        from ..methods.srllm.rewriting import REWRITE_CHUNK
-        from ..runs import RunDir
-
-        digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
-        args = {"command": "rewrite", "model": lm.spec, **lm.identity(), "patch": p.describe() if p else None,
-                "protocol": PROTOCOL_ID, "chat_template": lm.use_chat_template, "texts": len(texts),
-                "texts_sha256": digest, "max_input_tokens": max_input_tokens, "max_new_tokens": max_new_tokens,
-                "chunk": REWRITE_CHUNK}
-        run = RunDir(out, args, force=force, extra_manifest={"model": lm.describe()})
-    res = rewrite_shared(lm, texts, patch=p, max_input_tokens=max_input_tokens, max_new_cap=max_new_tokens, run=run)
+    res = rewrite_shared(lm, texts, patch=p, max_input_tokens=max_input_tokens, max_new_cap=max_new_tokens, out=out,
+                         force=force)
     for n in res.notices:
         err_console.print(f"notice: {n}", highlight=False, markup=False)
-    lines = "".join(json.dumps({"input": t, "rewrite": r}) + "\n" for t, r in zip(texts, res.rewrites))
-    if run is not None and not run.follower:
-        atomic_write_text(run.path / "rewrites.jsonl", lines)
-        run.write_results({"texts": len(texts), "cut": len(res.notices), "notices": res.notices,
-                           "max_new_tokens": res.max_new_tokens})
-        run.finish()
     if output and D.is_main():   # under torchrun every rank holds the gathered rewrites; rank 0 writes them
-        atomic_write_text(output, lines)
+        atomic_write_text(output, rewrite_lines(texts, res.rewrites))
         console.print(f"{len(texts)} rewrites → {output}", markup=False, highlight=False)
     elif out is not None:
-        console.print(f"{len(texts)} rewrites → {run.path / 'rewrites.jsonl'}", markup=False, highlight=False)
+        console.print(f"{len(texts)} rewrites → {out / 'rewrites.jsonl'}", markup=False, highlight=False)
     else:
         for r in res.rewrites:
             console.print(r, highlight=False, markup=False)
