@@ -230,6 +230,7 @@ def test_rewrite_in_a_run_dir_resumes_after_an_interruption(tiny_lm, tmp_path, m
     """``rewrite --out``: each chunk is journaled as it finishes; a run interrupted in its second chunk, rerun,
     reads the first back and generates only the rest, ending with the rewrites of an uninterrupted run."""
     from biaslab.methods.srllm import rewriting as R
+    from biaslab.runs import RunDir
 
     texts = [f"the nurse number {i} said she was tired" for i in range(5)]
     whole = R.rewrite_shared(tiny_lm, texts, max_new_cap=3, chunk=2)
@@ -244,10 +245,10 @@ def test_rewrite_in_a_run_dir_resumes_after_an_interruption(tiny_lm, tmp_path, m
     monkeypatch.setattr(R, "_generate", generate)
     interrupt = True
     with pytest.raises(KeyboardInterrupt):
-        R.rewrite_shared(tiny_lm, texts, max_new_cap=3, chunk=2, out=tmp_path / "r")
+        R.rewrite_shared(tiny_lm, texts, max_new_cap=3, chunk=2, run=RunDir(tmp_path / "r", {"t": 1}))
     calls.clear()
     interrupt = False
-    again = R.rewrite_shared(tiny_lm, texts, max_new_cap=3, chunk=2, out=tmp_path / "r")
+    again = R.rewrite_shared(tiny_lm, texts, max_new_cap=3, chunk=2, run=RunDir(tmp_path / "r", {"t": 1}))
     assert again.rewrites == whole.rewrites and calls == [2, 1]   # chunk 0 read back; chunks 1 and 2 generated
     journal = [json.loads(x) for x in (tmp_path / "r" / "records.jsonl").read_text().splitlines()]
     assert [j["chunk_done"] for j in journal if "chunk_done" in j] == [0, 1, 2]

@@ -57,7 +57,8 @@ def rewrite_cmd(
 
         preflight(check_target(out))   # a bad --out fails before the model loads
     from .. import distributed as D
-    from ..methods.srllm.rewriting import rewrite_lines, rewrite_shared
+    from ..evaluation.rewrite_run import run_rewrite
+    from ..methods.srllm.rewriting import rewrite_lines
     from ..models import load_model
     from ..patches import load_patch
     from ..runs import atomic_write_text
@@ -69,8 +70,8 @@ def rewrite_cmd(
     from ..models.seq2seq import require_decoder_only
 
     require_decoder_only(lm, "biaslab rewrite")
-    res = rewrite_shared(lm, texts, patch=p, max_input_tokens=max_input_tokens, max_new_cap=max_new_tokens, out=out,
-                         force=force)
+    res = run_rewrite(lm, texts, patch=p, max_input_tokens=max_input_tokens, max_new_cap=max_new_tokens, out=out,
+                      force=force)
     for n in res.notices:
         err_console.print(f"notice: {n}", highlight=False, markup=False)
     if output and D.is_main():   # under torchrun every rank holds the gathered rewrites; rank 0 writes them

@@ -34,17 +34,16 @@ def rewrite(lm, texts: list[str], *, patch: Patch | None = None, max_input_token
 
 def rewrite_shared(lm, texts: list[str], *, patch: Patch | None = None, max_input_tokens: int = 256,
                    max_new_cap: int = 256, desc: str = "rewriting", chunk: int = REWRITE_CHUNK,
-                   out=None, force: bool = False) -> RewriteOutput:
+                   run=None) -> RewriteOutput:
     """:func:`rewrite` for ``biaslab rewrite``, through the runner's chunk loop (:func:`biaslab.runs.score_journaled`):
-    the texts in fixed chunks of ``chunk``, shared by the ranks of a torch.distributed launch (chunk k on rank
-    k mod world, gathered on every rank), so one process and N write the same rewrites (each chunk is generated in
-    the same batches either way). Texts are checked and cut on every rank before any generation, so a bad text
-    fails every rank at once. With ``out`` a run directory: each finished chunk is journaled (a rerun of the same
-    arguments resumes) and it ends with ``rewrites.jsonl`` and ``results.json`` (the notices)."""
-    from ...runs import atomic_write_text, score_journaled
+    the texts in fixed chunks of ``chunk``, each finished chunk journaled in ``run`` (a :class:`~biaslab.runs.RunDir`;
+    a rerun resumes; :func:`biaslab.evaluation.rewrite_run.run_rewrite` opens one) and shared by the ranks of a
+    torch.distributed launch (chunk k on rank k mod world, gathered on every rank), so one process and N write the
+    same rewrites (each chunk is generated in the same batches either way). Texts are checked and cut on every rank
+    before any generation, so a bad text fails every rank at once."""
+    from ...runs import score_journaled
 
     prepared, notices, limits = _prepare(lm, texts, max_input_tokens, max_new_cap, "truncate")
-    run = _open_run(lm, texts, patch, max_input_tokens, max_new_cap, chunk, out, force) if out is not None else None
     items = [{"index": i, "text": t, "limit": n} for i, (t, n) in enumerate(zip(prepared, limits))]
 
     def score(part):
@@ -56,12 +55,7 @@ def rewrite_shared(lm, texts: list[str], *, patch: Patch | None = None, max_inpu
     if [r["index"] for r in recs] != list(range(len(texts))):   # the run's args pin the texts: a damaged journal
         raise BiaslabError(f"{run.journal if run else 'the rewrites'} do not cover texts 1-{len(texts)} once each, in "
                            "order; move the run directory away and rerun")
-    res = RewriteOutput([r["rewrite"] for r in recs], notices, limits)
-    if run is not None and not run.follower:
-        atomic_write_text(run.path / "rewrites.jsonl", rewrite_lines(texts, res.rewrites))
-        run.write_results({"texts": len(texts), "cut": len(notices), "notices": notices, "max_new_tokens": limits})
-        run.finish()
-    return res
+    return RewriteOutput([r["rewrite"] for r in recs], notices, limits)
 
 
 def rewrite_lines(texts: list[str], rewrites: list[str]) -> str:
@@ -69,20 +63,6 @@ def rewrite_lines(texts: list[str], rewrites: list[str]) -> str:
     import json
 
     return "".join(json.dumps({"input": t, "rewrite": r}) + "\n" for t, r in zip(texts, rewrites))
-
-
-def _open_run(lm, texts, patch, max_input_tokens, max_new_cap, chunk, out, force):
-    """The run directory of a rewrite: its arguments pin the model, patch, protocol, options and the texts."""
-    import hashlib
-
-    from ...runs import RunDir
-    from .config import PROTOCOL_ID
-
-    args = {"command": "rewrite", "model": lm.spec, **lm.identity(), "patch": patch.describe() if patch else None,
-            "protocol": PROTOCOL_ID, "chat_template": lm.use_chat_template, "texts": len(texts),
-            "texts_sha256": hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest(),
-            "max_input_tokens": max_input_tokens, "max_new_tokens": max_new_cap, "chunk": chunk}
-    return RunDir(out, args, force=force, extra_manifest={"model": lm.describe()})
 
 
 def _prepare(lm, texts: list[str], max_input_tokens: int, max_new_cap: int, on_long: str):
