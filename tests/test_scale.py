@@ -117,6 +117,19 @@ def test_bad_device_maps_are_one_clear_line(tiny_dir, dm, mm, match, monkeypatch
         load_model(str(tiny_dir), device_map=dm, max_memory=mm)
 
 
+def test_does_not_fit_says_it_once(tiny_dir, monkeypatch, caplog):
+    """Accelerate's "offloaded to the disk" warning is not printed before biaslab's own "does not fit" line."""
+    import logging
+
+    from biaslab.models import load_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING), pytest.raises(BiaslabError, match="would have gone to disk"):
+        load_model(str(tiny_dir), device_map="auto", max_memory="cpu=10KB")
+    assert not [r for r in caplog.records if "offloaded" in r.getMessage()]
+    assert not logging.getLogger("accelerate.big_modeling").filters   # the filter is removed again
+
+
 @pytest.mark.parametrize("n_gpus, ranks, want", [
     (8, 8, [[0], [1], [2], [3], [4], [5], [6], [7]]),
     (8, 2, [[0, 1, 2, 3], [4, 5, 6, 7]]),

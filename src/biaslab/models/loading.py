@@ -16,7 +16,7 @@ from .embedded import (DEFAULT_MODEL, EMBEDDED, PLAIN_TORCH, EmbeddedModel, _fil
                        list_models)
 from .fingerprint import weights_fingerprint
 from .quantized import checkpoint_quantization, load_failure
-from .placement import check_all_placed, check_map_covers, memory_error, resolve_placement
+from .placement import check_all_placed, check_map_covers, memory_error, no_disk_offload_notice, resolve_placement
 
 # biaslab never downloads at run time: keep the HF libraries offline (a user may still override explicitly).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,57 +162,58 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
 
     bars = None if progress else False   # transformers' bars follow biaslab's progress (off under --quiet)
     dt_name = str(dt).removeprefix("torch.")
-    try:
-        if kind == "embedded":
-            path = embedded_model_dir_once(ref, progress=progress)
-            meta_f = path / "biaslab.json"
-            check_map_covers(dm, path)
-            with library_bars(False):   # a sub-second local load needs no "Loading weights" bar
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **PLAIN_TORCH, **place)
-            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        elif kind == "gguf":
-            with library_bars(bars, f"loading {ref} (GGUF, dequantized to {dt_name})"):
-                model, tok = _load_gguf(Path(ref), dtype=dt, place=place)
-            fp_source = Path(ref)
-        else:
-            local = Path(ref)
-            if kind == "dir":
-                check_no_remote_code(local)
-            try:
-                if kind == "hub":
-                    from huggingface_hub import snapshot_download
-
-                    local = Path(snapshot_download(ref, local_files_only=True))
+    with no_disk_offload_notice(dm is not None):   # biaslab never offloads to disk: check_all_placed says so
+        try:
+            if kind == "embedded":
+                path = embedded_model_dir_once(ref, progress=progress)
+                meta_f = path / "biaslab.json"
+                check_map_covers(dm, path)
+                with library_bars(False):   # a sub-second local load needs no "Loading weights" bar
+                    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **PLAIN_TORCH, **place)
+                tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            elif kind == "gguf":
+                with library_bars(bars, f"loading {ref} (GGUF, dequantized to {dt_name})"):
+                    model, tok = _load_gguf(Path(ref), dtype=dt, place=place)
+                fp_source = Path(ref)
+            else:
+                local = Path(ref)
+                if kind == "dir":
                     check_no_remote_code(local)
-                check_map_covers(dm, local)
-                auto = AutoModelForCausalLM
-                if is_encoder_decoder(local):   # T5-style (check_no_remote_code refused the others)
-                    from transformers import AutoModelForSeq2SeqLM as auto
-                with library_bars(bars, f"loading {local} in {dt_name}"):
-                    model = auto.from_pretrained(local, dtype=dt, local_files_only=True, **PLAIN_TORCH, **place)
-                tok = AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False)
-            except (OSError, ValueError) as e:
-                if dm is not None and ("memory" in str(e).lower() or "offload" in str(e).lower()):
-                    raise memory_error(e, device_map, max_memory) from None
-                if isinstance(e, ValueError) and (q := checkpoint_quantization(local)):   # the quantizer refused it
-                    raise load_failure(spec, q, e) from None
-                where = "the local Hugging Face cache" if kind == "hub" else ref
-                raise BiaslabError(
-                    f"could not load model {spec!r} from {where} (biaslab never downloads at run time; "
-                    f"put the model in a local directory or the HF cache first): {str(e)[:300]}"
-                ) from None
-            except BiaslabError:
-                raise
-            except Exception as e:  # e.g. a truncated model.safetensors (safetensors' own error type)
-                if q := checkpoint_quantization(local):   # its quantizer's library missing, or refusing the files
-                    raise load_failure(spec, q, e) from None
-                raise BiaslabError(f"could not load model {spec!r}: its files are damaged or not a model transformers "
-                                   f"reads ({type(e).__name__}: {str(e)[:200]})") from None
-            fp_source = local
-    except RuntimeError as e:   # accelerate: a device map that does not fit
-        if dm is not None:
-            raise memory_error(e, device_map, max_memory) from None
-        raise
+                try:
+                    if kind == "hub":
+                        from huggingface_hub import snapshot_download
+
+                        local = Path(snapshot_download(ref, local_files_only=True))
+                        check_no_remote_code(local)
+                    check_map_covers(dm, local)
+                    auto = AutoModelForCausalLM
+                    if is_encoder_decoder(local):   # T5-style (check_no_remote_code refused the others)
+                        from transformers import AutoModelForSeq2SeqLM as auto
+                    with library_bars(bars, f"loading {local} in {dt_name}"):
+                        model = auto.from_pretrained(local, dtype=dt, local_files_only=True, **PLAIN_TORCH, **place)
+                    tok = AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False)
+                except (OSError, ValueError) as e:
+                    if dm is not None and ("memory" in str(e).lower() or "offload" in str(e).lower()):
+                        raise memory_error(e, device_map, max_memory) from None
+                    if isinstance(e, ValueError) and (q := checkpoint_quantization(local)):   # the quantizer refused it
+                        raise load_failure(spec, q, e) from None
+                    where = "the local Hugging Face cache" if kind == "hub" else ref
+                    raise BiaslabError(
+                        f"could not load model {spec!r} from {where} (biaslab never downloads at run time; "
+                        f"put the model in a local directory or the HF cache first): {str(e)[:300]}"
+                    ) from None
+                except BiaslabError:
+                    raise
+                except Exception as e:  # e.g. a truncated model.safetensors (safetensors' own error type)
+                    if q := checkpoint_quantization(local):   # its quantizer's library missing, or refusing the files
+                        raise load_failure(spec, q, e) from None
+                    raise BiaslabError(f"could not load model {spec!r}: its files are damaged or not a model transformers "
+                                       f"reads ({type(e).__name__}: {str(e)[:200]})") from None
+                fp_source = local
+        except RuntimeError as e:   # accelerate: a device map that does not fit
+            if dm is not None:
+                raise memory_error(e, device_map, max_memory) from None
+            raise
     if dm is not None:
         check_all_placed(model, device_map, max_memory, mm)
     meta = json.loads(meta_f.read_text()) if meta_f is not None else {}

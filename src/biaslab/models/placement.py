@@ -3,7 +3,9 @@ under several processes per node (torchrun, NCCL), rewritten so that each rank p
 its own share of the node's GPUs (:func:`biaslab.distributed.node_share`) and never on another rank's."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 from ..errors import BiaslabError, UnknownNameError
@@ -176,6 +178,29 @@ def check_map_covers(dm, config_dir, model=None) -> None:
         top = sorted({".".join(n.split(".")[:2]) for n in left})[:3]
         raise BiaslabError(f"--device-map places no device for {len(left)} of the model's weights (first: {left[0]}): "
                            f"add their modules (e.g. {', '.join(repr(t) for t in top)}) or \"\": <device> for the rest")
+
+
+class _DiskOffloadNotice:
+    """Drops Accelerate's "Some parameters are on the meta device because they were offloaded to the disk" warning:
+    biaslab never offloads to disk, and :func:`check_all_placed` turns that case into the "does not fit" error."""
+
+    def filter(self, record) -> bool:
+        return "offloaded to the" not in (msg := record.getMessage()) or "disk" not in msg
+
+
+@contextlib.contextmanager
+def no_disk_offload_notice(active: bool = True):
+    """While a model loads under a device map, without Accelerate's disk-offload warning (see above)."""
+    if not active:
+        yield
+        return
+    log = logging.getLogger("accelerate.big_modeling")
+    f = _DiskOffloadNotice()
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
 
 
 def check_all_placed(model, device_map, max_memory, budget: dict | None = None) -> None:
