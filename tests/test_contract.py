@@ -162,3 +162,19 @@ def test_method_contract(name, lm, tmp_path, monkeypatch):
     monkeypatch.setattr(RunDir, "append_chunk", orig)
     resumed = run_mitigation(name, lm, task, cfg, out=tmp_path / "killed", limit=limit, n_boot=20)
     assert _strip(resumed) == _strip(clean)
+
+    # every method's run compares with another (its after state and retention audit): the same run, no difference
+    from biaslab.signoff.compare import compare_runs
+
+    cmp = compare_runs([tmp_path / "clean", tmp_path / "killed"], n_boot=20)
+    assert cmp["rows"], "a mitigation run has metrics to compare"
+    after = {(m["set"], k): m["after"] for k, m in clean["metrics"].items()}
+    checked = 0
+    for row in cmp["rows"]:
+        d = row["deltas"][0]
+        assert d["paired"] and d["delta"] in (0, None), row
+        if (row["scope"], row["metric"]) in after:   # the after state's value, as the summary has it
+            want, got = after[row["scope"], row["metric"]], row["values"][0]["value"]
+            assert (want is None and got is None) or got == pytest.approx(want, abs=1e-9), row
+            checked += 1
+    assert checked == len(after)

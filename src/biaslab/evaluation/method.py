@@ -165,6 +165,11 @@ class Method(ABC):
         the method cannot list them."""
         return None
 
+    def references_for(self, task: TaskData, cfg) -> dict:
+        """{evaluation set: its ``EvalSet.reference``} for the sets that have one, without a model: ``biaslab
+        compare`` applies them to a state's journaled records (and the before state's) as the runner does."""
+        return {}
+
     def retention(self, cfg) -> RetentionPlan | None:
         return None
 

@@ -79,9 +79,12 @@ def _state_view(p: Path, name: str) -> RunView:
     if specs is None:
         raise BiaslabError(f"{p}: method {method.name} cannot list its metrics without a model, so its states "
                            "cannot be compared; compare its summaries instead")
+    refs = method.references_for(task, cfg)   # e.g. FAST's RS reads the before state's preference
     v = RunView(name, p)
     for s, sec in res["sets"].items():
         v.records[s] = read_records(p, s)
+        if s in refs:
+            v.records[s] = refs[s](v.records[s], read_records(root / "before", s))
         v.metrics[s] = specs[s]
         v.protocols[s] = sec["protocol"]
     return v

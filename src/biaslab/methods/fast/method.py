@@ -172,13 +172,13 @@ class Fast(Method):
 
         bias_types = task.data["bias_types"]
         sets = build_eval_sets(bias_types, split_of(bias_types, seed)["test"], limit=limit, seed=seed)
-        specs = self.metrics_for(task, cfg)
+        specs, refs = self.metrics_for(task, cfg), self.references_for(task, cfg)
         out = []
-        for name, proto, retention in biascope_sets():
+        for name, proto, _ in biascope_sets():
             out.append(EvalSet(name, sets[name], lambda lm_, part, name=name: B.score_pairs(lm_, part, desc=name),
                                specs[name], protocol=proto.id, chunk=10_000, group_field="group",
                                item_id=lambda r: f"{r['id']}/{r['variant']}" if "variant" in r else r["id"],
-                               reference=B.attach_original if retention else None))
+                               reference=refs.get(name)))
         if sets["stereoset"]:
             st = get_benchmark("stereoset")
             proto = st.protocol()
@@ -198,6 +198,11 @@ class Fast(Method):
         defs = {d.name: d for d in st.metric_defs(st.protocol())}
         out["stereoset"] = [spec_from_def(defs[k], v) for k, v in STEREOSET_METRICS.items()]
         return out
+
+    def references_for(self, task: TaskData, cfg: FastConfig) -> dict:
+        from .biascope import attach_original
+
+        return {name: attach_original for name, _, retention in biascope_sets() if retention}   # RS: vs the original
 
     def controls(self, lm, task: TaskData, cfg: FastConfig, fit: FitResult) -> list[Control]:
         b = fit.details.get("baselines", {})
