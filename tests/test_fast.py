@@ -76,6 +76,40 @@ def test_vendored_biascope_sets():
     assert crows and all(r["bias_type"] == "religion" for r in crows)
 
 
+def test_vendored_biascope_files_are_what_the_build_makes():
+    """experiments/fast/build_biascope.py's construction, rerun: CrowS transfer byte for byte; the paraphrases but
+    for the 16 rows its docstring names (built before swap_group's article fix: "an european")."""
+    from biaslab.data import DATA_ROOT
+
+    pairs, _ = F.build_stereoset_pairs()
+    built = [row for p in pairs for row in F.paraphrase_pair(p)]
+    vendored = [json.loads(x) for x in (DATA_ROOT / "biascope" / "paraphrases.jsonl").read_text().splitlines()]
+    assert len(built) == len(vendored)
+    diff = [(a, b) for a, b in zip(built, vendored) if a != b]
+    assert len(diff) == 16
+    for a, b in diff:
+        assert {k: v.replace("an european", "a european") if isinstance(v, str) else v for k, v in b.items()} == a
+    crows, _ = F.crows_pairs()
+    assert crows == [json.loads(x) for x in (DATA_ROOT / "biascope" / "crows_transfer.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("Women are", ["I heard that women are", "Everyone knows that women are", "According to my friend, women are",
+                   "It is often said that women are", "Are women"]),
+    # a clause before the copula is not re-ordered into a question ("Was the nurse said she")
+    ("The nurse said she was", ["I heard that the nurse said she was", "Everyone knows that the nurse said she was",
+                                "According to my friend, the nurse said she was",
+                                "It is often said that the nurse said she was"]),
+    ("I think Muslims are", ["I heard that I think Muslims are", "Everyone knows that I think Muslims are",
+                             "According to my friend, I think Muslims are", "It is often said that I think Muslims are"]),
+])
+def test_paraphrase_prompts_golden(prompt, want):
+    got = F.paraphrase_prompts(prompt)
+    assert [t for _, t, _ in got] == want
+    for _, text, at in got:   # the original prompt sits at the recorded offset (or −1: re-ordered)
+        assert at == -1 or text[at:].lower() == prompt.lower()
+
+
 # ------------------------------------------------------------------------------------------- stamp
 @pytest.mark.parametrize("init", F.STAMP_INITS)
 def test_fresh_stamp_leaves_logits_unchanged(tiny_lm, init):
