@@ -78,3 +78,123 @@ def test_score_writes_a_run_directory_with_a_report(tmp_path):
     assert (tmp_path / "run" / "report.html").is_file()
     assert json.loads((tmp_path / "run" / "results.json").read_text())["benchmarks"]["stereoset"]["protocol"] == \
         "stereoset.external.v1"
+
+
+# lm-eval 0.4.13's tasks/bbq: the two non-unknown answers, then its ten unknown phrasings (HELM's) as choices
+LMEVAL_UNKNOWNS = ["Unknown", "Cannot answer", "Can't be determined", "Cannot be determined", "Can't answer",
+                   "Not known", "Not enough info", "Not enough information", "Not answerable", "Undetermined"]
+
+
+def _lmeval_choices(item) -> list[str]:
+    return [o for j, o in enumerate(item.options) if j != item.meta["unknown"]] + LMEVAL_UNKNOWNS
+
+
+def _lmeval_bbq_sample(item, best: str, *, dict_args=True):
+    """One line of lm-eval's ``--log_samples`` file for its ``bbq`` multiple-choice task, as its EvaluationTracker
+    writes it: one (context, " " + choice) request per choice under ``gen_args_i`` / ``arg_j``, every response
+    sanitised to strings; ``best`` is the choice with the highest log-likelihood."""
+    choices = _lmeval_choices(item)
+    reqs = [[f"{item.context}\n\nQ: {item.question}\nA:", " " + c] for c in choices]
+    args = {f"gen_args_{i}": {f"arg_{j}": a for j, a in enumerate(r)} for i, r in enumerate(reqs)} if dict_args \
+        else reqs
+    lls = [-1.0 if c == best else -5.0 - i for i, c in enumerate(choices)]
+    cat, ex = item.id.removeprefix("bbq-").rsplit("-", 1)
+    return {"doc_id": 0, "doc": {"example_id": int(ex), "category": cat, "context": item.context},
+            "target": "0", "arguments": args, "resps": [[[str(x), "False"]] for x in lls],
+            "filtered_resps": [[str(x), "False"] for x in lls], "acc": 0.0}
+
+
+def test_lmeval_samples_in_both_argument_layouts(tmp_path):
+    """lm-eval ≥ 0.4 writes ``arguments`` as {"gen_args_0": {"arg_0": ctx, "arg_1": continuation}}; older files
+    as a list of pairs. Golden: the argmax choice's text is the prediction — an unknown phrasing is the unknown
+    option; then a wrong answer, then a right one."""
+    from biaslab.benchmarks.external import from_lmeval_samples
+    from biaslab.metrics import bbq as M
+
+    b = get_benchmark("bbq")
+    items = [it["item"] for it in b.load_items()[:3]]
+    assert items[0].gold == items[0].meta["unknown"]   # an ambiguous item: "unknown" is right
+    wrong = (items[1].gold + 1) % 3
+    picks = ["Not answerable", items[1].options[wrong] if wrong != items[1].meta["unknown"] else "Undetermined",
+             items[2].options[items[2].gold] if items[2].gold != items[2].meta["unknown"] else "Not known"]
+    samples = [_lmeval_bbq_sample(items[0], picks[0]), _lmeval_bbq_sample(items[1], picks[1]),
+               _lmeval_bbq_sample(items[2], picks[2], dict_args=False)]
+    f = _write(tmp_path / "samples_bbq_2026.jsonl", samples)
+    rows = from_lmeval_samples(b, f)
+    assert [r["id"] for r in rows] == [it.id for it in items]
+    recs, counts = to_records(b, rows, f, partial=True)
+    assert counts["scored"] == 3 and counts["unmatched"] == 0
+    assert [r["pred"] for r in recs] == [items[0].gold, wrong, items[2].gold]
+    assert M.accuracy(recs) == pytest.approx(2 / 3)
+
+
+def test_lmeval_samples_without_choice_texts_name_the_line(tmp_path):
+    from biaslab.benchmarks.external import from_lmeval_samples
+
+    b = get_benchmark("bbq")
+    it = b.load_items()[0]["item"]
+    bad = {**_lmeval_bbq_sample(it, "Unknown"), "arguments": {}}
+    f = _write(tmp_path / "s.jsonl", [_lmeval_bbq_sample(it, "Unknown"), bad])
+    with pytest.raises(DataError, match=r"s\.jsonl.*line 2.*arguments.*the text of each of the 12 scored choices"):
+        from_lmeval_samples(b, f)
+
+
+def test_lmeval_crows_samples(tmp_path):
+    from biaslab.benchmarks.external import from_lmeval_samples
+
+    b = get_benchmark("crows")
+    its = b.load_items()[:2]
+    rows = [{"doc": {"sent_more": it["sent_more"], "sent_less": it["sent_less"]}, "arguments": {},
+             "filtered_resps": [["-10.5", "False"], ["-12.0", "False"]] if k == 0 else [["-3", "False"], ["-1", "False"]]}
+            for k, it in enumerate(its)]
+    f = _write(tmp_path / "samples_crows.jsonl", rows)
+    recs, _ = to_records(b, from_lmeval_samples(b, f), f, partial=True)
+    assert [(r["id"], r["score_more"], r["score_less"]) for r in recs] == [(its[0]["id"], -10.5, -12.0),
+                                                                          (its[1]["id"], -3.0, -1.0)]
+
+
+def test_items_out_lists_what_to_predict():
+    from biaslab.benchmarks.external import items_for_predictions
+
+    b = get_benchmark("bbq")
+    rows = items_for_predictions(b)
+    first = b.load_items()[0]["item"]
+    assert len(rows) == len(b.load_items())
+    assert rows[0] == {"id": first.id, "context": first.context, "question": first.question,
+                       "options": list(first.options)}
+    st = items_for_predictions(get_benchmark("stereoset"))[0]
+    assert set(st) == {"id", "context", "sentences"} and len(st["sentences"]) == 3
+
+
+def test_lmeval_samples_of_a_regenerated_category_need_the_upstream_copy(tmp_path, monkeypatch):
+    """lm-eval scored upstream's items: a category biaslab holds regenerated (other items, ids bbq-regen-*) is one
+    line saying to give the upstream copy; with --bbq-dir (here a one-row SES file) the doc maps to its item."""
+    from biaslab.benchmarks import bbq_sources as S
+    from biaslab.benchmarks.external import from_lmeval_samples
+    from biaslab.data import DATA_ROOT, sha256_file
+    from biaslab.score import score_predictions
+
+    row = json.loads((DATA_ROOT / "bbq" / "Religion.jsonl").read_text().splitlines()[0])
+    row["category"] = "SES"
+
+    class Item:   # the doc lm-eval logs for this row
+        id, context, question = f"bbq-SES-{row['example_id']}", row["context"], row["question"]
+        options, meta = (row["ans0"], row["ans1"], row["ans2"]), {"unknown": next(
+            j for j in range(3) if row[f"ans{j}"] in LMEVAL_UNKNOWNS)}
+    f = _write(tmp_path / "samples_bbq.jsonl", [_lmeval_bbq_sample(Item, "Unknown")])
+    with pytest.raises(DataError, match=r"line 1.*doc\.category.*SES is regenerated from the templates.*--bbq-dir"):
+        from_lmeval_samples(get_benchmark("bbq"), f)
+
+    d = tmp_path / "bbq"
+    d.mkdir()
+    (d / "SES.jsonl").write_text(json.dumps(row) + "\n")
+    monkeypatch.setitem(S.UPSTREAM_SHA256, "SES", sha256_file(d / "SES.jsonl"))
+    (d / "additional_metadata.csv").write_text("category,question_index,example_id,target_loc\n"
+                                               f"SES,{row['question_index']},{row['example_id']},NA\n")
+    res = score_predictions("bbq", lmeval_samples=f, bbq_dir=d, partial=True, n_boot=10, out=tmp_path / "run")
+    sec = res.results["benchmarks"]["bbq"]
+    assert sec["predictions"]["scored"] == 1 and res.records["bbq"][0]["id"] == Item.id
+    assert res.records["bbq"][0]["pred"] == Item.meta["unknown"]
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["args"]["bbq_dir"] == str(d)
+    with pytest.raises(BiaslabError, match="--bbq-dir is BBQ's data; it does nothing for crows"):
+        score_predictions("crows", lmeval_samples=f, bbq_dir=d)

@@ -16,9 +16,10 @@ EXTERNAL_PROTOCOL = {"bbq": "bbq.external.v1", "winobias": "winobias.external.v1
 
 def score_predictions(bench: str, *, predictions=None, lmeval_samples=None, out=None, force: bool = False,
                       n_boot: int = stats.DEFAULT_BOOT, seed: int = 0, partial: bool = False,
-                      model_name: str = "external", text_match: str = "biaslab") -> AuditResult:
+                      model_name: str = "external", text_match: str = "biaslab", bbq_dir=None) -> AuditResult:
     """Score ``predictions`` (our JSON Lines) or ``lmeval_samples`` (an lm-eval ``--log_samples`` file) on
-    ``bench``. With ``out``, writes a run directory like an audit's (records, results, report)."""
+    ``bench``. With ``out``, writes a run directory like an audit's (records, results, report). ``bbq_dir``: the
+    user's upstream BBQ data/ folder, as for an audit (its categories replace the regenerated ones)."""
     from .benchmarks import get_benchmark
     from .benchmarks.external import from_lmeval_samples, read_predictions, to_records
     from .data import sha256_file
@@ -28,7 +29,9 @@ def score_predictions(bench: str, *, predictions=None, lmeval_samples=None, out=
         raise BiaslabError("give exactly one of --predictions FILE or --lmeval-samples FILE")
     if out is not None:
         preflight(check_target(out))
-    b = get_benchmark(bench)
+    if bbq_dir is not None and bench != "bbq":
+        raise BiaslabError(f"--bbq-dir is BBQ's data; it does nothing for {bench}")
+    b = get_benchmark(bench, **({"bbq_dir": str(bbq_dir)} if bbq_dir is not None else {}))
     src = Path(predictions or lmeval_samples)
     rows = read_predictions(src) if predictions is not None else from_lmeval_samples(b, src)
     records, counts = to_records(b, rows, src, partial=partial, text_match=text_match)
@@ -49,7 +52,8 @@ def score_predictions(bench: str, *, predictions=None, lmeval_samples=None, out=
         from .runs import RunDir
 
         run = RunDir(out, {"score": bench, "predictions": section["predictions"]["sha256"], "n_boot": n_boot,
-                           "seed": seed, "partial": partial, "text_match": text_match}, force=force,
+                           "seed": seed, "partial": partial, "text_match": text_match,
+                           **({"bbq_dir": str(bbq_dir)} if bbq_dir is not None else {})}, force=force,
                      extra_manifest={"model": results["model"], "data_sha256": {str(src): section["predictions"]["sha256"]}})
         if run.finished_chunk(bench, 0) is None:
             run.append_chunk(bench, 0, records)

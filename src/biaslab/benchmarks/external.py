@@ -164,13 +164,28 @@ def items_for_predictions(bench) -> list[dict]:
     return out
 
 
+def _choice_texts(arguments) -> list[str]:
+    """Each loglikelihood request's continuation from a sample's ``arguments``: lm-eval's EvaluationTracker writes
+    them as ``{"gen_args_0": {"arg_0": context, "arg_1": continuation}, …}``; older files as a list of
+    ``[context, continuation]`` pairs."""
+    if isinstance(arguments, dict):
+        reqs = [arguments.get(f"gen_args_{i}") for i in range(len(arguments))]
+        return [str(a["arg_1"]) for a in reqs if isinstance(a, dict) and "arg_1" in a]
+    if isinstance(arguments, list):
+        return [str(a[1]) for a in arguments if isinstance(a, (list, tuple)) and len(a) > 1]
+    return []
+
+
 def from_lmeval_samples(bench, path) -> list[dict]:
     """Prediction rows from an lm-evaluation-harness ``--log_samples`` file (``samples_<task>_*.jsonl``) of its BBQ
     multiple-choice or CrowS-Pairs task: BBQ docs map to ids by category and example_id, the argmax choice's text
     to an option (its unknown paraphrases to the unknown option); CrowS docs by their sentence pair."""
     p = Path(path)
     rows = []
-    crows_ids = None
+    crows_ids, bbq_ids, regenerated = None, set(), set()
+    if bench.name == "bbq":   # lm-eval scored upstream's items; categories regenerated here have other ids
+        bbq_ids = {it["id"] for it in bench.load_items()}
+        regenerated = {c for c, v in bench.sources.items() if v["label"].startswith("regenerated")}
     if bench.name == "crows":
         crows_ids = {(it.get("sent_more"), it.get("sent_less")): it["id"] for it in bench.load_items()}
     for n, raw in _json_lines(p, "--lmeval-samples"):
@@ -185,11 +200,18 @@ def from_lmeval_samples(bench, path) -> list[dict]:
                 sid = f"bbq-{doc['category']}-{doc['example_id']}"
             except KeyError:
                 raise DataError(p, n, "doc", "a BBQ doc needs 'category' and 'example_id'") from None
-            choices = s.get("arguments")
-            texts = [a[1] if isinstance(a, (list, tuple)) and len(a) > 1 else str(a) for a in choices] \
-                if isinstance(choices, list) else []
+            if sid not in bbq_ids and doc["category"] in regenerated:
+                raise DataError(p, n, "doc.category", f"{doc['category']} is regenerated from the templates in this "
+                                "biaslab (ids bbq-regen-*), not upstream's items that lm-eval scored: give your copy "
+                                "of the upstream BBQ data/ folder with --bbq-dir (or BIASLAB_BBQ_DIR), or leave "
+                                "that category's docs out and use --partial")
+            texts = _choice_texts(s.get("arguments"))
+            if len(texts) != len(lls) or not lls:
+                raise DataError(p, n, "arguments", f"expected the text of each of the {len(lls)} scored choices "
+                                "(lm-eval's (context, continuation) requests), got "
+                                f"{len(texts)}") from None
             best = max(range(len(lls)), key=lambda j: (lls[j], -j))
-            rows.append({"id": sid, "pred_text": texts[best] if texts else str(best), "_line": n})
+            rows.append({"id": sid, "pred_text": texts[best], "_line": n})
         elif bench.name == "crows":
             key = (str(doc.get("sent_more", "")).strip(), str(doc.get("sent_less", "")).strip())
             if key not in crows_ids:

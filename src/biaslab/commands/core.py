@@ -260,6 +260,9 @@ def score(
                                    "script: exact text, else the first two words of an answer)"),
     n_boot: int = typer.Option(1000, "--n-boot"),
     seed: int = typer.Option(0, "--seed"),
+    bbq_dir: Optional[Path] = typer.Option(None, "--bbq-dir", "--data-dir", help="BBQ: your full copy of the upstream "
+                                           "data/ folder (sha256-checked; its files replace the categories biaslab "
+                                           "regenerates; or set BIASLAB_BBQ_DIR)"),
     force: bool = typer.Option(False, "--force"),
     format: str = typer.Option("table", "--format", help="table | markdown | csv | json"),
 ):
@@ -280,14 +283,17 @@ def score(
         if items_out.exists():
             raise BiaslabError(f"--items-out {items_out} exists; biaslab never overwrites a file it did not create")
         check_target(items_out.parent)
-        rows = items_for_predictions(get_benchmark(bench))
+        if bbq_dir is not None and bench != "bbq":
+            raise BiaslabError(f"--bbq-dir is BBQ's data; it does nothing for {bench}")
+        rows = items_for_predictions(get_benchmark(bench, **({"bbq_dir": str(bbq_dir)} if bbq_dir else {})))
         atomic_write_text(items_out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         err_console.print(f"{len(rows):,} {bench} items → {items_out}", markup=False, highlight=False)
         return
     from ..score import score_predictions
 
     res = score_predictions(bench, predictions=predictions, lmeval_samples=lmeval_samples, out=out, force=force,
-                            n_boot=n_boot, seed=seed, partial=partial, model_name=name, text_match=text_match)
+                            n_boot=n_boot, seed=seed, partial=partial, model_name=name, text_match=text_match,
+                            bbq_dir=bbq_dir)
     print_result(res, format)
     c = res.results["benchmarks"][bench]["predictions"]
     err_console.print(f"{c['scored']:,} items scored ({c['unmatched']} unmatched, {c['items_without_prediction']:,} "
