@@ -246,26 +246,3 @@ def trace(lm, items: list[TraceItem], *, kinds=("hidden", "mlp"), noise_scale: f
               "window": window, "seed": seed, "position": "last subject token",
               "effect": "log P(object) restored - corrupted, mean over object tokens (nats)"}
     return TraceResult(L, kinds, per, p_clean, p_corr, [it.id for it in items], params)
-
-
-def plot_trace(result: TraceResult, *, title: str = "causal tracing", decisive: int | None = None):
-    """A matplotlib figure of the indirect-effect curves with their 95 % bands."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    xs = np.arange(result.layers)
-    for k, color in zip(result.kinds, ("tab:blue", "tab:red")):
-        m, ci = result.mean(k), result.ci95(k)
-        ax.plot(xs, m, color=color, label=f"restore {'hidden state' if k == 'hidden' else 'MLP output'}")
-        ax.fill_between(xs, ci[:, 0], ci[:, 1], color=color, alpha=0.2)
-    if decisive is not None:
-        ax.axvline(decisive, color="k", ls="--", lw=1, label=f"stamp layer {decisive}")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("indirect effect on log P(object)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return fig
