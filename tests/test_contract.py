@@ -178,3 +178,20 @@ def test_method_contract(name, lm, tmp_path, monkeypatch):
             assert (want is None and got is None) or got == pytest.approx(want, abs=1e-9), row
             checked += 1
     assert checked == len(after)
+
+    # every method's summary prints in each --format: csv one row per metric (task and retention), json the summary
+    import csv
+    import io
+
+    from biaslab.evaluation.report import render_summary
+
+    assert json.loads(render_summary(clean, "json")) == json.loads(json.dumps(clean))
+    rows = list(csv.DictReader(io.StringIO(render_summary(clean, "csv"))))
+    n_ret = sum(len(s["metrics"]) for s in ((clean["retention"] or {}).get("benchmarks") or {}).values())
+    assert len(rows) == len(clean["metrics"]) + n_ret
+    for r in rows[:len(clean["metrics"])]:
+        m = clean["metrics"][r["metric"]]
+        assert r["scope"] == m["set"] and r["verdict"] == m["verdict"]
+        assert (r["after"] == "" and m["after"] is None) or float(r["after"]) == pytest.approx(m["after"])
+    md = render_summary(clean, "markdown", method.headline(clean))
+    assert md.startswith(f"**{name} on {clean['task']}**") and all(k in md for k in clean["metrics"])
