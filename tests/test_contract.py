@@ -178,6 +178,10 @@ def test_method_contract(name, lm, tmp_path, monkeypatch):
             assert (want is None and got is None) or got == pytest.approx(want, abs=1e-9), row
             checked += 1
     assert checked == len(after)
+    from biaslab.signoff.compare import write_html
+
+    page = write_html(cmp, tmp_path / "compare.html").read_text()
+    assert "Leaderboard" in page and str(tmp_path / "killed") in page
 
     # every method's summary prints in each --format: csv one row per metric (task and retention), json the summary
     import csv
