@@ -75,6 +75,62 @@ def test_corrupt_rows_name_file_and_line(tmp_path):
     assert "fine_tuning_train_data.jsonl" in str(e.value) and "line 1" in str(e.value)
 
 
+# ---------------------------------------------------------------------------------------------- your own pairs
+def _user_pairs(n: int) -> list[dict]:
+    return [{"biased": f"the brilliant singer {k} performed .", "neutral": f"the singer {k} performed ."}
+            for k in range(n)]
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([{"neutral": "x"}], r"line 1.*field 'biased'.*non-empty string"),
+    ([{"biased": "a b", "neutral": "  "}], r"line 1.*field 'neutral'.*non-empty string"),
+    ([{"biased": "a", "neutral": "b", "source": 3}], r"line 1.*field 'source'.*non-empty string, got 3"),
+    ([{"biased": "a", "neutral": "b", "id": "x"}, {"biased": "c", "neutral": "d", "id": "x"}],
+     r"line 2.*field 'id'.*'x' repeats the id of line 1"),
+    ([{"biased": "a", "neutral": "A."}] + _user_pairs(1) * 2 + _user_pairs(4), r"4 distinct pairs \(2 duplicate_pair, 1 no_change "
+                                                                r"dropped\).*needs at least 10"),
+])
+def test_user_pair_files_name_file_line_and_field(tmp_path, rows, match):
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=match) as e:
+        sd.load_user_pairs(f)
+    assert "mine.jsonl" in str(e.value)
+    with pytest.raises(DataError, match="pair file not found"):
+        sd.load_user_pairs(tmp_path / "missing.jsonl")
+
+
+def test_user_pairs_split_like_the_vendored_ones(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    rows = _user_pairs(40) + [{"biased": "he is a nurse .", "neutral": "they are a nurse .", "id": "n1",
+                               "source": "gender", "dimension": "gender"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    name, pairs = sd.load_user_pairs(f)
+    assert name.startswith("pairs:mine.jsonl@") and len(name) == len("pairs:mine.jsonl@") + 12
+    assert pairs[0].id == "mine-1" and pairs[0].source == "user" and pairs[-1].dimension == "gender"
+    sp = sd.split_user_pairs(pairs, seed=0)
+    assert sum(len(v) for v in sp.values()) == 41 and all(sp[s] for s in sd.SPLITS)
+    assert [p.id for p in sd.split_user_pairs(pairs, seed=0)["test"]] == [p.id for p in sp["test"]]
+    f.write_text(f.read_text() + json.dumps({"biased": "one more .", "neutral": "more ."}) + "\n")
+    assert sd.load_user_pairs(f)[0] != name   # the name follows the content
+
+
+def test_mitigate_srllm_on_a_users_pair_file(tiny_lm, tmp_path):
+    """--task pairs:PATH goes through the one runner: the summary's task is the file's content-named id, the
+    manifest hashes the file, the held-out pairs come from it."""
+    from biaslab.evaluation import run_mitigation
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in _user_pairs(20)))
+    cfg = {"train_limit": 4, "val_limit": 2, "batch_size": 2, "max_length": 96, "eval_every": 1, "retention": False}
+    s = run_mitigation("srllm", tiny_lm, f"pairs:{f}", cfg, out=tmp_path / "run", limit=3, n_boot=10)
+    assert s["task"].startswith("pairs:mine.jsonl@")
+    man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert any(v.startswith("sha256:") for v in man["data_sha256"].values())
+    held = json.loads((tmp_path / "run" / "items.json").read_text())
+    assert held and all(i.startswith("mine-") for ids in held.values() for i in ids)
+
+
 # ---------------------------------------------------------------------------------------------- training
 def test_completion_only_masking(tiny_lm):
     ids, labels = encode_example(tiny_lm, "the brilliant singer performed .", "the singer performed .")

@@ -239,6 +239,58 @@ def load_splits(*, seed: int = 0, validation: float = 0.1, test: float = 0.15, s
     return splits
 
 
+MIN_USER_PAIRS = 10   # a test pair, a validation pair and training pairs at the default 75/10/15 split
+
+
+def load_user_pairs(path) -> tuple[str, list[RewritePair]]:
+    """Rewrite pairs of your own (``--task pairs:PATH``), JSON Lines: ``biased`` and ``neutral`` (strings),
+    optional ``id`` (default ``<file stem>-<line>``), ``source`` (a stratum for sampling and splitting; default
+    ``user``) and ``dimension`` (default ``subjective``). Returns (``pairs:<file name>@<first 12 hex digits of its
+    sha256>``, pairs): the name changes with the content, so a cached fit of an edited file is never reused.
+    Errors name the file, line and field."""
+    from ...data import read_jsonl, sha256_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, None, "pair file not found (expected JSON Lines of {\"biased\", \"neutral\"}: "
+                        "--task pairs:PATH)")
+    pairs, seen = [], {}
+    for row in read_jsonl(path):
+        n = row["_line"]
+        for f in ("biased", "neutral"):
+            if not isinstance(row.get(f), str) or not row[f].strip():
+                raise DataError(path, n, f, "expected a non-empty string (each line pairs a biased sentence with "
+                                "its neutral rewrite)")
+        extra = {}
+        for f, default in (("id", f"{path.stem}-{n}"), ("source", "user"), ("dimension", "subjective")):
+            v = row.get(f, default)
+            if not isinstance(v, str) or not v.strip():
+                raise DataError(path, n, f, f"expected a non-empty string, got {v!r}")
+            extra[f] = v.strip()
+        if extra["id"] in seen:
+            raise DataError(path, n, "id", f"{extra['id']!r} repeats the id of line {seen[extra['id']]}")
+        seen[extra["id"]] = n
+        pairs.append(RewritePair(extra["id"], extra["source"], _clean(row["biased"]), _clean(row["neutral"]),
+                                 extra["dimension"]))
+    kept, dropped = dedupe(pairs)
+    if len(kept) < MIN_USER_PAIRS:
+        why = f" ({', '.join(f'{v} {k}' for k, v in sorted(dropped.items()))} dropped)" if dropped else ""
+        raise DataError(path, None, None, f"{len(kept)} distinct pairs{why}; SR_LLM splits a pair file into train, "
+                        f"validation and test and needs at least {MIN_USER_PAIRS}")
+    return f"pairs:{path.name}@{sha256_file(path)[:12]}", pairs
+
+
+def split_user_pairs(pairs: list[RewritePair], *, seed: int = 0) -> dict[str, list[RewritePair]]:
+    """The de-duplicated, seeded, leakage-free splits of a user's pairs (as :func:`load_splits`)."""
+    splits = split_pairs(dedupe(pairs)[0], seed=seed)
+    for s in ("train", "test"):
+        if not splits[s]:
+            raise BiaslabError(f"the pair file's {s} split is empty: its pairs share sentences so that they form "
+                               "too few groups to split (a group never straddles two splits); add more distinct pairs")
+    check_no_leak(splits)
+    return splits
+
+
 def check_no_leak(splits: dict[str, list[RewritePair]]) -> None:
     """Raise if any normalised sentence of validation/test also occurs in train (either side)."""
     train = {norm_key(t) for p in splits["train"] for t in (p.biased, p.neutral)}

@@ -37,7 +37,8 @@ class SRLLM(Method):
     paper = "Raza et al. 2024 (arXiv 2404.01399): LoRA instruction-tuned debiasing rewriter"
     config_class = SRLLMConfig
     summary = "SR_LLM: LoRA-tune a rewriter of biased text; untuned vs tuned on held-out pairs; retention audit."
-    task_help = "training data (only debias_rewrites)"
+    task_help = ("training data: debias_rewrites (the vendored pairs) or pairs:PATH (your JSON Lines of "
+                 "{biased, neutral}; docs/methods/srllm.md)")
     default_task = "debias_rewrites"
     default_limit = 100
     limit_help = "held-out test pairs rewritten and scored"
@@ -47,8 +48,12 @@ class SRLLM(Method):
         from . import data as sd
 
         task = task or self.default_task
+        if task.startswith("pairs:"):   # the user's own pair file
+            path = Path(task.removeprefix("pairs:")).expanduser()
+            name, pairs = sd.load_user_pairs(path)
+            return TaskData(name, {"splits": sd.split_user_pairs(pairs, seed=cfg.split_seed)}, {name: path})
         if task not in TASKS:
-            raise UnknownNameError("srllm task", task, TASKS)
+            raise UnknownNameError("srllm task", task, TASKS + ("pairs:PATH",))
         return TaskData(task, {"splits": sd.load_splits(seed=cfg.split_seed)}, sd.data_files())
 
     def fit(self, lm, task: TaskData, cfg: SRLLMConfig, *, seed: int, cache, log) -> FitResult:
