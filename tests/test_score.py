@@ -120,8 +120,8 @@ def test_lmeval_samples_in_both_argument_layouts(tmp_path):
     samples = [_lmeval_bbq_sample(items[0], picks[0]), _lmeval_bbq_sample(items[1], picks[1]),
                _lmeval_bbq_sample(items[2], picks[2], dict_args=False)]
     f = _write(tmp_path / "samples_bbq_2026.jsonl", samples)
-    rows = from_lmeval_samples(b, f)
-    assert [r["id"] for r in rows] == [it.id for it in items]
+    rows, left_out = from_lmeval_samples(b, f)
+    assert [r["id"] for r in rows] == [it.id for it in items] and left_out == {}
     recs, counts = to_records(b, rows, f, partial=True)
     assert counts["scored"] == 3 and counts["unmatched"] == 0
     assert [r["pred"] for r in recs] == [items[0].gold, wrong, items[2].gold]
@@ -147,8 +147,9 @@ def test_lmeval_crows_samples(tmp_path):
     rows = [{"doc": {"sent_more": it["sent_more"], "sent_less": it["sent_less"]}, "arguments": {},
              "filtered_resps": [["-10.5", "False"], ["-12.0", "False"]] if k == 0 else [["-3", "False"], ["-1", "False"]]}
             for k, it in enumerate(its)]
+    rows[1]["doc"]["sent_more"] = "  " + its[1]["sent_more"].replace(" ", "  ") + " "   # whitespace is not text
     f = _write(tmp_path / "samples_crows.jsonl", rows)
-    recs, _ = to_records(b, from_lmeval_samples(b, f), f, partial=True)
+    recs, _ = to_records(b, from_lmeval_samples(b, f)[0], f, partial=True)
     assert [(r["id"], r["score_more"], r["score_less"]) for r in recs] == [(its[0]["id"], -10.5, -12.0),
                                                                           (its[1]["id"], -3.0, -1.0)]
 
@@ -184,6 +185,10 @@ def test_lmeval_samples_of_a_regenerated_category_need_the_upstream_copy(tmp_pat
     f = _write(tmp_path / "samples_bbq.jsonl", [_lmeval_bbq_sample(Item, "Unknown")])
     with pytest.raises(DataError, match=r"line 1.*doc\.category.*SES is regenerated from the templates.*--bbq-dir"):
         from_lmeval_samples(get_benchmark("bbq"), f)
+    ok = _write(tmp_path / "two.jsonl", [_lmeval_bbq_sample(Item, "Unknown"), _lmeval_bbq_sample(
+        get_benchmark("bbq").load_items()[0]["item"], "Unknown")])
+    kept, left_out = from_lmeval_samples(get_benchmark("bbq"), ok, partial=True)
+    assert [r["_line"] for r in kept] == [2] and list(left_out.values()) == [1]
 
     d = tmp_path / "bbq"
     d.mkdir()
@@ -198,3 +203,24 @@ def test_lmeval_samples_of_a_regenerated_category_need_the_upstream_copy(tmp_pat
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["args"]["bbq_dir"] == str(d)
     with pytest.raises(BiaslabError, match="--bbq-dir is BBQ's data; it does nothing for crows"):
         score_predictions("crows", lmeval_samples=f, bbq_dir=d)
+
+
+def test_lmeval_docs_without_a_biaslab_item_are_errors_or_counted_with_partial(tmp_path):
+    """lm-eval's CrowS-Pairs is the revised English version: a pair it changed has no biaslab item — an error naming
+    the line, or, with --partial, left out, counted and noted in the results."""
+    from biaslab.benchmarks.external import REVISED_CROWS, from_lmeval_samples
+    from biaslab.score import score_predictions
+
+    b = get_benchmark("crows")
+    it = b.load_items()[0]
+    rows = [{"doc": {"sent_more": it["sent_more"], "sent_less": it["sent_less"]}, "filtered_resps": [["-1", "F"], ["-2", "F"]]},
+            {"doc": {"sent_more": "A revised sentence .", "sent_less": "Another one ."}, "filtered_resps": [["-1", "F"], ["-2", "F"]]}]
+    f = _write(tmp_path / "samples_crows.jsonl", rows)
+    with pytest.raises(DataError, match=r"line 2.*not one of biaslab's 1,508.*revised English version.*--partial"):
+        from_lmeval_samples(b, f)
+    kept, left_out = from_lmeval_samples(b, f, partial=True)
+    assert [r["id"] for r in kept] == [it["id"]] and left_out == {REVISED_CROWS: 1}
+    res = score_predictions("crows", lmeval_samples=f, partial=True, n_boot=10)
+    sec = res.results["benchmarks"]["crows"]
+    assert sec["predictions"]["docs_left_out"] == {REVISED_CROWS: 1} and sec["predictions"]["scored"] == 1
+    assert any("1 lm-eval docs left out (--partial)" in n for n in sec["notes"])

@@ -33,8 +33,11 @@ def score_predictions(bench: str, *, predictions=None, lmeval_samples=None, out=
         raise BiaslabError(f"--bbq-dir is BBQ's data; it does nothing for {bench}")
     b = get_benchmark(bench, **({"bbq_dir": str(bbq_dir)} if bbq_dir is not None else {}))
     src = Path(predictions or lmeval_samples)
-    rows = read_predictions(src) if predictions is not None else from_lmeval_samples(b, src)
+    rows, left_out = (read_predictions(src), {}) if predictions is not None else \
+        from_lmeval_samples(b, src, partial=partial)
     records, counts = to_records(b, rows, src, partial=partial, text_match=text_match)
+    if predictions is None:
+        counts["docs_left_out"] = left_out
     # the metrics are the benchmark's own, as under its default protocol (they read only the records' fields)
     proto = b.protocol()
     section = summarize(b, records, proto, n_boot=n_boot, seed=seed)
@@ -42,6 +45,8 @@ def score_predictions(bench: str, *, predictions=None, lmeval_samples=None, out=
     section["predictions"] = {"file": str(src), "sha256": "sha256:" + sha256_file(src),
                               "format": "biaslab.predictions.v1" if predictions is not None else "lm-eval log_samples",
                               "metric_definitions_from": proto.id, "text_match": text_match, **counts}
+    for why, k in left_out.items():
+        section.setdefault("notes", []).append(f"{k} lm-eval docs left out (--partial): {why}")
     if counts["unmatched"]:
         section.setdefault("notes", []).append(f"{counts['unmatched']} answers matched no option and were left out "
                                                "(as the BBQ authors' analysis drops them)")

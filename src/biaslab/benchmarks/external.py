@@ -176,18 +176,31 @@ def _choice_texts(arguments) -> list[str]:
     return []
 
 
-def from_lmeval_samples(bench, path) -> list[dict]:
-    """Prediction rows from an lm-evaluation-harness ``--log_samples`` file (``samples_<task>_*.jsonl``) of its BBQ
-    multiple-choice or CrowS-Pairs task: BBQ docs map to ids by category and example_id, the argmax choice's text
-    to an option (its unknown paraphrases to the unknown option); CrowS docs by their sentence pair."""
+REGENERATED_DOCS = "BBQ category regenerated from the templates here (give --bbq-dir for upstream's items)"
+REVISED_CROWS = "CrowS-Pairs pair not among biaslab's 1,508 (lm-eval uses the revised English version)"
+
+
+def _pair_key(a, b) -> tuple[str, str]:
+    return " ".join(str(a or "").split()), " ".join(str(b or "").split())
+
+
+def from_lmeval_samples(bench, path, *, partial: bool = False) -> tuple[list[dict], dict]:
+    """(prediction rows, {reason: docs left out}) from an lm-evaluation-harness ``--log_samples`` file
+    (``samples_<task>_*.jsonl``) of its BBQ multiple-choice or CrowS-Pairs task: BBQ docs map to ids by category
+    and example_id, the argmax choice's text to an option (its unknown paraphrases to the unknown option); CrowS
+    docs by their sentence pair (whitespace-normalised). A doc with no biaslab item — a BBQ category regenerated
+    here, a CrowS pair that lm-eval's revised English version changed — is an error naming the line, or, with
+    ``partial``, left out and counted."""
+    from collections import Counter
+
     p = Path(path)
-    rows = []
+    rows, skipped = [], Counter()
     crows_ids, bbq_ids, regenerated = None, set(), set()
     if bench.name == "bbq":   # lm-eval scored upstream's items; categories regenerated here have other ids
         bbq_ids = {it["id"] for it in bench.load_items()}
         regenerated = {c for c, v in bench.sources.items() if v["label"].startswith("regenerated")}
     if bench.name == "crows":
-        crows_ids = {(it.get("sent_more"), it.get("sent_less")): it["id"] for it in bench.load_items()}
+        crows_ids = {_pair_key(it.get("sent_more"), it.get("sent_less")): it["id"] for it in bench.load_items()}
     for n, raw in _json_lines(p, "--lmeval-samples"):
         try:
             s = json.loads(raw)
@@ -201,10 +214,13 @@ def from_lmeval_samples(bench, path) -> list[dict]:
             except KeyError:
                 raise DataError(p, n, "doc", "a BBQ doc needs 'category' and 'example_id'") from None
             if sid not in bbq_ids and doc["category"] in regenerated:
+                if partial:
+                    skipped[REGENERATED_DOCS] += 1
+                    continue
                 raise DataError(p, n, "doc.category", f"{doc['category']} is regenerated from the templates in this "
                                 "biaslab (ids bbq-regen-*), not upstream's items that lm-eval scored: give your copy "
-                                "of the upstream BBQ data/ folder with --bbq-dir (or BIASLAB_BBQ_DIR), or leave "
-                                "that category's docs out and use --partial")
+                                "of the upstream BBQ data/ folder with --bbq-dir (or BIASLAB_BBQ_DIR), or --partial "
+                                "to leave that category's docs out (counted)")
             texts = _choice_texts(s.get("arguments"))
             if len(texts) != len(lls) or not lls:
                 raise DataError(p, n, "arguments", f"expected the text of each of the {len(lls)} scored choices "
@@ -213,10 +229,15 @@ def from_lmeval_samples(bench, path) -> list[dict]:
             best = max(range(len(lls)), key=lambda j: (lls[j], -j))
             rows.append({"id": sid, "pred_text": texts[best], "_line": n})
         elif bench.name == "crows":
-            key = (str(doc.get("sent_more", "")).strip(), str(doc.get("sent_less", "")).strip())
+            key = _pair_key(doc.get("sent_more"), doc.get("sent_less"))
             if key not in crows_ids:
-                raise DataError(p, n, "doc", "this CrowS-Pairs pair is not one of biaslab's 1,508")
+                if partial:
+                    skipped[REVISED_CROWS] += 1
+                    continue
+                raise DataError(p, n, "doc", "this CrowS-Pairs pair is not one of biaslab's 1,508 (lm-eval's "
+                                "revised English version changed some): --partial scores the pairs that match and "
+                                "counts the others")
             rows.append({"id": crows_ids[key], "scores": lls[:2], "_line": n})
         else:
             raise BiaslabError("lm-eval samples are read for bbq and crows")
-    return _unique(p, rows, "doc", "samples")
+    return _unique(p, rows, "doc", "samples"), dict(skipped)

@@ -297,7 +297,9 @@ def score(
     print_result(res, format)
     c = res.results["benchmarks"][bench]["predictions"]
     err_console.print(f"{c['scored']:,} items scored ({c['unmatched']} unmatched, {c['items_without_prediction']:,} "
-                      f"without a prediction)" + (f"; run directory: {out}" if out else ""), markup=False,
+                      f"without a prediction" + (f", {sum(c['docs_left_out'].values()):,} lm-eval docs left out"
+                                                  if c.get("docs_left_out") else "") + ")"
+                      + (f"; run directory: {out}" if out else ""), markup=False,
                       highlight=False)
 
 
