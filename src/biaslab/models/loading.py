@@ -133,6 +133,65 @@ def _native_bf16(device: str) -> bool:
     return torch.cuda.get_device_properties(_cuda_index(device)).major >= 8
 
 
+def _load_weights(spec, kind, ref, dt, place, dm, device_map, max_memory, progress):
+    """(model, tokenizer, biaslab.json of the embedded model or None, the checkpoint the fingerprint hashes or None)
+    of a resolved spec; a failure is one :class:`BiaslabError` (a device map that does not fit: RuntimeError)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..progress import library_bars
+
+    meta_f, fp_source = None, None
+    bars = None if progress else False   # transformers' bars follow biaslab's progress (off under --quiet)
+    dt_name = str(dt).removeprefix("torch.")
+    if kind == "embedded":
+        path = embedded_model_dir_once(ref, progress=progress)
+        meta_f = path / "biaslab.json"
+        check_map_covers(dm, path)
+        with library_bars(False):   # a sub-second local load needs no "Loading weights" bar
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **PLAIN_TORCH, **place)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    elif kind == "gguf":
+        with library_bars(bars, f"loading {ref} (GGUF, dequantized to {dt_name})"):
+            model, tok = _load_gguf(Path(ref), dtype=dt, place=place)
+        fp_source = Path(ref)
+    else:
+        local = Path(ref)
+        if kind == "dir":
+            check_no_remote_code(local)
+        try:
+            if kind == "hub":
+                from huggingface_hub import snapshot_download
+
+                local = Path(snapshot_download(ref, local_files_only=True))
+                check_no_remote_code(local)
+            check_map_covers(dm, local)
+            auto = AutoModelForCausalLM
+            if is_encoder_decoder(local):   # T5-style (check_no_remote_code refused the others)
+                from transformers import AutoModelForSeq2SeqLM as auto
+            with library_bars(bars, f"loading {local} in {dt_name}"):
+                model = auto.from_pretrained(local, dtype=dt, local_files_only=True, **PLAIN_TORCH, **place)
+            tok = AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            if dm is not None and ("memory" in str(e).lower() or "offload" in str(e).lower()):
+                raise memory_error(e, device_map, max_memory) from None
+            if isinstance(e, ValueError) and (q := checkpoint_quantization(local)):   # the quantizer refused it
+                raise load_failure(spec, q, e) from None
+            where = "the local Hugging Face cache" if kind == "hub" else ref
+            raise BiaslabError(
+                f"could not load model {spec!r} from {where} (biaslab never downloads at run time; "
+                f"put the model in a local directory or the HF cache first): {str(e)[:300]}"
+            ) from None
+        except BiaslabError:
+            raise
+        except Exception as e:  # e.g. a truncated model.safetensors (safetensors' own error type)
+            if q := checkpoint_quantization(local):   # its quantizer's library missing, or refusing the files
+                raise load_failure(spec, q, e) from None
+            raise BiaslabError(f"could not load model {spec!r}: its files are damaged or not a model transformers "
+                               f"reads ({type(e).__name__}: {str(e)[:200]})") from None
+        fp_source = local
+    return model, tok, meta_f, fp_source
+
+
 def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: str | None = None,
                chat_template: bool | None = None, progress: bool = True, device_map=None, max_memory=None):
     """Load a model spec into a :class:`~biaslab.models.lm.LanguageModel`.
@@ -147,8 +206,6 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     The fingerprint comes from the checkpoint files (:func:`~biaslab.models.fingerprint.checkpoint_fingerprint`,
     cached by path, size and mtime), so a patch made on a checkpoint loaded one way applies to it loaded another
     way; the embedded model keeps the weights hash recorded when it was converted."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .fingerprint import checkpoint_fingerprint
     from .lm import LanguageModel
 
@@ -157,59 +214,10 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None, dtype: s
     dt = pick_dtype(dev, dtype)
     dm, mm = resolve_placement(device_map, max_memory)   # several ranks per node: each on its own GPUs only
     place = {"device_map": dm, **({"max_memory": mm} if mm else {})} if dm is not None else {}
-    meta_f, fp_source = None, None
-    from ..progress import library_bars
-
-    bars = None if progress else False   # transformers' bars follow biaslab's progress (off under --quiet)
-    dt_name = str(dt).removeprefix("torch.")
     with no_disk_offload_notice(dm is not None):   # biaslab never offloads to disk: check_all_placed says so
         try:
-            if kind == "embedded":
-                path = embedded_model_dir_once(ref, progress=progress)
-                meta_f = path / "biaslab.json"
-                check_map_covers(dm, path)
-                with library_bars(False):   # a sub-second local load needs no "Loading weights" bar
-                    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **PLAIN_TORCH, **place)
-                tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            elif kind == "gguf":
-                with library_bars(bars, f"loading {ref} (GGUF, dequantized to {dt_name})"):
-                    model, tok = _load_gguf(Path(ref), dtype=dt, place=place)
-                fp_source = Path(ref)
-            else:
-                local = Path(ref)
-                if kind == "dir":
-                    check_no_remote_code(local)
-                try:
-                    if kind == "hub":
-                        from huggingface_hub import snapshot_download
-
-                        local = Path(snapshot_download(ref, local_files_only=True))
-                        check_no_remote_code(local)
-                    check_map_covers(dm, local)
-                    auto = AutoModelForCausalLM
-                    if is_encoder_decoder(local):   # T5-style (check_no_remote_code refused the others)
-                        from transformers import AutoModelForSeq2SeqLM as auto
-                    with library_bars(bars, f"loading {local} in {dt_name}"):
-                        model = auto.from_pretrained(local, dtype=dt, local_files_only=True, **PLAIN_TORCH, **place)
-                    tok = AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False)
-                except (OSError, ValueError) as e:
-                    if dm is not None and ("memory" in str(e).lower() or "offload" in str(e).lower()):
-                        raise memory_error(e, device_map, max_memory) from None
-                    if isinstance(e, ValueError) and (q := checkpoint_quantization(local)):   # the quantizer refused it
-                        raise load_failure(spec, q, e) from None
-                    where = "the local Hugging Face cache" if kind == "hub" else ref
-                    raise BiaslabError(
-                        f"could not load model {spec!r} from {where} (biaslab never downloads at run time; "
-                        f"put the model in a local directory or the HF cache first): {str(e)[:300]}"
-                    ) from None
-                except BiaslabError:
-                    raise
-                except Exception as e:  # e.g. a truncated model.safetensors (safetensors' own error type)
-                    if q := checkpoint_quantization(local):   # its quantizer's library missing, or refusing the files
-                        raise load_failure(spec, q, e) from None
-                    raise BiaslabError(f"could not load model {spec!r}: its files are damaged or not a model transformers "
-                                       f"reads ({type(e).__name__}: {str(e)[:200]})") from None
-                fp_source = local
+            model, tok, meta_f, fp_source = _load_weights(spec, kind, ref, dt, place, dm, device_map, max_memory,
+                                                          progress)
         except RuntimeError as e:   # accelerate: a device map that does not fit
             if dm is not None:
                 raise memory_error(e, device_map, max_memory) from None
