@@ -98,6 +98,12 @@ def test_user_pair_files_name_file_line_and_field(tmp_path, rows, match):
     assert "mine.jsonl" in str(e.value)
     with pytest.raises(DataError, match="pair file not found"):
         sd.load_user_pairs(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="is a directory; --task pairs:PATH takes one JSON Lines file"):
+        sd.load_user_pairs(tmp_path)
+    from biaslab.methods.srllm.method import SRLLM
+
+    with pytest.raises(BiaslabError, match="pairs:PATH needs the path of your pair file"):
+        SRLLM().load_task("pairs: ", SRLLMConfig())
 
 
 def test_user_pairs_split_like_the_vendored_ones(tmp_path):

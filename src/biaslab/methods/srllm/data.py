@@ -251,6 +251,8 @@ def load_user_pairs(path) -> tuple[str, list[RewritePair]]:
     from ...data import read_jsonl, sha256_file
 
     path = Path(path)
+    if path.is_dir():
+        raise DataError(path, None, None, "is a directory; --task pairs:PATH takes one JSON Lines file")
     if not path.is_file():
         raise DataError(path, None, None, "pair file not found (expected JSON Lines of {\"biased\", \"neutral\"}: "
                         "--task pairs:PATH)")

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ... import distributed as D
-from ...errors import UnknownNameError
+from ...errors import BiaslabError, UnknownNameError
 from ...evaluation.method import Method
 from ...evaluation.plan import Control, EvalSet, FitResult, MetricSpec, RetentionPlan, TaskData
 from .config import PROTOCOL_ID, SRLLMConfig
@@ -49,6 +49,8 @@ class SRLLM(Method):
 
         task = task or self.default_task
         if task.startswith("pairs:"):   # the user's own pair file
+            if not task.removeprefix("pairs:").strip():
+                raise BiaslabError("--task pairs:PATH needs the path of your pair file (JSON Lines of {biased, neutral})")
             path = Path(task.removeprefix("pairs:")).expanduser()
             name, pairs = sd.load_user_pairs(path)
             return TaskData(name, {"splits": sd.split_user_pairs(pairs, seed=cfg.split_seed)}, {name: path})
