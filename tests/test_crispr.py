@@ -508,6 +508,13 @@ def test_full_loop_on_a_user_task_file_with_its_own_instructions(tiny_lm, tmp_pa
     per_instr = [sum(r["correct"] for r in recs if r["group"] == "pos" and r["instruction"] == i)
                  / sum(r["group"] == "pos" and r["instruction"] == i for r in recs) for i in (0, 1)]
     assert m["accuracy[pos]"]["before"] == pytest.approx(sum(per_instr) / 2)
+    # compare reloads the task from the manifest's task_spec (the file's absolute path), from any directory
+    from biaslab.signoff.compare import compare_runs
+
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["task_spec"] == f"mc:{task.resolve()}"
+    cmp = compare_runs([tmp_path / "run", tmp_path / "run"], n_boot=10)
+    got = {r["metric"]: r["values"][0]["value"] for r in cmp["rows"] if r["scope"] == "test"}
+    assert got["accuracy[pos]"] == pytest.approx(m["accuracy[pos]"]["after"])
     with pytest.raises(BiaslabError, match="positive number of instructions"):
         C.CrisprConfig(neurons=3, instructions=0).validate()
     with pytest.raises(BiaslabError, match="more instructions than task custom has \\(10\\)"):

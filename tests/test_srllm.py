@@ -135,6 +135,17 @@ def test_mitigate_srllm_on_a_users_pair_file(tiny_lm, tmp_path):
     assert any(v.startswith("sha256:") for v in man["data_sha256"].values())
     held = json.loads((tmp_path / "run" / "items.json").read_text())
     assert held and all(i.startswith("mine-") for ids in held.values() for i in ids)
+    # compare reloads the pairs from the manifest's task_spec; a file edited since the run is refused
+    from biaslab.signoff.compare import compare_runs
+
+    assert compare_runs([tmp_path / "run", tmp_path / "run"], n_boot=10)["rows"]
+    f.write_text(f.read_text() + json.dumps({"biased": "one more brilliant line .", "neutral": "one more line ."}) + "\n")
+    with pytest.raises(BiaslabError, match=r"the run's task was pairs:mine\.jsonl@.*now holds pairs:mine\.jsonl@.*"
+                                           "changed since the run"):
+        compare_runs([tmp_path / "run", tmp_path / "run"], n_boot=10)
+    f.unlink()
+    with pytest.raises(BiaslabError, match="cannot load the run's task pairs:mine.jsonl@.* again.*pair file not found"):
+        compare_runs([tmp_path / "run", tmp_path / "run"], n_boot=10)
 
 
 # ---------------------------------------------------------------------------------------------- training

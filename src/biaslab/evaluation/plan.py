@@ -103,11 +103,13 @@ class FitResult:
 
 @dataclass
 class TaskData:
-    """A loaded task: its canonical name, the method's data, and every file read ({label: path}) for the
-    manifest's data sha256."""
+    """A loaded task: its canonical name, the method's data, every file read ({label: path}) for the
+    manifest's data sha256, and ``spec``: the ``--task`` string that loads it again (a file task's, with the
+    file's absolute path; None when the name does), recorded in the manifest for ``biaslab compare``."""
     name: str
     data: Any
     data_files: dict[str, Path] = field(default_factory=dict)
+    spec: str | None = None
 
 
 @dataclass(frozen=True)

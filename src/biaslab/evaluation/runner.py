@@ -191,7 +191,8 @@ def run_mitigation(method, model="smollm2-135m-instruct", task: str | None = Non
             "task": task_data.name, "config": cfg_json, "limit": limit, "seed": seed, "n_boot": n_boot}
     data_sha = {label: "sha256:" + sha256_file(Path(p)) for label, p in sorted(task_data.data_files.items())}
     top = RunDir(out, args, force=force, extra_manifest={"kind": "mitigation", "model": lm.describe(),
-                                                         "data_sha256": data_sha})
+                                                         "data_sha256": data_sha,
+                                                         "task_spec": task_data.spec or task_data.name})
 
     # 1. fit (cached)
     t = time.perf_counter()

@@ -70,11 +70,20 @@ def _state_view(p: Path, name: str) -> RunView:
     root = _run_root(p.parent)
     if root is None:
         raise BiaslabError(f"{p} is a state directory whose mitigation run cannot be found above it")
-    args = json.loads((root / "manifest.json").read_text(encoding="utf-8"))["args"]
+    man = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    args = man["args"]
     method = get_method(args["method"])
     cfg = method.make_config({k: v for k, v in args["config"].items() if k in
                               {f.name for f in method.config_fields()}})
-    task = method.load_task(args["task"], cfg)
+    spec = man.get("task_spec", args["task"])   # a file task reloads from its path (older runs: only the name)
+    try:
+        task = method.load_task(spec, cfg)
+    except BiaslabError as e:
+        raise BiaslabError(f"{root}: cannot load the run's task {args['task']} again to recompute its metrics "
+                           f"({e})") from None
+    if task.name != args["task"]:
+        raise BiaslabError(f"{root}: the run's task was {args['task']}, but {spec} now holds {task.name}: the file "
+                           "changed since the run, so its records cannot be matched to its items")
     specs = method.metrics_for(task, cfg)
     if specs is None:
         raise BiaslabError(f"{p}: method {method.name} cannot list its metrics without a model, so its states "

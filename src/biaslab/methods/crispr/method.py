@@ -41,7 +41,9 @@ class Crispr(Method):
         if not task:
             raise BiaslabError("--task is required (bbq:<Category>, bbq:all, sst2 or mc:PATH), or use --config demo")
         name, items = load_task(task) if isinstance(task, str) else ("custom", list(task))
-        return TaskData(name, items, task_data_files(task) if isinstance(task, str) else {})
+        spec = f"mc:{Path(task[3:]).expanduser().resolve()}" if isinstance(task, str) and task.startswith("mc:") \
+            else None
+        return TaskData(name, items, task_data_files(task) if isinstance(task, str) else {}, spec)
 
     def prepare(self, cfg: CrisprConfig, task: TaskData) -> CrisprConfig:
         from .selection import check_task_items

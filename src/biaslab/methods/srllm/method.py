@@ -53,7 +53,8 @@ class SRLLM(Method):
                 raise BiaslabError("--task pairs:PATH needs the path of your pair file (JSON Lines of {biased, neutral})")
             path = Path(task.removeprefix("pairs:")).expanduser()
             name, pairs = sd.load_user_pairs(path)
-            return TaskData(name, {"splits": sd.split_user_pairs(pairs, seed=cfg.split_seed)}, {name: path})
+            return TaskData(name, {"splits": sd.split_user_pairs(pairs, seed=cfg.split_seed)}, {name: path},
+                            f"pairs:{path.resolve()}")
         if task not in TASKS:
             raise UnknownNameError("srllm task", task, TASKS + ("pairs:PATH",))
         return TaskData(task, {"splits": sd.load_splits(seed=cfg.split_seed)}, sd.data_files())
