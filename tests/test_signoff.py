@@ -63,6 +63,8 @@ def test_check_judges_the_whole_interval():
              Rule("crows.stereotype_score", "drop_max", 2.0, 5)]
     got = [r["status"] for r in check(audit, rules)]
     assert got == ["PASS", "INCONCLUSIVE", "FAIL", "SKIP", "SKIP"] and overall(check(audit, rules)) == "FAIL"
+    assert overall(check(audit, rules[:1] + rules[3:])) == "PASS"      # a SKIP beside a PASS changes nothing
+    assert overall(check(audit, rules[3:])) == overall([]) == "INCONCLUSIVE"   # nothing measured: nothing vouched
     mit = {"schema": "biaslab.summary.v1", "metrics": {"accuracy": {"before": 0.6, "after": 0.7, "delta": 0.1,
                                                                      "delta_ci95": [0.02, 0.18], "after": 0.7,
                                                                      "after_ci95": [0.6, 0.8]}},
@@ -94,6 +96,16 @@ def test_check_command_exit_codes(tmp_path):
         r = CliRunner().invoke(app, ["check", str(d), "--policy", str(pol)])
         assert r.exit_code == code, (text, r.output)
         assert ("PASS" if code == 0 else "FAIL" if code == 1 else "INCONCLUSIVE") in r.output
+    # a policy none of whose rules the run measured vouches for nothing: INCONCLUSIVE, never PASS
+    pol.write_text("bbq.bias_score_ambig: {abs_max: 5}\n")
+    r = CliRunner().invoke(app, ["check", str(d), "--policy", str(pol)])
+    assert r.exit_code == 3 and "INCONCLUSIVE: 0 pass" in r.output and "no rule of the policy applies" in r.output
+    # one state of a mitigation run is not what a policy judges
+    st = tmp_path / "mit" / "after"
+    st.mkdir(parents=True)
+    (st / "results.json").write_text(json.dumps({"state": "after", "patch": None, "sets": {}}))
+    r = CliRunner().invoke(app, ["check", str(st)])
+    assert isinstance(r.exception, BiaslabError) and "is the 'after' state of a mitigation run" in str(r.exception)
 
 
 def test_compare_paired_and_unpaired_in_every_format(tmp_path):

@@ -202,7 +202,9 @@ def check(
                       f"{sum(r['status'] == 'FAIL' for r in results)} fail, "
                       f"{sum(r['status'] == 'INCONCLUSIVE' for r in results)} inconclusive, "
                       f"{sum(r['status'] == 'SKIP' for r in results)} not measured "
-                      f"(policy {policy}, run {run})", markup=False, highlight=False, soft_wrap=True)
+                      f"(policy {policy}, run {run})" + ("; no rule of the policy applies to this run" if all(
+                          r["status"] == "SKIP" for r in results) else ""), markup=False, highlight=False,
+                      soft_wrap=True)
     raise typer.Exit(EXIT_CODES[status])
 
 

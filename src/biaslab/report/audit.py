@@ -96,7 +96,7 @@ def audit_report(result, path, *, policy: str = "default") -> Path:
 
     res = result.results
     pol = check(res, load_policy(policy))
-    sections = [(f"Summary — policy {policy}: {overall([r for r in pol if r['status'] != 'SKIP'] or pol)}",
+    sections = [(f"Summary — policy {policy}: {overall(pol)}",
                  summary_panel(res, pol) + "<p class='note'>PASS: the whole 95 % interval meets the rule; FAIL: none "
                  "of it does; INCONCLUSIVE: the interval straddles the threshold. `biaslab check RUN --policy FILE` "
                  "applies another policy.</p>")]

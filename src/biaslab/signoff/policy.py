@@ -172,8 +172,12 @@ def check(run: dict, rules: list[Rule]) -> list[dict]:
 
 
 def overall(results: list[dict]) -> str:
+    """FAIL if any rule fails, else INCONCLUSIVE if any is inconclusive — or if no rule was measured at all (a
+    policy none of whose rules applies to the run vouches for nothing) — else PASS."""
     s = {r["status"] for r in results}
-    return "FAIL" if "FAIL" in s else "INCONCLUSIVE" if "INCONCLUSIVE" in s else "PASS"
+    if "FAIL" in s:
+        return "FAIL"
+    return "INCONCLUSIVE" if "INCONCLUSIVE" in s or not s - {"SKIP"} else "PASS"
 
 
 def format_line(r: dict) -> str:
@@ -198,5 +202,8 @@ def load_run(path) -> dict:
                 raise BiaslabError(f"{f} is not readable JSON") from None
             if name == "results.json" and doc.get("complete") is False:
                 raise BiaslabError(f"{f} belongs to a run that did not finish; rerun it before checking it")
+            if name == "results.json" and "sets" in doc and "benchmarks" not in doc:   # DIR/before, DIR/after, …
+                raise BiaslabError(f"{p} is the {doc.get('state', 'one')!r} state of a mitigation run: its rules judge "
+                                   f"the run's before / after, so check the run directory ({p.parent})")
             return doc
     raise BiaslabError(f"{p} holds no summary.json or results.json: not a finished biaslab run directory")
