@@ -106,6 +106,17 @@ def test_check_command_exit_codes(tmp_path):
     (st / "results.json").write_text(json.dumps({"state": "after", "patch": None, "sets": {}}))
     r = CliRunner().invoke(app, ["check", str(st)])
     assert isinstance(r.exception, BiaslabError) and "is the 'after' state of a mitigation run" in str(r.exception)
+    # a probe's (or a rewrite's) run directory has nothing a policy judges: refused, never an all-SKIP verdict
+    from biaslab.signoff.compare import compare_runs
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "results.json").write_text(json.dumps({"accuracy": {}, "fairness": {}, "flags": {}}))
+    r = CliRunner().invoke(app, ["check", str(probe)])
+    assert isinstance(r.exception, BiaslabError) and "neither an audit's results nor a mitigation's summary" in \
+        str(r.exception)
+    with pytest.raises(BiaslabError, match="neither an audit, a mitigation nor one of its states"):
+        compare_runs([probe, d])
 
 
 def test_compare_paired_and_unpaired_in_every_format(tmp_path):

@@ -109,6 +109,9 @@ def load_view(path) -> RunView:
             _audit_view(p / "retention" / "after", str(p), into=v)
         return v
     res = _read_results(p)
+    if "benchmarks" not in res and "sets" not in res:   # a probe's or a rewrite's run directory
+        raise BiaslabError(f"{p} is neither an audit, a mitigation nor one of its states (a soft-prompt probe or a "
+                           "rewrite run?): biaslab compare reads those")
     return _audit_view(p, str(p)) if "benchmarks" in res else _state_view(p, str(p))
 
 

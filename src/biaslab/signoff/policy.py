@@ -205,5 +205,8 @@ def load_run(path) -> dict:
             if name == "results.json" and "sets" in doc and "benchmarks" not in doc:   # DIR/before, DIR/after, …
                 raise BiaslabError(f"{p} is the {doc.get('state', 'one')!r} state of a mitigation run: its rules judge "
                                    f"the run's before / after, so check the run directory ({p.parent})")
+            if name == "results.json" and "benchmarks" not in doc:   # a probe's or a rewrite's run directory
+                raise BiaslabError(f"{f} is neither an audit's results nor a mitigation's summary (a soft-prompt probe "
+                                   "or a rewrite run?): biaslab check judges audits and mitigations")
             return doc
     raise BiaslabError(f"{p} holds no summary.json or results.json: not a finished biaslab run directory")
