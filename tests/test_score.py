@@ -126,6 +126,11 @@ def test_lmeval_samples_in_both_argument_layouts(tmp_path):
     assert counts["scored"] == 3 and counts["unmatched"] == 0
     assert [r["pred"] for r in recs] == [items[0].gold, wrong, items[2].gold]
     assert M.accuracy(recs) == pytest.approx(2 / 3)
+    # the chosen choice is mapped by its exact text, so the BBQ authors' matcher (which knows only the item's own
+    # unknown wording, here "Can't be determined") cannot drop lm-eval's "Not answerable"
+    assert items[0].options[items[0].gold] != "Not answerable"
+    recs, counts = to_records(b, rows, f, partial=True, text_match="bbq-authors")
+    assert counts["unmatched"] == 0 and [r["pred"] for r in recs] == [items[0].gold, wrong, items[2].gold]
 
 
 def test_lmeval_samples_without_choice_texts_name_the_line(tmp_path):

@@ -176,6 +176,23 @@ def _choice_texts(arguments) -> list[str]:
     return []
 
 
+_UNKNOWNS = {normalise(u) for u in UNKNOWN_PARAPHRASES}
+
+
+def _lmeval_choice(text: str, item) -> dict:
+    """lm-eval's BBQ choices are the item's two named answers and ten unknown phrasings: the chosen one is mapped
+    by its exact text (``pred``), never read as free text, so ``--text-match`` cannot drop an unknown phrasing
+    that differs from the item's own; any other text is left to the matcher (``pred_text``)."""
+    c = text.strip()
+    if item is not None:
+        for k, o in enumerate(item.options):
+            if o.strip() == c:
+                return {"pred": k}
+        if item.meta.get("unknown") is not None and normalise(c) in _UNKNOWNS:
+            return {"pred": item.meta["unknown"]}
+    return {"pred_text": text}
+
+
 REGENERATED_DOCS = "BBQ category regenerated from the templates here (give --bbq-dir for upstream's items)"
 REVISED_CROWS = "CrowS-Pairs pair not among biaslab's 1,508 (lm-eval uses the revised English version)"
 
@@ -195,9 +212,9 @@ def from_lmeval_samples(bench, path, *, partial: bool = False) -> tuple[list[dic
 
     p = Path(path)
     rows, skipped = [], Counter()
-    crows_ids, bbq_ids, regenerated = None, set(), set()
+    crows_ids, bbq_ids, regenerated = None, {}, set()
     if bench.name == "bbq":   # lm-eval scored upstream's items; categories regenerated here have other ids
-        bbq_ids = {it["id"] for it in bench.load_items()}
+        bbq_ids = {it["id"]: it["item"] for it in bench.load_items()}
         regenerated = {c for c, v in bench.sources.items() if v["label"].startswith("regenerated")}
     if bench.name == "crows":
         crows_ids = {_pair_key(it.get("sent_more"), it.get("sent_less")): it["id"] for it in bench.load_items()}
@@ -227,7 +244,7 @@ def from_lmeval_samples(bench, path, *, partial: bool = False) -> tuple[list[dic
                                 "(lm-eval's (context, continuation) requests), got "
                                 f"{len(texts)}") from None
             best = max(range(len(lls)), key=lambda j: (lls[j], -j))
-            rows.append({"id": sid, "pred_text": texts[best], "_line": n})
+            rows.append({"id": sid, **_lmeval_choice(texts[best], bbq_ids.get(sid)), "_line": n})
         elif bench.name == "crows":
             key = _pair_key(doc.get("sent_more"), doc.get("sent_less"))
             if key not in crows_ids:
