@@ -348,8 +348,8 @@ def crows_protocol_records(records: list[dict], protocol: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ lm-eval data
 def write_lmeval_inputs(tmp: Path, bbq_items: list[dict], crows_items: list[dict]) -> Path:
     """JSONL copies of exactly the sampled items + the task configs with their data path filled in."""
-    from biaslab.benchmarks.bbq import BBQ_CATEGORIES
-    from biaslab.data import DATA_ROOT, read_jsonl
+    from biaslab.benchmarks.bbq import BBQ
+    from biaslab.data import read_jsonl
 
     data = tmp / "data"
     tasks = tmp / "tasks"
@@ -357,12 +357,15 @@ def write_lmeval_inputs(tmp: Path, bbq_items: list[dict], crows_items: list[dict
     tasks.mkdir(parents=True)
     raw: dict[str, dict] = {}
     wanted_cats = {d["category"] for d in bbq_items}
-    for cat in BBQ_CATEGORIES:
+    bbq = BBQ()
+    bbq.load_items()   # where each category comes from: upstream, or regenerated from the templates (bbq-regen-*)
+    for cat, src in bbq.sources.items():
         if cat not in wanted_cats:
             continue
-        for row in read_jsonl(DATA_ROOT / "bbq" / f"{cat}.jsonl"):
+        prefix = "bbq-regen-" if src["label"].startswith("regenerated") else "bbq-"
+        for row in read_jsonl(src["path"]):
             row = {k: v for k, v in row.items() if k != "_line"}
-            raw[f"bbq-{cat}-{row['example_id']}"] = row
+            raw[f"{prefix}{cat}-{row['example_id']}"] = row
     with open(data / "bbq.jsonl", "w", encoding="utf-8") as f:
         for d in bbq_items:
             f.write(json.dumps({**raw[d["id"]], "biaslab_id": d["id"]}, ensure_ascii=False) + "\n")

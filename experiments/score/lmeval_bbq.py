@@ -5,7 +5,8 @@
 
 1. samples --items BBQ items (biaslab's seeded, stratified sample), runs lm-eval's own BBQ multiple-choice task
    on them (the local copy of bench/lmeval_tasks, the default model, no chat template) with log_samples, and
-   writes the samples as JSON Lines (what `lm_eval --log_samples` writes);
+   writes the samples file with lm-eval's own writer (``EvaluationTracker.save_results_samples``, what
+   ``lm_eval --log_samples`` writes: ``arguments`` as ``gen_args_i`` / ``arg_j``, responses as strings);
 2. runs `biaslab score --bench bbq --lmeval-samples FILE --partial` on that file;
 3. compares lm-eval's accuracy with biaslab's, on the same items. Output: experiments/score/lmeval_bbq.json.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +38,8 @@ def main() -> int:
     from biaslab.models.loading import embedded_model_dir
 
     b = get_benchmark("bbq")
-    items = b.sample(b.load_items(), a.items, 0)
+    # lm-eval's BBQ is upstream's: sample the 7 categories vendored from upstream (the other 4 are regenerated here)
+    items = b.sample([it for it in b.load_items() if not it["id"].startswith("bbq-regen-")], a.items, 0)
     with tempfile.TemporaryDirectory() as tmp:
         tasks = write_lmeval_inputs(Path(tmp), items, [])
         hflm = HFLM(pretrained=str(embedded_model_dir("smollm2-135m-instruct")), device="cpu", dtype="float32",
@@ -46,25 +49,35 @@ def main() -> int:
                                       bootstrap_iters=0, log_samples=True, apply_chat_template=False, random_seed=0,
                                       numpy_random_seed=0, torch_random_seed=0, verbosity="WARNING")
     lme, _ = lmeval_results(res, "biaslab_bbq_local")
-    samples = sorted(res["samples"]["biaslab_bbq_local"], key=lambda s: s["doc_id"])
-    f = a.out / "lmeval_bbq_samples.jsonl"
-    with open(f, "w", encoding="utf-8") as fh:
-        for s in samples:
-            fh.write(json.dumps({"doc_id": s["doc_id"], "doc": s["doc"], "arguments": s["arguments"],
-                                 "filtered_resps": s["filtered_resps"], "acc": s.get("acc")}, default=str) + "\n")
+    from lm_eval.loggers import EvaluationTracker
+
+    with tempfile.TemporaryDirectory() as tmp:   # lm-eval's own writers, called as its CLI calls them
+        tracker = EvaluationTracker(output_path=str(Path(tmp) / "results.json"))
+        all_samples = res.pop("samples")
+        tracker.save_results_aggregated(results=res, samples=all_samples)
+        tracker.save_results_samples(task_name="biaslab_bbq_local",
+                                     samples=sorted(all_samples["biaslab_bbq_local"], key=lambda s: s["doc_id"]))
+        (written,) = Path(tmp).glob("samples_biaslab_bbq_local_*.jsonl")
+        f = a.out / "lmeval_bbq_samples.jsonl"
+        shutil.copyfile(written, f)
     run = Path(tempfile.mkdtemp()) / "score"
     out = subprocess.run([sys.executable, "-m", "biaslab", "score", "--bench", "bbq", "--lmeval-samples", str(f),
                           "--partial", "--n-boot", "1000", "--format", "json", "--out", str(run), "--name",
                           "smollm2-135m-instruct via lm-eval"], capture_output=True, text=True, check=True)
     ours = json.loads(out.stdout)["benchmarks"]["bbq"]
-    summary = {"items": len(samples), "lm_eval_version": getattr(lm_eval, "__version__", None),
-               "lm_eval": {k: lme.get(k) for k in ("acc", "accuracy_amb", "accuracy_disamb")},
+    n_items = sum(1 for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
+    summary = {"items": n_items, "lm_eval_version": getattr(lm_eval, "__version__", None),
+               "lm_eval": {k: lme.get(k) for k in ("acc", "accuracy_amb", "accuracy_disamb", "amb_bias_score",
+                                                   "disamb_bias_score")},
                "biaslab_score": {"accuracy": ours["metrics"]["accuracy"]["value"],
                                  "accuracy_ci95": ours["metrics"]["accuracy"]["ci95"],
                                  "accuracy_ambig": ours["metrics"]["accuracy_ambig"]["value"],
                                  "accuracy_disambig": ours["metrics"]["accuracy_disambig"]["value"],
+                                 "bias_score_ambig": ours["metrics"]["bias_score_ambig"]["value"],
+                                 "bias_score_disambig": ours["metrics"]["bias_score_disambig"]["value"],
                                  "unmatched": ours["predictions"]["unmatched"]},
                "same_accuracy": abs(lme["acc"] - ours["metrics"]["accuracy"]["value"]) < 1e-9,
+               "samples_layout": "lm-eval EvaluationTracker.save_results_samples (arguments: gen_args_i/arg_j)",
                "samples_file": str(f.relative_to(ROOT))}
     (a.out / "lmeval_bbq.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
