@@ -115,4 +115,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import argparse   # takes no options: --help prints what it does and writes; anything else is refused, not run
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     sys.exit(main())

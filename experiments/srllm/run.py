@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
+
+
+def _args():
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--force", action="store_true", help="replace experiments/srllm/out if made with other arguments")
+    return ap.parse_args()
 
 
 def main() -> None:
@@ -25,7 +32,7 @@ def main() -> None:
 
     out = HERE / "out"
     s = run_mitigation("srllm", "smollm2-135m-instruct", "debias_rewrites", None, out=out, limit=100,
-                       force="--force" in sys.argv, console=Console(stderr=True))
+                       force=_args().force, console=Console(stderr=True))
     metrics = {f"rewrite.{k}": v for k, v in s["metrics"].items()}
     for b, sec in (s["retention"] or {}).get("benchmarks", {}).items():
         metrics.update({f"{b}.{k}": v for k, v in sec["metrics"].items()})
