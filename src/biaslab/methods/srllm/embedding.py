@@ -36,8 +36,11 @@ class SentenceEmbedder:
         except ImportError:
             raise MissingDependencyError("content preservation needs sentence-transformers "
                                          "(`pip install sentence-transformers`).") from None
+        from ...progress import library_bars
+
         self.path = embedding_model_dir()
-        self.model = SentenceTransformer(str(self.path), device=device)
+        with library_bars(False):   # a sub-second local load: no "Loading weights" bar (on every rank, in logs)
+            self.model = SentenceTransformer(str(self.path), device=device)
 
     def cosines(self, a: Sequence[str], b: Sequence[str], *, batch_size: int = 64) -> list[float]:
         """Cosine similarity of a[i] and b[i] for each i (unit-normalised embeddings)."""
