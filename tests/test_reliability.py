@@ -31,7 +31,7 @@ def _mask(lm, units=(1, 2)):
 
 
 # ------------------------------------------------------------------------------------------------ data loss
-def test_export_never_deletes_a_directory_it_did_not_create(lm, tmp_path):
+def test_export_never_deletes_a_directory_it_did_not_create(lm, tmp_path, monkeypatch):
     sandbox = tmp_path / "sandbox"
     mine = sandbox / "user-dir"
     mine.mkdir(parents=True)
@@ -43,6 +43,17 @@ def test_export_never_deletes_a_directory_it_did_not_create(lm, tmp_path):
     with pytest.raises(BiaslabError, match="not a biaslab export"):
         p.export(lm, sandbox)                       # the parent: refused, nothing touched
     assert (mine / "thesis.txt").is_file()
+    # the CLI refuses before it loads the model (a 70 B load is no way to learn that --out is taken)
+    from typer.testing import CliRunner
+
+    import biaslab.models as M
+    from biaslab.cli import app
+
+    f = p.save(tmp_path / "p.safetensors")
+    loaded = []
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: loaded.append(a))
+    r = CliRunner().invoke(app, ["export", "--model", "x", "--patch", str(f), "--out", str(mine)])
+    assert isinstance(r.exception, BiaslabError) and "not a biaslab export" in str(r.exception) and not loaded
     # --force adds the export's files beside the user's, deleting and overwriting nothing
     out = p.export(lm, mine, force=True)
     assert (out / "thesis.txt").read_text() == "years of work" and (out / "biaslab_patch.json").is_file()

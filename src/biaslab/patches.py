@@ -86,6 +86,24 @@ class Patch:
     EXPORT_PROBE = "The doctor told the nurse that the results would be ready by Friday."
     EXPORT_ATOL = 1e-3    # |logit| difference allowed between the exported directory and the patched model
 
+    def export_target(self, out_dir, *, force: bool = False) -> tuple[Path, list[str], bool]:
+        """(the export directory, what it already holds, whether it is an export of biaslab's own), or the one-line
+        refusal — a patch that cannot be exported, a directory biaslab did not create — before any model loads."""
+        from .outputs import check_target
+
+        if not self.exportable:
+            why = self.export_refusal()
+            raise BiaslabError(f"a {self.kind} patch cannot be exported to a plain model directory" +
+                               (f": {why}" if why else ""))
+        out = check_target(out_dir).absolute()
+        existing = sorted(x.name for x in out.iterdir()) if out.is_dir() else []
+        own = _own_export(out, existing)
+        if existing and not own and not force:
+            raise BiaslabError(f"{out} is not empty and is not a biaslab export (it holds {', '.join(existing[:5])}"
+                               f"{' …' if len(existing) > 5 else ''}); choose a new --out (biaslab never deletes a "
+                               "directory it did not create; --force adds the export's files beside them)")
+        return out, existing, own
+
     def export(self, lm, out_dir, *, verify: bool = True, force: bool = False, summary: dict | None = None) -> Path:
         """Bake into a plain Hugging Face model directory (loads with transformers alone).
 
@@ -100,20 +118,10 @@ class Patch:
         run's summary.json) adds the before / after evidence to the card."""
         import shutil
 
-        from .outputs import EXPORT_MARK, check_target
+        from .outputs import EXPORT_MARK
 
-        if not self.exportable:
-            why = self.export_refusal()
-            raise BiaslabError(f"a {self.kind} patch cannot be exported to a plain model directory" +
-                               (f": {why}" if why else ""))
+        out, existing, own = self.export_target(out_dir, force=force)
         self.check_base(lm)
-        out = check_target(out_dir).absolute()
-        existing = sorted(x.name for x in out.iterdir()) if out.is_dir() else []
-        own = _own_export(out, existing)
-        if existing and not own and not force:
-            raise BiaslabError(f"{out} is not empty and is not a biaslab export (it holds {', '.join(existing[:5])}"
-                               f"{' …' if len(existing) > 5 else ''}); choose a new --out (biaslab never deletes a "
-                               "directory it did not create; --force adds the export's files beside them)")
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         info = self.describe()
         try:

@@ -141,10 +141,8 @@ def export(
     from ..models import load_model
     from ..patches import load_patch
 
-    from ..outputs import check_target
-
-    check_target(out)  # a bad --out fails before the model loads
     p = load_patch(patch)
+    p.export_target(out, force=force)   # a bad --out (or a patch that cannot be exported) fails before the model loads
     card = _run_summary(summary, patch, p)
     lm = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     path = p.export(lm, out, verify=verify, force=force, summary=card)
