@@ -376,3 +376,12 @@ def test_real_model_scorer(real_lm):
                            .logits[0, -1, e.label_ids] for r in e.rows])
     assert torch.allclose(got, ref, atol=1e-3)
     assert [p["pred"] for p in predict(real_lm, hand_prompt("bare"), sents, progress=False)] == [2, 0]
+
+
+def test_probe_refuses_a_foreign_out_before_loading_the_model(tmp_path):
+    from biaslab.probes.pipeline import run_probe
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(BiaslabError, match="not a biaslab run directory"):   # not "unknown model": nothing loaded
+        run_probe("no-such-model", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -101,6 +101,9 @@ def run_probe(model="smollm2-135m-instruct", out: str | Path | None = None, *, r
 
     if out is None:
         raise BiaslabError("run_probe needs an output directory (--out)")
+    from ..outputs import check_target, preflight
+
+    preflight(check_target(out))   # a foreign --out fails before the model loads
     for name, v in (("--test-limit", test_limit), ("--train-limit", train_limit), ("--val-limit", val_limit)):
         if v is not None and v < 1:
             raise BiaslabError(f"{name} must be a positive number of sentences, got {v}")
