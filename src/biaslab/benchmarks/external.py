@@ -176,21 +176,13 @@ def _choice_texts(arguments) -> list[str]:
     return []
 
 
-_UNKNOWNS = {normalise(u) for u in UNKNOWN_PARAPHRASES}
-
-
 def _lmeval_choice(text: str, item) -> dict:
     """lm-eval's BBQ choices are the item's two named answers and ten unknown phrasings: the chosen one is mapped
-    by its exact text (``pred``), never read as free text, so ``--text-match`` cannot drop an unknown phrasing
-    that differs from the item's own; any other text is left to the matcher (``pred_text``)."""
-    c = text.strip()
-    if item is not None:
-        for k, o in enumerate(item.options):
-            if o.strip() == c:
-                return {"pred": k}
-        if item.meta.get("unknown") is not None and normalise(c) in _UNKNOWNS:
-            return {"pred": item.meta["unknown"]}
-    return {"pred_text": text}
+    to its option here with biaslab's matcher (``pred``: every unknown phrasing is the unknown option), so
+    ``--text-match`` cannot drop an unknown phrasing that differs from the item's own; a text matching no option
+    is left to the chosen matcher (``pred_text``)."""
+    k = match_option(text, item.options, unknown=item.meta.get("unknown")) if item is not None else None
+    return {"pred": k} if k is not None else {"pred_text": text}
 
 
 REGENERATED_DOCS = "BBQ category regenerated from the templates here (give --bbq-dir for upstream's items)"

@@ -247,7 +247,7 @@ def load_user_pairs(path) -> tuple[str, list[RewritePair]]:
     optional ``id`` (default ``<file stem>-<line>``), ``source`` (a stratum for sampling and splitting; default
     ``user``) and ``dimension`` (default ``subjective``). Returns (``pairs:<file name>@<first 12 hex digits of its
     sha256>``, pairs): the name changes with the content, so a cached fit of an edited file is never reused.
-    Errors name the file, line and field."""
+    Errors name the file, line and field. The pairs come de-duplicated (:func:`dedupe`)."""
     from ...data import read_jsonl, sha256_file
 
     path = Path(path)
@@ -279,12 +279,12 @@ def load_user_pairs(path) -> tuple[str, list[RewritePair]]:
         why = f" ({', '.join(f'{v} {k}' for k, v in sorted(dropped.items()))} dropped)" if dropped else ""
         raise DataError(path, None, None, f"{len(kept)} distinct pairs{why}; SR_LLM splits a pair file into train, "
                         f"validation and test and needs at least {MIN_USER_PAIRS}")
-    return f"pairs:{path.name}@{sha256_file(path)[:12]}", pairs
+    return f"pairs:{path.name}@{sha256_file(path)[:12]}", kept
 
 
 def split_user_pairs(pairs: list[RewritePair], *, seed: int = 0) -> dict[str, list[RewritePair]]:
-    """The de-duplicated, seeded, leakage-free splits of a user's pairs (as :func:`load_splits`)."""
-    splits = split_pairs(dedupe(pairs)[0], seed=seed)
+    """The seeded, leakage-free splits of a user's (de-duplicated) pairs, as :func:`load_splits`."""
+    splits = split_pairs(pairs, seed=seed)
     for s in ("train", "test"):
         if not splits[s]:
             raise BiaslabError(f"the pair file's {s} split is empty: its pairs share sentences so that they form "

@@ -49,9 +49,10 @@ class SRLLM(Method):
 
         task = task or self.default_task
         if task.startswith("pairs:"):   # the user's own pair file
-            if not task.removeprefix("pairs:").strip():
+            arg = task.removeprefix("pairs:")
+            if not arg.strip():
                 raise BiaslabError("--task pairs:PATH needs the path of your pair file (JSON Lines of {biased, neutral})")
-            path = Path(task.removeprefix("pairs:")).expanduser()
+            path = Path(arg).expanduser()
             name, pairs = sd.load_user_pairs(path)
             return TaskData(name, {"splits": sd.split_user_pairs(pairs, seed=cfg.split_seed)}, {name: path},
                             f"pairs:{path.resolve()}")
