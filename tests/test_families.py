@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from families import AFTER_HEAD, FAMILIES, WINDOW, make
+from families import AFTER_HEAD, FAMILIES, MOE, WINDOW, make
 
 LONG = " ".join(["the nurse told the doctor that the results were ready"] * 5)   # far longer than WINDOW tokens
 REQS = [("The nurse said", " that she was tired."), ("A", " b c d"), (LONG, " and then they left."),
@@ -138,6 +138,8 @@ def family64(request):
     from biaslab.models import LanguageModel
 
     model, tok = make(request.param, seed=1)
+    if request.param in MOE:
+        model.set_experts_implementation("eager")   # transformers' grouped_mm kernel has no float64
     model = model.double()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -150,10 +152,16 @@ def family64(request):
 def test_attribution_equals_finite_differences(family64, kind):
     """activation × gradient at the last layer's strongest unit equals a central finite difference."""
     from biaslab import attribution as A
+    from biaslab.errors import BiaslabError
+    from biaslab.interventions import Hooks, Intervention
 
     name, lm = family64
     seqs = [lm.encode("the nurse told the doctor that"), lm.encode("a b c d e f")]
     tg = [lm.candidate_token_id(c) for c in (" yes", " no")]
+    if name in MOE and kind == "linear":
+        with pytest.raises(BiaslabError, match="linear sites .* not defined for .*use --sites ffn"):
+            A.resolve_sites(lm, kind)
+        return
     site = A.resolve_sites(lm, kind)[-1]
     with A.AttributionPass(lm, [site], seqs, reduce="sum") as ap:
         g = torch.autograd.grad(ap.objective(tg).sum(), [ap.hooks.s[site.name]])[0]
@@ -169,7 +177,9 @@ def test_attribution_equals_finite_differences(family64, kind):
             else:
                 x[r, t, i] += delta
             return x
-        if kind == "ffn":
+        if site.expert_width:                   # a MoE layer: its experts' routed activations, recomputed
+            hk = Hooks([Intervention("fd", site.module, "edit_experts", bump)]).attach()
+        elif kind == "ffn":
             hk = site.module.register_forward_pre_hook(lambda m, a: (bump(a[0]),) + tuple(a[1:]))
         else:
             hk = site.module.register_forward_hook(lambda m, a, out: bump(out))
@@ -337,7 +347,7 @@ def test_an_encoder_decoder_other_than_t5_is_refused_in_one_line(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ tracing
 ATTENTION_OUT = {"llama": "self_attn.o_proj", "gpt2": "attn.c_proj", "gpt_neox": "attention.dense",
-                 "phi3": "self_attn.o_proj", "opt": "self_attn.out_proj"}
+                 "phi3": "self_attn.o_proj", "opt": "self_attn.out_proj", "moe": "self_attn.o_proj"}
 
 
 @pytest.mark.parametrize("name", TRAINABLE_STAMP)
@@ -357,10 +367,11 @@ def test_causal_tracing_finds_a_planted_layer(name):
     with torch.no_grad():
         for i, layer in enumerate(layers):
             layer.get_submodule(attn).weight.zero_()
+            down = downs[i].down_proj if name in MOE else downs[i].weight   # MoE: every expert's down projection
             if i == k:
-                downs[i].weight.mul_(30.0)
+                down.mul_(30.0)
             else:
-                downs[i].weight.zero_()
+                down.zero_()
     lm = LanguageModel(model, tok, spec=f"planted-{name}", chat_template=False, progress=False)
     items = []
     for i, word in enumerate(["Paris", "mother", "window"]):
@@ -397,7 +408,7 @@ def test_checkpointed_and_layer_chunked_attribution_equal_plain(family):
     name, model, lm = family
     seqs = [lm.encode("the nurse told the doctor that"), lm.encode("a b c d e f g h")]
     tg = [lm.candidate_token_id(c) for c in (" yes", " no")]
-    for kind in ("ffn", "linear"):
+    for kind in ("ffn",) if name in MOE else ("ffn", "linear"):
         plain = A.activation_x_gradient(lm, seqs, tg, sites=kind)
         ckpt = A.activation_x_gradient(lm, seqs, tg, sites=kind, checkpoint_layers=True)
         assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain), (name, kind)
@@ -405,15 +416,16 @@ def test_checkpointed_and_layer_chunked_attribution_equal_plain(family):
         assert list(chunked) == list(plain) and all(torch.equal(plain[k], chunked[k]) for k in plain), (name, kind)
         both = A.activation_x_gradient(lm, seqs, tg, sites=kind, layers_per_pass=2, checkpoint_layers=True)
         assert all(torch.equal(ckpt[k], both[k]) for k in plain), (name, kind)
-    groups = A.site_groups(A.resolve_sites(lm, "linear"), 2)
+    kind = "ffn" if name in MOE else "linear"
+    groups = A.site_groups(A.resolve_sites(lm, kind), 2)
     assert [sorted({s.layer for s in g}) for g in groups][0] == [0, 1] and sum(map(len, groups)) == len(
-        A.resolve_sites(lm, "linear"))
+        A.resolve_sites(lm, kind))
     from biaslab.tracing import layer_modules
 
     calls: dict = {}
     last = layer_modules(model)[0][-1] if name != "opt" else model.model.decoder.layers[-1]
     hks = [m.register_forward_hook(lambda mod, a, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
-           for n, m in last.named_modules() if n]
+           for n, m in last.named_modules() if n and not n.endswith("experts.act_fn")]   # MoE: once per expert
     try:
         A.activation_x_gradient(lm, seqs[:1], tg[:1], sites=[A.resolve_sites(lm, "ffn")[0]], checkpoint_layers=True)
     finally:

@@ -59,7 +59,7 @@ def main() -> int:
             test, fam = m.group(1), m.group(2)
             ok = not any(child.tag in ("failure", "error") for child in tc)
             cells[fam][test].append(ok)
-    from families import FAMILIES, make, stamp_export_outcome
+    from families import FAMILIES, MOE, make, stamp_export_outcome
 
     from biaslab.errors import BiaslabError
     from biaslab.tracing import layer_modules
@@ -75,6 +75,8 @@ def main() -> int:
         cfg = model.config
         row = [fam, type(model).__name__]
         row += ["pass" if cells[fam][t] and all(cells[fam][t]) else ("FAIL" if cells[fam][t] else "–") for t in COLUMNS]
+        if fam in MOE and row[2 + list(COLUMNS).index("test_attribution_equals_finite_differences")] == "pass":
+            row[2 + list(COLUMNS).index("test_attribution_equals_finite_differences")] = "pass (ffn per expert; linear refused)"
         with tempfile.TemporaryDirectory() as tmp:
             exported = stamp_export_outcome(fam, Path(tmp) / "out")
         row += [fast, exported if exported == "yes" else exported[:90] + "…"]
@@ -97,7 +99,12 @@ def main() -> int:
               f"and export reloaded by transformers {t5['crispr']}; FAST, SR_LLM, the soft-prompt probe, `rewrite` "
               f"and sentence-likelihood benchmarks (CrowS-Pairs, StereoSet) refused in one line {t5['refusals']}. "
               "Other encoder-decoders (BART, …) are refused with one line.",
-              "- Mixtral (mixture of experts) has no neuron-site table and is refused with one line.",
+              "- Mixture of experts (Mixtral, Qwen3-MoE above; OLMoE and PhiMoE in `tests/test_moe.py`): one FFN site per layer, "
+              "the fused experts module, whose unit e·I + i is expert e's neuron i; attribution recomputes the experts' "
+              "output from their weights (checked against the model's own at the first pass) and pruning zeroes "
+              "`down_proj[e][:, i]` (`models/experts.py`). `linear` sites are refused (the experts are fused tensors, "
+              "not linear layers); LoRA targets the attention projections. Experts with biases or another layout "
+              "(GPT-OSS) and a shared expert (Qwen2-MoE, DeepSeek), or experts outside `mlp` (GraniteMoE), have no site table and are refused in one line.",
               "- Pre-quantized checkpoints (`quantization_config` in config.json: bitsandbytes, GPTQ, AWQ, …): audits "
               "run when the quantizer's library is installed (checked on CPU with bitsandbytes 4-bit); mitigations "
               "and the soft-prompt probe are refused in one line (docs/SCALE.md).",

@@ -47,13 +47,24 @@ def _frozen_params_grad_from_embeddings(model):
             p.requires_grad_(flag)
 
 
+def _other_experts(model, sites: list[Site]) -> list[Site]:
+    """The MoE experts sites of ``model`` that ``sites`` leave out (none unless ``sites`` holds one)."""
+    if not any(s.expert_width for s in sites):
+        return []
+    from .models.sites import find_sites
+
+    names = {s.name for s in sites}
+    return [s for s in find_sites(model, "ffn") if s.expert_width and s.name not in names]
+
+
 class _SiteHooks:
     """Captures each site's activation h (pre-gate) and the tensor s = g·h actually used downstream, whose
     gradient is taken. Gates default to 1 (then s is h itself)."""
 
-    def __init__(self, sites: list[Site], gates: dict[str, float] | None = None):
+    def __init__(self, sites: list[Site], gates: dict[str, float] | None = None, others: list[Site] = ()):
         self.sites = sites
         self.gates = gates or {}
+        self.others = list(others)   # MoE experts not hooked in this pass: recomputed unedited (see __enter__)
         self.h: dict[str, torch.Tensor] = {}
         self.s: dict[str, torch.Tensor] = {}
 
@@ -74,10 +85,13 @@ class _SiteHooks:
         for site in self.sites:
             if site.kind not in ("ffn", "linear"):
                 raise UnknownNameError("site kind", site.kind, ("ffn", "linear"))
-            # ffn: the down projection's input; linear: the layer's output
-            ivs.append(Intervention(f"attribution:{site.name}", site.module,
-                                    "edit_input" if site.kind == "ffn" else "replace_output",
+            # ffn: the down projection's input (a MoE layer's routed expert activations); linear: the output
+            ivs.append(Intervention(f"attribution:{site.name}", site.module, site.edit_kind,
                                     lambda h, name=site.name: self._gate(name, h)))
+        # a MoE layer whose experts are not among this pass's sites still runs biaslab's recomputation (unedited),
+        # so a pass over some layers (layers_per_pass) computes exactly what a pass over all of them does
+        ivs += [Intervention(f"attribution:recompute:{o.name}", o.module, "edit_experts", lambda a: a)
+                for o in self.others]
         self.hooks = Hooks(ivs).attach()
         return self
 
@@ -136,7 +150,7 @@ class PassMethods:
         recomputation the same way) until the pass exits."""
         self._ctx = _frozen_params_grad_from_embeddings(self.lm.model)
         self._ctx.__enter__()
-        self.hooks = _SiteHooks(self.sites, self.gates)
+        self.hooks = _SiteHooks(self.sites, self.gates, _other_experts(self.lm.model, self.sites))
         self._ckpt = None
         try:
             if self.checkpoint_layers:

@@ -8,7 +8,9 @@ is seen through its first entry, the hidden states):
 - ``capture_input`` / ``capture_output``: ``fn(x)`` observes the module's first input / its output;
 - ``edit_input``: ``fn(x) -> x'`` replaces the first positional input (attribution's gates on FFN neurons);
 - ``replace_output``: ``fn(out) -> out'`` (attribution's gates on linear units, tracing's restored states);
-- ``add_output``: ``fn(x, out) -> delta``, the output becomes ``out + delta`` (the FAST stamp, LoRA).
+- ``add_output``: ``fn(x, out) -> delta``, the output becomes ``out + delta`` (the FAST stamp, LoRA);
+- ``edit_experts``: ``fn(a) -> a'`` edits a fused MoE experts module's (N, E·I) routed activations, its output
+  recomputed from them (:mod:`biaslab.models.experts`; attribution's gates on expert neurons).
 
 Used by attribution (capture + gates), causal tracing (capture, noise, restore), the stamp and LoRA patches
 (add), FAST's cached LM-head inputs (capture), and — through :func:`overwrite` — neuron pruning and weight patches.
@@ -23,7 +25,7 @@ from torch import nn
 
 from .errors import BiaslabError
 
-KINDS = ("capture_input", "capture_output", "edit_input", "replace_output", "add_output")
+KINDS = ("capture_input", "capture_output", "edit_input", "replace_output", "add_output", "edit_experts")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ def _register(iv: Intervention):
         return iv.module.register_forward_pre_hook(lambda m, args: (fn(args[0]),) + tuple(args[1:]))
     if kind == "capture_output":
         return iv.module.register_forward_hook(lambda m, args, out: fn(hidden(out)) and None)
+    if kind == "edit_experts":
+        from .models.experts import add_edit
+
+        return add_edit(iv.name, iv.module, fn)
     if kind == "replace_output":
         return iv.module.register_forward_hook(lambda m, args, out: with_hidden(out, fn(hidden(out))))
     h = hidden  # add_output

@@ -322,7 +322,7 @@ class NeuronMaskPatch(Patch):
             site = sites[name]
             if int(ix.max()) >= site.n_units:
                 raise BiaslabError(f"patch prunes unit {int(ix.max())} of {name}, which has {site.n_units}")
-            changes += [(param, index, 0.0) for param, index in site.unit_weights(ix.to(site.module.weight.device))]
+            changes += [(param, index, 0.0) for param, index in site.unit_weights(ix.to(site.device))]
         return overwrite(changes)
 
 

@@ -6,6 +6,10 @@ Two site kinds (docs/methods/crispr.md):
 - ``linear``: every output unit of every linear layer (attention q/k/v/o and FFN), the released CRISPR code's
   reading. Unit j's activation is the layer's j-th output; pruning zeroes weight row j and bias entry j.
 
+Mixture-of-experts layers (family ``moe``: Mixtral, Qwen3-MoE, OLMoE, PhiMoE) have one ``ffn`` site per layer, the fused
+experts module, whose unit e·I + i is expert e's neuron i (:mod:`.experts`); ``linear`` is not defined for them
+(their expert weights are not linear modules) and is refused.
+
 Attribution and pruning go through :func:`find_sites` only, so no architecture is hard-coded elsewhere.
 """
 from __future__ import annotations
@@ -40,11 +44,21 @@ SITE_TABLE: dict[str, dict] = {
             "lora": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")},
     "t5": {"layers": ["encoder.block", "decoder.block"], "down": None,  # resolved per stack below
            "linear": None, "lora": ("q", "k", "v", "o", "wi", "wo")},
+    "moe": {"layers": ["model.layers"], "down": "mlp.experts", "linear": None,   # the fused experts (.experts)
+            "lora": ("q_proj", "k_proj", "v_proj", "o_proj")},
 }
 FAMILY_OF_MODEL_TYPE = {
-    "llama": "llama", "mistral": "llama", "mixtral": None, "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+    "llama": "llama", "mistral": "llama", "mixtral": "moe", "qwen3_moe": "moe", "olmoe": "moe",
+    "phimoe": "moe", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
     "gemma2": "llama", "gemma3_text": "llama", "smollm3": "llama", "olmo": "llama", "olmo2": "llama",
     "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "opt": "opt", "t5": "t5", "mt5": "t5",
+}
+
+# mixture-of-experts types whose layers have more than one fused experts module's FFN, or another experts layout
+MOE_WITHOUT_SITES = {
+    "qwen2_moe": "a shared expert beside the routed experts", "deepseek_v2": "shared experts beside the routed ones",
+    "deepseek_v3": "shared experts beside the routed ones", "gpt_oss": "its experts have biases and a clamped gate",
+    "granitemoe": "its experts sit in block_sparse_moe, not mlp.experts",
 }
 
 
@@ -56,6 +70,16 @@ class Site:
     kind: str          # "ffn" | "linear"
     module: nn.Module
     n_units: int
+    expert_width: int = 0   # > 0: a fused experts module (MoE) with this many neurons per expert
+
+    @property
+    def edit_kind(self) -> str:
+        """The intervention kind (:mod:`biaslab.interventions`) that edits this site's activations."""
+        return "edit_experts" if self.expert_width else "edit_input" if self.kind == "ffn" else "replace_output"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
 
     @property
     def is_conv1d(self) -> bool:  # GPT-2's Conv1D stores weight as (in, out)
@@ -63,6 +87,8 @@ class Site:
 
     def unit_weights(self, units: torch.Tensor) -> list[tuple[torch.Tensor, tuple]]:
         """The (parameter, index) pairs that pruning these units zeroes."""
+        if self.expert_width:    # expert e's neuron i: column i of down_proj[e]
+            return [(self.module.down_proj, (units // self.expert_width, slice(None), units % self.expert_width))]
         w = self.module.weight
         b = getattr(self.module, "bias", None)
         if self.kind == "ffn":  # columns of the down projection (rows of a Conv1D weight)
@@ -84,9 +110,9 @@ def model_family(model: nn.Module) -> str:
     mt = getattr(model.config, "model_type", "")
     if FAMILY_OF_MODEL_TYPE.get(mt):
         return FAMILY_OF_MODEL_TYPE[mt]
-    if mt == "mixtral":
-        raise BiaslabError("mixtral (mixture of experts) has no neuron-site table: its FFN neurons live in "
-                           "per-expert MLPs that a token may not visit; CRISPR, FAST and export do not support it")
+    if mt in MOE_WITHOUT_SITES:
+        raise BiaslabError(f"model type {mt!r} (mixture of experts) has no neuron-site table: {MOE_WITHOUT_SITES[mt]}; "
+                           "the MoE types with one are mixtral, qwen3_moe, olmoe and phimoe (audits run on any model)")
     raise BiaslabError(f"no neuron-site table for model type {mt!r}; supported: {', '.join(sorted(k for k, v in FAMILY_OF_MODEL_TYPE.items() if v))}")
 
 
@@ -107,6 +133,10 @@ def find_sites(model: nn.Module, kind: str = "ffn") -> list[Site]:
     if kind not in SITE_KINDS:
         raise UnknownNameError("site kind", kind, SITE_KINDS)
     fam = model_family(model)
+    if fam == "moe" and kind == "linear":
+        raise BiaslabError(f"linear sites (every linear layer's output units) are not defined for "
+                           f"{type(model).__name__}: its experts' weights are fused tensors, not linear layers; use "
+                           "--sites ffn (every expert's FFN neurons)")
     sites: list[Site] = []
     layer_idx = 0
     for container in SITE_TABLE[fam]["layers"]:
@@ -122,7 +152,13 @@ def find_sites(model: nn.Module, kind: str = "ffn") -> list[Site]:
             else:
                 ffn_names = [SITE_TABLE[fam]["down"]]
                 lin_names = SITE_TABLE[fam]["linear"]
-            if kind == "ffn":
+            if kind == "ffn" and fam == "moe":
+                from .experts import fused_experts
+
+                m = _get(layer, SITE_TABLE[fam]["down"])
+                n_exp, width = fused_experts(m, f"{prefix}.{SITE_TABLE[fam]['down']}")
+                sites.append(Site(f"{prefix}.{SITE_TABLE[fam]['down']}", layer_idx, "ffn", m, n_exp * width, width))
+            elif kind == "ffn":
                 for n in ffn_names:
                     m = _get(layer, n)
                     sites.append(Site(f"{prefix}.{n}", layer_idx, "ffn", m, _in_features(m)))

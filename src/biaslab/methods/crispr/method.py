@@ -86,10 +86,12 @@ class Crispr(Method):
         res = fit_details(lm, task.data, cfg, task=task.name, scores=scores, trials_info=trials,
                           search_cache=search_cache, on_search_step=on_step)
         patch = res.patch
-        layer_of = {s.name: s.layer for s in attr.resolve_sites(lm, cfg.sites)}
-        per_layer = Counter()
+        site_of = {s.name: s for s in attr.resolve_sites(lm, cfg.sites)}
+        per_layer, per_expert = Counter(), Counter()
         for name, v in patch.units.items():
-            per_layer[layer_of[name]] += int(v.numel())
+            per_layer[site_of[name].layer] += int(v.numel())
+            if site_of[name].expert_width:      # MoE: unit e·I + i is expert e's neuron i (models/experts.py)
+                per_expert.update(f"{site_of[name].layer}.{int(u) // site_of[name].expert_width}" for u in v)
         notes = []
         if patch.n_neurons == 0:
             notes.append("n = 0: no number of pruned neurons beat the unpruned model on the dev objective, so the "
@@ -105,6 +107,8 @@ class Crispr(Method):
                          "may do better")
         details = {"n_neurons": patch.n_neurons, "chosen_n": res.n,
                    "neurons_per_layer": {str(k): per_layer[k] for k in sorted(per_layer)},
+                   **({"neurons_per_expert": {k: per_expert[k] for k in sorted(
+                       per_expert, key=lambda k: tuple(map(int, k.split("."))))}} if per_expert else {}),
                    "search": ({"dev_objective": {str(k): v for k, v in sorted(res.search.items())},
                                "objective": cfg.search_objective} if res.search else {"fixed": True}),
                    "attribution": {"trials": res.trials, "convention": cfg.convention},

@@ -1,0 +1,159 @@
+"""Mixture-of-experts FFN neurons (models/experts.py): the recomputed experts output, the unit layout against the
+model's own forward, composed edits, refusals. The family contract suite (tests/test_families.py) runs the rest
+— scoring, attribution = finite differences, patches and export, FAST, LoRA — on the same tiny MoE models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from biaslab import attribution as A
+from biaslab.errors import BiaslabError
+from biaslab.interventions import Hooks, Intervention
+from biaslab.models import LanguageModel
+from biaslab.models.experts import recompute
+from biaslab.models.sites import find_sites
+from biaslab.patches import NeuronMaskPatch
+
+from families import MOE, MOE_ONLY, make
+
+TEXTS = ["the nurse told the doctor that", "a b c d e f g h"]
+
+
+@pytest.fixture(scope="module", params=MOE + MOE_ONLY)
+def moe(request):
+    model, tok = make(request.param, seed=3)
+    return request.param, model, LanguageModel(model, tok, spec=f"tiny-{request.param}", chat_template=False,
+                                               progress=False)
+
+
+def _experts_io(model, layer: int, ids):
+    """The (args, output) of one layer's experts module in a plain forward pass."""
+    seen = {}
+    mod = model.model.layers[layer].mlp.experts
+    hk = mod.register_forward_hook(lambda m, a, o: seen.update(args=a, out=o))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        hk.remove()
+    return mod, seen["args"], seen["out"]
+
+
+def test_sites_are_one_fused_experts_module_per_layer_with_every_experts_neurons(moe):
+    name, model, lm = moe
+    sites = find_sites(model, "ffn")
+    n_exp, width = model.model.layers[0].mlp.experts.down_proj.shape[::2]
+    assert [s.name for s in sites] == [f"model.layers.{i}.mlp.experts" for i in range(len(model.model.layers))]
+    assert all(s.n_units == n_exp * width and s.expert_width == width and s.edit_kind == "edit_experts"
+               for s in sites), name
+    with pytest.raises(BiaslabError, match="linear sites .* not defined for .*fused tensors.*--sites ffn"):
+        find_sites(model, "linear")
+
+
+def test_the_recomputed_output_is_the_models_own(moe):
+    """Against transformers' eager loop (the order biaslab follows) and its default grouped_mm kernel."""
+    name, model, lm = moe
+    ids = torch.tensor([lm.encode(TEXTS[0])])
+    for impl in ("eager", "grouped_mm"):
+        model.set_experts_implementation(impl)
+        mod, (hidden, idx, w), out = _experts_io(model, 1, ids)
+        with torch.no_grad():
+            got = recompute(mod, hidden, idx, w)
+        assert torch.allclose(got, out, atol=1e-6, rtol=1e-5), (name, impl, float((got - out).abs().max()))
+    model.set_experts_implementation("grouped_mm")
+
+
+def test_pruning_a_unit_is_zeroing_that_experts_neuron(moe):
+    """Unit e·I + i is expert e's neuron i: a neuron-mask patch (the model's own forward with down_proj[e][:, i]
+    zeroed) gives the objective of zeroing those activations in the recomputation — what attribution scores."""
+    name, model, lm = moe
+    seqs = [lm.encode(t) for t in TEXTS]
+    tg = [lm.candidate_token_id(c) for c in (" yes", " no")]
+    site = find_sites(model, "ffn")[-1]
+    with A.AttributionPass(lm, [site], seqs, reduce="sum") as ap:
+        g = torch.autograd.grad(ap.objective(tg).sum(), [ap.hooks.s[site.name]])[0]
+        score = (ap.hooks.h[site.name] * g).abs().sum(dim=(0, 1))
+    units = score.topk(3).indices.sort().values           # three neurons routed tokens use
+    width = site.expert_width
+
+    def zeroed(a):
+        a = a.clone()
+        a[:, units] = 0
+        return a
+    with Hooks([Intervention("zero", site.module, "edit_experts", zeroed)]):
+        via_edit = A.objective_values(lm, seqs, tg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    patch = NeuronMaskPatch.from_units(lm, {site.name: units.tolist()}, sites="ffn")
+    with patch.applied(lm):
+        down = site.module.down_proj
+        for u in units.tolist():
+            assert torch.all(down[u // width, :, u % width] == 0), (name, u)
+        assert int((down == 0).sum()) == len(units) * down.shape[1], name   # nothing else zeroed
+        via_patch = A.objective_values(lm, seqs, tg)
+    assert torch.allclose(via_edit, via_patch, atol=1e-6), (name, via_edit, via_patch)
+    assert not torch.allclose(via_patch, A.objective_values(lm, seqs, tg), atol=1e-6), name
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), name
+
+
+def test_edits_on_one_experts_module_compose_and_leave_no_hook(moe):
+    """Two edits on one module apply in turn (as pre-hooks on a dense FFN do); removing them removes the hook."""
+    name, model, lm = moe
+    seqs = [lm.encode(t) for t in TEXTS]
+    tg = [lm.candidate_token_id(c) for c in (" yes", " no")]
+    mod = find_sites(model, "ffn")[0].module
+    with Hooks([Intervention("x2", mod, "edit_experts", lambda a: a * 2)]):
+        doubled = A.objective_values(lm, seqs, tg)
+    with Hooks([Intervention("x4", mod, "edit_experts", lambda a: a * 4)]):
+        quadrupled = A.objective_values(lm, seqs, tg)
+    with Hooks([Intervention("x2", mod, "edit_experts", lambda a: a * 2),
+                Intervention("x2 again", mod, "edit_experts", lambda a: a * 2)]):
+        twice = A.objective_values(lm, seqs, tg)
+    assert torch.allclose(twice, quadrupled, atol=1e-6) and not torch.allclose(twice, doubled, atol=1e-4), name
+    assert not mod._forward_hooks and not mod._forward_hooks_with_kwargs, name
+
+
+def test_an_experts_module_that_computes_something_else_is_one_line(moe):
+    """Scores are never taken from a recomputation that is not the model's own: another hook changes the experts'
+    output before biaslab's, so the check at the first pass of a fresh model fails."""
+    name, _, _ = moe
+    model, tok = make(name, seed=4)
+    lm = LanguageModel(model, tok, spec="tiny", chat_template=False, progress=False)
+    mod = find_sites(model, "ffn")[0].module
+    hk = mod.register_forward_hook(lambda m, a, o: o * 1.5)
+    try:
+        with pytest.raises(BiaslabError, match=r"model.layers.0.mlp.experts: recomputing the experts' output .* "
+                                               r"differs from the model's own"):
+            A.activation_x_gradient(lm, [lm.encode(TEXTS[0])], [lm.candidate_token_id(" yes")])
+    finally:
+        hk.remove()
+    assert not mod._forward_hooks_with_kwargs
+
+
+def test_an_experts_layout_biaslab_does_not_recompute_is_refused_in_one_line():
+    model, _ = make("mixtral")
+    model.model.layers[1].mlp.experts.has_bias = True          # as GPT-OSS's experts
+    with pytest.raises(BiaslabError, match=r"model.layers.1.mlp.experts \(MixtralExperts\) is not a fused experts "
+                                           r"module .* no biases"):
+        find_sites(model, "ffn")
+
+
+def test_a_crispr_run_on_a_moe_model_names_the_experts_it_prunes(tmp_path):
+    """The whole runner (fit, before / after, control, retention) on a tiny Mixtral; the summary counts the pruned
+    neurons per layer and per expert, as the patch holds them."""
+    from biaslab.evaluation import run_mitigation, validate_summary
+    from biaslab.patches import load_patch
+
+    model, tok = make("mixtral", seed=5)
+    lm = LanguageModel(model, tok, spec="tiny-mixtral", chat_template=False, progress=False)
+    cfg = {"neurons": 4, "instructions": 1, "dev_size": 4, "control_seeds": 1, "retention_limit": 4,
+           "retention_benchmarks": ("crows",)}
+    summary = validate_summary(run_mitigation("crispr", lm, "sst2", cfg, out=tmp_path / "r", limit=8, n_boot=20))
+    patch = load_patch(tmp_path / "r" / "patch.safetensors")
+    width = model.model.layers[0].mlp.experts.down_proj.shape[2]
+    want: dict = {}
+    for site, units in patch.units.items():
+        layer = int(site.split(".")[2])
+        for u in units.tolist():
+            want[f"{layer}.{u // width}"] = want.get(f"{layer}.{u // width}", 0) + 1
+    assert summary["details"]["neurons_per_expert"] == want and sum(want.values()) == 4, summary["details"]
+    assert summary["patch"]["kind"] == "neuron-mask" and (tmp_path / "r" / "after" / "records.jsonl").is_file()
