@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from families import AFTER_HEAD, FAMILIES, MOE, WINDOW, make
+from families import AFTER_HEAD, ALL_MOE, FAMILIES, MOE, WINDOW, make
 
 LONG = " ".join(["the nurse told the doctor that the results were ready"] * 5)   # far longer than WINDOW tokens
 REQS = [("The nurse said", " that she was tired."), ("A", " b c d"), (LONG, " and then they left."),
@@ -138,7 +138,7 @@ def family64(request):
     from biaslab.models import LanguageModel
 
     model, tok = make(request.param, seed=1)
-    if request.param in MOE:
+    if request.param in ALL_MOE:
         model.set_experts_implementation("eager")   # transformers' grouped_mm kernel has no float64
     model = model.double()
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_attribution_equals_finite_differences(family64, kind):
     name, lm = family64
     seqs = [lm.encode("the nurse told the doctor that"), lm.encode("a b c d e f")]
     tg = [lm.candidate_token_id(c) for c in (" yes", " no")]
-    if name in MOE and kind == "linear":
+    if name in ALL_MOE and kind == "linear":
         with pytest.raises(BiaslabError, match="linear sites .* not defined for .*use --sites ffn"):
             A.resolve_sites(lm, kind)
         return
@@ -408,7 +408,7 @@ def test_checkpointed_and_layer_chunked_attribution_equal_plain(family):
     name, model, lm = family
     seqs = [lm.encode("the nurse told the doctor that"), lm.encode("a b c d e f g h")]
     tg = [lm.candidate_token_id(c) for c in (" yes", " no")]
-    for kind in ("ffn",) if name in MOE else ("ffn", "linear"):
+    for kind in ("ffn",) if name in ALL_MOE else ("ffn", "linear"):
         plain = A.activation_x_gradient(lm, seqs, tg, sites=kind)
         ckpt = A.activation_x_gradient(lm, seqs, tg, sites=kind, checkpoint_layers=True)
         assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain), (name, kind)
@@ -416,7 +416,7 @@ def test_checkpointed_and_layer_chunked_attribution_equal_plain(family):
         assert list(chunked) == list(plain) and all(torch.equal(plain[k], chunked[k]) for k in plain), (name, kind)
         both = A.activation_x_gradient(lm, seqs, tg, sites=kind, layers_per_pass=2, checkpoint_layers=True)
         assert all(torch.equal(ckpt[k], both[k]) for k in plain), (name, kind)
-    kind = "ffn" if name in MOE else "linear"
+    kind = "ffn" if name in ALL_MOE else "linear"
     groups = A.site_groups(A.resolve_sites(lm, kind), 2)
     assert [sorted({s.layer for s in g}) for g in groups][0] == [0, 1] and sum(map(len, groups)) == len(
         A.resolve_sites(lm, kind))

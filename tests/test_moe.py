@@ -39,13 +39,32 @@ def _experts_io(model, layer: int, ids):
     return mod, seen["args"], seen["out"]
 
 
-def test_sites_are_one_fused_experts_module_per_layer_with_every_experts_neurons(moe):
+SITES = {  # the FFN sites of the two layers, where they differ from one fused experts module per layer
+    "qwen2_moe": ["model.layers.0.mlp.experts", "model.layers.0.mlp.shared_expert.down_proj",
+                  "model.layers.1.mlp.experts", "model.layers.1.mlp.shared_expert.down_proj"],
+    "qwen3_moe_dense0": ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.experts"],
+}
+
+
+def _experts_sites(model):
+    return [s for s in find_sites(model, "ffn") if s.expert_width]
+
+
+def test_sites_are_the_fused_experts_with_every_experts_neurons_and_any_dense_ffn(moe):
+    """One site per fused experts module (E·I units), plus the plain down projection of a shared expert or of a
+    dense layer among the sparse ones; one MLP per layer for causal tracing and the stamp."""
+    from biaslab.tracing import layer_modules
+
     name, model, lm = moe
     sites = find_sites(model, "ffn")
-    n_exp, width = model.model.layers[0].mlp.experts.down_proj.shape[::2]
-    assert [s.name for s in sites] == [f"model.layers.{i}.mlp.experts" for i in range(len(model.model.layers))]
-    assert all(s.n_units == n_exp * width and s.expert_width == width and s.edit_kind == "edit_experts"
-               for s in sites), name
+    n_exp, width = model.model.layers[1].mlp.experts.down_proj.shape[::2]
+    assert [s.name for s in sites] == SITES.get(name, [f"model.layers.{i}.mlp.experts" for i in range(2)]), name
+    for s in sites:
+        if s.name.endswith("experts"):
+            assert s.n_units == n_exp * width and s.expert_width == width and s.edit_kind == "edit_experts", name
+        else:
+            assert s.n_units == s.module.in_features and not s.expert_width and s.edit_kind == "edit_input", name
+    assert layer_modules(model)[1] == [layer.mlp for layer in model.model.layers], name
     with pytest.raises(BiaslabError, match="linear sites .* not defined for .*fused tensors.*--sites ffn"):
         find_sites(model, "linear")
 
@@ -69,7 +88,7 @@ def test_pruning_a_unit_is_zeroing_that_experts_neuron(moe):
     name, model, lm = moe
     seqs = [lm.encode(t) for t in TEXTS]
     tg = [lm.candidate_token_id(c) for c in (" yes", " no")]
-    site = find_sites(model, "ffn")[-1]
+    site = _experts_sites(model)[-1]
     with A.AttributionPass(lm, [site], seqs, reduce="sum") as ap:
         g = torch.autograd.grad(ap.objective(tg).sum(), [ap.hooks.s[site.name]])[0]
         score = (ap.hooks.h[site.name] * g).abs().sum(dim=(0, 1))
@@ -100,7 +119,7 @@ def test_edits_on_one_experts_module_compose_and_leave_no_hook(moe):
     name, model, lm = moe
     seqs = [lm.encode(t) for t in TEXTS]
     tg = [lm.candidate_token_id(c) for c in (" yes", " no")]
-    mod = find_sites(model, "ffn")[0].module
+    mod = _experts_sites(model)[0].module
     with Hooks([Intervention("x2", mod, "edit_experts", lambda a: a * 2)]):
         doubled = A.objective_values(lm, seqs, tg)
     with Hooks([Intervention("x4", mod, "edit_experts", lambda a: a * 4)]):
@@ -118,10 +137,11 @@ def test_an_experts_module_that_computes_something_else_is_one_line(moe):
     name, _, _ = moe
     model, tok = make(name, seed=4)
     lm = LanguageModel(model, tok, spec="tiny", chat_template=False, progress=False)
-    mod = find_sites(model, "ffn")[0].module
+    site = _experts_sites(model)[0]
+    mod = site.module
     hk = mod.register_forward_hook(lambda m, a, o: o * 1.5)
     try:
-        with pytest.raises(BiaslabError, match=r"model.layers.0.mlp.experts: recomputing the experts' output .* "
+        with pytest.raises(BiaslabError, match=site.name + r": recomputing the experts' output .* "
                                                r"differs from the model's own"):
             A.activation_x_gradient(lm, [lm.encode(TEXTS[0])], [lm.candidate_token_id(" yes")])
     finally:
@@ -157,3 +177,30 @@ def test_a_crispr_run_on_a_moe_model_names_the_experts_it_prunes(tmp_path):
             want[f"{layer}.{u // width}"] = want.get(f"{layer}.{u // width}", 0) + 1
     assert summary["details"]["neurons_per_expert"] == want and sum(want.values()) == 4, summary["details"]
     assert summary["patch"]["kind"] == "neuron-mask" and (tmp_path / "r" / "after" / "records.jsonl").is_file()
+
+
+@pytest.mark.parametrize("name", MOE_ONLY)
+def test_the_family_contract_holds_on_the_other_moe_layouts(name, tmp_path, monkeypatch):
+    """The family suite's checks on the layouts it does not run (a shared expert, a dense layer among sparse ones,
+    OLMoE, PhiMoE): exact layer chunking and checkpointing, attribution = finite differences at every site kind
+    of the model, patches applied / restored / exported, the FAST stamp, LoRA and the soft prompt."""
+    import test_families as TF
+
+    model, tok = make(name)
+    lm = LanguageModel(model, tok, spec=f"tiny-{name}", chat_template=False, progress=False)
+    TF.test_checkpointed_and_layer_chunked_attribution_equal_plain((name, model, lm))
+    TF.test_every_patch_kind_applies_restores_and_exports((name, model, lm), tmp_path)
+    TF.test_fast_stamp_trains_and_leaves_the_model_as_it_was((name, model, lm))
+    TF.test_lora_trains_on_the_family_targets_and_the_soft_prompt_steps((name, model, lm))
+    m64, tok = make(name, seed=1)
+    m64.set_experts_implementation("eager")
+    m64 = m64.double()
+    with torch.no_grad():
+        for n, p in m64.named_parameters():
+            if p.dim() == 2 and "emb" not in n:
+                p.mul_(3)
+    lm64 = LanguageModel(m64, tok, spec=f"tiny64-{name}", chat_template=False, progress=False)
+    TF.test_attribution_equals_finite_differences((name, lm64), "ffn")
+    if name in SITES:   # the last site is a plain down projection there: take the last experts site too
+        monkeypatch.setattr(A, "resolve_sites", lambda lm_, kind: _experts_sites(lm_.model))
+        TF.test_attribution_equals_finite_differences((name, lm64), "ffn")

@@ -40,8 +40,8 @@ from collections.abc import Sequence
 import torch
 
 from .attribution_core import (OBJECTIVES, REDUCES, SPANS, PassMethods,  # noqa: F401
-                               _frozen_params_grad_from_embeddings, _SiteHooks, check_options, reduce_positions,
-                               span_mask)
+                               _frozen_params_grad_from_embeddings, _SiteHooks, check_options, other_experts,
+                               reduce_positions, span_mask)
 from .errors import BiaslabError, UnknownNameError
 from .models.packing import batch_rows
 from .models.sites import Site, find_sites
@@ -224,7 +224,7 @@ def objective_values(lm, seqs: list[list[int]], targets: Sequence[int], *, objec
                      gates: dict[str, float] | None = None, sites: str | Sequence[Site] = "ffn") -> torch.Tensor:
     """(N,) objective values, optionally with sites gated (g = 0 → the zero baseline of IG)."""
     site_list = resolve_sites(lm, sites)
-    with torch.no_grad(), _SiteHooks(site_list, gates):
+    with torch.no_grad(), _SiteHooks(site_list, gates, other_experts(lm.model, site_list)):
         ids, mask, pos, offs = lm.pad(seqs, side="right")
         rows = torch.arange(len(seqs), device=ids.device)
         cols = torch.tensor([offs[k] + len(s) - 1 for k, s in enumerate(seqs)], device=ids.device)

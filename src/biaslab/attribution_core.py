@@ -47,12 +47,16 @@ def _frozen_params_grad_from_embeddings(model):
             p.requires_grad_(flag)
 
 
-def _other_experts(model, sites: list[Site]) -> list[Site]:
-    """The MoE experts sites of ``model`` that ``sites`` leave out (none unless ``sites`` holds one)."""
-    if not any(s.expert_width for s in sites):
-        return []
-    from .models.sites import find_sites
+def other_experts(model, sites: list[Site]) -> list[Site]:
+    """The MoE experts sites of ``model`` that ``sites`` leave out (none on a dense model): a pass recomputes them
+    unedited, so its numbers do not depend on which sites it hooks."""
+    from .models.sites import find_sites, model_family
 
+    try:
+        if model_family(model) != "moe":
+            return []
+    except BiaslabError:
+        return []
     names = {s.name for s in sites}
     return [s for s in find_sites(model, "ffn") if s.expert_width and s.name not in names]
 
@@ -150,7 +154,7 @@ class PassMethods:
         recomputation the same way) until the pass exits."""
         self._ctx = _frozen_params_grad_from_embeddings(self.lm.model)
         self._ctx.__enter__()
-        self.hooks = _SiteHooks(self.sites, self.gates, _other_experts(self.lm.model, self.sites))
+        self.hooks = _SiteHooks(self.sites, self.gates, other_experts(self.lm.model, self.sites))
         self._ckpt = None
         try:
             if self.checkpoint_layers:

@@ -89,8 +89,11 @@ def layer_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
 
     if model_family(model) == "t5":
         raise BiaslabError("causal tracing / the FAST stamp support decoder-only models; T5 is not supported")
-    layers, mlps = [], []
+    layers, mlps, seen = [], [], set()
     for site in find_sites(model, "ffn"):
+        if site.layer in seen:     # a second FFN site in a layer (a MoE layer's shared expert): the MLP is known
+            continue
+        seen.add(site.layer)
         parts = site.name.split(".")
         # "<container>.<i>.<mlp path>.<down>": the layer is container.i, the MLP the down projection's parent
         for j in range(len(parts) - 1, 0, -1):

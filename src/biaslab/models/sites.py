@@ -6,9 +6,9 @@ Two site kinds (docs/methods/crispr.md):
 - ``linear``: every output unit of every linear layer (attention q/k/v/o and FFN), the released CRISPR code's
   reading. Unit j's activation is the layer's j-th output; pruning zeroes weight row j and bias entry j.
 
-Mixture-of-experts layers (family ``moe``: Mixtral, Qwen3-MoE, OLMoE, PhiMoE) have one ``ffn`` site per layer, the fused
-experts module, whose unit e·I + i is expert e's neuron i (:mod:`.experts`); ``linear`` is not defined for them
-(their expert weights are not linear modules) and is refused.
+Mixture-of-experts layers (family ``moe``: Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE) have one ``ffn`` site for the fused
+experts module, whose unit e·I + i is expert e's neuron i (:mod:`.experts`), plus one for a shared expert's down
+projection; ``linear`` is not defined for them (their expert weights are not linear modules) and is refused.
 
 Attribution and pruning go through :func:`find_sites` only, so no architecture is hard-coded elsewhere.
 """
@@ -49,15 +49,16 @@ SITE_TABLE: dict[str, dict] = {
 }
 FAMILY_OF_MODEL_TYPE = {
     "llama": "llama", "mistral": "llama", "mixtral": "moe", "qwen3_moe": "moe", "olmoe": "moe",
-    "phimoe": "moe", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+    "phimoe": "moe", "qwen2_moe": "moe", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
     "gemma2": "llama", "gemma3_text": "llama", "smollm3": "llama", "olmo": "llama", "olmo2": "llama",
     "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "opt": "opt", "t5": "t5", "mt5": "t5",
 }
 
-# mixture-of-experts types whose layers have more than one fused experts module's FFN, or another experts layout
+# mixture-of-experts types without a site table, and why
 MOE_WITHOUT_SITES = {
-    "qwen2_moe": "a shared expert beside the routed experts", "deepseek_v2": "shared experts beside the routed ones",
-    "deepseek_v3": "shared experts beside the routed ones", "gpt_oss": "its experts have biases and a clamped gate",
+    "deepseek_v2": "its shared experts and MLA attention are not covered by biaslab's MoE tests",
+    "deepseek_v3": "its shared experts and MLA attention are not covered by biaslab's MoE tests",
+    "gpt_oss": "its experts have biases and a clamped gate",
     "granitemoe": "its experts sit in block_sparse_moe, not mlp.experts",
 }
 
@@ -112,7 +113,7 @@ def model_family(model: nn.Module) -> str:
         return FAMILY_OF_MODEL_TYPE[mt]
     if mt in MOE_WITHOUT_SITES:
         raise BiaslabError(f"model type {mt!r} (mixture of experts) has no neuron-site table: {MOE_WITHOUT_SITES[mt]}; "
-                           "the MoE types with one are mixtral, qwen3_moe, olmoe and phimoe (audits run on any model)")
+                           "the MoE types with one are mixtral, qwen2_moe, qwen3_moe, olmoe and phimoe (audits run on any model)")
     raise BiaslabError(f"no neuron-site table for model type {mt!r}; supported: {', '.join(sorted(k for k, v in FAMILY_OF_MODEL_TYPE.items() if v))}")
 
 
@@ -126,6 +127,23 @@ def _in_features(m: nn.Module) -> int:
     if hasattr(m, "in_features"):
         return m.in_features
     return m.weight.shape[0] if type(m).__name__ == "Conv1D" else m.weight.shape[1]
+
+
+def _moe_layer_sites(layer: nn.Module, prefix: str, layer_idx: int) -> list[Site]:
+    """A MoE model's layer: its fused experts (and a shared expert's down projection, as Qwen2-MoE has), or the
+    down projection of a dense layer among the sparse ones (Qwen-MoE's ``mlp_only_layers``)."""
+    from .experts import fused_experts
+
+    mlp = layer.mlp
+    if not hasattr(mlp, "experts"):
+        return [Site(f"{prefix}.mlp.down_proj", layer_idx, "ffn", mlp.down_proj, _in_features(mlp.down_proj))]
+    n_exp, width = fused_experts(mlp.experts, f"{prefix}.mlp.experts")
+    out = [Site(f"{prefix}.mlp.experts", layer_idx, "ffn", mlp.experts, n_exp * width, width)]
+    shared = getattr(mlp, "shared_expert", None)
+    if shared is not None:
+        out.append(Site(f"{prefix}.mlp.shared_expert.down_proj", layer_idx, "ffn", shared.down_proj,
+                        _in_features(shared.down_proj)))
+    return out
 
 
 def find_sites(model: nn.Module, kind: str = "ffn") -> list[Site]:
@@ -153,11 +171,7 @@ def find_sites(model: nn.Module, kind: str = "ffn") -> list[Site]:
                 ffn_names = [SITE_TABLE[fam]["down"]]
                 lin_names = SITE_TABLE[fam]["linear"]
             if kind == "ffn" and fam == "moe":
-                from .experts import fused_experts
-
-                m = _get(layer, SITE_TABLE[fam]["down"])
-                n_exp, width = fused_experts(m, f"{prefix}.{SITE_TABLE[fam]['down']}")
-                sites.append(Site(f"{prefix}.{SITE_TABLE[fam]['down']}", layer_idx, "ffn", m, n_exp * width, width))
+                sites += _moe_layer_sites(layer, prefix, layer_idx)
             elif kind == "ffn":
                 for n in ffn_names:
                     m = _get(layer, n)
