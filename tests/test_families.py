@@ -263,6 +263,22 @@ def test_a_family_without_an_mlp_module_refuses_tracing_in_one_line():
         layer_modules(model)
 
 
+def test_a_model_a_method_cannot_fit_is_refused_before_its_run_directory(tmp_path):
+    """FAST on OPT (no MLP sub-module) and CRISPR's linear sites on a MoE model stopped only inside the fit, after
+    the run directory was made; now before it."""
+    from biaslab.errors import BiaslabError
+    from biaslab.evaluation import run_mitigation
+    from biaslab.models import LanguageModel
+
+    for fam, method, task, cfg, msg in [("opt", "fast", "stereoset:religion", {}, "need an MLP sub-module"),
+                                        ("mixtral", "crispr", "sst2", {"sites": "linear", "neurons": 2}, "linear sites .* not defined")]:
+        model, tok = make(fam)
+        lm = LanguageModel(model, tok, spec=f"tiny-{fam}", chat_template=False, progress=False)
+        with pytest.raises(BiaslabError, match=msg):
+            run_mitigation(method, lm, task, cfg, out=tmp_path / fam, limit=2)
+        assert not (tmp_path / fam).exists(), fam
+
+
 def test_base_model_prompts_end_with_a_cue_and_rewrites_keep_a_boundary(family):
     """A model without a chat template sees where its answer starts: letter and option prompts end with
     "Answer:" (the letter follows as " A"), the SR_LLM format puts "Rewritten text:" between prompt and completion,

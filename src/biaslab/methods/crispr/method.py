@@ -28,6 +28,9 @@ class Crispr(Method):
     encoder_decoder = True   # the paper's own setting: Flan-T5 / T0 (biaslab.models.seq2seq)
 
     def check_model(self, lm, cfg: CrisprConfig) -> None:
+        from ... import attribution as attr
+
+        attr.resolve_sites(lm, cfg.sites)   # a model without that site kind is refused before the run directory
         if getattr(lm, "is_seq2seq", False) and cfg.retention:
             alone = [b for b in cfg.retention_benchmarks if b in ("crows", "stereoset")]
             if alone:

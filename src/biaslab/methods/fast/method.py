@@ -84,8 +84,9 @@ class Fast(Method):
         return TaskData(name, {"bias_types": bias_types}, {f: data_path(f) for f in files})
 
     def check_model(self, lm, cfg: FastConfig) -> None:
-        from ...tracing import check_layer
+        from ...tracing import check_layer, layer_modules
 
+        layer_modules(lm.model)   # a model without one MLP per layer is refused before the run directory
         if cfg.layer is not None:
             check_layer(lm.model, cfg.layer)
 
