@@ -30,7 +30,8 @@ class Crispr(Method):
     def check_model(self, lm, cfg: CrisprConfig) -> None:
         from ... import attribution as attr
 
-        attr.resolve_sites(lm, cfg.sites)   # a model without that site kind is refused before the run directory
+        if hasattr(cfg, "sites"):   # a model without that site kind is refused before the run directory (not cc/dc,
+            attr.resolve_sites(lm, cfg.sites)   # which subclass this method and prune nothing)
         if getattr(lm, "is_seq2seq", False) and cfg.retention:
             alone = [b for b in cfg.retention_benchmarks if b in ("crows", "stereoset")]
             if alone:
