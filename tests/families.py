@@ -39,6 +39,16 @@ def make(family: str, seed: int = 0):
         "phimoe": lambda: T.PhimoeConfig(**dec, num_local_experts=4, num_experts_per_tok=2),
         "qwen2_moe": lambda: T.Qwen2MoeConfig(**dec, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
                                               shared_expert_intermediate_size=40, decoder_sparse_step=1),
+        "deepseek_v3": lambda: T.DeepseekV3Config(**{**dec, "num_key_value_heads": 4}, n_routed_experts=4,
+                                                  num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=24,
+                                                  first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
+                                                  qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
+                                                  topk_group=1),
+        "deepseek_v2": lambda: T.DeepseekV2Config(**{**dec, "num_key_value_heads": 4}, n_routed_experts=4,
+                                                  num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=24,
+                                                  first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+                                                  qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
+                                                  topk_group=1),
         "qwen3_moe_dense0": lambda: T.Qwen3MoeConfig(**dec, head_dim=8, num_experts=4, num_experts_per_tok=2,   # layer 0
                                                      moe_intermediate_size=24, mlp_only_layers=[0]),            # dense
         "cohere": lambda: T.CohereConfig(**dec, logit_scale=0.0625),      # AFTER_HEAD only: × logit_scale
@@ -58,7 +68,7 @@ def make(family: str, seed: int = 0):
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "gpt2", "gpt_neox", "opt")
 
 MOE = ("mixtral", "qwen3_moe")   # mixture-of-experts: fused experts, FFN sites per expert (models.experts)
-MOE_ONLY = ("olmoe", "phimoe", "qwen2_moe", "qwen3_moe_dense0")   # more MoE layouts, in tests/test_moe.py (not the whole family suite)
+MOE_ONLY = ("olmoe", "phimoe", "qwen2_moe", "qwen3_moe_dense0", "deepseek_v2", "deepseek_v3")   # more MoE layouts, in tests/test_moe.py (not the whole family suite)
 ALL_MOE = MOE + MOE_ONLY
 
 AFTER_HEAD = ("cohere", "granite", "gemma2")   # a step after the head: × scale, ÷ scale, soft-cap (models.head.after_head)

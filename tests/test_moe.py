@@ -43,6 +43,10 @@ SITES = {  # the FFN sites of the two layers, where they differ from one fused e
     "qwen2_moe": ["model.layers.0.mlp.experts", "model.layers.0.mlp.shared_expert.down_proj",
                   "model.layers.1.mlp.experts", "model.layers.1.mlp.shared_expert.down_proj"],
     "qwen3_moe_dense0": ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.experts"],
+    "deepseek_v2": ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.experts",
+                    "model.layers.1.mlp.shared_experts.down_proj"],
+    "deepseek_v3": ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.experts",
+                    "model.layers.1.mlp.shared_experts.down_proj"],
 }
 
 
@@ -182,12 +186,15 @@ def test_a_crispr_run_on_a_moe_model_names_the_experts_it_prunes(tmp_path):
 @pytest.mark.parametrize("name", MOE_ONLY)
 def test_the_family_contract_holds_on_the_other_moe_layouts(name, tmp_path, monkeypatch):
     """The family suite's checks on the layouts it does not run (a shared expert, a dense layer among sparse ones,
-    OLMoE, PhiMoE): exact layer chunking and checkpointing, attribution = finite differences at every site kind
+    OLMoE, PhiMoE, DeepSeek-V2/V3): scoring in every mode, exact layer chunking and checkpointing, attribution = finite differences at every site kind
     of the model, patches applied / restored / exported, the FAST stamp, LoRA and the soft prompt."""
     import test_families as TF
 
     model, tok = make(name)
     lm = LanguageModel(model, tok, spec=f"tiny-{name}", chat_template=False, progress=False)
+    for mode in ("auto", "padded", "dense"):     # packed / tree-attention scoring = a plain forward (DeepSeek: MLA)
+        TF.test_scoring_equals_one_plain_forward_per_request((name, model, lm), mode)
+    TF.test_next_token_scores_equal_the_plain_forward((name, model, lm))
     TF.test_checkpointed_and_layer_chunked_attribution_equal_plain((name, model, lm))
     TF.test_every_patch_kind_applies_restores_and_exports((name, model, lm), tmp_path)
     TF.test_fast_stamp_trains_and_leaves_the_model_as_it_was((name, model, lm))

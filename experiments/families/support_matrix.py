@@ -99,14 +99,14 @@ def main() -> int:
               f"and export reloaded by transformers {t5['crispr']}; FAST, SR_LLM, the soft-prompt probe, `rewrite` "
               f"and sentence-likelihood benchmarks (CrowS-Pairs, StereoSet) refused in one line {t5['refusals']}. "
               "Other encoder-decoders (BART, …) are refused with one line.",
-              "- Mixture of experts (Mixtral, Qwen3-MoE above; OLMoE, PhiMoE, Qwen2-MoE with its shared expert and "
-              "Qwen3-MoE with a dense layer in `tests/test_moe.py`): an FFN site per fused experts module, whose unit "
+              "- Mixture of experts (Mixtral, Qwen3-MoE above; OLMoE, PhiMoE, Qwen2-MoE with its shared expert, "
+              "Qwen3-MoE with a dense layer, DeepSeek-V2 and -V3 in `tests/test_moe.py`, every check above): an FFN site per fused experts module, whose unit "
               "e·I + i is expert e's neuron i (a shared expert or a dense layer: its plain down projection); "
               "attribution recomputes the experts' "
               "output from their weights (checked against the model's own at the first pass) and pruning zeroes "
               "`down_proj[e][:, i]` (`models/experts.py`). `linear` sites are refused (the experts are fused tensors, "
-              "not linear layers); LoRA targets the attention projections. Experts with biases (GPT-OSS), DeepSeek's MoE "
-              "(untested here) and experts outside `mlp` (GraniteMoE) have no site table and are refused in one line.",
+              "not linear layers); LoRA targets the attention projections. Experts with biases (GPT-OSS) and experts "
+              "outside `mlp` (GraniteMoE) have no site table and are refused in one line.",
               "- Pre-quantized checkpoints (`quantization_config` in config.json: bitsandbytes, GPTQ, AWQ, …): audits "
               "run when the quantizer's library is installed (checked on CPU with bitsandbytes 4-bit); mitigations "
               "and the soft-prompt probe are refused in one line (docs/SCALE.md).",

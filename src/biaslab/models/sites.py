@@ -6,7 +6,7 @@ Two site kinds (docs/methods/crispr.md):
 - ``linear``: every output unit of every linear layer (attention q/k/v/o and FFN), the released CRISPR code's
   reading. Unit j's activation is the layer's j-th output; pruning zeroes weight row j and bias entry j.
 
-Mixture-of-experts layers (family ``moe``: Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE) have one ``ffn`` site for the fused
+Mixture-of-experts layers (family ``moe``: Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE, DeepSeek-V2/V3) have one ``ffn`` site for the fused
 experts module, whose unit e·I + i is expert e's neuron i (:mod:`.experts`), plus one for a shared expert's down
 projection; ``linear`` is not defined for them (their expert weights are not linear modules) and is refused.
 
@@ -45,19 +45,18 @@ SITE_TABLE: dict[str, dict] = {
     "t5": {"layers": ["encoder.block", "decoder.block"], "down": None,  # resolved per stack below
            "linear": None, "lora": ("q", "k", "v", "o", "wi", "wo")},
     "moe": {"layers": ["model.layers"], "down": "mlp.experts", "linear": None,   # the fused experts (.experts)
-            "lora": ("q_proj", "k_proj", "v_proj", "o_proj")},
+            "lora": ("q_proj", "k_proj", "v_proj", "o_proj",   # and DeepSeek's latent attention (MLA):
+                     "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")},
 }
 FAMILY_OF_MODEL_TYPE = {
     "llama": "llama", "mistral": "llama", "mixtral": "moe", "qwen3_moe": "moe", "olmoe": "moe",
-    "phimoe": "moe", "qwen2_moe": "moe", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+    "phimoe": "moe", "qwen2_moe": "moe", "deepseek_v2": "moe", "deepseek_v3": "moe", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
     "gemma2": "llama", "gemma3_text": "llama", "smollm3": "llama", "olmo": "llama", "olmo2": "llama",
     "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "opt": "opt", "t5": "t5", "mt5": "t5",
 }
 
 # mixture-of-experts types without a site table, and why
 MOE_WITHOUT_SITES = {
-    "deepseek_v2": "its shared experts and MLA attention are not covered by biaslab's MoE tests",
-    "deepseek_v3": "its shared experts and MLA attention are not covered by biaslab's MoE tests",
     "gpt_oss": "its experts have biases and a clamped gate",
     "granitemoe": "its experts sit in block_sparse_moe, not mlp.experts",
 }
@@ -113,7 +112,7 @@ def model_family(model: nn.Module) -> str:
         return FAMILY_OF_MODEL_TYPE[mt]
     if mt in MOE_WITHOUT_SITES:
         raise BiaslabError(f"model type {mt!r} (mixture of experts) has no neuron-site table: {MOE_WITHOUT_SITES[mt]}; "
-                           "the MoE types with one are mixtral, qwen2_moe, qwen3_moe, olmoe and phimoe (audits run on any model)")
+                           "the MoE types with one are mixtral, qwen2_moe, qwen3_moe, olmoe, phimoe and deepseek_v2/v3 (audits run on any model)")
     raise BiaslabError(f"no neuron-site table for model type {mt!r}; supported: {', '.join(sorted(k for k, v in FAMILY_OF_MODEL_TYPE.items() if v))}")
 
 
@@ -139,10 +138,11 @@ def _moe_layer_sites(layer: nn.Module, prefix: str, layer_idx: int) -> list[Site
         return [Site(f"{prefix}.mlp.down_proj", layer_idx, "ffn", mlp.down_proj, _in_features(mlp.down_proj))]
     n_exp, width = fused_experts(mlp.experts, f"{prefix}.mlp.experts")
     out = [Site(f"{prefix}.mlp.experts", layer_idx, "ffn", mlp.experts, n_exp * width, width)]
-    shared = getattr(mlp, "shared_expert", None)
-    if shared is not None:
-        out.append(Site(f"{prefix}.mlp.shared_expert.down_proj", layer_idx, "ffn", shared.down_proj,
-                        _in_features(shared.down_proj)))
+    for attr in ("shared_expert", "shared_experts"):   # Qwen2-MoE's, DeepSeek's
+        shared = getattr(mlp, attr, None)
+        if shared is not None:
+            out.append(Site(f"{prefix}.mlp.{attr}.down_proj", layer_idx, "ffn", shared.down_proj,
+                            _in_features(shared.down_proj)))
     return out
 
 
@@ -187,8 +187,14 @@ def find_sites(model: nn.Module, kind: str = "ffn") -> list[Site]:
 
 
 def lora_targets(model: nn.Module) -> tuple[str, ...]:
-    """The model family's LoRA target module names (attention and MLP projections)."""
-    return tuple(SITE_TABLE[model_family(model)]["lora"])
+    """The model family's LoRA target module names (attention and MLP projections; on a MoE model the attention
+    projections it has — its experts are fused tensors, not linear layers)."""
+    fam = model_family(model)
+    names = SITE_TABLE[fam]["lora"]
+    if fam == "moe":
+        have = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        names = [n for n in names if n in have]
+    return tuple(names)
 
 
 def site_by_name(model: nn.Module, kind: str) -> dict[str, Site]:
