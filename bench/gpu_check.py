@@ -21,7 +21,11 @@ On the embedded default model (or a random-weight model of its shape, below), in
 5. **attribution at 7 B** (``bench/gpu_models.py``): a random Llama-2-7B-shaped model built on the GPU in bf16,
    CRISPR's attribution over BBQ instances with each memory switch — peak GPU memory, whether it fits 80 GB, time
    per instance (``--skip-7b`` leaves it out);
-6. **processes**: where N > 1 GPUs exist, the same audit under ``torchrun --nproc_per_node=1`` and ``=N`` (and,
+6. **a mixture-of-experts model** (``gpu_models.moe_check``): a random Mixtral-shaped model built on the GPU
+   (8 layers, hidden 2,048, 8 experts of 4,096 neurons, top-2) — bf16 tree scoring against fp32 padded, biaslab's
+   recomputation of the fused experts against the model's own kernel in bf16, and CRISPR's attribution over
+   every expert's neurons (time per instance, peak memory, with and without checkpointing);
+7. **processes**: where N > 1 GPUs exist, the same audit under ``torchrun --nproc_per_node=1`` and ``=N`` (and,
    with N ≥ 4, under 2 processes each spreading the model over its half of the GPUs with ``--device-map``): wall
    time of each, and whether predictions, log-probs and metric intervals are identical; with one GPU, a CRISPR
    fit in 1 process and in 2 gloo processes sharing it: whether the neurons, results and patch are identical.
@@ -323,11 +327,11 @@ def main(argv=None) -> int:
 
     res["placement_plan"] = plan_check(model, dev)
     save("placement_plan")
+    tok_dir = a.random_from or Path(lm.model.name_or_path)
     if not a.skip_7b:   # all-layer attribution at 7 B: does it fit an 80 GB GPU, with which switch
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from gpu_models import attribution_7b
 
-        tok_dir = a.random_from or Path(lm.model.name_or_path)
         del lm
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -336,6 +340,17 @@ def main(argv=None) -> int:
         if dev == "cuda":
             torch.cuda.empty_cache()
 
+    from gpu_models import moe_check   # a mixture-of-experts model: scoring, the experts' recomputation, attribution
+
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        res["moe"] = moe_check(dev, tok_dir, reqs, owner, inst, smoke=a.cpu_smoke)
+    except Exception as e:  # noqa: BLE001 - a step that fails is reported, and the later steps still run
+        res["moe"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    save("moe")
+    if dev == "cuda":
+        torch.cuda.empty_cache()
     n = torch.cuda.device_count()
     if n > 1 or a.cpu_smoke:
         res["processes"] = processes(model, 4 if a.cpu_smoke else n, 4 if a.cpu_smoke else a.items)

@@ -8,6 +8,8 @@ travels to it is capped (64 MiB with the repository), so the default model's 94 
 * :func:`attribution_7b` — a random Llama-2-7B-shaped model built directly on the GPU in bf16, and CRISPR's
   attribution (``bias_scores``) over real BBQ instances with each memory switch: the measurement
   ``bench/attribution_7b.py`` could only extrapolate on the CPU.
+* :func:`moe_check` — a random Mixtral-shaped model built on the GPU: the MoE path (``models/experts.py``) in bf16
+  on the model's own CUDA experts kernel.
 """
 from __future__ import annotations
 
@@ -199,4 +201,75 @@ def plan_check(spec: str, dev: str) -> dict:
         out["max_rel_diff"] = max(abs(out["planned"].get(d, 0) - b) / b for d, b in placed.items())
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         out["error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
+def moe_check(dev: str, tok_dir: Path, reqs: list, owner: list, inst: list, smoke: bool) -> dict:
+    """A random Mixtral-shaped model built on the device (the carried tokenizer's vocabulary): bf16 tree-attention
+    scoring against float32 padded, biaslab's recomputation of the fused experts against the model's own kernel in
+    bf16 (the check attribution makes once per layer, tolerance 5 % of the output's scale), and CRISPR's
+    attribution over every expert's neurons — seconds per instance and peak memory, with and without checkpointing."""
+    import copy
+
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from biaslab.methods import METHODS
+    from biaslab.methods.crispr.scores import bias_scores
+    from biaslab.models import LanguageModel
+    from biaslab.models.experts import recompute
+
+    from gpu_check import argmax_per_item, score_mode, sync   # the check's own helpers
+
+    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+    shape = (dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4) if smoke else
+             dict(hidden_size=2048, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16))
+    cfg = MixtralConfig(vocab_size=len(tok), num_key_value_heads=shape["num_attention_heads"], num_local_experts=8,
+                        num_experts_per_tok=2, max_position_embeddings=4096, tie_word_embeddings=False, **shape)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        ref_model = MixtralForCausalLM(cfg).eval()
+    model = copy.deepcopy(ref_model).to(torch.bfloat16)
+    out = {"shape": shape | {"experts": 8, "top_k": 2, "vocab": len(tok)},
+           "experts_implementation": model.config._experts_implementation,
+           "weights": "random (seed 0): the kernels' and memory's check, not a real model's predictions"}
+    sub = [k for k in range(len(reqs)) if owner[k] < 40]
+    ref = score_mode(LanguageModel(ref_model, tok, spec="moe-fp32", fingerprint="sha256:moe"),
+                     [reqs[k] for k in sub], "padded")
+    del ref_model
+    lm = LanguageModel(model, tok, spec="random-mixtral-shape", fingerprint="sha256:random-mixtral-shape")
+    got = score_mode(lm, [reqs[k] for k in sub], "tree")
+    sync()
+    own = [owner[k] for k in sub]
+    out["scoring_bf16_tree_vs_fp32_padded"] = {
+        "requests": len(sub), "scoring_mode": lm.scoring_mode(),
+        "same_prediction_share": sum(p == q for p, q in zip(argmax_per_item(own, got), argmax_per_item(own, ref)))
+        / len(set(own)), "max_abs_dlogprob": max(abs(x - y) for x, y in zip(got, ref))}
+    seen = {}
+    mod = model.model.layers[0].mlp.experts
+    hk = mod.register_forward_hook(lambda m, a, o: seen.update(args=a, out=o))
+    with torch.no_grad():
+        model(torch.tensor([lm.encode("The nurse told the doctor that the results were ready.")], device=dev))
+    hk.remove()
+    with torch.no_grad():
+        mine = recompute(mod, *seen["args"])
+    out["recompute_rel_error_bf16"] = float((mine - seen["out"]).abs().max() / seen["out"].abs().max())
+    m = METHODS.get("crispr")()
+    out["attribution"] = []
+    for ckpt in (False, True):
+        cfgc = m.make_config({"neurons": 3, "instructions": 1, "checkpoint_layers": ckpt})
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        try:
+            bias_scores(lm, inst, [0], cfgc)
+        except Exception as e:   # noqa: BLE001 - reported, not hidden
+            out["attribution"].append({"checkpoint_layers": ckpt, "error": f"{type(e).__name__}: {e}"[:300]})
+            continue
+        sync()
+        out["attribution"].append({"checkpoint_layers": ckpt, "instances": len(inst),
+                                   "s_per_instance": round((time.perf_counter() - t) / len(inst), 4),
+                                   "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                                   if dev == "cuda" else None})
     return out
