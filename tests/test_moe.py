@@ -153,6 +153,26 @@ def test_an_experts_module_that_computes_something_else_is_one_line(moe):
     assert not mod._forward_hooks_with_kwargs
 
 
+def test_a_moe_type_without_a_site_table_is_refused_in_one_line_and_still_scores():
+    """GPT-OSS's experts have biases and a clamped gate: neuron methods refuse it with the reason; audits run."""
+    import transformers as T
+
+    from conftest import default_tokenizer
+    from families import _common
+
+    tok = default_tokenizer()
+    cfg = T.GptOssConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                         max_position_embeddings=256, layer_types=["full_attention"] * 2, **_common(tok))
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(BiaslabError, match=r"model type 'gpt_oss' \(mixture of experts\) has no neuron-site table: "
+                                           r"its experts have biases .* \(audits run on any model\)"):
+        find_sites(model, "ffn")
+    lm = LanguageModel(model, tok, spec="tiny-gpt-oss", chat_template=False, progress=False)
+    assert all(r.logprob < 0 for r in lm.loglikelihood([("The nurse said", " that she was tired.")]))
+
+
 def test_an_experts_layout_biaslab_does_not_recompute_is_refused_in_one_line():
     model, _ = make("mixtral")
     model.model.layers[1].mlp.experts.has_bias = True          # as GPT-OSS's experts

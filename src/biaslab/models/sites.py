@@ -111,8 +111,9 @@ def model_family(model: nn.Module) -> str:
     if FAMILY_OF_MODEL_TYPE.get(mt):
         return FAMILY_OF_MODEL_TYPE[mt]
     if mt in MOE_WITHOUT_SITES:
-        raise BiaslabError(f"model type {mt!r} (mixture of experts) has no neuron-site table: {MOE_WITHOUT_SITES[mt]}; "
-                           "the MoE types with one are mixtral, qwen2_moe, qwen3_moe, olmoe, phimoe and deepseek_v2/v3 (audits run on any model)")
+        raise BiaslabError(f"model type {mt!r} (mixture of experts) has no neuron-site table: "
+                           f"{MOE_WITHOUT_SITES[mt]}; the MoE types with one are mixtral, qwen2_moe, qwen3_moe, "
+                           "olmoe, phimoe and deepseek_v2/v3 (audits run on any model)")
     raise BiaslabError(f"no neuron-site table for model type {mt!r}; supported: {', '.join(sorted(k for k, v in FAMILY_OF_MODEL_TYPE.items() if v))}")
 
 
