@@ -155,6 +155,26 @@ def test_more_ranks_than_gpus_or_a_bad_local_rank_is_one_line(monkeypatch):
             D.timeout_s()
     monkeypatch.setenv("BIASLAB_DIST_TIMEOUT", "2.5")
     assert D.timeout_s() == 2.5
+
+
+def test_a_bad_backend_or_timeout_variable_is_its_own_line_before_the_group_starts(monkeypatch):
+    """They were reported as "torch.distributed could not start the … backend (AssertionError: Unknown backend
+    type …)" — a failed start of the backend, with torch's words — where the variable is what to fix."""
+    from biaslab import distributed as D
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("BIASLAB_DIST_BACKEND", "mpi2")
+    with pytest.raises(BiaslabError, match=r"^BIASLAB_DIST_BACKEND='mpi2': expected one of gloo, nccl, mpi"):
+        D.init_from_env()
+    monkeypatch.setenv("BIASLAB_DIST_BACKEND", "gloo")
+    monkeypatch.setenv("BIASLAB_DIST_TIMEOUT", "abc")
+    with pytest.raises(BiaslabError, match=r"^BIASLAB_DIST_TIMEOUT must be a positive number of seconds, got 'abc'$"):
+        D.init_from_env()
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(BiaslabError, match="LOCAL_RANK=3 is outside"):

@@ -84,6 +84,9 @@ def is_main() -> bool:
     return rank() == 0
 
 
+BACKENDS = ("gloo", "nccl", "mpi")   # torch.distributed's own (mpi: a torch built with MPI)
+
+
 def timeout_s() -> float:
     raw = os.environ.get("BIASLAB_DIST_TIMEOUT", "1800")
     try:
@@ -114,10 +117,14 @@ def init_from_env(backend: str | None = None) -> bool:
     if _group() is not None:
         return True
     backend = backend or os.environ.get("BIASLAB_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in BACKENDS:
+        raise BiaslabError(f"BIASLAB_DIST_BACKEND={backend!r}: expected one of {', '.join(BACKENDS)} (gloo on CPUs, "
+                           "nccl on GPUs)")
     if backend == "nccl":   # a bad share (more ranks on this node than GPUs) is its own clear line
         torch.cuda.set_device(node_share()[0])
+    timeout = timedelta(seconds=timeout_s())   # a bad value is its own line, not a failed start of the backend
     try:
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s()))
+        dist.init_process_group(backend=backend, timeout=timeout)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     except Exception as e:
         seen = ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in ENV_VARS)
