@@ -179,6 +179,12 @@ def test_an_experts_layout_biaslab_does_not_recompute_is_refused_in_one_line():
     with pytest.raises(BiaslabError, match=r"model.layers.1.mlp.experts \(MixtralExperts\) is not a fused experts "
                                            r"module .* no biases"):
         find_sites(model, "ffn")
+    model, _ = make("mixtral")
+    model.model.layers[0].block_sparse_moe = model.model.layers[0].mlp   # transformers 4's name for it
+    del model.model.layers[0].mlp
+    with pytest.raises(BiaslabError, match=r"model.layers.0 \(MixtralDecoderLayer\) has neither mlp.experts nor "
+                                           r"mlp.down_proj"):
+        find_sites(model, "ffn")
 
 
 def test_a_crispr_run_on_a_moe_model_names_the_experts_it_prunes(tmp_path):

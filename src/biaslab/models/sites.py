@@ -134,8 +134,11 @@ def _moe_layer_sites(layer: nn.Module, prefix: str, layer_idx: int) -> list[Site
     down projection of a dense layer among the sparse ones (Qwen-MoE's ``mlp_only_layers``)."""
     from .experts import fused_experts
 
-    mlp = layer.mlp
+    mlp = getattr(layer, "mlp", None)
     if not hasattr(mlp, "experts"):
+        if not isinstance(getattr(mlp, "down_proj", None), nn.Linear):
+            raise BiaslabError(f"{prefix} ({type(layer).__name__}) has neither mlp.experts nor mlp.down_proj: the "
+                               "mixture-of-experts site table does not know this layout")
         return [Site(f"{prefix}.mlp.down_proj", layer_idx, "ffn", mlp.down_proj, _in_features(mlp.down_proj))]
     n_exp, width = fused_experts(mlp.experts, f"{prefix}.mlp.experts")
     out = [Site(f"{prefix}.mlp.experts", layer_idx, "ffn", mlp.experts, n_exp * width, width)]
