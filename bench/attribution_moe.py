@@ -6,8 +6,8 @@ recomputation. Each setting runs in a fresh process; peak RSS above the loaded m
 
     .venv/bin/python bench/attribution_moe.py --out bench/results/attribution_moe.json
 
-A MoE layer's site holds (tokens, E·I) activations, E times those of a dense FFN of width I, and its experts run
-twice (the model's own pass, then biaslab's recomputation that attribution differentiates)."""
+A MoE layer's site holds (tokens, E·I) activations, E times those of a dense FFN of width I, and its output is
+biaslab's recomputation (a loop over the experts) that attribution differentiates."""
 from __future__ import annotations
 
 import argparse

@@ -118,6 +118,19 @@ def test_pruning_a_unit_is_zeroing_that_experts_neuron(moe):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), name
 
 
+def test_a_checkpointed_first_pass_on_a_fresh_model_equals_a_plain_one():
+    """The once-per-module check runs the model's own experts inside the first pass; under checkpointing that pass
+    is recomputed in backward, when the check is already done — it must save no tensor for backward (it did:
+    torch's CheckpointError, "a different number of tensors was saved")."""
+    seqs, scores = [], []
+    for ckpt in (True, False):
+        model, tok = make("mixtral", seed=6)
+        lm = LanguageModel(model, tok, spec="tiny", chat_template=False, progress=False)
+        seqs = [lm.encode(t) for t in TEXTS]
+        scores.append(A.activation_x_gradient(lm, seqs, [lm.candidate_token_id(" yes")] * 2, checkpoint_layers=ckpt))
+    assert all(torch.allclose(scores[0][k], scores[1][k], atol=1e-6) for k in scores[0])
+
+
 def test_edits_on_one_experts_module_compose_and_leave_no_hook(moe):
     """Two edits on one module apply in turn (as pre-hooks on a dense FFN do); removing them removes the hook."""
     name, model, lm = moe
@@ -132,25 +145,54 @@ def test_edits_on_one_experts_module_compose_and_leave_no_hook(moe):
                 Intervention("x2 again", mod, "edit_experts", lambda a: a * 2)]):
         twice = A.objective_values(lm, seqs, tg)
     assert torch.allclose(twice, quadrupled, atol=1e-6) and not torch.allclose(twice, doubled, atol=1e-4), name
-    assert not mod._forward_hooks and not mod._forward_hooks_with_kwargs, name
+    assert not mod._forward_hooks and not mod._forward_hooks_with_kwargs and "forward" not in mod.__dict__, name
 
 
 def test_an_experts_module_that_computes_something_else_is_one_line(moe):
-    """Scores are never taken from a recomputation that is not the model's own: another hook changes the experts'
-    output before biaslab's, so the check at the first pass of a fresh model fails."""
+    """Scores are never taken from a recomputation that is not the model's own: a forward that scales the experts'
+    output (a wrapper on the instance, as a library might install) fails the check at the first pass of a fresh
+    model; the wrapper is the module's forward again afterwards."""
     name, _, _ = moe
     model, tok = make(name, seed=4)
     lm = LanguageModel(model, tok, spec="tiny", chat_template=False, progress=False)
     site = _experts_sites(model)[0]
     mod = site.module
-    hk = mod.register_forward_hook(lambda m, a, o: o * 1.5)
+
+    def scaled(*a, **k):
+        return type(mod).forward(mod, *a, **k) * 1.5
+    mod.forward = scaled
+    with pytest.raises(BiaslabError, match=site.name + r": recomputing the experts' output .* "
+                                           r"differs from the model's own"):
+        A.activation_x_gradient(lm, [lm.encode(TEXTS[0])], [lm.candidate_token_id(" yes")])
+    assert mod.__dict__["forward"] is scaled
+
+
+def test_torch_hooks_on_an_experts_module_still_run_around_biaslabs_forward(moe):
+    """A forward hook someone else put on the experts module sees, and may change, the recomputed output, as it
+    does the model's own; the experts' own forward runs once per module, for the check, not at every pass."""
+    name, model, lm = moe
+    seqs = [lm.encode(t) for t in TEXTS]
+    tg = [lm.candidate_token_id(c) for c in (" yes", " no")]
+    site = _experts_sites(model)[0]
+    A.activation_x_gradient(lm, seqs[:1], tg[:1])          # every experts module checked once
+    with Hooks([Intervention("zero", site.module, "edit_experts", lambda a: a * 0)]):
+        zero_acts = A.objective_values(lm, seqs, tg)          # no routed activation: the experts add nothing
+    calls = []
+    hk = site.module.register_forward_hook(lambda m, a, o: calls.append(1) or o * 0)
     try:
-        with pytest.raises(BiaslabError, match=site.name + r": recomputing the experts' output .* "
-                                               r"differs from the model's own"):
-            A.activation_x_gradient(lm, [lm.encode(TEXTS[0])], [lm.candidate_token_id(" yes")])
+        zero_out = A.objective_values(lm, seqs, tg)           # the hook zeroes the (recomputed) output instead
     finally:
         hk.remove()
-    assert not mod._forward_hooks_with_kwargs
+    assert calls and torch.allclose(zero_out, zero_acts, atol=1e-6), name
+    assert not torch.allclose(zero_out, A.objective_values(lm, seqs, tg), atol=1e-4), name
+    own, orig = [], type(site.module).forward
+    type(site.module).forward = lambda self, *a, **k: own.append(1) or orig(self, *a, **k)
+    try:
+        for _ in range(3):
+            A.activation_x_gradient(lm, seqs[:1], tg[:1])
+    finally:
+        type(site.module).forward = orig
+    assert own == [] and "forward" not in site.module.__dict__, name   # the model's own experts never ran again
 
 
 def test_a_moe_type_without_a_site_table_is_refused_in_one_line_and_still_scores():

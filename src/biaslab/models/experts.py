@@ -7,11 +7,11 @@ others (an expert a token does not visit contributes nothing, so its neurons car
 Pruning unit ``e·I + i`` zeroes column *i* of ``down_proj[e]`` — the same as a dense FFN's down-projection column.
 
 The fused module has no sub-module whose input is that activation, so attribution cannot gate it with a pre-hook
-as on a dense FFN. :func:`add_edit` instead recomputes the module's output from its inputs (the hidden states
-and the router's choice) with the activations passed through the caller's edit, in the order of transformers'
-own eager loop; the model's own pass still runs first (so the experts run twice in an attribution pass), and its
-output is compared with the recomputation once per module, so a layout this code does not know is one clear
-error, never silently different scores. Deviation from CRISPR (docs/methods/crispr.md): the paper's models are
+as on a dense FFN. :func:`add_edit` instead computes the module's output itself from its inputs (the hidden
+states and the router's choice) with the activations passed through the caller's edit, in the order of
+transformers' own eager loop. The model's own experts forward runs once per module, and its output is compared
+with the recomputation, so a layout this code does not know is one clear error, never silently different
+scores. Deviation from CRISPR (docs/methods/crispr.md): the paper's models are
 dense; on a MoE model the neurons are per expert and only the routed tokens' activations enter their scores.
 """
 from __future__ import annotations
@@ -97,8 +97,8 @@ def _check(name: str, module, hidden, idx, w, out) -> None:
 
 
 class _EditHandle:
-    """One edit on a module's chain, removable like a torch hook handle (the module's one forward hook goes
-    with its last edit)."""
+    """One edit on a module's chain, removable like a torch hook handle; the last one removed gives the module its
+    own forward back."""
     _next_id = 0
 
     def __init__(self, module, chain):
@@ -108,29 +108,41 @@ class _EditHandle:
     def remove(self) -> None:
         chain = self.chain
         chain["edits"] = [(i, f) for i, f in chain["edits"] if i != self.id]
-        if not chain["edits"] and chain.get("hook") is not None:
-            chain["hook"].remove()
-            chain["hook"] = None
+        if not chain["edits"] and chain.get("installed"):
+            if chain["own"] is None:
+                del self.module.forward        # back to the class's forward
+            else:
+                self.module.forward = chain["own"]
+            chain["installed"] = False
             _CHAINS.pop(self.module, None)
 
 
 def add_edit(name: str, module: nn.Module, fn) -> _EditHandle:
-    """Edit ``module``'s routed activations with ``fn``. Edits on one module compose in the order they were added,
-    as pre-hooks on a dense FFN do: one forward hook recomputes the output with every edit applied in turn (two
-    hooks that each recomputed from the inputs would undo each other)."""
-    chain = _CHAINS.setdefault(module, {"edits": [], "hook": None})
+    """Edit ``module``'s routed activations with ``fn``. While edits are attached the module's forward is
+    biaslab's recomputation with every edit applied in turn, in the order they were added (as pre-hooks on a
+    dense FFN compose); the model's own experts forward then runs only once per module, for the check. (Two forward
+    hooks that each recomputed from the inputs would undo each other, and the experts would run twice.) Torch hooks
+    on the module still run around it; the instance's own ``forward`` (a wrapper, if any) is restored on removal."""
+    chain = _CHAINS.setdefault(module, {"edits": [], "installed": False})
     handle = _EditHandle(module, chain)
     chain["edits"].append((handle.id, fn))
-    if chain["hook"] is None:
-        def hook(mod, args, kwargs, out):
+    if not chain["installed"]:
+        own = module.__dict__.get("forward")
+        plain = own if own is not None else module.forward   # bound before ours shadows it
+
+        def forward(*args, **kwargs):
             hidden, idx, w = _inputs(args, kwargs)
-            _check(name, mod, hidden, idx, w, out)
+            if module not in _CHECKED:   # without grad: a checkpointed layer's recomputation saves the same tensors
+                with torch.no_grad():
+                    own_out = plain(*args, **kwargs)
+                _check(name, module, hidden, idx, w, own_out)
             fns = [f for _, f in chain["edits"]]
 
             def edit(a):
                 for f in fns:
                     a = f(a)
                 return a
-            return recompute(mod, hidden, idx, w, edit)
-        chain["hook"] = module.register_forward_hook(hook, with_kwargs=True)
+            return recompute(module, hidden, idx, w, edit)
+        chain.update(own=own, installed=True)
+        module.forward = forward
     return handle
