@@ -142,7 +142,10 @@ def add_edit(name: str, module: nn.Module, fn) -> _EditHandle:
                 for f in fns:
                     a = f(a)
                 return a
-            return recompute(module, hidden, idx, w, edit)
+            # a device map that names this module gives it an Accelerate wrapper that moves its inputs; this
+            # forward stands in for it: the inputs go to the experts' device, the output comes back
+            at, dev = hidden.device, module.down_proj.device
+            return recompute(module, hidden.to(dev), idx.to(dev), w.to(dev), edit).to(at)
         chain.update(own=own, installed=True)
         module.forward = forward
     return handle
