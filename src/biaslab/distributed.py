@@ -23,6 +23,7 @@ from datetime import timedelta
 
 from . import launchers
 from .errors import BiaslabError
+from .launchers import timeout_s  # noqa: F401 - BIASLAB_DIST_TIMEOUT, used below and by callers as D.timeout_s
 
 ENV_VARS = launchers.RENDEZVOUS_VARS   # what init_process_group reads (named when it cannot start)
 
@@ -84,20 +85,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-BACKENDS = ("gloo", "nccl", "mpi")   # torch.distributed's own (mpi: a torch built with MPI)
-
-
-def timeout_s() -> float:
-    raw = os.environ.get("BIASLAB_DIST_TIMEOUT", "1800")
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise BiaslabError(f"BIASLAB_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
-    return value
-
-
 def init_from_env(backend: str | None = None) -> bool:
     """Join the process group a launcher described in the environment (``WORLD_SIZE`` > 1, or srun's or MPI's
     variables: :func:`biaslab.launchers.adopt_launcher_env`); False when this is a single process. gloo on CPU,
@@ -116,10 +103,7 @@ def init_from_env(backend: str | None = None) -> bool:
 
     if _group() is not None:
         return True
-    backend = backend or os.environ.get("BIASLAB_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend not in BACKENDS:
-        raise BiaslabError(f"BIASLAB_DIST_BACKEND={backend!r}: expected one of {', '.join(BACKENDS)} (gloo on CPUs, "
-                           "nccl on GPUs)")
+    backend = backend or launchers.backend_from_env(torch.cuda.is_available())
     if backend == "nccl":   # a bad share (more ranks on this node than GPUs) is its own clear line
         torch.cuda.set_device(node_share()[0])
     timeout = timedelta(seconds=timeout_s())   # a bad value is its own line, not a failed start of the backend

@@ -2,7 +2,8 @@
 several CPU processes) and Slurm's ``srun`` (one task per GPU, ``srun --ntasks-per-node=8 biaslab …``). Their
 rank variables are copied into torch's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` /
 ``MASTER_ADDR`` / ``MASTER_PORT`` before the process group starts, only when no launcher set ``WORLD_SIZE``
-(torchrun and accelerate's own launcher always win). docs/SCALE.md, "Several nodes"."""
+(torchrun and accelerate's own launcher always win). docs/SCALE.md, "Several nodes". Also the two biaslab variables
+the process group reads, checked: ``BIASLAB_DIST_BACKEND`` and ``BIASLAB_DIST_TIMEOUT``."""
 from __future__ import annotations
 
 import os
@@ -20,6 +21,30 @@ TORCH_VARS = (*RENDEZVOUS_VARS, "GROUP_WORLD_SIZE")   # what an adoption writes 
 
 adopted: str | None = None   # "slurm" / "mpi" once this process took its ranks from that launcher
 _before: dict[str, str | None] = {}   # torch's variables as they were before an adoption wrote them
+
+
+BACKENDS = ("gloo", "nccl", "mpi")   # torch.distributed's own (mpi: a torch built with MPI)
+
+
+def backend_from_env(cuda: bool) -> str:
+    """``BIASLAB_DIST_BACKEND``, checked; else nccl with CUDA, gloo without."""
+    backend = os.environ.get("BIASLAB_DIST_BACKEND") or ("nccl" if cuda else "gloo")
+    if backend not in BACKENDS:
+        raise BiaslabError(f"BIASLAB_DIST_BACKEND={backend!r}: expected one of {', '.join(BACKENDS)} (gloo on CPUs, "
+                           "nccl on GPUs)")
+    return backend
+
+
+def timeout_s() -> float:
+    """``BIASLAB_DIST_TIMEOUT`` (seconds, default 1800), checked."""
+    raw = os.environ.get("BIASLAB_DIST_TIMEOUT", "1800")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise BiaslabError(f"BIASLAB_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
 
 
 def _int(name: str) -> int | None:
