@@ -117,3 +117,30 @@ def stamp_export_outcome(family: str, out) -> str:
     except BiaslabError as e:
         return f"no: {e}"
     return "yes"
+
+
+def upcycle(dense, n_experts: int = 4, top_k: int = 2, seed: int = 0):
+    """A Mixtral made from a Llama model by sparse upcycling: every expert a copy of its layer's FFN, a random
+    router, the rest copied. The router's top-k weights sum to 1, so it computes the dense model's function, and
+    a dense neuron's attribution (summed over positions) is the sum of its copies' — a check on the MoE sites
+    with a real model's weights (experiments/moe/upcycled.py)."""
+    import transformers as T
+
+    c = dense.config
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+            "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id")
+    cfg = T.MixtralConfig(**{k: getattr(c, k) for k in keep if getattr(c, k, None) is not None},
+                          num_local_experts=n_experts, num_experts_per_tok=top_k, sliding_window=None)
+    torch.manual_seed(seed)
+    moe = T.MixtralForCausalLM(cfg).to(dense.dtype).eval()
+    own = dense.state_dict()
+    with torch.no_grad():
+        for k, v in moe.state_dict().items():
+            if k in own:
+                v.copy_(own[k])
+        for layer, mixed in zip(dense.model.layers, moe.model.layers):
+            mlp, ex = layer.mlp, mixed.mlp.experts
+            ex.gate_up_proj.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).expand_as(ex.gate_up_proj))
+            ex.down_proj.copy_(mlp.down_proj.weight.expand_as(ex.down_proj))
+    return moe

@@ -14,7 +14,8 @@ from biaslab.models.experts import recompute
 from biaslab.models.sites import find_sites
 from biaslab.patches import NeuronMaskPatch
 
-from families import MOE, MOE_ONLY, make
+from conftest import make_tiny_llama
+from families import MOE, MOE_ONLY, make, upcycle
 
 TEXTS = ["the nurse told the doctor that", "a b c d e f g h"]
 
@@ -279,3 +280,26 @@ def test_the_family_contract_holds_on_the_other_moe_layouts(name, tmp_path, monk
     if name in SITES:   # the last site is a plain down projection there: take the last experts site too
         monkeypatch.setattr(A, "resolve_sites", lambda lm_, kind: _experts_sites(lm_.model))
         TF.test_attribution_equals_finite_differences((name, lm64), "ffn")
+
+
+def test_an_upcycled_llama_computes_the_dense_model_and_its_attribution_splits_over_the_copies():
+    """Every expert a copy of the dense FFN, top-k weights summing to 1: the MoE model scores as the dense one, and
+    at every position a dense neuron's activation × gradient is the sum over experts of its copies' (each copy's
+    activation is the dense one, its gradient the dense one times the routing weight)."""
+    dense, tok = make_tiny_llama(seed=2)
+    moe = upcycle(dense, n_experts=4, top_k=2, seed=1)
+    lm_d = LanguageModel(dense, tok, spec="dense", chat_template=False, progress=False)
+    lm_m = LanguageModel(moe, tok, spec="upcycled", chat_template=False, progress=False)
+    reqs = [("The nurse said", " that she was tired."), ("A b", " c d e")]
+    assert [r.logprob for r in lm_m.loglikelihood(reqs)] == pytest.approx(
+        [r.logprob for r in lm_d.loglikelihood(reqs)], abs=1e-5)
+    seqs = [lm_d.encode(t) for t in TEXTS]
+    tg = [lm_d.candidate_token_id(c) for c in (" yes", " no")]
+    a_d = A.activation_x_gradient(lm_d, seqs, tg, reduce="sum")
+    a_m = A.activation_x_gradient(lm_m, seqs, tg, reduce="sum")
+    width = dense.config.intermediate_size
+    for i in range(dense.config.num_hidden_layers):
+        d = a_d[f"model.layers.{i}.mlp.down_proj"]
+        m = a_m[f"model.layers.{i}.mlp.experts"].view(len(seqs), -1, width)
+        assert torch.allclose(m.sum(dim=1), d, atol=1e-6, rtol=1e-4), i
+        assert not torch.allclose(m[:, 0], d, atol=1e-6), i     # a copy holds a share, not the whole
