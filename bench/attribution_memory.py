@@ -18,6 +18,19 @@ import sys
 import time
 from pathlib import Path
 
+# the worker's shared part (also bench/attribution_moe.py's): a LanguageModel over ``model`` with a stand-in
+# tokenizer, ``batch`` seeded sequences of ``tokens`` tokens, and the RSS / clock before the measured pass
+LM_SETUP = r"""
+class Tok:
+    pad_token_id, eos_token_id, bos_token_id, chat_template = 0, 1, 2, None
+from biaslab.models import LanguageModel
+from biaslab import attribution as A
+lm = LanguageModel(model, Tok(), spec="bench", fingerprint="sha256:bench", progress=False)
+seqs = [[2] + [(7 * i + 13 * r) % 4000 + 3 for i in range(int(tokens) - 1)] for r in range(int(batch))]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+"""
+
 WORKER = r"""
 import json, resource, sys, time, torch
 torch.manual_seed(0)
@@ -28,14 +41,7 @@ heads, dtype = (int(sys.argv[9]), sys.argv[10]) if len(sys.argv) > 10 else (8, "
 cfg = LlamaConfig(vocab_size=4096, hidden_size=int(hidden), intermediate_size=int(ffn), num_hidden_layers=int(layers),
                   num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096)
 model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
-class Tok:
-    pad_token_id, eos_token_id, bos_token_id, chat_template = 0, 1, 2, None
-from biaslab.models import LanguageModel
-from biaslab import attribution as A
-lm = LanguageModel(model, Tok(), spec="bench", fingerprint="sha256:bench", progress=False)
-seqs = [[2] + [(7 * i + 13 * r) % 4000 + 3 for i in range(int(tokens) - 1)] for r in range(int(batch))]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t = time.perf_counter()
+""" + LM_SETUP + r"""
 A.activation_x_gradient(lm, seqs, [5] * len(seqs), sites=kind, token_budget=10**9, checkpoint_layers=ckpt == "1",
                         layers_per_pass=int(per_pass) or None)
 print(json.dumps({"base_rss_mb": base / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

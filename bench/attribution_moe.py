@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from attribution_memory import LM_SETUP  # noqa: E402 - bench/ is the script's directory, on sys.path
+
 WORKER = r"""
 import json, resource, sys, time, torch
 torch.manual_seed(0)
@@ -31,14 +33,7 @@ if arch == "moe":
 else:
     cfg = T.LlamaConfig(**common, intermediate_size=int(ffn) * int(top_k))
 model = T.AutoModelForCausalLM.from_config(cfg).eval()
-class Tok:
-    pad_token_id, eos_token_id, bos_token_id, chat_template = 0, 1, 2, None
-from biaslab.models import LanguageModel
-from biaslab import attribution as A
-lm = LanguageModel(model, Tok(), spec="bench", fingerprint="sha256:bench", progress=False)
-seqs = [[2] + [(7 * i + 13 * r) % 4000 + 3 for i in range(int(tokens) - 1)] for r in range(int(batch))]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t = time.perf_counter()
+""" + LM_SETUP + r"""
 if mode == "model":   # the model's own forward + backward to the input embeddings, no site hooked
     ids = torch.tensor(seqs)
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
