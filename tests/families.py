@@ -49,8 +49,8 @@ def make(family: str, seed: int = 0):
                                                   first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
                                                   qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
                                                   topk_group=1),
-        "qwen3_moe_dense0": lambda: T.Qwen3MoeConfig(**dec, head_dim=8, num_experts=4, num_experts_per_tok=2,   # layer 0
-                                                     moe_intermediate_size=24, mlp_only_layers=[0]),            # dense
+        "qwen3_moe_dense0": lambda: T.Qwen3MoeConfig(**dec, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                     moe_intermediate_size=24, mlp_only_layers=[0]),   # layer 0 dense
         "cohere": lambda: T.CohereConfig(**dec, logit_scale=0.0625),      # AFTER_HEAD only: × logit_scale
         "granite": lambda: T.GraniteConfig(**dec, logits_scaling=8.0),    # AFTER_HEAD only: ÷ logits_scaling
         "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **c),
@@ -65,10 +65,12 @@ def make(family: str, seed: int = 0):
     return model, tok
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "gpt2", "gpt_neox", "opt")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "gpt2",
+            "gpt_neox", "opt")
 
 MOE = ("mixtral", "qwen3_moe")   # mixture-of-experts: fused experts, FFN sites per expert (models.experts)
-MOE_ONLY = ("olmoe", "phimoe", "qwen2_moe", "qwen3_moe_dense0", "deepseek_v2", "deepseek_v3")   # more MoE layouts, in tests/test_moe.py (not the whole family suite)
+# more MoE layouts, in tests/test_moe.py (not the whole family suite)
+MOE_ONLY = ("olmoe", "phimoe", "qwen2_moe", "qwen3_moe_dense0", "deepseek_v2", "deepseek_v3")
 ALL_MOE = MOE + MOE_ONLY
 
 AFTER_HEAD = ("cohere", "granite", "gemma2")   # a step after the head: × scale, ÷ scale, soft-cap (models.head.after_head)

@@ -255,7 +255,8 @@ def test_a_crispr_run_on_a_moe_model_names_the_experts_it_prunes(tmp_path):
 @pytest.mark.parametrize("name", MOE_ONLY)
 def test_the_family_contract_holds_on_the_other_moe_layouts(name, tmp_path, monkeypatch):
     """The family suite's checks on the layouts it does not run (a shared expert, a dense layer among sparse ones,
-    OLMoE, PhiMoE, DeepSeek-V2/V3): scoring in every mode, exact layer chunking and checkpointing, attribution = finite differences at every site kind
+    OLMoE, PhiMoE, DeepSeek-V2/V3): scoring in every mode, exact layer chunking and checkpointing, attribution =
+    finite differences at every site kind
     of the model, patches applied / restored / exported, the FAST stamp, LoRA and the soft prompt."""
     import test_families as TF
 

@@ -47,9 +47,9 @@ def audit_pair(lms: dict, limit: int) -> dict:
             for f in ("lp_more", "lp_less", "score_more", "score_less"):
                 if isinstance(rec_d[k].get(f), (int, float)):
                     num.append((rec_d[k][f], rec_m[k][f]))
-        metrics = {name: {"dense": sec["value"], "moe": res["moe"].results["benchmarks"][bench]["metrics"][name]["value"],
-                          "dense_ci95": sec.get("ci95"),
-                          "moe_ci95": res["moe"].results["benchmarks"][bench]["metrics"][name].get("ci95")}
+        moe_metrics = m.results["benchmarks"][bench]["metrics"]
+        metrics = {name: {"dense": sec["value"], "moe": moe_metrics[name]["value"], "dense_ci95": sec.get("ci95"),
+                          "moe_ci95": moe_metrics[name].get("ci95")}
                    for name, sec in d.results["benchmarks"][bench]["metrics"].items()}
         out[bench] = {"records": len(keys), "same_prediction_share": same,
                       "max_abs_diff_record_numbers": max((abs(a - b) for a, b in num), default=None),
@@ -138,8 +138,9 @@ def main() -> int:
     moe = LanguageModel(moe_model, dense.tokenizer, spec="smollm2-135m-instruct, upcycled to 8 experts (top-2)",
                         progress=False)
     lms = {"dense": dense, "moe": moe}
-    out = {"model": "smollm2-135m-instruct", "moe": {"experts": 8, "top_k": 2, "router_seed": 0,
-                                                     "experts_implementation": moe_model.config._experts_implementation},
+    impl = moe_model.config._experts_implementation
+    out = {"model": "smollm2-135m-instruct",
+           "moe": {"experts": 8, "top_k": 2, "router_seed": 0, "experts_implementation": impl},
            "date": time.strftime("%Y-%m-%d")}
     t0 = time.perf_counter()
     out["audit"] = audit_pair(lms, a.limit)

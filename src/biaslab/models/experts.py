@@ -1,5 +1,6 @@
-"""FFN neurons of a mixture-of-experts layer (Mixtral, Qwen3-MoE, OLMoE, PhiMoE): the fused experts module of
-transformers ≥ 5, whose ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I) hold every expert's gated MLP.
+"""FFN neurons of a mixture-of-experts layer (Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE, DeepSeek-V2/V3): the fused
+experts module of transformers ≥ 5, whose ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I) hold every
+expert's gated MLP.
 
 Expert *e*'s neuron *i* is unit ``e·I + i`` of the layer's site (``E·I`` units). A token's activation at that unit
 is the down projection's input, ``act(gate_e x) · (up_e x)``, for the experts the router sent it to, and 0 for the
@@ -11,8 +12,8 @@ as on a dense FFN. :func:`add_edit` instead computes the module's output itself 
 states and the router's choice) with the activations passed through the caller's edit, in the order of
 transformers' own eager loop. The model's own experts forward runs once per module, and its output is compared
 with the recomputation, so a layout this code does not know is one clear error, never silently different
-scores. Deviation from CRISPR (docs/methods/crispr.md): the paper's models are
-dense; on a MoE model the neurons are per expert and only the routed tokens' activations enter their scores.
+scores. Deviation from CRISPR (docs/methods/crispr.md): the paper's models are dense; on a MoE model the neurons
+are per expert and only the routed tokens' activations enter their scores.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from ..errors import BiaslabError
 
 INPUTS = ("hidden_states", "top_k_index", "top_k_weights")
 _CHECKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()   # experts modules whose recomputation was checked
-_CHAINS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()   # module -> its edits, hook
+_CHAINS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()   # module -> edits, own forward
 
 
 def fused_experts(module: nn.Module, where: str) -> tuple[int, int]:
@@ -43,7 +44,8 @@ def fused_experts(module: nn.Module, where: str) -> tuple[int, int]:
     if not layout_ok:
         raise BiaslabError(f"{where} ({type(module).__name__}) is not a fused experts module with gate_up_proj "
                            "(experts, 2·ffn, hidden) and down_proj (experts, hidden, ffn) and no biases; "
-                           "CRISPR's MoE neuron sites support only that layout (Mixtral, Qwen3-MoE, OLMoE, PhiMoE)")
+                           "CRISPR's MoE neuron sites support only that layout (Mixtral, Qwen-MoE, OLMoE, PhiMoE, "
+                           "DeepSeek)")
     return int(down.shape[0]), int(down.shape[2])
 
 

@@ -6,9 +6,10 @@ Two site kinds (docs/methods/crispr.md):
 - ``linear``: every output unit of every linear layer (attention q/k/v/o and FFN), the released CRISPR code's
   reading. Unit j's activation is the layer's j-th output; pruning zeroes weight row j and bias entry j.
 
-Mixture-of-experts layers (family ``moe``: Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE, DeepSeek-V2/V3) have one ``ffn`` site for the fused
-experts module, whose unit e·I + i is expert e's neuron i (:mod:`.experts`), plus one for a shared expert's down
-projection; ``linear`` is not defined for them (their expert weights are not linear modules) and is refused.
+Mixture-of-experts layers (family ``moe``: Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE, DeepSeek-V2/V3) have one ``ffn``
+site for the fused experts module, whose unit e·I + i is expert e's neuron i (:mod:`.experts`), plus one for a
+shared expert's down projection; ``linear`` is not defined for them (their expert weights are not linear modules)
+and is refused.
 
 Attribution and pruning go through :func:`find_sites` only, so no architecture is hard-coded elsewhere.
 """
@@ -49,9 +50,10 @@ SITE_TABLE: dict[str, dict] = {
                      "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")},
 }
 FAMILY_OF_MODEL_TYPE = {
-    "llama": "llama", "mistral": "llama", "mixtral": "moe", "qwen3_moe": "moe", "olmoe": "moe",
-    "phimoe": "moe", "qwen2_moe": "moe", "deepseek_v2": "moe", "deepseek_v3": "moe", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-    "gemma2": "llama", "gemma3_text": "llama", "smollm3": "llama", "olmo": "llama", "olmo2": "llama",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+    "mixtral": "moe", "qwen2_moe": "moe", "qwen3_moe": "moe", "olmoe": "moe", "phimoe": "moe", "deepseek_v2": "moe",
+    "deepseek_v3": "moe", "gemma2": "llama", "gemma3_text": "llama", "smollm3": "llama", "olmo": "llama",
+    "olmo2": "llama",
     "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "opt": "opt", "t5": "t5", "mt5": "t5",
 }
 
