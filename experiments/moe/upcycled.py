@@ -41,12 +41,9 @@ def audit_pair(lms: dict, limit: int) -> dict:
         rec_m = {(r["id"], r.get("instruction", 0)): r for r in m.records[bench]}
         keys = sorted(rec_d)
         same = sum(rec_d[k].get("pred") == rec_m[k].get("pred") for k in keys) / len(keys)
-        num = [(a, b) for k in keys for f in ("logprobs", "scores", "option_logprobs")
-               if isinstance(rec_d[k].get(f), list) for a, b in zip(rec_d[k][f], rec_m[k][f])]
-        for k in keys:
-            for f in ("lp_more", "lp_less", "score_more", "score_less"):
-                if isinstance(rec_d[k].get(f), (int, float)):
-                    num.append((rec_d[k][f], rec_m[k][f]))
+        # BBQ records hold each option's log-prob, CrowS records the two sentences' scores
+        num = [(a, b) for k in keys for a, b in zip(rec_d[k].get("logprobs", []), rec_m[k].get("logprobs", []))]
+        num += [(rec_d[k][f], rec_m[k][f]) for k in keys for f in ("score_more", "score_less") if f in rec_d[k]]
         moe_metrics = m.results["benchmarks"][bench]["metrics"]
         metrics = {name: {"dense": sec["value"], "moe": moe_metrics[name]["value"], "dense_ci95": sec.get("ci95"),
                           "moe_ci95": moe_metrics[name].get("ci95")}
